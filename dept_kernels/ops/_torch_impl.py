@@ -1,0 +1,46 @@
+"""The `torch` backend: the formulas in eager PyTorch, used as the fallback everywhere."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def forward(
+    input_ids: Tensor,
+    weight: Tensor,
+    prompt: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    rows: Tensor | None,
+    scaling: float,
+) -> Tensor:
+    """(B, m + s, d) output; see `dept_kernels.ops.dept_embedding` for the contract."""
+    batch, seq_len = input_ids.shape
+    m = 0 if prompt is None else prompt.shape[0]
+    out = weight.new_empty(batch, m + seq_len, weight.shape[1])
+    tokens = F.embedding(input_ids.long(), weight).float()
+    if lora_a is not None:
+        a = lora_a.float()[:seq_len] if rows is None else lora_a.float()[rows.long()]
+        tokens += scaling * (a @ lora_b.float())
+    out[:, m:] = tokens
+    if m:
+        out[:, :m] = prompt
+    return out
+
+
+def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | None) -> Tensor:
+    """Sum of the token rows of `grad_out` (B, m + s, d) per low-rank row, in fp32.
+
+    `order is None`: row = position, result (s, d). Otherwise `order` lists the B*s tokens
+    grouped by row and `offsets` (R + 1,) bounds each group; result (R, d).
+    """
+    tokens = grad_out[:, m:]
+    if order is None:
+        return tokens.sum(0, dtype=torch.float32)
+    d = grad_out.shape[-1]
+    counts = offsets.diff()
+    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    flat = tokens.reshape(-1, d)[order].float()
+    return torch.zeros(counts.numel(), d, device=grad_out.device).index_add_(0, segment, flat)

@@ -1,0 +1,356 @@
+"""Fused DePT input embedding (DESIGN.md §1, DePT / PT / EPT).
+
+    out[b, :m]    = P                                          (B, m + s, d)
+    out[b, m + t] = E[ids[b, t]] + scaling * (A[row(b, t)] @ B)
+
+`row(b, t)` is `t` by default, `position_ids[b, t]` when given, or `ids[b, t]` in token
+mode. Prompt tuning is the case without `lora_a`/`lora_b`; EPT passes its (n, d) prompt,
+possibly a stride-0 broadcast of one row.
+
+The public function validates shapes, dtypes and devices, then calls one custom op
+(`dept_kernels::dept_embedding`) registered with `torch.library`, so `torch.compile`
+traces it without a graph break. The op's implementation checks id ranges before any
+kernel reads memory and dispatches to the selected backend. Backward reduces the output
+gradient over the batch per low-rank row first (one pass, in the backend), then forms
+`dA` and `dB` with two small matmuls here, so no (B, s, d) tensor is saved or created.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend
+from . import _validate as v
+
+__all__ = ["dept_embedding", "official_dept_embedding", "reference_dept_embedding"]
+
+INDEX_MODES = ("position", "token")
+
+
+def dept_embedding(
+    input_ids: Tensor,
+    weight: Tensor,
+    prompt: Tensor | None = None,
+    lora_a: Tensor | None = None,
+    lora_b: Tensor | None = None,
+    *,
+    scaling: float = 1.0,
+    position_ids: Tensor | None = None,
+    index: str = "position",
+) -> Tensor:
+    """Soft prompt plus token embeddings with a low-rank positional (or token) delta.
+
+    Args:
+        input_ids: (B, s) int64 or int32 ids in [0, V).
+        weight: (V, d) embedding table (fp32, fp16 or bf16); sets the output dtype.
+        prompt: (m, d) soft prompt, or None for m = 0. May be a stride-0 broadcast view.
+        lora_a: (L, r) in position mode with s <= L, or (V, r) in token mode.
+        lora_b: (r, d). Both low-rank factors are given or both are None.
+        scaling: multiplier of the low-rank delta (DePT: lora_alpha / sqrt(r)).
+        position_ids: (B, s) rows of `lora_a` per token (left padding); position mode only.
+        index: "position" (row = position) or "token" (row = input id).
+
+    Returns:
+        (B, m + s, d) tensor of `weight.dtype`.
+    """
+    rows = _check_args(input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index)
+    if lora_a is not None and lora_a.shape[1] == 0:
+        # r = 0: the delta is empty; the op then runs as plain prompt tuning.
+        lora_a = lora_b = rows = None
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    backend = _backend.resolve(weight.device)
+    return torch.ops.dept_kernels.dept_embedding(
+        input_ids.contiguous(),
+        weight,
+        prompt,
+        lora_a,
+        lora_b,
+        None if rows is None else rows.contiguous(),
+        float(scaling),
+        backend,
+    )
+
+
+def _check_args(
+    input_ids: Tensor,
+    weight: Tensor,
+    prompt: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    scaling: float,
+    position_ids: Tensor | None,
+    index: str,
+) -> Tensor | None:
+    """Static checks (shapes, dtypes, devices); returns the row-index tensor or None."""
+    if index not in INDEX_MODES:
+        raise ValueError(f"index must be one of {INDEX_MODES}, got {index!r}")
+    v.check_ids("input_ids", input_ids, ndim=2)
+    v.check_float("weight", weight, ndim=2)
+    _, d = weight.shape
+    device = weight.device
+    v.check_device("input_ids", input_ids, device)
+    if prompt is not None:
+        v.check_float("prompt", prompt, ndim=2)
+        v.check_device("prompt", prompt, device)
+        if prompt.shape[1] != d:
+            raise ValueError(
+                f"prompt has width {prompt.shape[1]} but weight has embedding dim d={d}"
+            )
+    if not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b must be given together (or both None)")
+    if position_ids is not None:
+        if index == "token":
+            raise ValueError("position_ids cannot be combined with index='token'")
+        v.check_ids("position_ids", position_ids, ndim=2)
+        v.check_device("position_ids", position_ids, device)
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+    if lora_a is None:
+        return None
+    v.check_float("lora_a", lora_a, ndim=2)
+    v.check_float("lora_b", lora_b, ndim=2)
+    v.check_device("lora_a", lora_a, device)
+    v.check_device("lora_b", lora_b, device)
+    if lora_a.shape[1] != lora_b.shape[0]:
+        raise ValueError(
+            f"rank mismatch: lora_a is {tuple(lora_a.shape)} (r={lora_a.shape[1]}) but lora_b "
+            f"is {tuple(lora_b.shape)} (r={lora_b.shape[0]})"
+        )
+    if lora_b.shape[1] != d:
+        raise ValueError(f"lora_b has width {lora_b.shape[1]} but weight has d={d}")
+    if index == "token":
+        if lora_a.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"index='token' needs lora_a with one row per vocabulary entry: lora_a has "
+                f"{lora_a.shape[0]} rows, weight has V={weight.shape[0]}"
+            )
+        return input_ids
+    if position_ids is not None:
+        return position_ids
+    seq_len, max_length = input_ids.shape[1], lora_a.shape[0]
+    if seq_len > max_length:
+        raise ValueError(
+            f"input_ids has sequence length s={seq_len} > max_length L={max_length} "
+            f"(rows of lora_a); truncate the input or raise max_length"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- references
+
+
+def reference_dept_embedding(
+    input_ids: Tensor,
+    weight: Tensor,
+    prompt: Tensor | None = None,
+    lora_a: Tensor | None = None,
+    lora_b: Tensor | None = None,
+    *,
+    scaling: float = 1.0,
+    position_ids: Tensor | None = None,
+    index: str = "position",
+) -> Tensor:
+    """The formula in plain differentiable PyTorch, fp32 accumulation: the test oracle."""
+    batch, seq_len = input_ids.shape
+    emb = F.embedding(input_ids.long(), weight).float()
+    if lora_a is not None:
+        if index == "token":
+            rows = input_ids.long()
+        elif position_ids is not None:
+            rows = position_ids.long()
+        else:
+            rows = torch.arange(seq_len, device=input_ids.device)
+        emb = emb + scaling * (lora_a.float()[rows] @ lora_b.float())
+    out = emb.to(weight.dtype)
+    if prompt is None:
+        return out
+    prompts = prompt.to(weight.dtype).unsqueeze(0).expand(batch, -1, -1)
+    return torch.cat([prompts, out], dim=1)
+
+
+def official_dept_embedding(
+    input_ids: Tensor,
+    weight: Tensor,
+    prompt: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    *,
+    scaling: float,
+) -> Tensor:
+    """The official DePT code's formula, kept as the baseline benchmarks beat.
+
+    Materialises `A @ B` (L, d), repeats it over the batch, adds it to the looked-up
+    embeddings and concatenates the batch-repeated prompt. Defined only for s == L, since
+    the official code pads every input to max_length.
+    """
+    batch, seq_len = input_ids.shape
+    if seq_len != lora_a.shape[0]:
+        raise ValueError(
+            f"the official formula needs s == max_length: s={seq_len}, L={lora_a.shape[0]}"
+        )
+    inputs_embeds = F.embedding(input_ids, weight)
+    lora = (lora_a @ lora_b).repeat(batch, 1, 1)
+    inputs_embeds = (inputs_embeds + scaling * lora).to(weight.dtype)
+    prompts = prompt.to(weight.dtype).unsqueeze(0).repeat(batch, 1, 1)
+    return torch.cat([prompts, inputs_embeds], dim=1)
+
+
+# --------------------------------------------------------------------------- custom op
+
+
+def _impl(backend: str):
+    """The module implementing `forward` and `reduce` for `backend`."""
+    if backend == "torch":
+        from . import _torch_impl
+
+        return _torch_impl
+    if backend == "cpu":
+        from .. import _build
+
+        return _build.cpu_ops_or_reference()
+    if backend == "triton":
+        from ..triton import dept_embedding as triton_impl
+
+        return triton_impl
+    if backend == "cuda":
+        from .. import _build
+
+        return _build.cuda_ops()
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+@torch.library.custom_op("dept_kernels::dept_embedding", mutates_args=())
+def _dept_embedding_op(
+    input_ids: Tensor,
+    weight: Tensor,
+    prompt: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    rows: Tensor | None,
+    scaling: float,
+    backend: str,
+) -> Tensor:
+    v.check_range("input_ids", input_ids, weight.shape[0])
+    if rows is not None:
+        # In token mode rows are the ids and L = V, so this repeats the check above.
+        v.check_range("position_ids", rows, lora_a.shape[0])
+    return _impl(backend).forward(input_ids, weight, prompt, lora_a, lora_b, rows, scaling)
+
+
+@_dept_embedding_op.register_fake
+def _(input_ids, weight, prompt, lora_a, lora_b, rows, scaling, backend):
+    m = 0 if prompt is None else prompt.shape[0]
+    batch, seq_len = input_ids.shape
+    return weight.new_empty(batch, m + seq_len, weight.shape[1])
+
+
+@torch.library.custom_op("dept_kernels::dept_embedding_backward", mutates_args=())
+def _dept_embedding_backward_op(
+    grad_out: Tensor,
+    input_ids: Tensor,
+    rows: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    num_prompt: int,
+    vocab_size: int,
+    scaling: float,
+    prompt_dtype: torch.dtype,
+    weight_grad: bool,
+    backend: str,
+) -> list[Tensor]:
+    """Returns [d_prompt (m, d), d_lora_a, d_lora_b, d_weight (V, d) or empty]."""
+    batch, seq_len = input_ids.shape
+    d = grad_out.shape[-1]
+    grad_out = grad_out.contiguous()
+    m = num_prompt
+    d_prompt = grad_out[:, :m].sum(0, dtype=torch.float32).to(prompt_dtype)
+    empty = grad_out.new_empty(0)
+    d_a = d_b = empty
+    if lora_a is not None:
+        if rows is None:
+            order = offsets = None
+            used = torch.arange(seq_len, device=grad_out.device)
+        else:
+            # Segments of tokens sharing a low-rank row, in a fixed order: the backends
+            # reduce each segment without atomics, so the result is deterministic.
+            used, inverse, counts = torch.unique(
+                rows.reshape(-1), return_inverse=True, return_counts=True
+            )
+            order = torch.argsort(inverse, stable=True)
+            offsets = F.pad(counts.cumsum(0), (1, 0))
+        g = _impl(backend).reduce(grad_out, m, order, offsets)  # (R, d) fp32
+        b32 = lora_b.float()
+        d_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=grad_out.device)
+        d_a[used] = scaling * (g @ b32.T)
+        d_b = (scaling * (lora_a.float()[used].T @ g)).to(lora_b.dtype)
+        d_a = d_a.to(lora_a.dtype)
+    d_weight = empty
+    if weight_grad:
+        d_weight = torch.zeros(vocab_size, d, dtype=torch.float32, device=grad_out.device)
+        d_weight.index_add_(
+            0, input_ids.reshape(-1).long(), grad_out[:, m:].reshape(batch * seq_len, d).float()
+        )
+        d_weight = d_weight.to(grad_out.dtype)
+    return [d_prompt, d_a, d_b, d_weight]
+
+
+@_dept_embedding_backward_op.register_fake
+def _(grad_out, input_ids, rows, lora_a, lora_b, num_prompt, vocab_size, scaling, prompt_dtype,
+      weight_grad, backend):
+    d = grad_out.shape[-1]
+    empty = grad_out.new_empty(0)
+    d_prompt = grad_out.new_empty(num_prompt, d, dtype=prompt_dtype)
+    d_a = empty if lora_a is None else torch.empty_like(lora_a)
+    d_b = empty if lora_b is None else torch.empty_like(lora_b)
+    d_weight = grad_out.new_empty(vocab_size, d) if weight_grad else empty
+    return [d_prompt, d_a, d_b, d_weight]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input_ids, weight, prompt, lora_a, lora_b, rows, scaling, backend = inputs
+    # Only ids and the small low-rank factors are saved: nothing of size (B, s, d).
+    ctx.save_for_backward(input_ids, rows, lora_a, lora_b)
+    ctx.num_prompt = 0 if prompt is None else prompt.shape[0]
+    ctx.prompt_dtype = weight.dtype if prompt is None else prompt.dtype
+    ctx.vocab_size = weight.shape[0]
+    ctx.scaling = scaling
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    input_ids, rows, lora_a, lora_b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    d_prompt, d_a, d_b, d_weight = torch.ops.dept_kernels.dept_embedding_backward(
+        grad_out,
+        input_ids,
+        rows,
+        lora_a if need[3] or need[4] else None,
+        lora_b if need[3] or need[4] else None,
+        ctx.num_prompt,
+        ctx.vocab_size,
+        ctx.scaling,
+        ctx.prompt_dtype,
+        bool(need[1]),
+        ctx.backend,
+    )
+    return (
+        None,
+        d_weight if need[1] else None,
+        d_prompt if need[2] else None,
+        d_a if need[3] else None,
+        d_b if need[4] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_dept_embedding_op.register_autograd(_backward, setup_context=_setup_context)
