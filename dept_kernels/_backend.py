@@ -17,7 +17,7 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 _choice: str | None = None
 
 
-class use_backend:  # noqa: N801 - reads as a function at the call site
+class use_backend:
     """Select the backend: `use_backend("cpu")` or `with use_backend("triton"): ...`.
 
     Names: "torch" (eager reference), "cpu" (C++), "triton", "cuda", or None for automatic.
@@ -82,8 +82,10 @@ def resolve(device: torch.device) -> str:
     """The backend to run on tensors living on `device`."""
     choice = _choice
     if choice is None:
-        return "triton" if device.type == "cuda" and _triton_importable() else (
-            "cpu" if device.type == "cpu" else "torch"
+        return (
+            "triton"
+            if device.type == "cuda" and _triton_importable()
+            else ("cpu" if device.type == "cpu" else "torch")
         )
     if choice == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")

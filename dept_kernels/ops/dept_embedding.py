@@ -272,8 +272,8 @@ def _dept_embedding_backward_op(
     grad_out = grad_out.contiguous()
     m = num_prompt
     d_prompt = grad_out[:, :m].sum(0, dtype=torch.float32).to(prompt_dtype)
-    empty = grad_out.new_empty(0)
-    d_a = d_b = empty
+    # Each absent gradient is its own empty tensor: custom-op outputs may not alias.
+    d_a, d_b, d_weight = (grad_out.new_empty(0) for _ in range(3))
     if lora_a is not None:
         if rows is None:
             order = offsets = None
@@ -292,7 +292,6 @@ def _dept_embedding_backward_op(
         d_a[used] = scaling * (g @ b32.T)
         d_b = (scaling * (lora_a.float()[used].T @ g)).to(lora_b.dtype)
         d_a = d_a.to(lora_a.dtype)
-    d_weight = empty
     if weight_grad:
         d_weight = torch.zeros(vocab_size, d, dtype=torch.float32, device=grad_out.device)
         d_weight.index_add_(
@@ -303,14 +302,24 @@ def _dept_embedding_backward_op(
 
 
 @_dept_embedding_backward_op.register_fake
-def _(grad_out, input_ids, rows, lora_a, lora_b, num_prompt, vocab_size, scaling, prompt_dtype,
-      weight_grad, backend):
+def _(
+    grad_out,
+    input_ids,
+    rows,
+    lora_a,
+    lora_b,
+    num_prompt,
+    vocab_size,
+    scaling,
+    prompt_dtype,
+    weight_grad,
+    backend,
+):
     d = grad_out.shape[-1]
-    empty = grad_out.new_empty(0)
     d_prompt = grad_out.new_empty(num_prompt, d, dtype=prompt_dtype)
-    d_a = empty if lora_a is None else torch.empty_like(lora_a)
-    d_b = empty if lora_b is None else torch.empty_like(lora_b)
-    d_weight = grad_out.new_empty(vocab_size, d) if weight_grad else empty
+    d_a = grad_out.new_empty(0) if lora_a is None else torch.empty_like(lora_a)
+    d_b = grad_out.new_empty(0) if lora_b is None else torch.empty_like(lora_b)
+    d_weight = grad_out.new_empty(vocab_size, d) if weight_grad else grad_out.new_empty(0)
     return [d_prompt, d_a, d_b, d_weight]
 
 

@@ -1,0 +1,23 @@
+"""Test setup: Triton runs under its interpreter on machines without a GPU.
+
+TRITON_INTERPRET must be set before any `@triton.jit` kernel is defined, hence here, before
+the package is imported by a test module.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+import dept_kernels
+
+
+@pytest.fixture(params=dept_kernels.available_backends())
+def backend(request):
+    """Every backend that runs on this machine, selected for the duration of a test."""
+    with dept_kernels.use_backend(request.param):
+        yield request.param

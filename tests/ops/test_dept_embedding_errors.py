@@ -1,0 +1,99 @@
+"""dept_embedding: bad input gets a clear error naming the argument, before any kernel runs."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from dept_kernels.ops import dept_embedding
+
+V, D, L, R, M = 20, 12, 6, 3, 2
+
+
+def good(**over):
+    kw = {
+        "input_ids": torch.randint(0, V, (2, 4)),
+        "weight": torch.randn(V, D),
+        "prompt": torch.randn(M, D),
+        "lora_a": torch.randn(L, R),
+        "lora_b": torch.randn(R, D),
+        "scaling": 0.5,
+    }
+    kw.update(over)
+    return kw
+
+
+BAD = {
+    "id_too_large": (good(input_ids=torch.tensor([[0, V]])), IndexError, r"input_ids.*\[0, 20\)"),
+    "negative_id": (good(input_ids=torch.tensor([[0, -1]])), IndexError, "input_ids.*negative"),
+    "float_ids": (good(input_ids=torch.zeros(2, 4)), TypeError, "input_ids must be int64 or int32"),
+    "int16_ids": (
+        good(input_ids=torch.zeros(2, 4, dtype=torch.int16)),
+        TypeError,
+        "input_ids must be int64",
+    ),
+    "ids_1d": (
+        good(input_ids=torch.zeros(4, dtype=torch.long)),
+        ValueError,
+        "input_ids must be 2-D",
+    ),
+    "s_over_L": (good(input_ids=torch.zeros(1, L + 1, dtype=torch.long)), ValueError, "max_length"),
+    "rank_mismatch": (good(lora_b=torch.randn(R + 1, D)), ValueError, "rank mismatch"),
+    "lora_b_width": (good(lora_b=torch.randn(R, D + 1)), ValueError, "lora_b has width"),
+    "prompt_width": (good(prompt=torch.randn(M, D - 1)), ValueError, "prompt has width"),
+    "prompt_1d": (good(prompt=torch.randn(D)), ValueError, "prompt must be 2-D"),
+    "only_lora_a": (good(lora_b=None), ValueError, "lora_a and lora_b must be given together"),
+    "int_weight": (good(weight=torch.zeros(V, D, dtype=torch.long)), TypeError, "weight must be"),
+    "weight_3d": (good(weight=torch.randn(1, V, D)), ValueError, "weight must be 2-D"),
+    "bad_index": (good(index="row"), ValueError, "index must be one of"),
+    "token_rows": (good(index="token"), ValueError, "one row per vocabulary entry"),
+    "position_out_of_range": (
+        good(position_ids=torch.full((2, 4), L)),
+        IndexError,
+        "position_ids holds id 6",
+    ),
+    "position_shape": (
+        good(position_ids=torch.zeros(2, 3, dtype=torch.long)),
+        ValueError,
+        "position_ids shape",
+    ),
+    "position_float": (good(position_ids=torch.zeros(2, 4)), TypeError, "position_ids must be"),
+    "position_with_token": (
+        good(lora_a=torch.randn(V, R), index="token", position_ids=torch.zeros(2, 4).long()),
+        ValueError,
+        "cannot be combined",
+    ),
+    "prompt_other_device": (
+        good(prompt=torch.randn(M, D, device="meta")),
+        ValueError,
+        "prompt is on meta",
+    ),
+    "ids_other_device": (
+        good(input_ids=torch.zeros(2, 4, dtype=torch.long, device="meta")),
+        ValueError,
+        "input_ids is on meta",
+    ),
+    "tensor_scaling": (good(scaling=torch.tensor(0.5)), TypeError, "scaling must be"),
+    "ids_not_tensor": (good(input_ids=[[0, 1]]), TypeError, "input_ids must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input(backend, name):
+    kw, exc, match = BAD[name]
+    with pytest.raises(exc, match=match):
+        dept_embedding(**kw)
+
+
+def test_checks_run_before_any_kernel(backend, monkeypatch):
+    # The package re-exports the function under the module's name; fetch the module itself.
+    module = sys.modules["dept_kernels.ops.dept_embedding"]
+
+    def fail(_backend):
+        raise AssertionError("a kernel was reached with bad input")
+
+    monkeypatch.setattr(module, "_impl", fail)
+    with pytest.raises(IndexError):
+        dept_embedding(**good(input_ids=torch.tensor([[V]])))
