@@ -101,7 +101,9 @@ def max_error(kw: dict, grad_out: torch.Tensor) -> tuple[float, float]:
     grads = torch.autograd.grad(out, params, grad_out)
     ref_grads = torch.autograd.grad(ref, params, grad_out)
     out_err = (out.float() - ref.float()).abs().max().item()
-    grad_err = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref_grads))
+    grad_err = max(
+        (g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref_grads, strict=True)
+    )
     return out_err, grad_err
 
 
@@ -140,14 +142,14 @@ def report(result: dict) -> str:
         f"{'implementation':28} {'fwd ms':>8} {'fwd+bwd ms':>11} {'vs eager':>14} "
         f"{'vs compile':>14} {'fwd/copy':>9}"
     ]
+
+    def ratio(baseline: dict[str, float], t: dict[str, float]) -> str:
+        fwd, both = "forward", "forward+backward"
+        return f"{baseline[fwd] / t[fwd]:.1f}x/{baseline[both] / t[both]:.1f}x"
+
     for label, t in times.items():
-        vs_eager = f"{base['forward'] / t['forward']:.1f}x/{base['forward+backward'] / t['forward+backward']:.1f}x"
-        vs_comp = (
-            f"{compiled['forward'] / t['forward']:.1f}x/"
-            f"{compiled['forward+backward'] / t['forward+backward']:.1f}x"
-            if compiled
-            else "-"
-        )
+        vs_eager = ratio(base, t)
+        vs_comp = ratio(compiled, t) if compiled else "-"
         lines.append(
             f"{label:28} {t['forward'] * 1e3:8.2f} {t['forward+backward'] * 1e3:11.2f} "
             f"{vs_eager:>14} {vs_comp:>14} {t['forward'] / result['copy_floor']:8.2f}x"
