@@ -44,3 +44,12 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
     segment = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
     flat = tokens.reshape(-1, d)[order].float()
     return torch.zeros(counts.numel(), d, device=grad_out.device).index_add_(0, segment, flat)
+
+
+def gather_add(hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tensor:
+    """`out = hidden + table[rows]` in fp32, cast to `out.dtype`; `out` may be `hidden`.
+
+    hidden, out (B, s, d); rows (B, s) int; table (R, d) of any float dtype.
+    """
+    out.copy_(hidden.float() + F.embedding(rows.long(), table).float())
+    return out

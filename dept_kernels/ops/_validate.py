@@ -36,9 +36,10 @@ def check_float(name: str, x: object, ndim: int) -> None:
     check_ndim(name, x, ndim)
 
 
-def check_device(name: str, x: Tensor, device: torch.device) -> None:
+def check_device(name: str, x: Tensor, device: torch.device, like: str = "weight") -> None:
+    """`x` lives on `device`, the device of the argument named `like`."""
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but weight is on {device}")
+        raise ValueError(f"{name} is on {x.device} but {like} is on {device}")
 
 
 def check_range(name: str, ids: Tensor, upper: int) -> None:

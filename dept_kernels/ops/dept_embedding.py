@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from . import _segments
 from . import _validate as v
 
 __all__ = ["dept_embedding", "official_dept_embedding", "reference_dept_embedding"]
@@ -206,27 +207,6 @@ def official_dept_embedding(
 # --------------------------------------------------------------------------- custom op
 
 
-def _impl(backend: str):
-    """The module implementing `forward` and `reduce` for `backend`."""
-    if backend == "torch":
-        from . import _torch_impl
-
-        return _torch_impl
-    if backend == "cpu":
-        from .. import _build
-
-        return _build.cpu_ops_or_reference()
-    if backend == "triton":
-        from ..triton import dept_embedding as triton_impl
-
-        return triton_impl
-    if backend == "cuda":
-        from .. import _build
-
-        return _build.cuda_ops()
-    raise ValueError(f"unknown backend {backend!r}")
-
-
 @torch.library.custom_op("dept_kernels::dept_embedding", mutates_args=())
 def _dept_embedding_op(
     input_ids: Tensor,
@@ -242,7 +222,7 @@ def _dept_embedding_op(
     if rows is not None:
         # In token mode rows are the ids and L = V, so this repeats the check above.
         v.check_range("position_ids", rows, lora_a.shape[0])
-    return _impl(backend).forward(input_ids, weight, prompt, lora_a, lora_b, rows, scaling)
+    return _segments.impl(backend).forward(input_ids, weight, prompt, lora_a, lora_b, rows, scaling)
 
 
 @_dept_embedding_op.register_fake
@@ -267,7 +247,6 @@ def _dept_embedding_backward_op(
     backend: str,
 ) -> list[Tensor]:
     """Returns [d_prompt (m, d), d_lora_a, d_lora_b, d_weight (V, d) or empty]."""
-    batch, seq_len = input_ids.shape
     d = grad_out.shape[-1]
     grad_out = grad_out.contiguous()
     m = num_prompt
@@ -275,29 +254,16 @@ def _dept_embedding_backward_op(
     # Each absent gradient is its own empty tensor: custom-op outputs may not alias.
     d_a, d_b, d_weight = (grad_out.new_empty(0) for _ in range(3))
     if lora_a is not None:
-        if rows is None:
-            order = offsets = None
-            used = torch.arange(seq_len, device=grad_out.device)
-        else:
-            # Segments of tokens sharing a low-rank row, in a fixed order: the backends
-            # reduce each segment without atomics, so the result is deterministic.
-            used, inverse, counts = torch.unique(
-                rows.reshape(-1), return_inverse=True, return_counts=True
-            )
-            order = torch.argsort(inverse, stable=True)
-            offsets = F.pad(counts.cumsum(0), (1, 0))
-        g = _impl(backend).reduce(grad_out, m, order, offsets)  # (R, d) fp32
+        used, g = _segments.row_sums(grad_out, m, rows, backend)
         b32 = lora_b.float()
         d_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=grad_out.device)
         d_a[used] = scaling * (g @ b32.T)
         d_b = (scaling * (lora_a.float()[used].T @ g)).to(lora_b.dtype)
         d_a = d_a.to(lora_a.dtype)
     if weight_grad:
-        d_weight = torch.zeros(vocab_size, d, dtype=torch.float32, device=grad_out.device)
-        d_weight.index_add_(
-            0, input_ids.reshape(-1).long(), grad_out[:, m:].reshape(batch * seq_len, d).float()
-        )
-        d_weight = d_weight.to(grad_out.dtype)
+        used, g = _segments.row_sums(grad_out, m, input_ids, backend)
+        d_weight = torch.zeros(vocab_size, d, dtype=grad_out.dtype, device=grad_out.device)
+        d_weight[used] = g.to(grad_out.dtype)
     return [d_prompt, d_a, d_b, d_weight]
 
 
