@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import DEVICE, assert_close, randint, randn, tensor
 
 from dept_kernels.ops import (
     aot_bias_add,
@@ -29,7 +29,7 @@ def grads(out, params, grad_out):
 
 
 def check(out, ref, params, dtype, seed=1):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, out.dtype)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert_close(out, ref, dtype)
     for a, b in zip(grads(out, params, g), grads(ref, params, g), strict=True):
@@ -39,9 +39,9 @@ def check(out, ref, params, dtype, seed=1):
 
 def ids_with_repeats(batch, seq, vocab, gen):
     """Ids drawn from a few values so most rows repeat, plus one unique id per sample."""
-    ids = torch.randint(0, min(vocab, 4), (batch, seq), generator=gen)
+    ids = randint(min(vocab, 4), batch, seq, gen=gen)
     if seq:
-        ids[:, -1] = torch.randint(0, vocab, (batch,), generator=gen)
+        ids[:, -1] = randint(vocab, batch, gen=gen)
     return ids
 
 
@@ -51,11 +51,11 @@ def ids_with_repeats(batch, seq, vocab, gen):
 def test_bias_add(backend, hdtype, pdtype, stacked, batch, seq, d):
     gen = torch.Generator().manual_seed(0)
     vocab = 13
-    hidden = torch.randn(batch, seq, d, generator=gen).to(hdtype).requires_grad_()
+    hidden = randn(batch, seq, d, gen=gen, dtype=hdtype).requires_grad_()
     ids = ids_with_repeats(batch, seq, vocab, gen)
     shape = (3, vocab, d) if stacked else (vocab, d)
-    table = torch.randn(shape, generator=gen).to(pdtype).requires_grad_()
-    task_ids = torch.randint(0, 3, (batch,), generator=gen) if stacked else None
+    table = randn(*shape, gen=gen, dtype=pdtype).requires_grad_()
+    task_ids = randint(3, batch, gen=gen) if stacked else None
     out = aot_bias_add(hidden, ids, table, task_ids=task_ids)
     ref = reference_aot_bias_add(hidden, ids, table, task_ids=task_ids)
     check(out, ref, (hidden, table), hdtype)
@@ -63,9 +63,9 @@ def test_bias_add(backend, hdtype, pdtype, stacked, batch, seq, d):
 
 def test_bias_add_int32_ids_and_frozen_table(backend):
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2, 6, 20, generator=gen, requires_grad=True)
-    ids = torch.randint(0, 9, (2, 6), generator=gen).int()
-    table = torch.randn(9, 20, generator=gen)
+    hidden = randn(2, 6, 20, gen=gen).requires_grad_()
+    ids = randint(9, 2, 6, gen=gen).int()
+    table = randn(9, 20, gen=gen)
     out = aot_bias_add(hidden, ids, table)
     check(out, reference_aot_bias_add(hidden, ids, table), (hidden,), torch.float32)
 
@@ -73,9 +73,9 @@ def test_bias_add_int32_ids_and_frozen_table(backend):
 @pytest.mark.parametrize("hdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_bias_add_inplace(backend, hdtype):
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2, 5, 24, generator=gen).to(hdtype)
-    ids = torch.randint(0, 7, (2, 5), generator=gen)
-    table = torch.randn(7, 24, generator=gen)
+    hidden = randn(2, 5, 24, gen=gen, dtype=hdtype)
+    ids = randint(7, 2, 5, gen=gen)
+    table = randn(7, 24, gen=gen)
     expected = reference_aot_bias_add(hidden, ids, table)
     with torch.no_grad():
         out = aot_bias_add(hidden, ids, table, inplace=True)
@@ -84,15 +84,17 @@ def test_bias_add_inplace(backend, hdtype):
 
 
 def test_bias_add_inplace_refuses_autograd(backend):
-    hidden = torch.randn(1, 2, 4, requires_grad=True)
+    hidden = randn(1, 2, 4).requires_grad_()
     with pytest.raises(RuntimeError, match="inference"):
-        aot_bias_add(hidden, torch.zeros(1, 2, dtype=torch.long), torch.randn(3, 4), inplace=True)
+        aot_bias_add(
+            hidden, torch.zeros(1, 2, dtype=torch.long, device=DEVICE), randn(3, 4), inplace=True
+        )
 
 
 def test_bias_add_empty(backend):
-    hidden = torch.randn(0, 4, 8, requires_grad=True)
-    table = torch.randn(5, 8, requires_grad=True)
-    out = aot_bias_add(hidden, torch.zeros(0, 4, dtype=torch.long), table)
+    hidden = randn(0, 4, 8).requires_grad_()
+    table = randn(5, 8).requires_grad_()
+    out = aot_bias_add(hidden, torch.zeros(0, 4, dtype=torch.long, device=DEVICE), table)
     assert out.shape == (0, 4, 8)
     out.sum().backward()
     assert torch.equal(table.grad, torch.zeros_like(table))
@@ -100,7 +102,7 @@ def test_bias_add_empty(backend):
 
 def kron_factors(a, b, r, d, gen, dtype=torch.float32):
     return [
-        torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+        randn(*shape, gen=gen, dtype=dtype).requires_grad_()
         for shape in ((a, r), (b, r), (r * r, d))
     ]
 
@@ -110,12 +112,12 @@ def kron_factors(a, b, r, d, gen, dtype=torch.float32):
 def test_kron_matches_full_table(backend, hdtype, pdtype, vocab, a, b):
     gen = torch.Generator().manual_seed(0)
     d, r = 33, 3
-    hidden = torch.randn(2, 6, d, generator=gen).to(hdtype).requires_grad_()
+    hidden = randn(2, 6, d, gen=gen, dtype=hdtype).requires_grad_()
     ids = ids_with_repeats(2, 6, vocab, gen)
     w_l, w_m, w_r = kron_factors(a, b, r, d, gen, pdtype)
     out = aot_kron_bias(hidden, ids, w_l, w_m, w_r)
     # The oracle materialises all V rows from the formula, P_x = Σ_pq W_L[i,p] W_M[j,q] W_R[pr+q].
-    x = torch.arange(vocab)
+    x = torch.arange(vocab, device=DEVICE)
     i, j = x // b, x % b
     full = torch.einsum("xp,xq,pqd->xd", w_l[i].float(), w_m[j].float(), w_r.float().view(r, r, d))
     ref = reference_aot_bias_add(hidden, ids, full.to(pdtype))
@@ -124,7 +126,7 @@ def test_kron_matches_full_table(backend, hdtype, pdtype, vocab, a, b):
 
 def fc_factors(e, r, d, gen, dtype=torch.float32):
     return [
-        torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+        randn(*shape, gen=gen, dtype=dtype).requires_grad_()
         for shape in ((e, r), (r,), (r, d), (d,))
     ]
 
@@ -134,9 +136,9 @@ def fc_factors(e, r, d, gen, dtype=torch.float32):
 def test_fc_matches_full_table(backend, hdtype, pdtype, activation):
     gen = torch.Generator().manual_seed(0)
     vocab, e, d, r = 15, 10, 33, 4
-    hidden = torch.randn(2, 6, d, generator=gen).to(hdtype).requires_grad_()
+    hidden = randn(2, 6, d, gen=gen, dtype=hdtype).requires_grad_()
     ids = ids_with_repeats(2, 6, vocab, gen)
-    embedding = torch.randn(vocab, e, generator=gen).to(hdtype)
+    embedding = randn(vocab, e, gen=gen, dtype=hdtype)
     w1, b1, w2, b2 = fc_factors(e, r, d, gen, pdtype)
     out = aot_fc_bias(hidden, ids, embedding, w1, b1, w2, b2, activation=activation)
     act = torch.nn.functional.relu if activation == "relu" else torch.nn.functional.gelu
@@ -147,16 +149,16 @@ def test_fc_matches_full_table(backend, hdtype, pdtype, activation):
 
 def test_rows_helpers_agree_with_per_token_evaluation():
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 12, (3, 4), generator=gen)
+    ids = randint(12, 3, 4, gen=gen)
     w_l, w_m, w_r = kron_factors(3, 4, 2, 8, gen)
     per_token = kron_rows(ids.reshape(-1), w_l, w_m, w_r).view(3, 4, 8)
-    table = kron_rows(torch.arange(12), w_l, w_m, w_r)
+    table = kron_rows(torch.arange(12, device=DEVICE), w_l, w_m, w_r)
     torch.testing.assert_close(per_token, table[ids])
     w1, b1, w2, b2 = fc_factors(8, 3, 8, gen)
-    emb = torch.randn(12, 8, generator=gen)
+    emb = randn(12, 8, gen=gen)
     torch.testing.assert_close(
         fc_rows(ids.reshape(-1), emb, w1, b1, w2, b2).view(3, 4, 8),
-        fc_rows(torch.arange(12), emb, w1, b1, w2, b2)[ids],
+        fc_rows(torch.arange(12, device=DEVICE), emb, w1, b1, w2, b2)[ids],
     )
 
 
@@ -164,8 +166,8 @@ def test_rows_helpers_agree_with_per_token_evaluation():
 def test_dropout_reproducible_under_seed_and_per_id(backend, reparam):
     gen = torch.Generator().manual_seed(0)
     d = 16
-    hidden = torch.zeros(2, 8, d)
-    ids = torch.tensor([[1, 2, 1, 3, 1, 2, 0, 4]] * 2)
+    hidden = torch.zeros(2, 8, d, device=DEVICE)
+    ids = tensor([[1, 2, 1, 3, 1, 2, 0, 4]] * 2)
     if reparam == "kron":
         w = kron_factors(2, 3, 2, d, gen)
 
@@ -173,7 +175,7 @@ def test_dropout_reproducible_under_seed_and_per_id(backend, reparam):
             return aot_kron_bias(hidden, ids, *w, dropout_p=0.5)
 
     else:
-        emb = torch.randn(5, 6, generator=gen)
+        emb = randn(5, 6, gen=gen)
         w = fc_factors(6, 3, d, gen)
         w[0].data.abs_()  # positive pre-activations: dropped inputs show in the output
 
@@ -193,23 +195,43 @@ def test_dropout_reproducible_under_seed_and_per_id(backend, reparam):
 
 
 BAD = [
-    ("hidden_2d", dict(hidden=torch.randn(2, 4)), ValueError, "hidden must be 3-D"),
-    ("ids_shape", dict(input_ids=torch.zeros(2, 3).long()), ValueError, "input_ids shape"),
-    ("ids_float", dict(input_ids=torch.zeros(2, 4)), TypeError, "input_ids must be int64"),
-    ("id_range", dict(input_ids=torch.full((2, 4), 9)), IndexError, r"input_ids.*\[0, 9\)"),
-    ("negative", dict(input_ids=torch.full((2, 4), -1)), IndexError, "negative"),
-    ("width", dict(table=torch.randn(9, 5)), ValueError, "table has width"),
-    ("tasks_missing", dict(table=torch.randn(2, 9, 6)), ValueError, "need task_ids"),
-    ("tasks_unneeded", dict(task_ids=torch.zeros(2).long()), ValueError, "stacked tables"),
+    ("hidden_2d", dict(hidden=randn(2, 4)), ValueError, "hidden must be 3-D"),
+    (
+        "ids_shape",
+        dict(input_ids=torch.zeros(2, 3, device=DEVICE).long()),
+        ValueError,
+        "input_ids shape",
+    ),
+    (
+        "ids_float",
+        dict(input_ids=torch.zeros(2, 4, device=DEVICE)),
+        TypeError,
+        "input_ids must be int64",
+    ),
+    (
+        "id_range",
+        dict(input_ids=torch.full((2, 4), 9, device=DEVICE)),
+        IndexError,
+        r"input_ids.*\[0, 9\)",
+    ),
+    ("negative", dict(input_ids=torch.full((2, 4), -1, device=DEVICE)), IndexError, "negative"),
+    ("width", dict(table=randn(9, 5)), ValueError, "table has width"),
+    ("tasks_missing", dict(table=randn(2, 9, 6)), ValueError, "need task_ids"),
+    (
+        "tasks_unneeded",
+        dict(task_ids=torch.zeros(2, device=DEVICE).long()),
+        ValueError,
+        "stacked tables",
+    ),
     (
         "task_range",
-        dict(table=torch.randn(2, 9, 6), task_ids=torch.tensor([0, 2])),
+        dict(table=randn(2, 9, 6), task_ids=tensor([0, 2])),
         IndexError,
         r"task_ids.*\[0, 2\)",
     ),
     (
         "task_count",
-        dict(table=torch.randn(2, 9, 6), task_ids=torch.tensor([0])),
+        dict(table=randn(2, 9, 6), task_ids=tensor([0])),
         ValueError,
         "task_ids has 1 entries",
     ),
@@ -220,7 +242,7 @@ BAD = [
 @pytest.mark.parametrize("name,over,exc,match", BAD, ids=[b[0] for b in BAD])
 def test_bias_add_bad_input(backend, name, over, exc, match):
     kw = dict(
-        hidden=torch.randn(2, 4, 6), input_ids=torch.zeros(2, 4).long(), table=torch.randn(9, 6)
+        hidden=randn(2, 4, 6), input_ids=torch.zeros(2, 4, device=DEVICE).long(), table=randn(9, 6)
     )
     kw.update(over)
     with pytest.raises(exc, match=match):
@@ -229,7 +251,7 @@ def test_bias_add_bad_input(backend, name, over, exc, match):
 
 def test_reparam_bad_input():
     gen = torch.Generator().manual_seed(0)
-    hidden, ids = torch.randn(1, 3, 8), torch.tensor([[0, 5, 11]])
+    hidden, ids = randn(1, 3, 8), tensor([[0, 5, 11]])
     w_l, w_m, w_r = kron_factors(3, 4, 2, 8, gen)
     with pytest.raises(IndexError, match=r"input_ids holds id 12"):
         aot_kron_bias(hidden, ids + 1, w_l, w_m, w_r)
@@ -238,7 +260,7 @@ def test_reparam_bad_input():
     with pytest.raises(ValueError, match="dropout_p"):
         aot_kron_bias(hidden, ids, w_l, w_m, w_r, dropout_p=1.0)
     w1, b1, w2, b2 = fc_factors(8, 3, 8, gen)
-    emb = torch.randn(12, 8)
+    emb = randn(12, 8)
     with pytest.raises(ValueError, match="activation"):
         aot_fc_bias(hidden, ids, emb, w1, b1, w2, b2, activation="swish")
     with pytest.raises(ValueError, match="FC shapes disagree"):

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 
 import dept_kernels
 from dept_kernels.ops import dept_embedding, official_dept_embedding, reference_dept_embedding
@@ -54,29 +54,33 @@ DTYPES = [
 
 def make_inputs(case: Case, wdtype: torch.dtype, pdtype: torch.dtype, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=g)
+    ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=g).to(DEVICE)
     if case.int32_ids:
         ids = ids.int()
     kw: dict = {
         "input_ids": ids,
-        "weight": torch.randn(case.vocab, case.d, generator=g).to(wdtype),
+        "weight": torch.randn(case.vocab, case.d, generator=g).to(DEVICE, wdtype),
     }
     if case.m:
         if case.broadcast_prompt:
-            row = torch.randn(1, case.d, generator=g).to(pdtype).requires_grad_()
+            row = torch.randn(1, case.d, generator=g).to(DEVICE, pdtype).requires_grad_()
             kw["_leaf"] = row
             kw["prompt"] = row.expand(case.m, case.d)
         else:
-            kw["prompt"] = torch.randn(case.m, case.d, generator=g).to(pdtype).requires_grad_()
+            kw["prompt"] = (
+                torch.randn(case.m, case.d, generator=g).to(DEVICE, pdtype).requires_grad_()
+            )
     if case.lowrank:
         rows = case.vocab if case.token else case.max_len
-        kw["lora_a"] = torch.randn(rows, case.r, generator=g).to(pdtype).requires_grad_()
-        kw["lora_b"] = torch.randn(case.r, case.d, generator=g).to(pdtype).requires_grad_()
+        kw["lora_a"] = torch.randn(rows, case.r, generator=g).to(DEVICE, pdtype).requires_grad_()
+        kw["lora_b"] = torch.randn(case.r, case.d, generator=g).to(DEVICE, pdtype).requires_grad_()
         kw["scaling"] = 0.7
     if case.token:
         kw["index"] = "token"
     if case.position_ids:
-        kw["position_ids"] = torch.randint(0, case.max_len, (case.batch, case.seq), generator=g)
+        kw["position_ids"] = torch.randint(0, case.max_len, (case.batch, case.seq), generator=g).to(
+            DEVICE
+        )
     return kw
 
 
@@ -92,7 +96,7 @@ def run(fn, kw: dict, grad_out: torch.Tensor | None = None, seed: int = 1):
     out = fn(**args)
     if grad_out is None:
         g = torch.Generator().manual_seed(seed)
-        grad_out = torch.randn(out.shape, generator=g).to(out.dtype)
+        grad_out = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
     params = leaves(kw)
     grads = torch.autograd.grad(out, params, grad_out) if params else ()
     return out, grads, grad_out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DEVICE
 
 from dept_kernels.ops import _segments, dept_embedding
 
@@ -20,7 +21,11 @@ def good(**over):
         "scaling": 0.5,
     }
     kw.update(over)
-    return kw
+    # Tensors go to the test device; those placed on another device on purpose stay there.
+    return {
+        k: val.to(DEVICE) if isinstance(val, torch.Tensor) and val.device.type == "cpu" else val
+        for k, val in kw.items()
+    }
 
 
 BAD = {
