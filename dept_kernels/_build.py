@@ -57,7 +57,7 @@ def _import_prebuilt(expected_hash: str | None) -> ModuleType | None:
         module = importlib.import_module("dept_kernels._cpu_ext")
     except ImportError:
         return None
-    if expected_hash is not None and module.SOURCE_HASH != expected_hash:
+    if expected_hash is not None and expected_hash != module.SOURCE_HASH:
         return None
     return module
 
@@ -94,7 +94,7 @@ def _cpu_extension() -> tuple[ModuleType | None, str]:
         return None, "the C++ sources (csrc/cpu) are not installed and no prebuilt module exists"
     try:
         return _jit_build(sources, digest), ""
-    except Exception as error:  # noqa: BLE001 - any build failure means: use the fallback
+    except Exception as error:  # any build failure (no compiler, bad flags) means: fall back
         lines = str(error).strip().splitlines()
         detail = "\n".join(lines[-20:])  # the compiler's own error is at the end
         return None, f"{type(error).__name__}: {detail}"
@@ -125,7 +125,7 @@ def cpu_ops_or_reference() -> ModuleType:
     warnings.warn(
         "dept_kernels: the C++ cpu backend could not be built, so the 'cpu' backend runs the "
         "slower eager torch implementation instead (same results). Install a C++ compiler "
-        "and ninja, or build ahead of time with DEPT_KERNELS_BUILD_EXT=1 pip install . "
+        "and ninja, or build ahead of time (DEPT_KERNELS_BUILD_EXT=1 pip install .). "
         f"Reason: {_cpu_extension()[1]}",
         RuntimeWarning,
         stacklevel=2,

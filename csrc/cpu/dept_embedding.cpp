@@ -1,0 +1,406 @@
+// Fused DePT input embedding, CPU backend. The contract (shapes, dtypes, semantics) is
+// `dept_kernels/ops/_torch_impl.py`; the Python layer validates every input before calling
+// in here, so the checks below are only a last line of defence.
+//
+// Forward, one pass over memory: every output row is written once, straight from its
+// embedding row plus the low-rank delta, which lives in a small per-thread buffer (two rows
+// of d floats). With row = position the delta of position t is formed once and reused for
+// the whole batch (work s*r*d, not B*s*r*d).
+//
+// Gather-add (AoT P-tuning): hidden plus one table row per token, one pass.
+//
+// Reduce: deterministic batch / segment sums of the output gradient, fp32 accumulators in
+// registers, a fixed summation order and no atomics.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Column tile of the gradient sums: 64 fp32 accumulators fill 8 AVX2 (4 AVX-512)
+// registers, so a tile stays in registers while its token loop runs.
+constexpr int64_t kTile = 64;
+
+// Register block of the low-rank product: 2 positions x 32 columns, 8 AVX2 accumulators.
+// Two positions share every load of `b`, which measured 1.5x faster than one position x 64
+// columns (that one is bound by loads of `b`, whose (r, d) block does not fit in L1).
+constexpr int64_t kBlockRows = 2;
+constexpr int64_t kBlockCols = 32;
+
+// Aim for at least this many output elements per parallel task, so that the thread
+// start-up cost of a parallel region is amortised.
+constexpr int64_t kGrainElems = 1 << 15;
+
+int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
+}
+
+// delta[p, j] = scaling * sum_k a[p, k] * b[k, j] for P rows of `a` (row stride r) and the
+// columns [0, w) of `b` (row stride d); `delta` has row stride d. W bounds w at compile
+// time, so full tiles (w == W) unroll into registers.
+template <int64_t P, int64_t W>
+inline void lowrank_block(
+    const float* __restrict a,
+    const float* __restrict b,
+    int64_t r,
+    int64_t d,
+    int64_t w,
+    float scaling,
+    float* __restrict delta) {
+  float acc[P][W] = {};
+  for (int64_t k = 0; k < r; ++k) {
+    const float* __restrict bk = b + k * d;
+    for (int64_t p = 0; p < P; ++p) {
+      const float apk = a[p * r + k];
+      for (int64_t j = 0; j < (w == W ? W : w); ++j) {
+        acc[p][j] += apk * bk[j];
+      }
+    }
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t j = 0; j < w; ++j) {
+      delta[p * d + j] = scaling * acc[p][j];
+    }
+  }
+}
+
+// delta (P, d) = scaling * a (P, r) @ b (r, d).
+template <int64_t P>
+void lowrank_rows(
+    const float* a, const float* b, int64_t r, int64_t d, float scaling, float* delta) {
+  int64_t c = 0;
+  for (; c + kBlockCols <= d; c += kBlockCols) {
+    lowrank_block<P, kBlockCols>(a, b + c, r, d, kBlockCols, scaling, delta + c);
+  }
+  if (c < d) {
+    lowrank_block<P, kBlockCols>(a, b + c, r, d, d - c, scaling, delta + c);
+  }
+}
+
+// out = T(float(e) + delta): the fp32 sum is rounded once, as in the reference.
+template <typename T>
+inline void add_row(T* __restrict out, const T* __restrict e, const float* __restrict delta,
+                    int64_t d) {
+  for (int64_t j = 0; j < d; ++j) {
+    out[j] = static_cast<T>(static_cast<float>(e[j]) + delta[j]);
+  }
+}
+
+template <typename T>
+void forward_kernel(
+    const int64_t* ids,
+    const T* weight,
+    int64_t weight_stride,
+    const T* prompt,
+    const float* lora_a,
+    const float* lora_b,
+    const int64_t* rows,
+    float scaling,
+    int64_t batch,
+    int64_t seq,
+    int64_t m,
+    int64_t d,
+    int64_t r,
+    bool lowrank,
+    T* out) {
+  const int64_t out_seq = m + seq;
+  const size_t row_bytes = static_cast<size_t>(d) * sizeof(T);
+
+  if (m > 0) {
+    at::parallel_for(0, batch * m, grain_for(d), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / m;
+        const int64_t p = i % m;
+        std::memcpy(out + (b * out_seq + p) * d, prompt + p * d, row_bytes);
+      }
+    });
+  }
+
+  if (!lowrank) {
+    at::parallel_for(0, batch * seq, grain_for(d), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t b = n / seq;
+        const int64_t t = n % seq;
+        std::memcpy(out + (b * out_seq + m + t) * d, weight + ids[n] * weight_stride, row_bytes);
+      }
+    });
+    return;
+  }
+
+  if (rows == nullptr) {
+    // Parallel over positions: each task forms the delta of its positions once, two at a
+    // time, and applies it to all B tokens at those positions.
+    at::parallel_for(0, seq, grain_for(batch * d), [&](int64_t begin, int64_t end) {
+      std::vector<float> delta(kBlockRows * d);
+      for (int64_t t0 = begin; t0 < end; t0 += kBlockRows) {
+        const int64_t rows_here = std::min(kBlockRows, end - t0);
+        if (rows_here == kBlockRows) {
+          lowrank_rows<kBlockRows>(lora_a + t0 * r, lora_b, r, d, scaling, delta.data());
+        } else {
+          lowrank_rows<1>(lora_a + t0 * r, lora_b, r, d, scaling, delta.data());
+        }
+        for (int64_t p = 0; p < rows_here; ++p) {
+          const int64_t t = t0 + p;
+          for (int64_t b = 0; b < batch; ++b) {
+            add_row(out + (b * out_seq + m + t) * d, weight + ids[b * seq + t] * weight_stride,
+                    delta.data() + p * d, d);
+          }
+        }
+      }
+    });
+    return;
+  }
+
+  // Arbitrary rows (left padding, token mode): one delta per token, except that a run of
+  // tokens sharing a row (padding, repeated ids) reuses the one just formed.
+  at::parallel_for(0, batch * seq, grain_for(d), [&](int64_t begin, int64_t end) {
+    std::vector<float> delta(d);
+    int64_t cached = -1;
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t row = rows[n];
+      if (row != cached) {
+        lowrank_rows<1>(lora_a + row * r, lora_b, r, d, scaling, delta.data());
+        cached = row;
+      }
+      const int64_t b = n / seq;
+      const int64_t t = n % seq;
+      add_row(out + (b * out_seq + m + t) * d, weight + ids[n] * weight_stride, delta.data(), d);
+    }
+  });
+}
+
+// acc[0, W) = sum over the tokens `src(i)`, i in [0, count), of their columns [0, W).
+template <int64_t W, typename T, typename Src>
+inline void sum_tile(const Src& src, int64_t count, float* __restrict dst) {
+  float acc[W] = {};
+  for (int64_t i = 0; i < count; ++i) {
+    const T* __restrict g = src(i);
+    for (int64_t j = 0; j < W; ++j) {
+      acc[j] += static_cast<float>(g[j]);
+    }
+  }
+  for (int64_t j = 0; j < W; ++j) {
+    dst[j] = acc[j];
+  }
+}
+
+template <typename T, typename Src>
+inline void sum_tail(const Src& src, int64_t count, int64_t w, float* __restrict dst) {
+  float acc[kTile] = {};
+  for (int64_t i = 0; i < count; ++i) {
+    const T* __restrict g = src(i);
+    for (int64_t j = 0; j < w; ++j) {
+      acc[j] += static_cast<float>(g[j]);
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    dst[j] = acc[j];
+  }
+}
+
+// Column tile `c` of one output row: the sum over `count` token rows given by `row(i)`.
+template <typename T, typename Row>
+inline void sum_column_tile(const Row& row, int64_t count, int64_t c, int64_t d, float* dst) {
+  const int64_t c0 = c * kTile;
+  const auto src = [&](int64_t i) { return row(i) + c0; };
+  if (c0 + kTile <= d) {
+    sum_tile<kTile, T>(src, count, dst + c0);
+  } else {
+    sum_tail<T>(src, count, d - c0, dst + c0);
+  }
+}
+
+template <typename T>
+void reduce_kernel(
+    const T* grad,
+    const int64_t* order,
+    const int64_t* offsets,
+    int64_t batch,
+    int64_t seq,
+    int64_t m,
+    int64_t d,
+    int64_t segments,
+    float* out) {
+  const int64_t out_seq = m + seq;
+  const int64_t tiles = (d + kTile - 1) / kTile;
+  if (order == nullptr) {
+    // Position-major tasks: each reads the B rows of its positions, a uniform amount of
+    // work per task.
+    at::parallel_for(0, seq * tiles, grain_for(batch * kTile), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t t = i / tiles;
+        const auto row = [&](int64_t b) { return grad + (b * out_seq + m + t) * d; };
+        sum_column_tile<T>(row, batch, i % tiles, d, out + t * d);
+      }
+    });
+    return;
+  }
+  // Segments can be very unequal (a padding row may own most tokens), so tasks are
+  // column-tile-major: a static split of the range then gives every thread whole column
+  // tiles over all segments, which is equal work whatever the segment sizes are.
+  const int64_t tokens = batch * seq;
+  at::parallel_for(
+      0, tiles * segments, grain_for(tokens / std::max<int64_t>(1, segments) * kTile),
+      [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t u = i % segments;
+          const int64_t* seg = order + offsets[u];
+          const auto row = [&](int64_t j) {
+            const int64_t n = seg[j];
+            return grad + ((n / seq) * out_seq + m + n % seq) * d;
+          };
+          sum_column_tile<T>(row, offsets[u + 1] - offsets[u], i / segments, d, out + u * d);
+        }
+      });
+}
+
+// AoT gather-add: out[n] = T(float(hidden[n]) + float(table[rows[n]])). `out` may alias
+// `hidden` (in-place inference), which is safe since row n is read before it is written.
+template <typename T, typename U>
+void gather_add_kernel(
+    const T* hidden, const int64_t* rows, const U* table, int64_t tokens, int64_t d, T* out) {
+  at::parallel_for(0, tokens, grain_for(d), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* h = hidden + n * d;
+      const U* p = table + rows[n] * d;
+      T* o = out + n * d;
+      for (int64_t j = 0; j < d; ++j) {
+        o[j] = static_cast<T>(static_cast<float>(h[j]) + static_cast<float>(p[j]));
+      }
+    }
+  });
+}
+
+at::Tensor forward(
+    const at::Tensor& input_ids,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& prompt,
+    const std::optional<at::Tensor>& lora_a,
+    const std::optional<at::Tensor>& lora_b,
+    const std::optional<at::Tensor>& rows,
+    double scaling) {
+  TORCH_CHECK(input_ids.dim() == 2 && weight.dim() == 2, "input_ids and weight must be 2-D");
+  TORCH_CHECK(weight.stride(1) == 1, "weight must have unit last stride");
+  TORCH_CHECK(lora_a.has_value() == lora_b.has_value(), "lora_a and lora_b go together");
+  const int64_t batch = input_ids.size(0);
+  const int64_t seq = input_ids.size(1);
+  const int64_t d = weight.size(1);
+  const int64_t m = prompt.has_value() ? prompt->size(0) : 0;
+  const auto ids = input_ids.to(at::kLong).contiguous();
+  // Small parameters (O(m*d + L*r + r*d)) are normalised once here.
+  at::Tensor p, a, b, rows64;
+  if (m > 0) {
+    TORCH_CHECK(prompt->dim() == 2 && prompt->size(1) == d, "prompt must be (m, d)");
+    p = prompt->to(weight.scalar_type()).contiguous();
+  }
+  int64_t r = 0;
+  if (lora_a.has_value()) {
+    TORCH_CHECK(lora_a->dim() == 2 && lora_b->dim() == 2, "lora_a and lora_b must be 2-D");
+    r = lora_a->size(1);
+    TORCH_CHECK(lora_b->size(0) == r && lora_b->size(1) == d, "lora_b must be (r, d)");
+    a = lora_a->to(at::kFloat).contiguous();
+    b = lora_b->to(at::kFloat).contiguous();
+    if (rows.has_value()) {
+      TORCH_CHECK(rows->sizes() == input_ids.sizes(), "rows must have the shape of input_ids");
+      rows64 = rows->to(at::kLong).contiguous();
+    } else {
+      TORCH_CHECK(seq <= lora_a->size(0), "sequence longer than the rows of lora_a");
+    }
+  }
+  auto out = at::empty({batch, m + seq, d}, weight.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "dept_embedding_forward", [&] {
+        forward_kernel<scalar_t>(
+            ids.data_ptr<int64_t>(), weight.data_ptr<scalar_t>(), weight.stride(0),
+            m > 0 ? p.data_ptr<scalar_t>() : nullptr,
+            a.defined() ? a.data_ptr<float>() : nullptr,
+            b.defined() ? b.data_ptr<float>() : nullptr,
+            rows64.defined() ? rows64.data_ptr<int64_t>() : nullptr,
+            static_cast<float>(scaling), batch, seq, m, d, r, a.defined() && r > 0,
+            out.data_ptr<scalar_t>());
+      });
+  return out;
+}
+
+at::Tensor reduce(
+    const at::Tensor& grad_out,
+    int64_t m,
+    const std::optional<at::Tensor>& order,
+    const std::optional<at::Tensor>& offsets) {
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.is_contiguous(),
+              "grad_out must be a contiguous (B, m + s, d) tensor");
+  TORCH_CHECK(order.has_value() == offsets.has_value(), "order and offsets go together");
+  const int64_t batch = grad_out.size(0);
+  const int64_t seq = grad_out.size(1) - m;
+  const int64_t d = grad_out.size(2);
+  TORCH_CHECK(seq >= 0, "m exceeds the sequence length of grad_out");
+  at::Tensor ord, off;
+  int64_t segments = seq;
+  if (order.has_value()) {
+    ord = order->to(at::kLong).contiguous();
+    off = offsets->to(at::kLong).contiguous();
+    TORCH_CHECK(ord.numel() == batch * seq, "order must list all B*s tokens");
+    TORCH_CHECK(off.dim() == 1 && off.numel() >= 1, "offsets must be (R + 1,)");
+    segments = off.numel() - 1;
+  }
+  auto out = at::empty({segments, d}, grad_out.options().dtype(at::kFloat));
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad_out.scalar_type(), "dept_embedding_reduce", [&] {
+        reduce_kernel<scalar_t>(
+            grad_out.data_ptr<scalar_t>(), ord.defined() ? ord.data_ptr<int64_t>() : nullptr,
+            off.defined() ? off.data_ptr<int64_t>() : nullptr, batch, seq, m, d, segments,
+            out.data_ptr<float>());
+      });
+  return out;
+}
+
+at::Tensor gather_add(
+    const at::Tensor& hidden, const at::Tensor& rows, const at::Tensor& table, at::Tensor out) {
+  TORCH_CHECK(hidden.dim() == 3 && hidden.is_contiguous(), "hidden must be contiguous (B, s, d)");
+  TORCH_CHECK(out.sizes() == hidden.sizes() && out.is_contiguous() &&
+                  out.scalar_type() == hidden.scalar_type(),
+              "out must be a contiguous tensor like hidden");
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous() && table.size(1) == hidden.size(2),
+              "table must be a contiguous (R, d) tensor");
+  TORCH_CHECK(rows.numel() == hidden.size(0) * hidden.size(1), "rows must be (B, s)");
+  if (out.numel() == 0) {
+    return out;
+  }
+  const auto rows64 = rows.to(at::kLong).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, hidden.scalar_type(), "aot_gather_add", [&] {
+        using T = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES_AND2(
+            at::kHalf, at::kBFloat16, table.scalar_type(), "aot_gather_add_table", [&] {
+              gather_add_kernel<T, scalar_t>(
+                  hidden.data_ptr<T>(), rows64.data_ptr<int64_t>(), table.data_ptr<scalar_t>(),
+                  rows64.numel(), hidden.size(2), out.data_ptr<T>());
+            });
+      });
+  return out;
+}
+
+}  // namespace
+
+// The build passes the hash of the sources as a bare token, so no shell quoting is needed.
+#define DEPT_KERNELS_STR_(x) #x
+#define DEPT_KERNELS_STR(x) DEPT_KERNELS_STR_(x)
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "DePT fused embedding, CPU kernels (see dept_kernels/_cpu.py)";
+  module.attr("SOURCE_HASH") = DEPT_KERNELS_STR(DEPT_KERNELS_SOURCE_HASH);
+  module.def("forward", &forward, "(B, m + s, d) fused prompt + embedding + low-rank delta");
+  module.def("reduce", &reduce, "fp32 batch / segment sums of the token rows of grad_out");
+  module.def("gather_add", &gather_add, "AoT: out = hidden + table[rows], fp32 add");
+}
