@@ -1,0 +1,31 @@
+"""Launcher paths of the Triton backend that the shared op tests' small shapes do not reach."""
+
+import pytest
+import torch
+from helpers import DEVICE, assert_close
+
+import dept_kernels
+from dept_kernels.ops import dept_embedding, reference_dept_embedding
+
+pytest.importorskip("triton")
+if "triton" not in dept_kernels.available_backends():
+    pytest.skip("triton does not run here", allow_module_level=True)
+
+from dept_kernels.triton import dept_embedding as kernels
+
+
+@pytest.mark.parametrize("target", [10**6, 4], ids=["one-per-chunk", "uneven-chunks"])
+def test_position_forward_split_over_batch_chunks(monkeypatch, target):
+    # Few tiles per batch: the launcher splits the batch into chunks to fill the GPU.
+    # Here 2 tiles (positions + prompt) per element: target=4 gives chunks of 3 and 2 for B=5.
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", target)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 30, (5, 7), generator=g).to(DEVICE)
+    weight = torch.randn(30, 40, generator=g).to(DEVICE)
+    prompt = torch.randn(3, 40, generator=g).to(DEVICE)
+    lora_a = torch.randn(9, 4, generator=g).to(DEVICE)
+    lora_b = torch.randn(4, 40, generator=g).to(DEVICE)
+    with dept_kernels.use_backend("triton"):
+        out = dept_embedding(ids, weight, prompt, lora_a, lora_b, scaling=0.3)
+    ref = reference_dept_embedding(ids, weight, prompt, lora_a, lora_b, scaling=0.3)
+    assert_close(out, ref, torch.float32)
