@@ -24,9 +24,9 @@ def impl(backend: str):
 
         return _build.cpu_ops_or_reference()
     if backend == "triton":
-        from ..triton import dept_embedding as triton_impl
+        from .. import _triton
 
-        return triton_impl
+        return _triton
     if backend == "cuda":
         from .. import _build
 

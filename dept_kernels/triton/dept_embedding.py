@@ -1,4 +1,4 @@
-"""Triton kernels of `dept_kernels.ops.dept_embedding` and of the AoT gather-add (DESIGN.md §2).
+"""Triton kernels of `dept_kernels.ops.dept_embedding` (DESIGN.md §2).
 
 Forward, position mode (row(b, t) = t): a program owns a tile of positions × a tile of
 columns and a chunk of the batch. It forms the low-rank tile `scaling * A[t-tile] @ B[:,
@@ -12,12 +12,11 @@ whole output comes from one launch with the prompt tiles load-balanced among the
 Reduce (the backward of every gather, see `dept_kernels.ops._segments`): the batch sum of
 the token rows of `grad_out` per position, or per segment of tokens sharing a row; each
 output tile is summed by one program in a fixed order, so the result is deterministic
-without atomics. Gather-add: `out = hidden + table[rows]`, one program per token tile ×
-column tile.
+without atomics.
 
 Compile-time parameters come from small tables keyed on dtypes (no autotuning), and the
 sizes that vary per call are never specialised on, so `aot_variants` can list every
-variant that runs and `dept_kernels.triton.aot` compile it ahead of time."""
+variant that runs and `dept_kernels.triton.precompile` compile it ahead of time."""
 
 from __future__ import annotations
 
@@ -35,7 +34,6 @@ __all__ = [
     "aot_variants",
     "forward",
     "forward_constexprs",
-    "gather_add",
     "reduce",
     "reduce_constexprs",
 ]
@@ -87,11 +85,6 @@ def forward_constexprs(
         "BLOCK_D": BLOCK_D[weight_dtype],
         "BLOCK_R": BLOCK_R,
     }
-
-
-def gather_add_constexprs(out_dtype: torch.dtype) -> dict:
-    """Compile-time parameters of the gather-add kernel."""
-    return {"BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D[out_dtype]}
 
 
 def reduce_constexprs(grad_dtype: torch.dtype, ordered: bool) -> dict:
@@ -382,39 +375,6 @@ def _reduce_segment_kernel(
     tl.store(out_ptr + seg.to(tl.int64) * d + cols, total, mask=col_mask)
 
 
-@triton.jit(do_not_specialize=RUNTIME_SIZES)
-def _gather_add_kernel(
-    h_ptr,
-    rows_ptr,
-    t_ptr,
-    out_ptr,
-    n_tok,
-    seq_len,
-    d,
-    stride_hb,
-    stride_hs,
-    stride_ob,
-    stride_os,
-    stride_t,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    n = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n_mask = n < n_tok
-    mask = n_mask[:, None] & (cols < d)[None, :]
-    b, t = n // seq_len, n % seq_len
-    rows = tl.load(rows_ptr + n, mask=n_mask, other=0).to(tl.int64)
-    h = tl.load(h_ptr + (b * stride_hb + t * stride_hs)[:, None] + cols[None, :], mask=mask)
-    e = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask)
-    # Each element is read before it is written by the same program: `out` may be `h`.
-    tl.store(
-        out_ptr + (b * stride_ob + t * stride_os)[:, None] + cols[None, :],
-        (h.to(tl.float32) + e.to(tl.float32)).to(out_ptr.dtype.element_ty),
-        mask=mask,
-    )
-
-
 # --------------------------------------------------------------------------- launchers
 
 
@@ -544,49 +504,10 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
     return out
 
 
-def gather_add(hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tensor:
-    """`out = hidden + table[rows]` in fp32, cast to `out.dtype`; `out` may be `hidden`.
-
-    hidden, out (B, s, d); rows (B, s) int; table (R, d) of any float dtype.
-    """
-    batch, seq_len, d = hidden.shape
-    if out.numel() == 0:
-        return out
-    if hidden.stride(-1) != 1 or out.stride(-1) != 1 or table.stride(-1) != 1:
-        # Column-strided layouts are rare; the kernel keeps to vector loads along d.
-        result = gather_add(
-            hidden.contiguous(),
-            rows,
-            table.contiguous(),
-            torch.empty_like(hidden, memory_format=torch.contiguous_format),
-        )
-        return out.copy_(result)
-    rows = rows.contiguous()
-    meta = gather_add_constexprs(out.dtype)
-    grid = (triton.cdiv(batch * seq_len, BLOCK_T), triton.cdiv(d, meta["BLOCK_D"]))
-    _gather_add_kernel[grid](
-        hidden,
-        rows,
-        table,
-        out,
-        batch * seq_len,
-        seq_len,
-        d,
-        hidden.stride(0),
-        hidden.stride(1),
-        out.stride(0),
-        out.stride(1),
-        table.stride(0),
-        **meta,
-        **COMPILE_OPTIONS,
-    )
-    return out
-
-
 def aot_variants() -> Iterator[tuple[str, dict[str, torch.dtype], dict]]:
     """(kernel, element dtype of each pointer, constexprs) of every launch made here.
 
-    Crosses the dtypes the launchers pass with the tables above; `dept_kernels.triton.aot`
+    Crosses the dtypes the launchers pass with the tables above; `dept_kernels.triton.precompile`
     compiles the list.
     """
     for ids, weight, prompt in itertools.product(IDS, FLOATS, FLOATS):
@@ -615,6 +536,3 @@ def aot_variants() -> Iterator[tuple[str, dict[str, torch.dtype], dict]]:
             g_ptr=grad, order_ptr=torch.int64, offsets_ptr=torch.int64, out_ptr=torch.float32
         )
         yield "_reduce_segment_kernel", pointers, reduce_constexprs(grad, ordered=True)
-    for rows, hidden, table in itertools.product(IDS, FLOATS, FLOATS):
-        pointers = dict(h_ptr=hidden, rows_ptr=rows, t_ptr=table, out_ptr=hidden)
-        yield "_gather_add_kernel", pointers, gather_add_constexprs(hidden)

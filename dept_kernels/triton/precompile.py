@@ -10,7 +10,7 @@ the registers ptxas assigned.
 Kernels defined while `TRITON_INTERPRET=1` are interpreter objects that cannot be
 compiled, so in such a process `compile_all` runs the build in a child process without it.
 
-    python -m dept_kernels.triton.aot [--cc 80 90] [--covering] [--json]
+    python -m dept_kernels.triton.precompile [--cc 80 90] [--covering] [--json]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .. import _backend
 __all__ = ["CompileResult", "Variant", "compile_all", "covering", "variants"]
 
 # The Triton modules of the library; each lists its launches in `aot_variants()`.
-MODULES = ("dept_embedding",)
+MODULES = ("dept_embedding", "aot_bias")
 _TYPE = {
     torch.float32: "fp32",
     torch.float16: "fp16",
@@ -246,6 +246,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Through the package module, so the worker processes unpickle the same classes.
-    from dept_kernels.triton.aot import main as _main
+    from dept_kernels.triton.precompile import main as _main
 
     sys.exit(_main())

@@ -2,7 +2,7 @@
 
 The test compiles a pairwise cover of the variants (every pair of dtype and constexpr
 choices the launchers can make: 38 of 150 per target, ~40 s on two cores with a cold triton
-cache, ~18 s warm); `python -m dept_kernels.triton.aot` builds all of them (~3.5 min).
+cache, ~18 s warm); `python -m dept_kernels.triton.precompile` builds all of them (~3.5 min).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from dept_kernels.triton import aot
 from dept_kernels.triton import dept_embedding as emb
+from dept_kernels.triton import precompile
 
 
 def test_variants_follow_the_launcher_tables():
-    items = aot.variants()
+    items = precompile.variants()
     assert len(items) == len(set(items))
     assert {v.kernel for v in items} == {
         "_fwd_position_kernel",
@@ -26,6 +26,7 @@ def test_variants_follow_the_launcher_tables():
         "_reduce_segment_kernel",
         "_gather_add_kernel",
     }
+    assert {v.module for v in items} == {"dept_embedding", "aot_bias"}
     for weight in emb.FLOATS:
         for factor in (None, *emb.FLOATS):
             meta = emb.forward_constexprs(weight, factor, rows_mode=False)
@@ -37,8 +38,8 @@ def test_variants_follow_the_launcher_tables():
 
 
 def test_covering_exercises_every_pair():
-    items = aot.variants()
-    cover = aot.covering(items)
+    items = precompile.variants()
+    cover = precompile.covering(items)
     assert set().union(*(v.features() for v in cover)) == set().union(
         *(v.features() for v in items)
     )
@@ -46,7 +47,7 @@ def test_covering_exercises_every_pair():
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90():
-    results = aot.compile_all((80, 90), aot.covering(aot.variants()))
+    results = precompile.compile_all((80, 90), precompile.covering(precompile.variants()))
     failures = [f"sm_{r.cc} {r.label}: {r.error}" for r in results if not r.ok]
     assert not failures, "\n".join(failures)
     assert {r.cc for r in results} == {80, 90}
