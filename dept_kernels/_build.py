@@ -134,12 +134,14 @@ def cpu_ops_or_reference() -> ModuleType:
 
 
 def cuda_extension_available() -> bool:
-    """Whether the CUDA C++ backend can run here; it is not built by this package yet."""
-    return False
+    """Whether the CUDA C++ backend can run here (builds or loads it on the first call)."""
+    from . import _cuda
+
+    return _cuda.available()
 
 
 def cuda_ops() -> ModuleType:
-    raise RuntimeError(
-        "the 'cuda' backend (csrc/cuda) is not built by this version of dept_kernels; "
-        "use the 'triton' backend on GPUs"
-    )
+    """The `cuda` backend's ops module; RuntimeError with the reason when it cannot run."""
+    from . import _cuda
+
+    return _cuda.ops()

@@ -1,0 +1,177 @@
+// Torch binding of the CUDA backend: the only file of csrc/cuda that includes torch. It
+// normalises the small tensors (ids, rows, prompt, low-rank factors: O(B*s + m*d + L*r + r*d)),
+// allocates outputs, and calls the raw-pointer launchers of launchers.h on the current
+// stream. The big tensors (weight, hidden, grad_out, out) are used in place, never copied.
+// The contract is dept_kernels/ops/_torch_impl.py; the Python layer validates values.
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include "launchers.h"
+
+namespace {
+
+using dept_kernels::DType;
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "dept_kernels cuda ", what, ": ", cudaGetErrorString(err));
+}
+
+at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& prompt,
+                   const std::optional<at::Tensor>& lora_a,
+                   const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& rows,
+                   double scaling) {
+  check_cuda(weight, "weight");
+  TORCH_CHECK(input_ids.dim() == 2 && weight.dim() == 2, "input_ids and weight must be 2-D");
+  TORCH_CHECK(weight.stride(1) == 1, "weight must have unit last stride");
+  TORCH_CHECK(lora_a.has_value() == lora_b.has_value(), "lora_a and lora_b go together");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const int64_t batch = input_ids.size(0);
+  const int64_t seq = input_ids.size(1);
+  const int64_t d = weight.size(1);
+  const int64_t m = prompt.has_value() ? prompt->size(0) : 0;
+  const auto ids = input_ids.to(at::kLong).contiguous();
+  at::Tensor p, a, b, rows64;
+  if (m > 0) {
+    TORCH_CHECK(prompt->dim() == 2 && prompt->size(1) == d, "prompt must be (m, d)");
+    // Also materialises a stride-0 broadcast prompt (m*d elements).
+    p = prompt->to(weight.scalar_type()).contiguous();
+  }
+  int64_t r = 0;
+  if (lora_a.has_value()) {
+    TORCH_CHECK(lora_a->dim() == 2 && lora_b->dim() == 2, "lora_a and lora_b must be 2-D");
+    r = lora_a->size(1);
+    TORCH_CHECK(lora_b->size(0) == r && lora_b->size(1) == d, "lora_b must be (r, d)");
+    a = lora_a->to(at::kFloat).contiguous();
+    b = lora_b->to(at::kFloat).contiguous();
+    if (rows.has_value()) {
+      TORCH_CHECK(rows->sizes() == input_ids.sizes(), "rows must have the shape of input_ids");
+      rows64 = rows->to(at::kLong).contiguous();
+    } else {
+      TORCH_CHECK(seq <= lora_a->size(0), "sequence longer than the rows of lora_a");
+    }
+  }
+  auto out = at::empty({batch, m + seq, d}, weight.options());
+  if (out.numel() == 0) return out;
+  dept_kernels::ForwardArgs args{};
+  args.ids = ids.data_ptr<int64_t>();
+  args.weight = weight.data_ptr();
+  args.weight_stride = weight.stride(0);
+  args.prompt = m > 0 ? p.data_ptr() : nullptr;
+  args.lora_a = a.defined() ? a.data_ptr<float>() : nullptr;
+  args.lora_b = b.defined() ? b.data_ptr<float>() : nullptr;
+  args.rows = rows64.defined() ? rows64.data_ptr<int64_t>() : nullptr;
+  args.scaling = static_cast<float>(scaling);
+  args.batch = batch;
+  args.seq = seq;
+  args.m = m;
+  args.d = d;
+  args.r = r;
+  args.dtype = dtype_of(weight, "weight");
+  args.out = out.data_ptr();
+  check_launch(dept_kernels::dept_forward(args, current_stream()), "forward");
+  return out;
+}
+
+at::Tensor reduce(const at::Tensor& grad_out, int64_t m, const std::optional<at::Tensor>& order,
+                  const std::optional<at::Tensor>& offsets) {
+  check_cuda(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.is_contiguous(),
+              "grad_out must be a contiguous (B, m + s, d) tensor");
+  TORCH_CHECK(order.has_value() == offsets.has_value(), "order and offsets go together");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const int64_t batch = grad_out.size(0);
+  const int64_t width = grad_out.size(1);
+  const int64_t seq = width - m;
+  const int64_t d = grad_out.size(2);
+  TORCH_CHECK(m >= 0 && seq >= 0, "m must lie in [0, m + s]");
+  const auto longs = grad_out.options().dtype(at::kLong);
+  // Both modes become one segmented sum over rows of grad_out viewed as (B * (m + s), d):
+  // src_rows lists the grad row of each token in segment order (O(B*s) integers).
+  at::Tensor src_rows, off;
+  if (order.has_value()) {
+    const auto ord = order->to(at::kLong).contiguous();
+    TORCH_CHECK(ord.numel() == batch * seq, "order must list all B*s tokens");
+    off = offsets->to(at::kLong).contiguous();
+    TORCH_CHECK(off.dim() == 1 && off.numel() >= 1, "offsets must be (R + 1,)");
+    src_rows = seq > 0 ? ord.div(seq, "floor") * width + m + ord.remainder(seq) : ord;
+  } else {
+    // Segment t holds the tokens (b, t), b ascending: the batch sum in a fixed order.
+    src_rows = (at::arange(seq, longs).unsqueeze(1) + m + at::arange(batch, longs) * width)
+                   .reshape(-1)
+                   .contiguous();
+    off = at::arange(seq + 1, longs) * batch;
+  }
+  const int64_t segments = off.numel() - 1;
+  const int64_t tokens = batch * seq;
+  auto out = at::empty({segments, d}, grad_out.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  auto carry = at::empty({dept_kernels::segment_sum_carry_rows(tokens), d}, out.options());
+  dept_kernels::SegmentSumArgs args{};
+  args.grad = grad_out.data_ptr();
+  args.dtype = dtype_of(grad_out, "grad_out");
+  args.src_rows = src_rows.data_ptr<int64_t>();
+  args.offsets = off.data_ptr<int64_t>();
+  args.tokens = tokens;
+  args.segments = segments;
+  args.d = d;
+  args.out = out.data_ptr<float>();
+  args.carry = carry.data_ptr<float>();
+  check_launch(dept_kernels::segment_sum(args, current_stream()), "reduce");
+  return out;
+}
+
+at::Tensor gather_add(const at::Tensor& hidden, const at::Tensor& rows, const at::Tensor& table,
+                      at::Tensor out) {
+  check_cuda(hidden, "hidden");
+  TORCH_CHECK(hidden.dim() == 3 && hidden.is_contiguous(), "hidden must be contiguous (B, s, d)");
+  TORCH_CHECK(out.sizes() == hidden.sizes() && out.is_contiguous() &&
+                  out.scalar_type() == hidden.scalar_type(),
+              "out must be a contiguous tensor like hidden");
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous() && table.size(1) == hidden.size(2),
+              "table must be a contiguous (R, d) tensor");
+  TORCH_CHECK(rows.numel() == hidden.size(0) * hidden.size(1), "rows must be (B, s)");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const auto rows64 = rows.to(at::kLong).contiguous();
+  dept_kernels::GatherAddArgs args{};
+  args.hidden = hidden.data_ptr();
+  args.dtype = dtype_of(hidden, "hidden");
+  args.rows = rows64.data_ptr<int64_t>();
+  args.table = table.data_ptr();
+  args.table_dtype = dtype_of(table, "table");
+  args.tokens = rows.numel();
+  args.d = hidden.size(2);
+  args.out = out.data_ptr();
+  check_launch(dept_kernels::gather_add(args, current_stream()), "gather_add");
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "DePT / AoT kernels, CUDA backend (see dept_kernels/_cuda.py)";
+  module.def("forward", &forward, "(B, m + s, d) fused prompt + embedding + low-rank delta");
+  module.def("reduce", &reduce, "fp32 batch / segment sums of the token rows of grad_out");
+  module.def("gather_add", &gather_add, "out = hidden + table[rows], added in fp32");
+}

@@ -1,0 +1,380 @@
+// Fused DePT input embedding (forward) and the deterministic segmented sum of its backward.
+// The contract is dept_kernels/ops/_torch_impl.py; bindings.cpp prepares the arguments.
+
+#include "common.cuh"
+
+namespace dept_kernels {
+namespace {
+
+struct ForwardParams {
+  const int64_t* ids;
+  const void* weight;
+  int64_t weight_stride;
+  const void* prompt;
+  const float* lora_a;
+  const float* lora_b;
+  const int64_t* rows;
+  float scaling;
+  int64_t batch, seq, m, d, r;
+  int64_t batch_chunk;  // batches per block along grid z (shared-delta kernel)
+  void* out;
+};
+
+// delta[i] += a_i[k] * lora_b[k, c : c + VEC] for all k, rows i with a non-null `a_i`; then
+// delta *= scaling (the reference's order: the product first, then the scale).
+template <int VEC>
+DK_INLINE void lowrank_rows(const float* const (&a)[kRowsPerThread], const float* lora_b,
+                            int64_t r, int64_t d, int64_t c, float scaling,
+                            float (&delta)[kRowsPerThread][VEC]) {
+#pragma unroll 2
+  for (int64_t k = 0; k < r; ++k) {
+    const Pack<float, VEC> bk = load_pack<float, VEC>(lora_b + k * d + c);
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const float aik = a[i] != nullptr ? a[i][k] : 0.f;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) delta[i][j] += aik * bk.v[j];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) delta[i][j] *= scaling;
+}
+
+// One rounding of the fp32 sum, as in the reference.
+template <typename T, int VEC>
+DK_INLINE Pack<T, VEC> add_delta(const Pack<T, VEC>& e, const float (&delta)[VEC]) {
+  Pack<T, VEC> o;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) o.v[j] = from_float<T>(to_float(e.v[j]) + delta[j]);
+  return o;
+}
+
+// Row = position, with a low-rank delta: the delta of a (kRowTile positions x kLanes * VEC
+// columns) tile is formed once per block, in registers, and added to the tile's rows in every
+// batch of the block's chunk, so the low-rank work is s*r*d per batch chunk, not B*s*r*d.
+// Grid: (ceil((m + s) / kRowTile), ceil(d / (kLanes * VEC)), ceil(B / batch_chunk)); thread
+// (lane, warp) owns columns [c, c + VEC) of the rows q0 + i, i < kRowsPerThread, of the
+// virtual sequence prompt rows (q < m) then token rows (q = m + t).
+// Minimum traffic: B*s*d*sizeof(T) (embedding rows) + B*(m+s)*d*sizeof(T) (output)
+// + m*d*sizeof(T) + 4*(s*r + r*d) (prompt and factors, read once).
+template <typename T, int VEC>
+struct ForwardSharedDelta {
+  using Params = ForwardParams;
+
+  static DK_INLINE void run(const Params& p, uint3 block, uint3 thread) {
+    const int64_t c = (int64_t(block.y) * kLanes + thread.x) * VEC;
+    if (c >= p.d) return;  // d % VEC == 0, so the whole pack is in range
+    const int64_t width = p.m + p.seq;
+    const int64_t q0 = int64_t(block.x) * kRowTile + int64_t(thread.y) * kRowsPerThread;
+    const int64_t b0 = int64_t(block.z) * p.batch_chunk;
+    const int64_t b1 = min64(b0 + p.batch_chunk, p.batch);
+    const T* weight = static_cast<const T*>(p.weight);
+    const T* prompt = static_cast<const T*>(p.prompt);
+    T* out = static_cast<T*>(p.out);
+
+    bool valid[kRowsPerThread], token[kRowsPerThread];
+    const float* a[kRowsPerThread];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int64_t q = q0 + i;
+      valid[i] = q < width;
+      token[i] = valid[i] && q >= p.m;
+      a[i] = token[i] ? p.lora_a + (q - p.m) * p.r : nullptr;
+    }
+    // Token ids of batch b, then the source rows (embedding or prompt) as raw packs.
+    const auto load_ids = [&](int64_t b, int64_t(&id)[kRowsPerThread]) {
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+        id[i] = token[i] ? p.ids[b * p.seq + (q0 + i - p.m)] : 0;
+    };
+    const auto load_src = [&](const int64_t(&id)[kRowsPerThread],
+                              Pack<T, VEC>(&src)[kRowsPerThread]) {
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        if (!valid[i]) continue;
+        const T* row = token[i] ? weight + id[i] * p.weight_stride : prompt + (q0 + i) * p.d;
+        src[i] = load_pack<T, VEC>(row + c);
+      }
+    };
+
+    // Pipeline: the ids of batch b + 1 are loaded while batch b's sources are in flight,
+    // and the first batch's ids while the low-rank product is formed (its sources too would
+    // take the registers that keep this kernel at 4 blocks per SM without spilling).
+    int64_t id[kRowsPerThread];
+    Pack<T, VEC> cur[kRowsPerThread];
+    load_ids(b0, id);
+
+    float delta[kRowsPerThread][VEC] = {};
+    lowrank_rows<VEC>(a, p.lora_b, p.r, p.d, c, p.scaling, delta);
+
+    load_src(id, cur);
+    if (b0 + 1 < b1) load_ids(b0 + 1, id);
+
+    for (int64_t b = b0; b < b1; ++b) {
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        if (!valid[i]) continue;
+        T* o = out + (b * width + q0 + i) * p.d + c;
+        // Prompt rows are copied bit for bit, as the reference does.
+        store_pack<T, VEC>(o, token[i] ? add_delta<T, VEC>(cur[i], delta[i]) : cur[i]);
+      }
+      if (b + 1 < b1) {
+        load_src(id, cur);
+        if (b + 2 < b1) load_ids(b + 2, id);
+      }
+    }
+  }
+};
+
+// One output row per (thread, i) of the flattened (B * (m + s)) rows: prompt tuning without
+// a delta (LOWRANK false: a pure gather, rows copied bit for bit) and the per-token rows mode
+// (left padding, token mode), whose delta row differs per token, so its work is B*s*r*d.
+// Grid: (ceil(B * (m + s) / kRowTile), ceil(d / (kLanes * VEC))). The embedding loads are
+// issued before the low-rank loop, so they are in flight while it runs.
+// Minimum traffic: B*s*d*sizeof(T) + B*(m+s)*d*sizeof(T) + m*d*sizeof(T)
+// (+ 4*r*d and the distinct lora_a rows with LOWRANK).
+template <typename T, int VEC, bool LOWRANK>
+struct ForwardPerRow {
+  using Params = ForwardParams;
+
+  static DK_INLINE void run(const Params& p, uint3 block, uint3 thread) {
+    const int64_t c = (int64_t(block.y) * kLanes + thread.x) * VEC;
+    if (c >= p.d) return;
+    const int64_t width = p.m + p.seq;
+    const int64_t total = p.batch * width;
+    const int64_t n0 = int64_t(block.x) * kRowTile + int64_t(thread.y) * kRowsPerThread;
+    const T* weight = static_cast<const T*>(p.weight);
+    const T* prompt = static_cast<const T*>(p.prompt);
+    T* out = static_cast<T*>(p.out);
+
+    bool valid[kRowsPerThread], token[kRowsPerThread];
+    const float* a[kRowsPerThread];
+    Pack<T, VEC> src[kRowsPerThread];
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int64_t n = n0 + i;
+      valid[i] = n < total;
+      const int64_t b = valid[i] ? n / width : 0;
+      const int64_t q = n - b * width;
+      token[i] = valid[i] && q >= p.m;
+      const int64_t tok = b * p.seq + (q - p.m);
+      a[i] = LOWRANK && token[i] ? p.lora_a + p.rows[tok] * p.r : nullptr;
+      if (valid[i]) {
+        const T* row = token[i] ? weight + p.ids[tok] * p.weight_stride : prompt + q * p.d;
+        src[i] = load_pack<T, VEC>(row + c);
+      }
+    }
+    float delta[kRowsPerThread][VEC] = {};
+    if (LOWRANK) lowrank_rows<VEC>(a, p.lora_b, p.r, p.d, c, p.scaling, delta);
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      if (!valid[i]) continue;
+      const bool add = LOWRANK && token[i];
+      T* o = out + (n0 + i) * p.d + c;
+      store_pack<T, VEC>(o, add ? add_delta<T, VEC>(src[i], delta[i]) : src[i]);
+    }
+  }
+};
+
+// Segmented sum, pass 1. The tokens (in segment order) are cut into chunks of
+// kSegmentChunk; thread (lane, warp) of block x walks chunk k = x * kWarps + warp over its
+// columns [c, c + VEC), summing in token order. A segment piece is written to out[u] by the
+// chunk where segment u starts, and to carry[k] when it is the head of chunk k (segment u
+// started in an earlier chunk); pass 2 adds the carries. Long segments (a padding row) are so
+// split over many threads, and every sum has one fixed order: deterministic.
+// Minimum traffic: tokens*d*sizeof(T) + segments*d*4 (+ carry rows, at most 1/kSegmentChunk of
+// the input rows, written here and read in pass 2).
+constexpr int64_t kSegmentChunk = 32;
+constexpr int kSegmentUnroll = 8;  // loads in flight per thread
+
+struct SegmentParams {
+  const void* grad;
+  const int64_t* src_rows;
+  const int64_t* offsets;
+  int64_t tokens, segments, d;
+  float* out;
+  float* carry;
+};
+
+template <int VEC>
+DK_INLINE void store_floats(float* dst, float (&acc)[VEC]) {
+  Pack<float, VEC> o;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    o.v[j] = acc[j];
+    acc[j] = 0.f;
+  }
+  store_pack<float, VEC>(dst, o);
+}
+
+template <typename T, int VEC>
+struct SegmentSumChunks {
+  using Params = SegmentParams;
+
+  static DK_INLINE void run(const Params& p, uint3 block, uint3 thread) {
+    const int64_t c = (int64_t(block.y) * kLanes + thread.x) * VEC;
+    const int64_t k = int64_t(block.x) * kWarps + thread.y;
+    const int64_t j0 = k * kSegmentChunk;
+    if (c >= p.d || j0 >= p.tokens) return;
+    const int64_t j1 = min64(j0 + kSegmentChunk, p.tokens);
+    const T* grad = static_cast<const T*>(p.grad);
+
+    // The segment holding token j0: offsets[u] <= j0 < offsets[u + 1] (it is not empty).
+    int64_t u = 0, hi = p.segments;
+    while (hi - u > 1) {
+      const int64_t mid = u + (hi - u) / 2;
+      if (p.offsets[mid] <= j0) {
+        u = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    bool head = p.offsets[u] < j0;
+    int64_t end = p.offsets[u + 1];
+    int64_t count = 0;  // tokens in the current piece
+    float acc[VEC] = {};
+
+    int64_t idx[kSegmentUnroll];
+    const auto load_idx = [&](int64_t j) {
+#pragma unroll
+      for (int x = 0; x < kSegmentUnroll; ++x) idx[x] = j + x < j1 ? p.src_rows[j + x] : 0;
+    };
+    load_idx(j0);
+    for (int64_t j = j0; j < j1; j += kSegmentUnroll) {
+      Pack<T, VEC> v[kSegmentUnroll];
+#pragma unroll
+      for (int x = 0; x < kSegmentUnroll; ++x)
+        if (j + x < j1) v[x] = load_pack<T, VEC>(grad + idx[x] * p.d + c);
+      if (j + kSegmentUnroll < j1) load_idx(j + kSegmentUnroll);
+#pragma unroll
+      for (int x = 0; x < kSegmentUnroll; ++x) {
+        if (j + x >= j1) break;
+        // Close the pieces that end here; the loop also steps over empty segments.
+        while (j + x == end) {
+          if (count > 0) store_floats<VEC>((head ? p.carry + k * p.d : p.out + u * p.d) + c, acc);
+          head = false;
+          count = 0;
+          ++u;
+          end = p.offsets[u + 1];
+        }
+        add_to<T, VEC>(acc, v[x]);
+        ++count;
+      }
+    }
+    store_floats<VEC>((head ? p.carry + k * p.d : p.out + u * p.d) + c, acc);
+  }
+};
+
+// Segmented sum, pass 2: out[u] += carry[k] for the chunks k after the one where segment u
+// starts, up to the one where it ends, in chunk order; empty segments get zeros.
+// Grid: (ceil(segments / kWarps), ceil(d / (kLanes * VEC))).
+// Minimum traffic: 4*d*(2 * segments spanning chunks + carry rows read).
+template <int VEC>
+struct SegmentSumCarry {
+  using Params = SegmentParams;
+
+  static DK_INLINE void run(const Params& p, uint3 block, uint3 thread) {
+    const int64_t c = (int64_t(block.y) * kLanes + thread.x) * VEC;
+    const int64_t u = int64_t(block.x) * kWarps + thread.y;
+    if (c >= p.d || u >= p.segments) return;
+    const int64_t lo = p.offsets[u], hi = p.offsets[u + 1];
+    float acc[VEC] = {};
+    float* dst = p.out + u * p.d + c;
+    if (lo == hi) {
+      store_floats<VEC>(dst, acc);
+      return;
+    }
+    const int64_t k0 = lo / kSegmentChunk, k1 = (hi - 1) / kSegmentChunk;
+    if (k1 == k0) return;
+    add_to<float, VEC>(acc, load_pack<float, VEC>(dst));
+    for (int64_t k = k0 + 1; k <= k1; ++k)
+      add_to<float, VEC>(acc, load_pack<float, VEC>(p.carry + k * p.d + c));
+    store_floats<VEC>(dst, acc);
+  }
+};
+
+int sm_count() {
+#ifdef DEPT_KERNELS_EMULATE
+  return 1;  // small, so that the emulation exercises the batch split and long chunks
+#else
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();  // a failed query is not the launch's error
+    return 1;
+  }
+  return count;
+#endif
+}
+
+template <typename T, int VEC>
+cudaError_t launch_forward(const ForwardParams& base, cudaStream_t stream) {
+  ForwardParams p = base;
+  const int64_t width = p.m + p.seq;
+  const int64_t col_tiles = ceil_div(p.d, kLanes * VEC);
+  if (p.lora_a == nullptr || p.r == 0) {
+    return launch<ForwardPerRow<T, VEC, false>>(ceil_div(p.batch * width, kRowTile), col_tiles,
+                                                1, p, stream);
+  }
+  if (p.rows != nullptr) {
+    return launch<ForwardPerRow<T, VEC, true>>(ceil_div(p.batch * width, kRowTile), col_tiles, 1,
+                                               p, stream);
+  }
+  // Split the batch over grid z only when the (rows x columns) tiles cannot fill the GPU
+  // (~4 blocks per SM): each split recomputes its tile's delta.
+  const int64_t tiles = ceil_div(width, kRowTile) * col_tiles;
+  const int64_t want = min64(ceil_div(4 * sm_count(), tiles), p.batch);
+  p.batch_chunk = ceil_div(p.batch, want);
+  return launch<ForwardSharedDelta<T, VEC>>(ceil_div(width, kRowTile), col_tiles,
+                                            ceil_div(p.batch, p.batch_chunk), p, stream);
+}
+
+template <typename T, int VEC>
+cudaError_t launch_segment_sum(const SegmentParams& p, cudaStream_t stream) {
+  const cudaError_t err =
+      launch<SegmentSumChunks<T, VEC>>(ceil_div(ceil_div(p.tokens, kSegmentChunk), kWarps),
+                                       ceil_div(p.d, kLanes * VEC), 1, p, stream);
+  if (err != cudaSuccess) return err;
+  // The carry pass reads fp32 rows only: 16-byte packs when d allows.
+  const bool vec = p.d % 4 == 0 && aligned16(p.out) && aligned16(p.carry);
+  return vec ? launch<SegmentSumCarry<4>>(ceil_div(p.segments, kWarps), ceil_div(p.d, kLanes * 4),
+                                          1, p, stream)
+             : launch<SegmentSumCarry<1>>(ceil_div(p.segments, kWarps), ceil_div(p.d, kLanes), 1,
+                                          p, stream);
+}
+
+}  // namespace
+
+cudaError_t dept_forward(const ForwardArgs& a, cudaStream_t stream) {
+  if (a.batch == 0 || a.d == 0 || a.m + a.seq == 0) return cudaSuccess;
+  const ForwardParams p{a.ids,    a.weight,  a.weight_stride, a.prompt, a.lora_a, a.lora_b,
+                        a.rows,   a.scaling, a.batch,         a.seq,    a.m,      a.d,
+                        a.r,      a.batch,   a.out};
+  const bool lowrank = a.lora_a != nullptr && a.r > 0;
+  return dispatch_float(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vec = a.d % kVec == 0 && (a.weight_stride * sizeof(T)) % 16 == 0 &&
+                     aligned16(a.weight) && aligned16(a.out) &&
+                     (a.m == 0 || aligned16(a.prompt)) && (!lowrank || aligned16(a.lora_b));
+    return vec ? launch_forward<T, kVec>(p, stream) : launch_forward<T, 1>(p, stream);
+  });
+}
+
+int64_t segment_sum_carry_rows(int64_t tokens) { return ceil_div(tokens, kSegmentChunk); }
+
+cudaError_t segment_sum(const SegmentSumArgs& a, cudaStream_t stream) {
+  if (a.segments == 0 || a.d == 0) return cudaSuccess;
+  const SegmentParams p{a.grad, a.src_rows, a.offsets, a.tokens, a.segments, a.d, a.out, a.carry};
+  return dispatch_float(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vec = a.d % kVec == 0 && aligned16(a.grad) && aligned16(a.out) &&
+                     aligned16(a.carry);
+    return vec ? launch_segment_sum<T, kVec>(p, stream) : launch_segment_sum<T, 1>(p, stream);
+  });
+}
+
+}  // namespace dept_kernels

@@ -1,0 +1,63 @@
+// Raw-pointer launchers of the CUDA backend. Plain C++ (no torch, no CUDA device code), so
+// the torch binding (bindings.cpp, host compiler) and the kernels (*.cu, nvcc) share it, and
+// the kernels build with `nvcc -c` on machines whose torch has no CUDA headers.
+//
+// Every launcher validates nothing about values (the Python layer did), launches nothing for
+// empty work, picks 16-byte vector access where sizes and pointers allow it (scalar access
+// otherwise), and returns the launch's cudaError_t.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace dept_kernels {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// out[b, :m] = prompt; out[b, m + t] = weight[ids[b, t]] + scaling * lora_a[row(b, t)] @ lora_b.
+struct ForwardArgs {
+  const int64_t* ids;     // (batch, seq)
+  const void* weight;     // (V, d) of `dtype`, rows `weight_stride` elements apart
+  int64_t weight_stride;
+  const void* prompt;     // (m, d) contiguous, of `dtype`; null when m == 0
+  const float* lora_a;    // (L, r) contiguous, or null for no low-rank delta
+  const float* lora_b;    // (r, d) contiguous
+  const int64_t* rows;    // (batch, seq) row of lora_a per token, or null: row = position
+  float scaling;
+  int64_t batch, seq, m, d, r;
+  DType dtype;
+  void* out;              // (batch, m + seq, d) contiguous, of `dtype`
+};
+
+cudaError_t dept_forward(const ForwardArgs& args, cudaStream_t stream);
+
+// out[u] = sum over j in [offsets[u], offsets[u + 1]) of grad[src_rows[j]], in fp32, in the
+// order of j. Deterministic: a fixed split of the tokens into chunks, no atomics.
+struct SegmentSumArgs {
+  const void* grad;         // rows of d elements of `dtype`, contiguous
+  DType dtype;
+  const int64_t* src_rows;  // (tokens,) row of `grad` of each token, grouped by segment
+  const int64_t* offsets;   // (segments + 1,), offsets[0] = 0, offsets[segments] = tokens
+  int64_t tokens, segments, d;
+  float* out;               // (segments, d)
+  float* carry;             // (segment_sum_carry_rows(tokens), d) workspace
+};
+
+int64_t segment_sum_carry_rows(int64_t tokens);
+cudaError_t segment_sum(const SegmentSumArgs& args, cudaStream_t stream);
+
+// out[n] = hidden[n] + table[rows[n]], added in fp32; `out` may be `hidden`.
+struct GatherAddArgs {
+  const void* hidden;  // (tokens, d) contiguous, of `dtype`
+  DType dtype;
+  const int64_t* rows;  // (tokens,)
+  const void* table;    // (R, d) contiguous, of `table_dtype`
+  DType table_dtype;
+  int64_t tokens, d;
+  void* out;  // (tokens, d) contiguous, of `dtype`
+};
+
+cudaError_t gather_add(const GatherAddArgs& args, cudaStream_t stream);
+
+}  // namespace dept_kernels

@@ -1,0 +1,174 @@
+"""The CUDA kernels' index math, masks, vector widths and reduction order, checked on the CPU.
+
+`tests/cuda/emulate.cu` is built with nvcc and -DDEPT_KERNELS_EMULATE, which makes the
+launchers of `csrc/cuda` run every thread of their kernels on the host (the kernels use no
+shared memory, barriers or warp intrinsics, so a serial run is exact). The outputs are
+compared with the eager torch backend. It needs nvcc, not a GPU (~15 s to build).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+from dept_kernels.ops import _torch_impl
+
+ROOT = Path(__file__).resolve().parents[1]
+NVCC = shutil.which("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+
+CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FLOATS = list(CODE)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    exe = tmp_path_factory.mktemp("emulate") / "emulate"
+    sources = [ROOT / "tests/cuda/emulate.cu", *sorted((ROOT / "csrc/cuda").glob("*.cu"))]
+    flags = ["-O1", "-std=c++17", "-DDEPT_KERNELS_EMULATE", *COMMON_NVCC_FLAGS]
+    cmd = [NVCC, *flags, "-arch=sm_80", f"-I{ROOT / 'csrc/cuda'}", *map(str, sources)]
+    subprocess.run([*cmd, "-o", str(exe)], check=True, capture_output=True)
+    return exe
+
+
+def _write(path: Path, tensor: torch.Tensor) -> None:
+    t = tensor.contiguous()
+    if t.element_size() == 2 and t.is_floating_point():
+        t = t.view(torch.int16)
+    path.write_bytes(t.numpy().tobytes())
+
+
+def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    raw = bytearray(path.read_bytes())
+    flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape)
+
+
+def _run(exe: Path, op: str, workdir: Path, *args: int) -> None:
+    subprocess.run([str(exe), op, str(workdir), *map(str, args)], check=True)
+
+
+FORWARD_CASES = [
+    # batch, seq, m, d, r, L, mode, extra weight columns, misaligned weight
+    (3, 5, 2, 40, 3, 7, "position", 0, False),
+    (3, 5, 2, 37, 3, 7, "position", 0, False),  # d not a multiple of the vector width
+    (5, 9, 0, 48, 1, 9, "position", 0, False),  # m = 0, r = 1, batch split over grid z
+    (7, 20, 3, 64, 33, 24, "position", 8, False),  # s < L, strided weight, two row tiles
+    (2, 6, 4, 40, 5, 6, "position", 1, False),  # row stride breaks 16-byte alignment
+    (2, 6, 4, 40, 5, 6, "position", 0, True),  # misaligned weight pointer
+    (1, 17, 5, 96, 256, 17, "position", 0, False),  # B = 1, r = 256
+    (9, 40, 3, 64, 4, 40, "position", 0, False),  # 5 batches per block: the pipeline
+    (4, 6, 2, 40, 3, 11, "rows", 0, False),
+    (3, 7, 0, 33, 2, 7, "rows", 0, False),
+    (3, 5, 2, 40, 0, 0, "none", 0, False),
+    (2, 3, 0, 21, 0, 0, "none", 0, False),
+    (2, 0, 3, 40, 2, 4, "position", 0, False),  # s = 0: prompt rows only
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_forward(emulator, tmp_path, dtype, case):
+    batch, seq, m, d, r, max_len, mode, extra, shift = case
+    gen = torch.Generator().manual_seed(sum(case[:6]))
+    vocab = 50
+    table = torch.randn(vocab, d + extra, generator=gen).to(dtype)
+    weight = table[:, :d]
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    prompt = torch.randn(m, d, generator=gen).to(dtype) if m else None
+    lora = mode != "none"
+    a = torch.randn(max_len, r, generator=gen) if lora else None
+    b = torch.randn(r, d, generator=gen) if lora else None
+    rows = torch.randint(0, max_len, (batch, seq), generator=gen) if mode == "rows" else None
+    scaling = 0.75
+    _write(tmp_path / "ids.bin", ids)
+    _write(tmp_path / "weight.bin", table)
+    if m:
+        _write(tmp_path / "prompt.bin", prompt)
+    if lora:
+        _write(tmp_path / "a.bin", a)
+        _write(tmp_path / "b.bin", b)
+    if rows is not None:
+        _write(tmp_path / "rows.bin", rows)
+    args = (CODE[dtype], batch, seq, m, d, r, d + extra, int(lora), int(rows is not None))
+    _run(emulator, "forward", tmp_path, *args, int(shift), round(scaling * 1e6))
+    out = _read(tmp_path / "out.bin", dtype, (batch, m + seq, d))
+    ref = _torch_impl.forward(ids, weight, prompt, a, b, rows, scaling)
+    # Prompt rows (and all rows without a delta) are copies: bit-exact.
+    assert torch.equal(out[:, :m], ref[:, :m])
+    if lora:
+        torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    else:
+        assert torch.equal(out, ref)
+
+
+def _segments(counts: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    order = torch.randperm(int(offsets[-1]), generator=gen)
+    return order, offsets
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize(
+    "counts,d",
+    [
+        ([3, 1, 5, 2], 40),
+        ([0, 2, 0, 0, 70, 1, 0, 40, 3, 0], 40),  # empty segments, segments spanning chunks
+        ([130], 37),  # one segment over five chunks, scalar columns
+        ([1] * 45 + [0], 16),
+    ],
+)
+def test_segment_sum(emulator, tmp_path, dtype, counts, d):
+    gen = torch.Generator().manual_seed(len(counts) + d)
+    tokens = sum(counts)
+    grad = torch.randn(tokens + 3, d, generator=gen).to(dtype)  # rows beyond the tokens unused
+    order, offsets = _segments(counts, gen)
+    _write(tmp_path / "grad.bin", grad)
+    _write(tmp_path / "src_rows.bin", order)
+    _write(tmp_path / "offsets.bin", offsets)
+    _run(emulator, "segment_sum", tmp_path, CODE[dtype], tokens, len(counts), d)
+    out = _read(tmp_path / "out.bin", torch.float32, (len(counts), d))
+    ref = _torch_impl.reduce(grad[:tokens].reshape(1, tokens, d), 0, order, offsets)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,seq,m,d", [(3, 5, 2, 40), (40, 3, 0, 24), (1, 70, 1, 37)])
+def test_position_sum(emulator, tmp_path, batch, seq, m, d):
+    """The batch sum as bindings.cpp sets it up: segment t holds tokens (b, t), b ascending."""
+    gen = torch.Generator().manual_seed(batch * seq)
+    grad = torch.randn(batch, m + seq, d, generator=gen).to(torch.bfloat16)
+    width = m + seq
+    src = (torch.arange(seq)[:, None] + m + torch.arange(batch)[None, :] * width).reshape(-1)
+    _write(tmp_path / "grad.bin", grad)
+    _write(tmp_path / "src_rows.bin", src)
+    _write(tmp_path / "offsets.bin", torch.arange(seq + 1) * batch)
+    _run(emulator, "segment_sum", tmp_path, CODE[torch.bfloat16], batch * seq, seq, d)
+    out = _read(tmp_path / "out.bin", torch.float32, (seq, d))
+    torch.testing.assert_close(out, _torch_impl.reduce(grad, m, None, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("table_dtype", FLOATS)
+@pytest.mark.parametrize(
+    "tokens,d,inplace,shift",
+    [(21, 40, False, 0), (9, 37, True, 0), (18, 64, True, 1), (5, 16, False, 1)],
+)
+def test_gather_add(emulator, tmp_path, dtype, table_dtype, tokens, d, inplace, shift):
+    gen = torch.Generator().manual_seed(tokens * d)
+    hidden = torch.randn(1, tokens, d, generator=gen).to(dtype)
+    table = torch.randn(7, d, generator=gen).to(table_dtype)
+    rows = torch.randint(0, 7, (1, tokens), generator=gen)
+    _write(tmp_path / "hidden.bin", hidden)
+    _write(tmp_path / "rows.bin", rows)
+    _write(tmp_path / "table.bin", table)
+    args = (CODE[dtype], CODE[table_dtype], tokens, d, int(inplace), shift)
+    _run(emulator, "gather_add", tmp_path, *args)
+    out = _read(tmp_path / "out.bin", dtype, (1, tokens, d))
+    ref = _torch_impl.gather_add(hidden, rows, table, torch.empty_like(hidden))
+    assert torch.equal(out, ref)
