@@ -2,15 +2,30 @@
 
 from . import ops
 from ._backend import available_backends, current_backend, use_backend
+from .checkpoint import load_adapter, load_dept_checkpoint, save_adapter
+from .methods import DePTConfig, EPTConfig, PromptTuningConfig, equal_budget
 from .ops import dept_embedding, official_dept_embedding
+from .patch import adapter, fold, param_groups, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DePTConfig",
+    "EPTConfig",
+    "PromptTuningConfig",
+    "adapter",
     "available_backends",
     "current_backend",
     "dept_embedding",
+    "equal_budget",
+    "fold",
+    "load_adapter",
+    "load_dept_checkpoint",
     "official_dept_embedding",
     "ops",
+    "param_groups",
+    "patch",
+    "save_adapter",
+    "unpatch",
     "use_backend",
 ]

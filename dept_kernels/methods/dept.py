@@ -1,0 +1,127 @@
+"""DePT: a short soft prompt plus a low-rank update of the input token embeddings.
+
+    out[b, :m]    = P_s                                         P_s (m, d)
+    out[b, m + t] = E[ids[b, t]] + lora_alpha / sqrt(r) * (A[row(b, t)] @ B)   A (L, r), B (r, d)
+
+`row` is the position (the paper and the official code), `position_ids` when given (left
+padding), or the token id with `index="token"` (then A is (V, r)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.dept_embedding import INDEX_MODES
+from .base import PromptAdapter, check_int, check_prompt_init, init_prompt
+
+
+@dataclass(frozen=True)
+class DePTConfig:
+    """DePT with an (m, d) prompt, rank r and max_length L (rows of A in position mode)."""
+
+    num_virtual_tokens: int
+    r: int
+    lora_alpha: float = 8
+    max_length: int = 256
+    index: str = "position"
+    prompt_init: str = "random"
+    init_text: tuple[int, ...] | None = None
+
+    method: ClassVar[str] = "dept"
+
+    def __post_init__(self) -> None:
+        check_int("num_virtual_tokens", self.num_virtual_tokens, 0)
+        check_int("r", self.r, 0)
+        check_int("max_length", self.max_length, 1)
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
+            raise TypeError(f"lora_alpha must be a number, got {type(self.lora_alpha).__name__}")
+        if self.index not in INDEX_MODES:
+            raise ValueError(f"index must be one of {INDEX_MODES}, got {self.index!r}")
+        if self.init_text is not None:
+            object.__setattr__(self, "init_text", tuple(self.init_text))
+        check_prompt_init(self.prompt_init, self.init_text)
+
+    @property
+    def scaling(self) -> float:
+        """lora_alpha / sqrt(r), the official code's choice; 0 when r = 0."""
+        return self.lora_alpha / math.sqrt(self.r) if self.r else 0.0
+
+
+def equal_budget(
+    prompt_length: int,
+    d: int,
+    max_length: int,
+    *,
+    num_virtual_tokens: int | None = None,
+    r: int | None = None,
+) -> tuple[int, int]:
+    """The DePT pair (m, r) with the parameter count of a length-`prompt_length` prompt.
+
+    Solves `l*d = m*d + (L + d)*r` given exactly one of `num_virtual_tokens` (m) or `r`;
+    the other is rounded down, so DePT never exceeds the prompt-tuning budget.
+    T5-base (d=768), l=100, L=256: m=40 -> r=45; r=45 -> m=40.
+    """
+    check_int("prompt_length", prompt_length, 1)
+    check_int("d", d, 1)
+    check_int("max_length", max_length, 1)
+    if (num_virtual_tokens is None) == (r is None):
+        raise ValueError("give exactly one of num_virtual_tokens or r")
+    budget = prompt_length * d
+    if r is None:
+        check_int("num_virtual_tokens", num_virtual_tokens, 0)
+        if num_virtual_tokens > prompt_length:
+            raise ValueError(
+                f"num_virtual_tokens={num_virtual_tokens} exceeds prompt_length={prompt_length}"
+            )
+        return num_virtual_tokens, (budget - num_virtual_tokens * d) // (max_length + d)
+    check_int("r", r, 0)
+    rest = budget - (max_length + d) * r
+    if rest < 0:
+        raise ValueError(
+            f"r={r} alone needs {(max_length + d) * r} parameters, over the budget {budget}"
+        )
+    return rest // d, r
+
+
+class DePTAdapter(PromptAdapter):
+    """Parameters `prompt` (m, d), `lora_a` (L, r) or (V, r) in token mode, `lora_b` (r, d).
+
+    Init (official code): A Kaiming-uniform with a = sqrt(5), B zeros, so the delta starts at 0.
+    """
+
+    def __init__(
+        self, config: DePTConfig, weight: Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.num_virtual_tokens = config.num_virtual_tokens
+        self.uses_position_rows = config.index == "position"
+        vocab, d = weight.shape
+        rows = config.max_length if config.index == "position" else vocab
+        self.prompt = nn.Parameter(
+            init_prompt(
+                config.num_virtual_tokens, weight, config.prompt_init, config.init_text, generator
+            )
+        )
+        lora_a = torch.empty(rows, config.r, dtype=torch.float32)
+        if config.r:
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
+        self.lora_a = nn.Parameter(lora_a.to(weight))
+        self.lora_b = nn.Parameter(weight.new_zeros(config.r, d))
+
+    def op_args(self) -> dict:
+        return {
+            "prompt": self.prompt if self.num_virtual_tokens else None,
+            "lora_a": self.lora_a,
+            "lora_b": self.lora_b,
+            "scaling": self.config.scaling,
+            "index": self.config.index,
+        }
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return [self.prompt], [self.lora_a, self.lora_b]

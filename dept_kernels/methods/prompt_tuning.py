@@ -1,0 +1,54 @@
+"""Prompt tuning (Lester et al. 2021): a trainable (l, d) prompt in front of the input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .base import PromptAdapter, check_int, check_prompt_init, init_prompt
+
+
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    """Prompt tuning with `num_virtual_tokens` soft tokens.
+
+    prompt_init: "random" (uniform [-0.5, 0.5]), "vocab" (sampled embedding rows) or "text"
+    (the embedding rows of `init_text`, a sequence of token ids, repeated/trimmed).
+    """
+
+    num_virtual_tokens: int
+    prompt_init: str = "random"
+    init_text: tuple[int, ...] | None = None
+
+    method: ClassVar[str] = "prompt_tuning"
+
+    def __post_init__(self) -> None:
+        check_int("num_virtual_tokens", self.num_virtual_tokens, 1)
+        if self.init_text is not None:
+            object.__setattr__(self, "init_text", tuple(self.init_text))
+        check_prompt_init(self.prompt_init, self.init_text)
+
+
+class PromptTuningAdapter(PromptAdapter):
+    """Parameter `prompt` (l, d)."""
+
+    def __init__(
+        self, config: PromptTuningConfig, weight: Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.num_virtual_tokens = config.num_virtual_tokens
+        self.prompt = nn.Parameter(
+            init_prompt(
+                config.num_virtual_tokens, weight, config.prompt_init, config.init_text, generator
+            )
+        )
+
+    def op_args(self) -> dict:
+        return {"prompt": self.prompt}
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return [self.prompt], []

@@ -1,0 +1,30 @@
+"""LLaMA: the inner model is `.model` (embed_tokens + rotary positions from position_ids).
+
+Rotary positions follow the given or cache-derived `position_ids`, so the prompt sits at
+0..m-1 and tokens from m, as in the reference that feeds `inputs_embeds` with the prompt.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from . import _decoder
+from ._hooks import AdapterGetter
+
+MODEL_TYPE = "llama"
+
+
+def install(model: nn.Module, adapter_of: AdapterGetter) -> list[RemovableHandle]:
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+
+    if isinstance(model, LlamaForCausalLM):
+        return _decoder.install(model, model.model, adapter_of, head="lm")
+    if isinstance(model, LlamaForSequenceClassification):
+        return _decoder.install(model, model.model, adapter_of, head="cls")
+    if isinstance(model, LlamaModel):
+        return _decoder.install(model, model, adapter_of, head="base")
+    raise TypeError(
+        f"LLaMA support covers LlamaForCausalLM, LlamaForSequenceClassification and LlamaModel, "
+        f"got {type(model).__name__}"
+    )

@@ -1,0 +1,74 @@
+"""T5: the prompt and the delta go on the encoder input; the decoder is untouched.
+
+Two hooks keep one rule, "the hook that embeds the ids extends the mask":
+- the encoder stack embeds `input_ids` when it receives them (T5EncoderModel, and the
+  encoder call `generate()` makes) and prepends m ones to its mask;
+- the encoder-decoder module embeds `input_ids` itself when it must run the encoder, hands
+  the encoder `inputs_embeds` (which its hook passes through), and always extends
+  `attention_mask`, which the decoder's cross-attention also reads against the m + s
+  encoder states, including when `encoder_outputs` come from `generate()`.
+T5 has relative positions, so the low-rank rows are positions t unless the caller passes
+`position_ids` (consumed here; T5 itself takes none).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ._hooks import AdapterGetter, bind, extend_mask, needs_ids, row_ids
+
+MODEL_TYPE = "t5"
+
+
+def _embed(kw: dict, weight, adapter_of: AdapterGetter, where: str) -> None:
+    ids = needs_ids(kw, where)
+    rows = row_ids(kw.pop("position_ids", None), ids)
+    kw["inputs_embeds"] = adapter_of().embed(ids, weight, position_ids=rows)
+    kw["input_ids"] = None
+    kw["attention_mask"] = extend_mask(kw.get("attention_mask"), adapter_of().num_virtual_tokens)
+
+
+def install(model: nn.Module, adapter_of: AdapterGetter) -> list[RemovableHandle]:
+    from transformers import (
+        T5EncoderModel,
+        T5ForConditionalGeneration,
+        T5ForQuestionAnswering,
+        T5ForSequenceClassification,
+        T5Model,
+    )
+
+    if isinstance(model, (T5ForConditionalGeneration, T5Model, T5ForQuestionAnswering)):
+        seq2seq = model
+    elif isinstance(model, T5ForSequenceClassification):
+        seq2seq = model.transformer
+    elif isinstance(model, T5EncoderModel):
+        seq2seq = None
+    else:
+        raise TypeError(
+            "T5 support covers T5ForConditionalGeneration, T5Model, T5EncoderModel, "
+            f"T5ForSequenceClassification and T5ForQuestionAnswering, got {type(model).__name__}"
+        )
+    encoder = model.get_encoder() if seq2seq is None else seq2seq.encoder
+
+    def encoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kw = bind(module, args, kwargs)
+        if kw.get("input_ids") is not None:
+            _embed(kw, module.embed_tokens.weight, adapter_of, "T5 encoder")
+        return (), kw
+
+    def seq2seq_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kw = bind(module, args, kwargs)
+        if kw.get("encoder_outputs") is None:
+            _embed(kw, module.encoder.embed_tokens.weight, adapter_of, type(module).__name__)
+        else:
+            kw.pop("position_ids", None)
+            kw["attention_mask"] = extend_mask(
+                kw.get("attention_mask"), adapter_of().num_virtual_tokens
+            )
+        return (), kw
+
+    handles = [encoder.register_forward_pre_hook(encoder_pre_hook, with_kwargs=True)]
+    if seq2seq is not None:
+        handles.append(seq2seq.register_forward_pre_hook(seq2seq_pre_hook, with_kwargs=True))
+    return handles

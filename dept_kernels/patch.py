@@ -1,0 +1,231 @@
+"""`patch(model, config)` / `unpatch(model)` / `param_groups(model, ...)`.
+
+`patch` freezes the base weights, attaches the adapter as `model.dept_adapter` and
+registers the architecture's hooks (`dept_kernels.models`), which route the input embedding
+through the fused op. With no config it accelerates a PEFT prompt-tuning model or a model of
+the official DePT code (its PEFT fork): the same Parameter objects move into an adapter, and
+the PEFT wrapper's forward and generate go straight to the hooked base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from . import models
+from .methods import METHODS, DePTConfig, PromptAdapter, PromptTuningConfig
+from .models._hooks import positional_names
+
+_STATE = "_dept_kernels_patch"
+ADAPTER = "dept_adapter"
+
+
+@dataclass
+class _PatchState:
+    owner: nn.Module  # the module holding `dept_adapter` (the base model under a PEFT wrapper)
+    handles: list[RemovableHandle]
+    requires_grad: dict[nn.Parameter, bool]
+    overridden: tuple[str, ...] = field(default=())  # instance attributes set on the wrapper
+
+
+def patch(model: nn.Module, config: object | None = None, *, generator=None) -> nn.Module:
+    """Attach a prompt adapter to a Hugging Face T5 / GPT-2 / LLaMA model, in place.
+
+    Args:
+        model: the model; with `config=None`, a PEFT prompt-tuning model or an official DePT
+            (PROMPT_TUNING_LORA) model to accelerate without changing its parameters.
+        config: `DePTConfig`, `PromptTuningConfig` or `EPTConfig`.
+        generator: optional `torch.Generator` for the adapter's initialisation.
+
+    Returns:
+        `model`, whose forward and generate now take the usual arguments (ids of length s,
+        a (B, s) mask, labels) and run the m prompt rows in front.
+    """
+    if getattr(model, _STATE, None) is not None:
+        raise ValueError(
+            f"{type(model).__name__} is already patched with "
+            f"{_state(model).owner.dept_adapter.config}; call dept_kernels.unpatch(model) first"
+        )
+    if config is None:
+        return _accelerate(model)
+    if type(config) not in METHODS:
+        names = ", ".join(c.__name__ for c in METHODS)
+        raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
+    arch = models.architecture(model)
+    weight = model.get_input_embeddings().weight
+    adapter = METHODS[type(config)](config, weight, generator=generator)
+    _attach(model, model, arch, adapter, freeze=True)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: hooks, adapter, requires_grad flags and wrapper overrides; returns model."""
+    state = _state(model)
+    for handle in state.handles:
+        handle.remove()
+    delattr(state.owner, ADAPTER)
+    for param, flag in state.requires_grad.items():
+        param.requires_grad_(flag)
+    for name in state.overridden:
+        del model.__dict__[name]
+    delattr(model, _STATE)
+    return model
+
+
+def adapter(model: nn.Module) -> PromptAdapter:
+    """The adapter of a patched model (also under a PEFT wrapper)."""
+    return getattr(_state(model).owner, ADAPTER)
+
+
+def param_groups(
+    model: nn.Module, prompt_lr: float, lowrank_lr: float, weight_decay: float = 0.01
+) -> list[dict]:
+    """Optimizer groups: the soft prompt at `prompt_lr`, the low-rank pair (DePT) or the
+    reparameterisation (EPT) at `lowrank_lr`. Pass to `torch.optim.AdamW(...)` or build the
+    optimizer for a `Trainer` with it (`Trainer(..., optimizers=(opt, None))`).
+
+    Only the adapter's trainable parameters are listed; a PEFT model's extra trainable
+    modules (e.g. a classifier in `modules_to_save`) need their own group.
+    """
+    prompt, lowrank = adapter(model).param_groups()
+    groups = [
+        {"params": [p for p in prompt if p.requires_grad], "lr": prompt_lr},
+        {"params": [p for p in lowrank if p.requires_grad], "lr": lowrank_lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["weight_decay"] = weight_decay
+    return groups
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Replace a trained EPT adapter by the equivalent plain (n, d) prompt-tuning adapter."""
+    current = adapter(model)
+    if not hasattr(current, "fold"):
+        raise TypeError(f"{type(current).__name__} has nothing to fold (EPT adapters fold)")
+    setattr(_state(model).owner, ADAPTER, current.fold())
+    return model
+
+
+def _state(model: nn.Module) -> _PatchState:
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched; call dept_kernels.patch first")
+    return state
+
+
+def _attach(
+    model: nn.Module, owner: nn.Module, arch, adapter: PromptAdapter, *, freeze: bool
+) -> _PatchState:
+    if hasattr(owner, ADAPTER):
+        raise ValueError(f"{type(owner).__name__} already has an attribute {ADAPTER!r}")
+    requires_grad = {}
+    if freeze:
+        requires_grad = {p: p.requires_grad for p in owner.parameters()}
+        for p in requires_grad:
+            p.requires_grad_(False)
+    setattr(owner, ADAPTER, adapter)
+    try:
+        handles = arch.install(owner, lambda: getattr(owner, ADAPTER))
+    except Exception:
+        delattr(owner, ADAPTER)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        raise
+    state = _PatchState(owner, handles, requires_grad)
+    setattr(model, _STATE, state)
+    return state
+
+
+# --------------------------------------------------------------------------- PEFT models
+
+
+def _peft_type(config: object) -> str:
+    peft_type = getattr(config, "peft_type", None)
+    return str(getattr(peft_type, "value", peft_type))
+
+
+def _tensor(obj: object, name: str) -> nn.Parameter:
+    """A prompt-encoder attribute as its Parameter (nn.Embedding / nn.Linear give .weight)."""
+    value = getattr(obj, name, None)
+    value = getattr(value, "weight", value)
+    if not isinstance(value, nn.Parameter):
+        raise TypeError(
+            f"prompt encoder attribute {name!r} is not a Parameter or a module with one"
+        )
+    return value
+
+
+def _accelerate(model: nn.Module) -> nn.Module:
+    """Route a PEFT prompt-tuning (or official DePT) model's forward through the fused op."""
+    peft_configs = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapter", "default")
+    if not isinstance(peft_configs, dict) or active not in peft_configs:
+        raise TypeError(
+            f"patch({type(model).__name__}) needs a config (DePTConfig, PromptTuningConfig, "
+            "EPTConfig); only PEFT prompt-tuning and official DePT models patch without one"
+        )
+    peft_config = peft_configs[active]
+    peft_type = _peft_type(peft_config)
+    if peft_type not in ("PROMPT_TUNING", "PROMPT_TUNING_LORA"):
+        raise TypeError(
+            f"patch() without a config accelerates PROMPT_TUNING and PROMPT_TUNING_LORA models, "
+            f"got peft_type {peft_type!r}"
+        )
+    encoder = model.prompt_encoder[active]
+    base = model.base_model
+    m = peft_config.num_virtual_tokens
+    prompt = _tensor(encoder, "embedding")
+    if prompt.shape[0] != m:
+        raise ValueError(
+            f"the prompt encoder holds {prompt.shape[0]} virtual tokens for num_virtual_tokens={m} "
+            "(decoder-side prompts, num_transformer_submodules=2, are not supported; use 1)"
+        )
+    weight = base.get_input_embeddings().weight
+    if peft_type == "PROMPT_TUNING":
+        new = METHODS[PromptTuningConfig](PromptTuningConfig(m), weight)
+        new.prompt = prompt
+    else:
+        lora_a, lora_b = _tensor(encoder, "lora_embedding_A"), _tensor(encoder, "lora_embedding_B")
+        config = DePTConfig(
+            num_virtual_tokens=m,
+            r=peft_config.r,
+            lora_alpha=peft_config.lora_alpha,
+            max_length=peft_config.max_length,
+        )
+        scaling = getattr(encoder, "scaling", config.scaling)
+        if abs(scaling - config.scaling) > 1e-12 * max(1.0, abs(config.scaling)):
+            raise ValueError(
+                f"prompt encoder scaling {scaling} differs from lora_alpha / sqrt(r) = "
+                f"{config.scaling}"
+            )
+        expected = {
+            "lora_embedding_A": (config.max_length, config.r),
+            "lora_embedding_B": (config.r, weight.shape[1]),
+        }
+        for name, tensor in (("lora_embedding_A", lora_a), ("lora_embedding_B", lora_b)):
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(
+                    f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} from "
+                    "peft_config (max_length, r, token_dim)"
+                )
+        new = METHODS[DePTConfig](config, weight)
+        new.prompt, new.lora_a, new.lora_b = prompt, lora_a, lora_b
+    state = _attach(model, base, models.architecture(base), new, freeze=False)
+    forward_names = positional_names(type(model))
+
+    def forward(*args, task_ids=None, **kwargs):
+        if task_ids is not None:
+            raise ValueError("task_ids are not supported by the accelerated prompt-tuning forward")
+        kwargs.update(zip(forward_names, args, strict=False))
+        return base(**kwargs)
+
+    def generate(*args, **kwargs):
+        return base.generate(*args, **kwargs)
+
+    model.__dict__["forward"] = forward
+    model.__dict__["generate"] = generate
+    state.overridden = ("forward", "generate")
+    return model

@@ -1,0 +1,172 @@
+"""patch(peft_model) with no config: PEFT prompt tuning and the official DePT (PEFT fork)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import peft
+import pytest
+import torch
+from test_patch import PAD, batch, tiny_model
+from torch import nn
+
+import dept_kernels as dk
+
+
+def peft_prompt_tuning(arch: str):
+    task = {"t5": "SEQ_2_SEQ_LM", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}[arch]
+    config = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=6)
+    if arch == "t5":
+        config.num_transformer_submodules = 1
+    model = peft.get_peft_model(tiny_model(arch), config)
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.normal_()
+    return model
+
+
+def _call(arch, model, ids, mask, labels):
+    kwargs = {"labels": labels if arch == "t5" else ids}
+    return model(input_ids=ids, attention_mask=mask, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
+def test_peft_prompt_tuning_same_logits_and_parameters(arch):
+    model = peft_prompt_tuning(arch)
+    ids, mask, labels = batch()
+    mask[0, -2:] = 0
+    want = _call(arch, model, ids, mask, labels)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert dk.patch(model) is model
+    assert [p for p in model.parameters() if p.requires_grad] == trainable
+    prompt = model.prompt_encoder["default"].embedding.weight
+    assert dk.adapter(model).prompt is prompt
+    got = _call(arch, model, ids, mask, labels)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    # The user's optimizer, built on PEFT's parameter, still trains it through the fused path.
+    opt = torch.optim.SGD([prompt], lr=1.0)
+    before = prompt.detach().clone()
+    got.loss.backward()
+    opt.step()
+    assert not torch.equal(prompt, before)
+    dk.unpatch(model)
+    assert "forward" not in model.__dict__
+    assert not hasattr(model.base_model, "dept_adapter")
+    again = _call(arch, model, ids, mask, labels)
+    torch.testing.assert_close(again.logits, _call(arch, model, ids, mask, labels).logits)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_peft_prompt_tuning_generate(arch):
+    model = peft_prompt_tuning(arch)
+    ids, mask, _ = batch(s=6)
+    kwargs = {"max_new_tokens": 5, "do_sample": False}
+    want = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    dk.patch(model)
+    got = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert torch.equal(got, want)
+    assert len(set(got[:, -5:].flatten().tolist())) > 1
+
+
+def test_peft_rejects_other_methods_and_decoder_prompts():
+    lora = peft.get_peft_model(tiny_model("gpt2"), peft.LoraConfig(target_modules=["c_attn"], r=2))
+    with pytest.raises(TypeError, match="PROMPT_TUNING"):
+        dk.patch(lora)
+    two = peft.get_peft_model(
+        tiny_model("t5"), peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4)
+    )
+    with pytest.raises(ValueError, match="num_transformer_submodules"):
+        dk.patch(two)
+
+
+# --------------------------------------------------------------------------- official DePT
+
+
+class OfficialPromptEncoder(nn.Module):
+    """The attribute structure of the fork's PromptEmbeddingLoRA."""
+
+    def __init__(self, m, d, r, max_length, lora_alpha):
+        super().__init__()
+        self.embedding = nn.Embedding(m, d)
+        self.lora_embedding_A = nn.Parameter(torch.randn(max_length, r))
+        self.lora_embedding_B = nn.Parameter(torch.randn(r, d))
+        self.scaling = lora_alpha / math.sqrt(r)
+
+
+class OfficialDePTStandIn(nn.Module):
+    """A minimal PeftModelForSeq2SeqLM of the fork with peft_type PROMPT_TUNING_LORA; its
+    forward is the fork's: inputs padded to max_length, the whole A @ B added."""
+
+    def __init__(self, base, m=5, r=4, max_length=12, lora_alpha=8):
+        super().__init__()
+        self.base_model = base
+        d = base.config.d_model
+        self.peft_config = {
+            "default": SimpleNamespace(
+                peft_type="PROMPT_TUNING_LORA", num_virtual_tokens=m, r=r,
+                lora_alpha=lora_alpha, max_length=max_length, token_dim=d,
+            )
+        }  # fmt: skip
+        self.active_adapter = "default"
+        self.prompt_encoder = nn.ModuleDict(
+            {"default": OfficialPromptEncoder(m, d, r, max_length, lora_alpha)}
+        )
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        config = self.peft_config["default"]
+        enc = self.prompt_encoder["default"]
+        batch_size = input_ids.shape[0]
+        inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+        lora = (enc.lora_embedding_A @ enc.lora_embedding_B).repeat(batch_size, 1, 1)
+        inputs_embeds = inputs_embeds + enc.scaling * lora
+        prefix = torch.ones(batch_size, config.num_virtual_tokens)
+        attention_mask = torch.cat([prefix, attention_mask], dim=1)
+        prompts = enc.embedding.weight.repeat(batch_size, 1, 1)
+        inputs_embeds = torch.cat([prompts, inputs_embeds], dim=1)
+        return self.base_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+        )
+
+
+def test_official_dept_model_accelerated():
+    model = OfficialDePTStandIn(tiny_model("t5"))
+    ids, mask, labels = batch(s=12)  # the official code pads every input to max_length
+    ids[1, 8:], mask[1, 8:] = PAD, 0
+    want = model(input_ids=ids, attention_mask=mask, labels=labels)
+    params = {p: p.requires_grad for p in model.parameters()}
+    reference = copy.deepcopy(model)
+    dk.patch(model)
+    adapter = dk.adapter(model)
+    enc = model.prompt_encoder["default"]
+    assert adapter.prompt is enc.embedding.weight
+    assert adapter.lora_a is enc.lora_embedding_A and adapter.lora_b is enc.lora_embedding_B
+    assert adapter.config.scaling == enc.scaling
+    assert {p: p.requires_grad for p in model.parameters()} == params
+    got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    got.loss.backward()
+    reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    ref_enc = reference.prompt_encoder["default"]
+    for name in ("embedding", "lora_embedding_A", "lora_embedding_B"):
+        mine, theirs = getattr(enc, name), getattr(ref_enc, name)
+        mine, theirs = getattr(mine, "weight", mine), getattr(theirs, "weight", theirs)
+        torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-5, msg=name)
+    # The fused path also takes batches shorter than max_length.
+    short = model(input_ids=ids[:, :8], attention_mask=mask[:, :8], labels=labels)
+    assert short.logits.shape == want.logits.shape
+
+
+def test_official_dept_shape_checks():
+    model = OfficialDePTStandIn(tiny_model("t5"))
+    model.peft_config["default"].max_length = 10
+    with pytest.raises(ValueError, match="lora_embedding_A has shape"):
+        dk.patch(model)
+    model.peft_config["default"].max_length = 12
+    model.prompt_encoder["default"].scaling = 1.0
+    with pytest.raises(ValueError, match="scaling"):
+        dk.patch(model)
+    assert not hasattr(model.base_model, "dept_adapter")
