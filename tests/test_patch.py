@@ -239,6 +239,8 @@ def test_t5_encoder_model():
     ref = base(inputs_embeds=embeds, attention_mask=ones_front(mask, 4)).last_hidden_state
     assert out.shape == (3, 4 + ids.shape[1], 32)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model(inputs_embeds=embeds[:, 4:], attention_mask=mask)
 
 
 def test_t5_right_padding_longest_equals_max_length():

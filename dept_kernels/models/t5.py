@@ -68,7 +68,14 @@ def install(model: nn.Module, adapter_of: AdapterGetter) -> list[RemovableHandle
             )
         return (), kw
 
+    def encoder_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # The stack's hook cannot tell a user's inputs_embeds from its own: refuse them here,
+        # where only the user calls, rather than run without the prompt.
+        needs_ids(bind(module, args, kwargs), type(module).__name__)
+
     handles = [encoder.register_forward_pre_hook(encoder_pre_hook, with_kwargs=True)]
     if seq2seq is not None:
         handles.append(seq2seq.register_forward_pre_hook(seq2seq_pre_hook, with_kwargs=True))
+    else:
+        handles.append(model.register_forward_pre_hook(encoder_model_pre_hook, with_kwargs=True))
     return handles

@@ -1,0 +1,17 @@
+"""The examples run as a user would run them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trainer_example_runs():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_dept_t5_trainer.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
