@@ -107,31 +107,72 @@ def max_error(kw: dict, grad_out: torch.Tensor) -> tuple[float, float]:
     return out_err, grad_err
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, device: str
+) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin.
+
+    Each round runs every function once, in a rotated order, so that load from other
+    processes falls on all of them alike and the ratios stay meaningful on a busy machine.
+    """
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    names = list(fns)
+    for fn in fns.values():
+        fn()
+        fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _with_backend(fn: Callable, backend: str | None) -> Callable:
+    if backend is None:
+        return fn
+
+    def run(**kw):
+        with _backend.use_backend(backend):
+            return fn(**kw)
+
+    return run
+
+
 def run(shape: Shape, dtype: torch.dtype, device: str, repeats: int, compile_: bool) -> dict:
     kw = make_problem(shape, dtype, device)
     with torch.no_grad():
         out = official_dept_embedding(**kw)
     grad_out = torch.randn_like(out)
-    times: dict[str, dict[str, float]] = {}
-
-    def measure(label: str, fn: Callable) -> None:
-        with torch.no_grad():
-            fwd = median_time(lambda: fn(**kw), repeats, device)
-        fwd_bwd = median_time(forward_backward(fn, kw, grad_out), repeats, device)
-        times[label] = {"forward": fwd, "forward+backward": fwd_bwd}
-
-    copy_floor = median_time(lambda: torch.empty_like(out).copy_(out), repeats, device)
-    measure("official (eager)", official_dept_embedding)
+    impls: dict[str, Callable] = {"official (eager)": official_dept_embedding}
     if compile_:
-        measure("official (torch.compile)", torch.compile(official_dept_embedding))
+        impls["official (torch.compile)"] = torch.compile(official_dept_embedding)
     errors = {}
     backends = [b for b in _backend.available_backends() if b != "cuda" or device == "cuda"]
     backends = [b for b in backends if device == "cuda" or b != "triton"]
     for name in backends:
         with _backend.use_backend(name):
             errors[name] = max_error(kw, grad_out)
-            measure(f"dept_kernels[{name}]", dept_embedding)
-    return {"shape": asdict(shape), "copy_floor": copy_floor, "times": times, "errors": errors}
+        impls[f"dept_kernels[{name}]"] = _with_backend(dept_embedding, name)
+
+    def no_grad(fn: Callable) -> Callable[[], object]:
+        def call():
+            with torch.no_grad():
+                return fn(**kw)
+
+        return call
+
+    forward = {label: no_grad(fn) for label, fn in impls.items()}
+    forward["copy"] = lambda: torch.empty_like(out).copy_(out)
+    fwd = interleaved_medians(forward, repeats, device)
+    both = interleaved_medians(
+        {label: forward_backward(fn, kw, grad_out) for label, fn in impls.items()}, repeats, device
+    )
+    times = {label: {"forward": fwd[label], "forward+backward": both[label]} for label in impls}
+    return {"shape": asdict(shape), "copy_floor": fwd["copy"], "times": times, "errors": errors}
 
 
 def report(result: dict) -> str:
