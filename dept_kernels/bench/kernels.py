@@ -1,6 +1,6 @@
-"""Main job: run the fused DePT embedding on every backend here and show what it gains.
+"""Kernel table: the fused DePT embedding on every backend here against the official formula.
 
-    python -m dept_kernels.bench [--shape t5-base] [--dtype float32] [--no-compile]
+    python -m dept_kernels.bench.kernels [--shape t5-base] [--dtype float32] [--no-compile]
 
 For each backend the op's output and gradients are checked against the formula, then
 forward and forward+backward are timed against the official DePT formula (eager and
@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from . import _backend
-from .ops import dept_embedding, official_dept_embedding, reference_dept_embedding
+from .. import _backend
+from ..ops import dept_embedding, official_dept_embedding, reference_dept_embedding
+from ._timing import interleaved_medians
 
 
 @dataclass(frozen=True)
@@ -69,21 +68,6 @@ def make_problem(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) -
     return kw
 
 
-def median_time(fn: Callable[[], object], repeats: int, device: str) -> float:
-    """Median wall time of `fn` in seconds, after two warm-up calls."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def forward_backward(fn: Callable, kw: dict, grad_out: torch.Tensor) -> Callable[[], object]:
     params = [kw["prompt"], kw["lora_a"], kw["lora_b"]]
 
@@ -105,30 +89,6 @@ def max_error(kw: dict, grad_out: torch.Tensor) -> tuple[float, float]:
         (g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref_grads, strict=True)
     )
     return out_err, grad_err
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeats: int, device: str
-) -> dict[str, float]:
-    """Median seconds of each function, timed round-robin.
-
-    Each round runs every function once, in a rotated order, so that load from other
-    processes falls on all of them alike and the ratios stay meaningful on a busy machine.
-    """
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    names = list(fns)
-    for fn in fns.values():
-        fn()
-        fn()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _with_backend(fn: Callable, backend: str | None) -> Callable:
