@@ -18,10 +18,16 @@ def forward(
     lora_b: Tensor | None,
     rows: Tensor | None,
     scaling: float,
+    task_ids: Tensor | None = None,
+    batch_order: Tensor | None = None,
 ) -> Tensor:
-    """(B, m + s, d) output in `weight.dtype`; see `dept_kernels.ops.dept_embedding`."""
+    """(B, m + s, d) output in `weight.dtype`; see `dept_kernels.ops.dept_embedding`.
+
+    With `task_ids` (B,) the parameters are stacked per task and `batch_order` (B,) lists
+    the samples grouped by task.
+    """
     return _build.cpu_extension().forward(
-        input_ids, weight, prompt, lora_a, lora_b, rows, float(scaling)
+        input_ids, weight, prompt, lora_a, lora_b, rows, float(scaling), task_ids, batch_order
     )
 
 

@@ -72,20 +72,53 @@ FORWARD_CASES = [
 ]
 
 
+# Per-task parameters: (forward case, task of each sample); T = max task + 2, so the last
+# task is never used and a wrong task stride reads other values.
+TASK_CASES = [
+    ((5, 9, 2, 40, 3, 9, "position", 0, False), (1, 0, 1, 2, 0)),  # batch split over grid z
+    ((4, 5, 0, 37, 2, 7, "position", 0, False), (2, 2, 0, 1)),  # scalar columns, m = 0
+    ((9, 40, 3, 64, 4, 40, "position", 0, False), (0, 1, 0, 1, 2, 2, 0, 1, 2)),  # pipeline
+    ((1, 17, 5, 96, 8, 17, "position", 0, False), (2,)),
+    ((5, 6, 2, 40, 3, 11, "rows", 0, False), (1, 0, 1, 2, 0)),  # samples shorter than a tile
+    ((3, 20, 3, 48, 4, 24, "rows", 0, False), (1, 1, 0)),  # two tiles per sample
+    ((5, 3, 2, 40, 0, 0, "none", 0, False), (1, 0, 1, 2, 0)),  # per-task prompts only
+]
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("case", FORWARD_CASES)
 def test_forward(emulator, tmp_path, dtype, case):
+    _check_forward(emulator, tmp_path, dtype, case, None)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case,tasks", TASK_CASES)
+def test_forward_tasks(emulator, tmp_path, dtype, case, tasks):
+    _check_forward(emulator, tmp_path, dtype, case, tasks)
+
+
+def _check_forward(
+    emulator: Path, tmp_path: Path, dtype: torch.dtype, case: tuple, tasks: tuple | None
+) -> None:
     batch, seq, m, d, r, max_len, mode, extra, shift = case
     gen = torch.Generator().manual_seed(sum(case[:6]))
     vocab = 50
+    # Parameters of T tasks carry a leading T dim; none without tasks.
+    lead = () if tasks is None else (max(tasks) + 2,)
     table = torch.randn(vocab, d + extra, generator=gen).to(dtype)
     weight = table[:, :d]
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-    prompt = torch.randn(m, d, generator=gen).to(dtype) if m else None
+    prompt = torch.randn(*lead, m, d, generator=gen).to(dtype) if m else None
     lora = mode != "none"
-    a = torch.randn(max_len, r, generator=gen) if lora else None
-    b = torch.randn(r, d, generator=gen) if lora else None
+    a = torch.randn(*lead, max_len, r, generator=gen) if lora else None
+    b = torch.randn(*lead, r, d, generator=gen) if lora else None
     rows = torch.randint(0, max_len, (batch, seq), generator=gen) if mode == "rows" else None
+    task_ids = order = None
+    if tasks is not None:
+        task_ids = torch.tensor(tasks)
+        order = torch.argsort(task_ids, stable=True)
+        _write(tmp_path / "tasks.bin", task_ids)
+        _write(tmp_path / "order.bin", order)
     scaling = 0.75
     _write(tmp_path / "ids.bin", ids)
     _write(tmp_path / "weight.bin", table)
@@ -97,9 +130,10 @@ def test_forward(emulator, tmp_path, dtype, case):
     if rows is not None:
         _write(tmp_path / "rows.bin", rows)
     args = (CODE[dtype], batch, seq, m, d, r, d + extra, int(lora), int(rows is not None))
-    _run(emulator, "forward", tmp_path, *args, int(shift), round(scaling * 1e6))
+    args += (int(shift), round(scaling * 1e6), int(tasks is not None), max_len)
+    _run(emulator, "forward", tmp_path, *args)
     out = _read(tmp_path / "out.bin", dtype, (batch, m + seq, d))
-    ref = _torch_impl.forward(ids, weight, prompt, a, b, rows, scaling)
+    ref = _torch_impl.forward(ids, weight, prompt, a, b, rows, scaling, task_ids, order)
     # Prompt rows (and all rows without a delta) are copies: bit-exact.
     assert torch.equal(out[:, :m], ref[:, :m])
     if lora:

@@ -5,7 +5,9 @@
 // Forward, one pass over memory: every output row is written once, straight from its
 // embedding row plus the low-rank delta, which lives in a small per-thread buffer (two rows
 // of d floats). With row = position the delta of position t is formed once and reused for
-// the whole batch (work s*r*d, not B*s*r*d).
+// the whole batch (work s*r*d, not B*s*r*d). With per-task parameters the batch is walked in
+// the op's task-sorted order and the delta is formed again only when the task changes, so the
+// work is (distinct tasks)*s*r*d.
 //
 // Gather-add (AoT P-tuning): hidden plus one table row per token, one pass.
 //
@@ -91,6 +93,8 @@ inline void add_row(T* __restrict out, const T* __restrict e, const float* __res
   }
 }
 
+// Per-task parameters (`tasks` non-null): prompt (T, m, d), a (T, L, r), b (T, r, d), all
+// contiguous; `order` lists the samples grouped by task. Without tasks, T = 1 and task 0.
 template <typename T>
 void forward_kernel(
     const int64_t* ids,
@@ -100,23 +104,27 @@ void forward_kernel(
     const float* lora_a,
     const float* lora_b,
     const int64_t* rows,
+    const int64_t* tasks,
+    const int64_t* order,
     float scaling,
     int64_t batch,
     int64_t seq,
     int64_t m,
     int64_t d,
     int64_t r,
+    int64_t max_len,
     bool lowrank,
     T* out) {
   const int64_t out_seq = m + seq;
   const size_t row_bytes = static_cast<size_t>(d) * sizeof(T);
+  const auto task_of = [&](int64_t b) -> int64_t { return tasks == nullptr ? 0 : tasks[b]; };
 
   if (m > 0) {
     at::parallel_for(0, batch * m, grain_for(d), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / m;
         const int64_t p = i % m;
-        std::memcpy(out + (b * out_seq + p) * d, prompt + p * d, row_bytes);
+        std::memcpy(out + (b * out_seq + p) * d, prompt + (task_of(b) * m + p) * d, row_bytes);
       }
     });
   }
@@ -133,20 +141,29 @@ void forward_kernel(
   }
 
   if (rows == nullptr) {
-    // Parallel over positions: each task forms the delta of its positions once, two at a
-    // time, and applies it to all B tokens at those positions.
+    // Parallel over positions: each thread's chunk forms the delta of its positions, two at
+    // a time, and applies it to all B tokens at those positions. The batch is walked in task
+    // order, so the delta is formed once per (DePT) task present.
     at::parallel_for(0, seq, grain_for(batch * d), [&](int64_t begin, int64_t end) {
       std::vector<float> delta(kBlockRows * d);
       for (int64_t t0 = begin; t0 < end; t0 += kBlockRows) {
         const int64_t rows_here = std::min(kBlockRows, end - t0);
-        if (rows_here == kBlockRows) {
-          lowrank_rows<kBlockRows>(lora_a + t0 * r, lora_b, r, d, scaling, delta.data());
-        } else {
-          lowrank_rows<1>(lora_a + t0 * r, lora_b, r, d, scaling, delta.data());
-        }
-        for (int64_t p = 0; p < rows_here; ++p) {
-          const int64_t t = t0 + p;
-          for (int64_t b = 0; b < batch; ++b) {
+        int64_t cached = -1;
+        for (int64_t i = 0; i < batch; ++i) {
+          const int64_t b = order == nullptr ? i : order[i];
+          const int64_t task = task_of(b);
+          if (task != cached) {
+            const float* a = lora_a + (task * max_len + t0) * r;
+            const float* bt = lora_b + task * r * d;
+            if (rows_here == kBlockRows) {
+              lowrank_rows<kBlockRows>(a, bt, r, d, scaling, delta.data());
+            } else {
+              lowrank_rows<1>(a, bt, r, d, scaling, delta.data());
+            }
+            cached = task;
+          }
+          for (int64_t p = 0; p < rows_here; ++p) {
+            const int64_t t = t0 + p;
             add_row(out + (b * out_seq + m + t) * d, weight + ids[b * seq + t] * weight_stride,
                     delta.data() + p * d, d);
           }
@@ -157,18 +174,21 @@ void forward_kernel(
   }
 
   // Arbitrary rows (left padding, token mode): one delta per token, except that a run of
-  // tokens sharing a row (padding, repeated ids) reuses the one just formed.
+  // tokens sharing a (task, row) (padding, repeated ids) reuses the one just formed.
   at::parallel_for(0, batch * seq, grain_for(d), [&](int64_t begin, int64_t end) {
     std::vector<float> delta(d);
-    int64_t cached = -1;
+    int64_t cached_row = -1, cached_task = -1;
     for (int64_t n = begin; n < end; ++n) {
-      const int64_t row = rows[n];
-      if (row != cached) {
-        lowrank_rows<1>(lora_a + row * r, lora_b, r, d, scaling, delta.data());
-        cached = row;
-      }
       const int64_t b = n / seq;
       const int64_t t = n % seq;
+      const int64_t row = rows[n];
+      const int64_t task = task_of(b);
+      if (row != cached_row || task != cached_task) {
+        lowrank_rows<1>(lora_a + (task * max_len + row) * r, lora_b + task * r * d, r, d, scaling,
+                        delta.data());
+        cached_row = row;
+        cached_task = task;
+      }
       add_row(out + (b * out_seq + m + t) * d, weight + ids[n] * weight_stride, delta.data(), d);
     }
   });
@@ -283,33 +303,52 @@ at::Tensor forward(
     const std::optional<at::Tensor>& lora_a,
     const std::optional<at::Tensor>& lora_b,
     const std::optional<at::Tensor>& rows,
-    double scaling) {
+    double scaling,
+    const std::optional<at::Tensor>& task_ids,
+    const std::optional<at::Tensor>& batch_order) {
   TORCH_CHECK(input_ids.dim() == 2 && weight.dim() == 2, "input_ids and weight must be 2-D");
   TORCH_CHECK(weight.stride(1) == 1, "weight must have unit last stride");
   TORCH_CHECK(lora_a.has_value() == lora_b.has_value(), "lora_a and lora_b go together");
+  TORCH_CHECK(task_ids.has_value() == batch_order.has_value(),
+              "task_ids and batch_order go together");
   const int64_t batch = input_ids.size(0);
   const int64_t seq = input_ids.size(1);
   const int64_t d = weight.size(1);
-  const int64_t m = prompt.has_value() ? prompt->size(0) : 0;
+  // Per-task parameters carry a leading T dim.
+  const int64_t pdim = task_ids.has_value() ? 3 : 2;
+  const int64_t m = prompt.has_value() ? prompt->size(-2) : 0;
   const auto ids = input_ids.to(at::kLong).contiguous();
-  // Small parameters (O(m*d + L*r + r*d)) are normalised once here.
-  at::Tensor p, a, b, rows64;
+  // Small parameters (O(T*(m*d + L*r + r*d))) are normalised once here; this also
+  // materialises stride-0 broadcast prompts.
+  at::Tensor p, a, b, rows64, tasks, order;
+  if (task_ids.has_value()) {
+    TORCH_CHECK(task_ids->dim() == 1 && task_ids->size(0) == batch &&
+                    batch_order->sizes() == task_ids->sizes(),
+                "task_ids and batch_order must be (B,)");
+    tasks = task_ids->to(at::kLong).contiguous();
+    order = batch_order->to(at::kLong).contiguous();
+  }
   if (m > 0) {
-    TORCH_CHECK(prompt->dim() == 2 && prompt->size(1) == d, "prompt must be (m, d)");
+    TORCH_CHECK(prompt->dim() == pdim && prompt->size(-1) == d,
+                "prompt must be (m, d), or (T, m, d) with task_ids");
     p = prompt->to(weight.scalar_type()).contiguous();
   }
-  int64_t r = 0;
+  int64_t r = 0, max_len = 0;
   if (lora_a.has_value()) {
-    TORCH_CHECK(lora_a->dim() == 2 && lora_b->dim() == 2, "lora_a and lora_b must be 2-D");
-    r = lora_a->size(1);
-    TORCH_CHECK(lora_b->size(0) == r && lora_b->size(1) == d, "lora_b must be (r, d)");
+    TORCH_CHECK(lora_a->dim() == pdim && lora_b->dim() == pdim,
+                "lora_a and lora_b must be 2-D, or 3-D with task_ids");
+    r = lora_a->size(-1);
+    max_len = lora_a->size(-2);
+    TORCH_CHECK(lora_b->size(-2) == r && lora_b->size(-1) == d &&
+                    (!task_ids.has_value() || (lora_a->size(0) == lora_b->size(0))),
+                "lora_b must be (r, d), or (T, r, d) like lora_a");
     a = lora_a->to(at::kFloat).contiguous();
     b = lora_b->to(at::kFloat).contiguous();
     if (rows.has_value()) {
       TORCH_CHECK(rows->sizes() == input_ids.sizes(), "rows must have the shape of input_ids");
       rows64 = rows->to(at::kLong).contiguous();
     } else {
-      TORCH_CHECK(seq <= lora_a->size(0), "sequence longer than the rows of lora_a");
+      TORCH_CHECK(seq <= max_len, "sequence longer than the rows of lora_a");
     }
   }
   auto out = at::empty({batch, m + seq, d}, weight.options());
@@ -324,8 +363,9 @@ at::Tensor forward(
             a.defined() ? a.data_ptr<float>() : nullptr,
             b.defined() ? b.data_ptr<float>() : nullptr,
             rows64.defined() ? rows64.data_ptr<int64_t>() : nullptr,
-            static_cast<float>(scaling), batch, seq, m, d, r, a.defined() && r > 0,
-            out.data_ptr<scalar_t>());
+            tasks.defined() ? tasks.data_ptr<int64_t>() : nullptr,
+            order.defined() ? order.data_ptr<int64_t>() : nullptr, static_cast<float>(scaling),
+            batch, seq, m, d, r, max_len, a.defined() && r > 0, out.data_ptr<scalar_t>());
       });
   return out;
 }
@@ -400,7 +440,8 @@ at::Tensor gather_add(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "DePT fused embedding, CPU kernels (see dept_kernels/_cpu.py)";
   module.attr("SOURCE_HASH") = DEPT_KERNELS_STR(DEPT_KERNELS_SOURCE_HASH);
-  module.def("forward", &forward, "(B, m + s, d) fused prompt + embedding + low-rank delta");
+  module.def("forward", &forward,
+             "(B, m + s, d) fused prompt + embedding + low-rank delta, optionally per task");
   module.def("reduce", &reduce, "fp32 batch / segment sums of the token rows of grad_out");
   module.def("gather_add", &gather_add, "AoT: out = hidden + table[rows], fp32 add");
 }

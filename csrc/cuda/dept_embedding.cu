@@ -6,6 +6,8 @@
 namespace dept_kernels {
 namespace {
 
+// Per-task parameters (tasks non-null) are stacked: prompt (T, m, d), lora_a (T, L, r),
+// lora_b (T, r, d); without tasks every sample reads task 0.
 struct ForwardParams {
   const int64_t* ids;
   const void* weight;
@@ -14,18 +16,26 @@ struct ForwardParams {
   const float* lora_a;
   const float* lora_b;
   const int64_t* rows;
+  const int64_t* tasks;  // (batch,) or null
+  const int64_t* order;  // (batch,) samples grouped by task, with tasks
   float scaling;
   int64_t batch, seq, m, d, r;
-  int64_t batch_chunk;  // batches per block along grid z (shared-delta kernel)
+  int64_t lora_rows;    // L
+  int64_t batch_chunk;  // batch positions per block along grid z (shared-delta kernel)
   void* out;
 };
 
-// delta[i] += a_i[k] * lora_b[k, c : c + VEC] for all k, rows i with a non-null `a_i`; then
-// delta *= scaling (the reference's order: the product first, then the scale).
+// delta[i] = sum over k of a_i[k] * lora_b[k, c : c + VEC], rows i with a null `a_i` zero;
+// then delta *= scaling (the reference's order: the product first, then the scale).
+// Assigning (not accumulating) lets a recomputation reuse delta's registers.
 template <int VEC>
 DK_INLINE void lowrank_rows(const float* const (&a)[kRowsPerThread], const float* lora_b,
                             int64_t r, int64_t d, int64_t c, float scaling,
                             float (&delta)[kRowsPerThread][VEC]) {
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) delta[i][j] = 0.f;
 #pragma unroll 2
   for (int64_t k = 0; k < r; ++k) {
     const Pack<float, VEC> bk = load_pack<float, VEC>(lora_b + k * d + c);
@@ -54,11 +64,13 @@ DK_INLINE Pack<T, VEC> add_delta(const Pack<T, VEC>& e, const float (&delta)[VEC
 // Row = position, with a low-rank delta: the delta of a (kRowTile positions x kLanes * VEC
 // columns) tile is formed once per block, in registers, and added to the tile's rows in every
 // batch of the block's chunk, so the low-rank work is s*r*d per batch chunk, not B*s*r*d.
+// With tasks the chunk is a range of the task-sorted batch order and the delta is formed
+// again only where the task changes: (distinct tasks + chunks)*s*r*d.
 // Grid: (ceil((m + s) / kRowTile), ceil(d / (kLanes * VEC)), ceil(B / batch_chunk)); thread
 // (lane, warp) owns columns [c, c + VEC) of the rows q0 + i, i < kRowsPerThread, of the
 // virtual sequence prompt rows (q < m) then token rows (q = m + t).
 // Minimum traffic: B*s*d*sizeof(T) (embedding rows) + B*(m+s)*d*sizeof(T) (output)
-// + m*d*sizeof(T) + 4*(s*r + r*d) (prompt and factors, read once).
+// + T*m*d*sizeof(T) + 4*T*(s*r + r*d) (prompts and factors of the tasks present, read once).
 template <typename T, int VEC>
 struct ForwardSharedDelta {
   using Params = ForwardParams;
@@ -68,61 +80,86 @@ struct ForwardSharedDelta {
     if (c >= p.d) return;  // d % VEC == 0, so the whole pack is in range
     const int64_t width = p.m + p.seq;
     const int64_t q0 = int64_t(block.x) * kRowTile + int64_t(thread.y) * kRowsPerThread;
-    const int64_t b0 = int64_t(block.z) * p.batch_chunk;
-    const int64_t b1 = min64(b0 + p.batch_chunk, p.batch);
+    const int64_t i0 = int64_t(block.z) * p.batch_chunk;
+    const int64_t i1 = min64(i0 + p.batch_chunk, p.batch);
     const T* weight = static_cast<const T*>(p.weight);
     const T* prompt = static_cast<const T*>(p.prompt);
     T* out = static_cast<T*>(p.out);
 
     bool valid[kRowsPerThread], token[kRowsPerThread];
-    const float* a[kRowsPerThread];
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       const int64_t q = q0 + i;
       valid[i] = q < width;
       token[i] = valid[i] && q >= p.m;
-      a[i] = token[i] ? p.lora_a + (q - p.m) * p.r : nullptr;
     }
-    // Token ids of batch b, then the source rows (embedding or prompt) as raw packs.
+    // Batch position i holds sample order[i] with tasks, else sample i.
+    const auto sample = [&](int64_t i) { return p.order != nullptr ? p.order[i] : i; };
+    const auto task_of = [&](int64_t b) -> int64_t { return p.tasks != nullptr ? p.tasks[b] : 0; };
+    const auto form_delta = [&](int64_t k, float(&delta)[kRowsPerThread][VEC]) {
+      const float* a[kRowsPerThread];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+        a[i] = token[i] ? p.lora_a + (k * p.lora_rows + (q0 + i - p.m)) * p.r : nullptr;
+      lowrank_rows<VEC>(a, p.lora_b + k * p.r * p.d, p.r, p.d, c, p.scaling, delta);
+    };
+    // Token ids of sample b, then the source rows (embedding or task k's prompt) as raw packs.
     const auto load_ids = [&](int64_t b, int64_t(&id)[kRowsPerThread]) {
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i)
         id[i] = token[i] ? p.ids[b * p.seq + (q0 + i - p.m)] : 0;
     };
-    const auto load_src = [&](const int64_t(&id)[kRowsPerThread],
+    const auto load_src = [&](const int64_t(&id)[kRowsPerThread], int64_t k,
                               Pack<T, VEC>(&src)[kRowsPerThread]) {
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i) {
         if (!valid[i]) continue;
-        const T* row = token[i] ? weight + id[i] * p.weight_stride : prompt + (q0 + i) * p.d;
+        const T* row = token[i] ? weight + id[i] * p.weight_stride
+                                : prompt + (k * p.m + q0 + i) * p.d;
         src[i] = load_pack<T, VEC>(row + c);
       }
     };
 
-    // Pipeline: the ids of batch b + 1 are loaded while batch b's sources are in flight,
-    // and the first batch's ids while the low-rank product is formed (its sources too would
-    // take the registers that keep this kernel at 4 blocks per SM without spilling).
+    // Pipeline: the ids of the next sample are loaded while this one's sources are in
+    // flight, and the first sample's ids while the low-rank product is formed (its sources
+    // too would take the registers that keep this kernel at 4 blocks per SM without spilling).
+    int64_t b = sample(i0);
+    int64_t task = task_of(b);
     int64_t id[kRowsPerThread];
     Pack<T, VEC> cur[kRowsPerThread];
-    load_ids(b0, id);
+    load_ids(b, id);
 
-    float delta[kRowsPerThread][VEC] = {};
-    lowrank_rows<VEC>(a, p.lora_b, p.r, p.d, c, p.scaling, delta);
+    float delta[kRowsPerThread][VEC];
+    form_delta(task, delta);
 
-    load_src(id, cur);
-    if (b0 + 1 < b1) load_ids(b0 + 1, id);
+    load_src(id, task, cur);
+    int64_t b_next = 0;
+    if (i0 + 1 < i1) {
+      b_next = sample(i0 + 1);
+      load_ids(b_next, id);
+    }
 
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t i = i0; i < i1; ++i) {
 #pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        if (!valid[i]) continue;
-        T* o = out + (b * width + q0 + i) * p.d + c;
+      for (int j = 0; j < kRowsPerThread; ++j) {
+        if (!valid[j]) continue;
+        T* o = out + (b * width + q0 + j) * p.d + c;
         // Prompt rows are copied bit for bit, as the reference does.
-        store_pack<T, VEC>(o, token[i] ? add_delta<T, VEC>(cur[i], delta[i]) : cur[i]);
+        store_pack<T, VEC>(o, token[j] ? add_delta<T, VEC>(cur[j], delta[j]) : cur[j]);
       }
-      if (b + 1 < b1) {
-        load_src(id, cur);
-        if (b + 2 < b1) load_ids(b + 2, id);
+      if (i + 1 < i1) {
+        // Samples come grouped by task, so this branch is rare (and uniform per block).
+        const int64_t next_task = task_of(b_next);
+        if (next_task != task) {
+          task = next_task;
+          form_delta(task, delta);
+        }
+        load_src(id, task, cur);
+        b = b_next;
+        if (i + 2 < i1) {
+          b_next = sample(i + 2);
+          load_ids(b_next, id);
+        }
       }
     }
   }
@@ -131,10 +168,12 @@ struct ForwardSharedDelta {
 // One output row per (thread, i) of the flattened (B * (m + s)) rows: prompt tuning without
 // a delta (LOWRANK false: a pure gather, rows copied bit for bit) and the per-token rows mode
 // (left padding, token mode), whose delta row differs per token, so its work is B*s*r*d.
-// Grid: (ceil(B * (m + s) / kRowTile), ceil(d / (kLanes * VEC))). The embedding loads are
-// issued before the low-rank loop, so they are in flight while it runs.
-// Minimum traffic: B*s*d*sizeof(T) + B*(m+s)*d*sizeof(T) + m*d*sizeof(T)
-// (+ 4*r*d and the distinct lora_a rows with LOWRANK).
+// Grid: (ceil(B * (m + s) / kRowTile), ceil(d / (kLanes * VEC))). With tasks a block instead
+// covers kRowTile rows of one sample, grid (B * ceil((m + s) / kRowTile), ...), so each
+// thread's rows share one task and one lora_b slice (short samples leave rows idle).
+// The embedding loads are issued before the low-rank loop, so they are in flight while it runs.
+// Minimum traffic: B*s*d*sizeof(T) + B*(m+s)*d*sizeof(T) + T*m*d*sizeof(T)
+// (+ 4*T*r*d and the distinct lora_a rows with LOWRANK).
 template <typename T, int VEC, bool LOWRANK>
 struct ForwardPerRow {
   using Params = ForwardParams;
@@ -143,10 +182,20 @@ struct ForwardPerRow {
     const int64_t c = (int64_t(block.y) * kLanes + thread.x) * VEC;
     if (c >= p.d) return;
     const int64_t width = p.m + p.seq;
-    const int64_t total = p.batch * width;
-    const int64_t n0 = int64_t(block.x) * kRowTile + int64_t(thread.y) * kRowsPerThread;
+    const int64_t row_in_tile = int64_t(thread.y) * kRowsPerThread;
+    int64_t n0, end, task = 0;  // this thread's rows are n0 + i < end, of task `task`
+    if (p.tasks != nullptr) {
+      const int64_t tiles = (width + kRowTile - 1) / kRowTile;
+      const int64_t b = int64_t(block.x) / tiles;
+      n0 = b * width + (int64_t(block.x) - b * tiles) * kRowTile + row_in_tile;
+      end = (b + 1) * width;
+      task = p.tasks[b];
+    } else {
+      n0 = int64_t(block.x) * kRowTile + row_in_tile;
+      end = p.batch * width;
+    }
     const T* weight = static_cast<const T*>(p.weight);
-    const T* prompt = static_cast<const T*>(p.prompt);
+    const T* prompt = static_cast<const T*>(p.prompt) + task * p.m * p.d;
     T* out = static_cast<T*>(p.out);
 
     bool valid[kRowsPerThread], token[kRowsPerThread];
@@ -155,19 +204,19 @@ struct ForwardPerRow {
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       const int64_t n = n0 + i;
-      valid[i] = n < total;
+      valid[i] = n < end;
       const int64_t b = valid[i] ? n / width : 0;
       const int64_t q = n - b * width;
       token[i] = valid[i] && q >= p.m;
       const int64_t tok = b * p.seq + (q - p.m);
-      a[i] = LOWRANK && token[i] ? p.lora_a + p.rows[tok] * p.r : nullptr;
+      a[i] = LOWRANK && token[i] ? p.lora_a + (task * p.lora_rows + p.rows[tok]) * p.r : nullptr;
       if (valid[i]) {
         const T* row = token[i] ? weight + p.ids[tok] * p.weight_stride : prompt + q * p.d;
         src[i] = load_pack<T, VEC>(row + c);
       }
     }
-    float delta[kRowsPerThread][VEC] = {};
-    if (LOWRANK) lowrank_rows<VEC>(a, p.lora_b, p.r, p.d, c, p.scaling, delta);
+    float delta[kRowsPerThread][VEC];
+    if (LOWRANK) lowrank_rows<VEC>(a, p.lora_b + task * p.r * p.d, p.r, p.d, c, p.scaling, delta);
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       if (!valid[i]) continue;
@@ -314,13 +363,13 @@ cudaError_t launch_forward(const ForwardParams& base, cudaStream_t stream) {
   ForwardParams p = base;
   const int64_t width = p.m + p.seq;
   const int64_t col_tiles = ceil_div(p.d, kLanes * VEC);
+  const int64_t row_tiles = p.tasks != nullptr ? p.batch * ceil_div(width, kRowTile)
+                                               : ceil_div(p.batch * width, kRowTile);
   if (p.lora_a == nullptr || p.r == 0) {
-    return launch<ForwardPerRow<T, VEC, false>>(ceil_div(p.batch * width, kRowTile), col_tiles,
-                                                1, p, stream);
+    return launch<ForwardPerRow<T, VEC, false>>(row_tiles, col_tiles, 1, p, stream);
   }
   if (p.rows != nullptr) {
-    return launch<ForwardPerRow<T, VEC, true>>(ceil_div(p.batch * width, kRowTile), col_tiles, 1,
-                                               p, stream);
+    return launch<ForwardPerRow<T, VEC, true>>(row_tiles, col_tiles, 1, p, stream);
   }
   // Split the batch over grid z only when the (rows x columns) tiles cannot fill the GPU
   // (~4 blocks per SM): each split recomputes its tile's delta.
@@ -349,9 +398,25 @@ cudaError_t launch_segment_sum(const SegmentParams& p, cudaStream_t stream) {
 
 cudaError_t dept_forward(const ForwardArgs& a, cudaStream_t stream) {
   if (a.batch == 0 || a.d == 0 || a.m + a.seq == 0) return cudaSuccess;
-  const ForwardParams p{a.ids,    a.weight,  a.weight_stride, a.prompt, a.lora_a, a.lora_b,
-                        a.rows,   a.scaling, a.batch,         a.seq,    a.m,      a.d,
-                        a.r,      a.batch,   a.out};
+  ForwardParams p{};
+  p.ids = a.ids;
+  p.weight = a.weight;
+  p.weight_stride = a.weight_stride;
+  p.prompt = a.prompt;
+  p.lora_a = a.lora_a;
+  p.lora_b = a.lora_b;
+  p.rows = a.rows;
+  p.tasks = a.task_ids;
+  p.order = a.task_ids != nullptr ? a.batch_order : nullptr;
+  p.scaling = a.scaling;
+  p.batch = a.batch;
+  p.seq = a.seq;
+  p.m = a.m;
+  p.d = a.d;
+  p.r = a.r;
+  p.lora_rows = a.lora_rows;
+  p.batch_chunk = a.batch;
+  p.out = a.out;
   const bool lowrank = a.lora_a != nullptr && a.r > 0;
   return dispatch_float(a.dtype, [&](auto tag) {
     using T = decltype(tag);

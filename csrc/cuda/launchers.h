@@ -16,16 +16,20 @@ namespace dept_kernels {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // out[b, :m] = prompt; out[b, m + t] = weight[ids[b, t]] + scaling * lora_a[row(b, t)] @ lora_b.
+// With `task_ids` the parameters are stacked per task and sample b reads task_ids[b]'s slice.
 struct ForwardArgs {
   const int64_t* ids;     // (batch, seq)
   const void* weight;     // (V, d) of `dtype`, rows `weight_stride` elements apart
   int64_t weight_stride;
-  const void* prompt;     // (m, d) contiguous, of `dtype`; null when m == 0
-  const float* lora_a;    // (L, r) contiguous, or null for no low-rank delta
-  const float* lora_b;    // (r, d) contiguous
+  const void* prompt;     // ([T,] m, d) contiguous, of `dtype`; null when m == 0
+  const float* lora_a;    // ([T,] L, r) contiguous, or null for no low-rank delta
+  const float* lora_b;    // ([T,] r, d) contiguous
   const int64_t* rows;    // (batch, seq) row of lora_a per token, or null: row = position
+  const int64_t* task_ids;     // (batch,) task of each sample in [0, T), or null: no tasks
+  const int64_t* batch_order;  // (batch,) the samples grouped by task; with task_ids only
   float scaling;
   int64_t batch, seq, m, d, r;
+  int64_t lora_rows;      // L: rows of lora_a per task
   DType dtype;
   void* out;              // (batch, m + seq, d) contiguous, of `dtype`
 };

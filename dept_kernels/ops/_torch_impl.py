@@ -15,18 +15,32 @@ def forward(
     lora_b: Tensor | None,
     rows: Tensor | None,
     scaling: float,
+    task_ids: Tensor | None = None,
+    batch_order: Tensor | None = None,
 ) -> Tensor:
-    """(B, m + s, d) output; see `dept_kernels.ops.dept_embedding` for the contract."""
+    """(B, m + s, d) output; see `dept_kernels.ops.dept_embedding` for the contract.
+
+    With `task_ids` (B,) the parameters are stacked per task: prompt (T, m, d), lora_a
+    (T, L, r), lora_b (T, r, d). `batch_order` (B,), the samples grouped by task, is for the
+    kernels that share work within a task; the eager formula has no use for it.
+    """
     batch, seq_len = input_ids.shape
-    m = 0 if prompt is None else prompt.shape[0]
+    m = 0 if prompt is None else prompt.shape[-2]
     out = weight.new_empty(batch, m + seq_len, weight.shape[1])
     tokens = F.embedding(input_ids.long(), weight).float()
     if lora_a is not None:
-        a = lora_a.float()[:seq_len] if rows is None else lora_a.float()[rows.long()]
-        tokens += scaling * (a @ lora_b.float())
+        if task_ids is None:
+            a = lora_a.float()[:seq_len] if rows is None else lora_a.float()[rows.long()]
+            tokens += scaling * (a @ lora_b.float())
+        else:
+            # One batched matmul over the samples, each with its task's factors.
+            task = task_ids.long()
+            pos = torch.arange(seq_len, device=input_ids.device) if rows is None else rows.long()
+            a = lora_a.float()[task[:, None], pos]  # (B, s, r)
+            tokens += scaling * (a @ lora_b.float()[task])
     out[:, m:] = tokens
     if m:
-        out[:, :m] = prompt
+        out[:, :m] = prompt if task_ids is None else prompt[task_ids.long()]
     return out
 
 

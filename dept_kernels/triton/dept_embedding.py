@@ -9,6 +9,12 @@ program owns a tile of flattened tokens × a tile of columns and gathers the `A`
 In both kernels extra programs at the end of grid axis 0 write the prompt rows, so the
 whole output comes from one launch with the prompt tiles load-balanced among the rest.
 
+Per-task parameters (HAS_TASKS): the position kernel walks its batch chunk in the op's
+task-sorted order and forms the low-rank tile again only when the task changes, so the
+work is (distinct tasks)·s·r·d (times the few chunks); the rows kernel tiles the tokens of
+one sample at a time instead of the flattened batch, so every tile has one task and one
+`B[task]` for its tl.dot (at the price of masked lanes in the last tile of short samples).
+
 Reduce (the backward of every gather, see `dept_kernels.ops._segments`): the batch sum of
 the token rows of `grad_out` per position, or per segment of tokens sharing a row; each
 output tile is summed by one program in a fixed order, so the result is deterministic
@@ -66,19 +72,21 @@ COMPILE_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
 # Sizes that change from call to call: triton would otherwise compile a variant per
 # value 1 and per divisibility by 16 of each. The other integer arguments (widths and
 # strides) stay specialised, since their divisibility is what allows vector loads.
-RUNTIME_SIZES = ("batch", "seq_len", "m", "rank", "batch_chunk", "n_tok")
+RUNTIME_SIZES = ("batch", "seq_len", "m", "rank", "batch_chunk", "n_tok", "max_len")
 
 
 def forward_constexprs(
-    weight_dtype: torch.dtype, factor_dtype: torch.dtype | None, rows_mode: bool
+    weight_dtype: torch.dtype, factor_dtype: torch.dtype | None, rows_mode: bool, tasks: bool
 ) -> dict:
     """Compile-time parameters of a forward kernel; `factor_dtype` None: no delta.
 
-    Without a delta the position kernel receives `weight` in place of the factors.
+    Without a delta the position kernel receives `weight` in place of the factors; without
+    `tasks` both kernels receive `input_ids` in place of the task ids and batch order.
     """
     has_lora = {} if rows_mode else {"HAS_LORA": factor_dtype is not None}
     return {
         **has_lora,
+        "HAS_TASKS": tasks,
         # TF32 would round fp32 factors to 10 mantissa bits; the reference does not.
         "DOT_FP32": (factor_dtype or weight_dtype) == torch.float32,
         "BLOCK_T": BLOCK_T,
@@ -99,26 +107,41 @@ def reduce_constexprs(grad_dtype: torch.dtype, ordered: bool) -> dict:
 @triton.jit
 def _store_prompt_tile(
     p_ptr,
+    task_ptr,
+    order_ptr,
     out_ptr,
     row0,
     col0,
-    b0,
-    b1,
+    i0,
+    i1,
     seq_len,
     m,
     d,
+    stride_pt,
     stride_p,
+    HAS_TASKS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Prompt rows [row0, row0 + BLOCK_T) of the samples at batch positions [i0, i1).
+
+    With HAS_TASKS position i is sample `order[i]`, whose task picks the prompt.
+    """
     j = row0 + tl.arange(0, BLOCK_T)
     cols = col0 + tl.arange(0, BLOCK_D)
     mask = (j < m)[:, None] & (cols < d)[None, :]
     # stride_p is 0 for a broadcast prompt: every row then reads the same cached line.
-    p = tl.load(p_ptr + j.to(tl.int64)[:, None] * stride_p + cols[None, :], mask=mask)
-    p = p.to(out_ptr.dtype.element_ty)
-    for b in range(b0, b1):
-        rows = tl.cast(b, tl.int64) * (m + seq_len) + j
+    offsets = j.to(tl.int64)[:, None] * stride_p + cols[None, :]
+    if not HAS_TASKS:
+        p = tl.load(p_ptr + offsets, mask=mask).to(out_ptr.dtype.element_ty)
+    for i in range(i0, i1):
+        b = tl.cast(i, tl.int64)
+        if HAS_TASKS:
+            b = tl.load(order_ptr + b)
+            # Samples come grouped by task, so consecutive loads hit the same cached rows.
+            p = tl.load(p_ptr + tl.load(task_ptr + b) * stride_pt + offsets, mask=mask)
+            p = p.to(out_ptr.dtype.element_ty)
+        rows = b * (m + seq_len) + j
         tl.store(out_ptr + rows[:, None] * d + cols[None, :], p, mask=mask)
 
 
@@ -136,10 +159,14 @@ def _lowrank_tile(
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    STAGES: tl.constexpr = None,
 ):
-    """fp32 (BLOCK_T, BLOCK_D) tile of A[a_rows] @ B[:, cols]; a_rows are int64."""
+    """fp32 (BLOCK_T, BLOCK_D) tile of A[a_rows] @ B[:, cols]; a_rows are int64.
+
+    STAGES None lets the compiler pick the software pipelining of the rank loop.
+    """
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
+    for r0 in tl.range(0, rank, BLOCK_R, num_stages=STAGES):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_mask = rr < rank
         a = tl.load(
@@ -166,17 +193,22 @@ def _fwd_position_kernel(
     p_ptr,
     a_ptr,
     b_ptr,
+    task_ptr,
+    order_ptr,
     out_ptr,
     batch,
     seq_len,
     m,
     d,
     rank,
+    max_len,
     stride_w,
+    stride_pt,
     stride_p,
     batch_chunk,
     scaling,
     HAS_LORA: tl.constexpr,
+    HAS_TASKS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -184,22 +216,26 @@ def _fwd_position_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
-    b0 = tl.program_id(2) * batch_chunk
-    b1 = tl.minimum(b0 + batch_chunk, batch)
+    i0 = tl.program_id(2) * batch_chunk
+    i1 = tl.minimum(i0 + batch_chunk, batch)
     col0 = pid_d * BLOCK_D
     n_t = tl.cdiv(seq_len, BLOCK_T)
     if pid_t >= n_t:
         _store_prompt_tile(
             p_ptr,
+            task_ptr,
+            order_ptr,
             out_ptr,
             (pid_t - n_t) * BLOCK_T,
             col0,
-            b0,
-            b1,
+            i0,
+            i1,
             seq_len,
             m,
             d,
+            stride_pt,
             stride_p,
+            HAS_TASKS,
             BLOCK_T,
             BLOCK_D,
         )
@@ -209,40 +245,73 @@ def _fwd_position_kernel(
         t_mask = t < seq_len
         col_mask = cols < d
         mask = t_mask[:, None] & col_mask[None, :]
+        # Batch position i holds sample order[i] with tasks (grouped by task), else i.
+        b = tl.cast(i0, tl.int64)
+        if HAS_TASKS:
+            b = tl.load(order_ptr + b)
         if HAS_LORA:
-            delta = scaling * _lowrank_tile(
-                a_ptr,
-                b_ptr,
-                t.to(tl.int64),
-                t_mask,
-                cols,
-                col_mask,
-                rank,
-                d,
-                BLOCK_T,
-                BLOCK_D,
-                BLOCK_R,
-                DOT_FP32,
-            )
-        ids = tl.load(ids_ptr + tl.cast(b0, tl.int64) * seq_len + t, mask=t_mask, other=0)
-        for b in range(b0, b1):
-            b64 = tl.cast(b, tl.int64)
+            if HAS_TASKS:
+                # Formed in the loop, whenever the task changes; -1 is no task.
+                task = tl.full((), -1, tl.int64)
+                delta = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+            else:
+                delta = scaling * _lowrank_tile(
+                    a_ptr,
+                    b_ptr,
+                    t.to(tl.int64),
+                    t_mask,
+                    cols,
+                    col_mask,
+                    rank,
+                    d,
+                    BLOCK_T,
+                    BLOCK_D,
+                    BLOCK_R,
+                    DOT_FP32,
+                )
+        ids = tl.load(ids_ptr + b * seq_len + t, mask=t_mask, other=0)
+        for i in range(i0, i1):
             # The next element's ids load while this one's rows do: the id -> row dependency
             # would otherwise cost two memory latencies per step. (The last step reloads its
             # own ids rather than branch.)
-            b_next = tl.minimum(b64 + 1, b1 - 1)
+            b_next = tl.minimum(tl.cast(i, tl.int64) + 1, i1 - 1)
+            if HAS_TASKS:
+                b_next = tl.load(order_ptr + b_next)
             ids_next = tl.load(ids_ptr + b_next * seq_len + t, mask=t_mask, other=0)
+            if HAS_LORA and HAS_TASKS:
+                task_b = tl.load(task_ptr + b)
+                if task_b != task:
+                    # Unpipelined: inside the batch loop, pipeline buffers would add to the
+                    # loop's live registers (sm_90 fp32: 181 rather than 96 per thread), and
+                    # the tile is formed only at task changes, so its latency matters little.
+                    delta = scaling * _lowrank_tile(
+                        a_ptr + task_b * max_len * rank,
+                        b_ptr + task_b * rank * d,
+                        t.to(tl.int64),
+                        t_mask,
+                        cols,
+                        col_mask,
+                        rank,
+                        d,
+                        BLOCK_T,
+                        BLOCK_D,
+                        BLOCK_R,
+                        DOT_FP32,
+                        1,
+                    )
+                    task = task_b
             emb = tl.load(w_ptr + ids.to(tl.int64)[:, None] * stride_w + cols[None, :], mask=mask)
             emb = emb.to(tl.float32)
             if HAS_LORA:
                 emb += delta
-            rows = b64 * (m + seq_len) + m + t
+            rows = b * (m + seq_len) + m + t
             tl.store(
                 out_ptr + rows[:, None] * d + cols[None, :],
                 emb.to(out_ptr.dtype.element_ty),
                 mask=mask,
             )
             ids = ids_next
+            b = b_next
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -253,15 +322,19 @@ def _fwd_rows_kernel(
     p_ptr,
     a_ptr,
     b_ptr,
+    task_ptr,
     out_ptr,
     batch,
     seq_len,
     m,
     d,
     rank,
+    max_len,
     stride_w,
+    stride_pt,
     stride_p,
     scaling,
+    HAS_TASKS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -270,14 +343,20 @@ def _fwd_rows_kernel(
     pid = tl.program_id(0)
     col0 = tl.program_id(1) * BLOCK_D
     n_tok = batch * seq_len
-    n_tok_tiles = tl.cdiv(n_tok, BLOCK_T)
+    n_t = tl.cdiv(seq_len, BLOCK_T)
+    n_tok_tiles = batch * n_t if HAS_TASKS else tl.cdiv(n_tok, BLOCK_T)
     if pid >= n_tok_tiles:
         # Prompt programs each own one batch element: no low-rank tile to share here.
         q = pid - n_tok_tiles
         n_j = tl.cdiv(m, BLOCK_T)
         b = q // n_j
+        p_task = p_ptr
+        if HAS_TASKS:
+            p_task += tl.load(task_ptr + b) * stride_pt
         _store_prompt_tile(
-            p_ptr,
+            p_task,
+            task_ptr,
+            task_ptr,
             out_ptr,
             (q % n_j) * BLOCK_T,
             col0,
@@ -286,21 +365,35 @@ def _fwd_rows_kernel(
             seq_len,
             m,
             d,
+            stride_pt,
             stride_p,
+            False,
             BLOCK_T,
             BLOCK_D,
         )
     else:
-        n = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = col0 + tl.arange(0, BLOCK_D)
-        n_mask = n < n_tok
         col_mask = cols < d
+        if HAS_TASKS:
+            # A tile of one sample's tokens: one task, so one B[task] for the whole tile.
+            b = pid // n_t
+            t = (pid % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
+            n = b.to(tl.int64) * seq_len + t
+            n_mask = t < seq_len
+            task = tl.load(task_ptr + b)
+            a_task = a_ptr + task * max_len * rank
+            b_task = b_ptr + task * rank * d
+        else:
+            n = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+            n_mask = n < n_tok
+            a_task = a_ptr
+            b_task = b_ptr
         mask = n_mask[:, None] & col_mask[None, :]
         ids = tl.load(ids_ptr + n, mask=n_mask, other=0).to(tl.int64)
         a_rows = tl.load(rows_ptr + n, mask=n_mask, other=0).to(tl.int64)
         delta = _lowrank_tile(
-            a_ptr,
-            b_ptr,
+            a_task,
+            b_task,
             a_rows,
             n_mask,
             cols,
@@ -397,28 +490,40 @@ def forward(
     lora_b: Tensor | None,
     rows: Tensor | None,
     scaling: float,
+    task_ids: Tensor | None = None,
+    batch_order: Tensor | None = None,
 ) -> Tensor:
-    """(B, m + s, d) output of `weight.dtype`; see `dept_kernels.ops.dept_embedding`."""
+    """(B, m + s, d) output of `weight.dtype`; see `dept_kernels.ops.dept_embedding`.
+
+    With `task_ids` (B,) int64 the parameters are stacked per task and `batch_order` (B,)
+    int64 lists the samples grouped by task.
+    """
     batch, seq_len = input_ids.shape
     d = weight.shape[1]
-    m = 0 if prompt is None else prompt.shape[0]
+    m = 0 if prompt is None else prompt.shape[-2]
     out = weight.new_empty(batch, m + seq_len, d)
     if out.numel() == 0:
         return out
+    tasks = task_ids is not None
+    if not tasks:
+        # Never read; an index tensor keeps the variants to the listed pointer dtypes.
+        task_ids = batch_order = input_ids
     if prompt is None:
         # Never read (there are no prompt programs); any pointer of a listed dtype will do.
-        prompt, stride_p = weight, 0
+        prompt, stride_pt, stride_p = weight, 0, 0
     else:
-        if prompt.stride(1) != 1:
+        if prompt.stride(-1) != 1:
             prompt = prompt.contiguous()
-        stride_p = prompt.stride(0)
+        # A stride-0 broadcast (EPT, per task or shared) is read in place.
+        stride_pt = prompt.stride(0) if tasks else 0
+        stride_p = prompt.stride(-2)
     if lora_a is None:
-        factor_dtype, rank = None, 0
+        factor_dtype, rank, max_len = None, 0, 0
         lora_a = lora_b = weight
     else:
         lora_a, lora_b = _factors(lora_a, lora_b)
-        factor_dtype, rank = lora_a.dtype, lora_a.shape[1]
-    meta = forward_constexprs(weight.dtype, factor_dtype, rows_mode=rows is not None)
+        factor_dtype, rank, max_len = lora_a.dtype, lora_a.shape[-1], lora_a.shape[-2]
+    meta = forward_constexprs(weight.dtype, factor_dtype, rows_mode=rows is not None, tasks=tasks)
     if factor_dtype == torch.bfloat16 and _backend.triton_interpreting():
         # The interpreter multiplies bf16 tiles as their raw uint16 bits (triton 3.x
         # `create_dot`); the fp32 path computes the same exact products with the fp32
@@ -437,13 +542,17 @@ def forward(
             prompt,
             lora_a,
             lora_b,
+            task_ids,
+            batch_order,
             out,
             batch,
             seq_len,
             m,
             d,
             rank,
+            max_len,
             weight.stride(0),
+            stride_pt,
             stride_p,
             batch_chunk,
             scaling,
@@ -454,7 +563,11 @@ def forward(
         if rows.dtype != input_ids.dtype:
             # One index dtype per variant; rows is (B, s), cheap to convert.
             rows = rows.to(input_ids.dtype)
-        grid = (triton.cdiv(batch * seq_len, BLOCK_T) + n_prompt * batch, n_d)
+        if tasks:
+            n_tok_tiles = batch * triton.cdiv(seq_len, BLOCK_T)
+        else:
+            n_tok_tiles = triton.cdiv(batch * seq_len, BLOCK_T)
+        grid = (n_tok_tiles + n_prompt * batch, n_d)
         _fwd_rows_kernel[grid](
             input_ids,
             rows,
@@ -462,13 +575,16 @@ def forward(
             prompt,
             lora_a,
             lora_b,
+            task_ids,
             out,
             batch,
             seq_len,
             m,
             d,
             rank,
+            max_len,
             weight.stride(0),
+            stride_pt,
             stride_p,
             scaling,
             **meta,
@@ -510,14 +626,24 @@ def aot_variants() -> Iterator[tuple[str, dict[str, torch.dtype], dict]]:
     Crosses the dtypes the launchers pass with the tables above; `dept_kernels.triton.precompile`
     compiles the list.
     """
-    for ids, weight, prompt in itertools.product(IDS, FLOATS, FLOATS):
+    for ids, weight, prompt, tasks in itertools.product(IDS, FLOATS, FLOATS, (False, True)):
+        # Without tasks the launcher passes `input_ids` in place of the task ids and order.
+        task = torch.int64 if tasks else ids
         for factor in (None, *FLOATS):
             # Without a delta the launcher passes `weight` in place of the factors.
             ab = factor or weight
             pointers = dict(
-                ids_ptr=ids, w_ptr=weight, p_ptr=prompt, a_ptr=ab, b_ptr=ab, out_ptr=weight
+                ids_ptr=ids,
+                w_ptr=weight,
+                p_ptr=prompt,
+                a_ptr=ab,
+                b_ptr=ab,
+                task_ptr=task,
+                order_ptr=task,
+                out_ptr=weight,
             )
-            yield "_fwd_position_kernel", pointers, forward_constexprs(weight, factor, False)
+            meta = forward_constexprs(weight, factor, False, tasks)
+            yield "_fwd_position_kernel", pointers, meta
         for factor in FLOATS:
             pointers = dict(
                 ids_ptr=ids,
@@ -526,9 +652,10 @@ def aot_variants() -> Iterator[tuple[str, dict[str, torch.dtype], dict]]:
                 p_ptr=prompt,
                 a_ptr=factor,
                 b_ptr=factor,
+                task_ptr=task,
                 out_ptr=weight,
             )
-            yield "_fwd_rows_kernel", pointers, forward_constexprs(weight, factor, True)
+            yield "_fwd_rows_kernel", pointers, forward_constexprs(weight, factor, True, tasks)
     for grad in FLOATS:
         pointers = dict(g_ptr=grad, out_ptr=torch.float32)
         yield "_reduce_position_kernel", pointers, reduce_constexprs(grad, ordered=False)

@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
   std::vector<long long> n;
   for (int i = 3; i < argc; ++i) n.push_back(std::atoll(argv[i]));
   if (op == "forward") {
-    // dtype batch seq m d r weight_stride has_lora has_rows shift scaling*1e6
+    // dtype batch seq m d r weight_stride has_lora has_rows shift scaling*1e6 has_tasks L
     dept_kernels::ForwardArgs a{};
     const int code = static_cast<int>(n[0]);
     a.dtype = static_cast<DType>(code);
@@ -77,6 +77,11 @@ int main(int argc, char** argv) {
       a.lora_b = reinterpret_cast<const float*>(read_file(dir, "b.bin"));
     }
     if (n[8]) a.rows = reinterpret_cast<const int64_t*>(read_file(dir, "rows.bin"));
+    if (n[11]) {
+      a.task_ids = reinterpret_cast<const int64_t*>(read_file(dir, "tasks.bin"));
+      a.batch_order = reinterpret_cast<const int64_t*>(read_file(dir, "order.bin"));
+    }
+    a.lora_rows = n[12];
     const size_t bytes = a.batch * (a.m + a.seq) * a.d * dtype_size(code);
     a.out = alloc(bytes);
     if (check(dept_kernels::dept_forward(a, nullptr))) return 1;

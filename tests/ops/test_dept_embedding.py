@@ -27,7 +27,12 @@ class Case:
     position_ids: bool = False
     token: bool = False
     broadcast_prompt: bool = False
+    # Task of each sample (len == batch): parameters stacked per task, T = max + 2, so one
+    # task is unused and must get zero gradients.
+    tasks: tuple[int, ...] | None = None
 
+
+MIXED = (1, 0, 1, 2, 0)  # repeated and interleaved tasks
 
 CASES = [
     Case("base"),
@@ -41,6 +46,14 @@ CASES = [
     Case("broadcast_prompt", broadcast_prompt=True, m=4),
     Case("prompt_tuning", lowrank=False),
     Case("wide", d=160, r=70, seq=9, max_len=12, m=2),
+    Case("tasks", batch=5, tasks=MIXED),
+    Case("tasks_position_ids", batch=5, tasks=MIXED, position_ids=True),
+    Case("tasks_token_mode", batch=5, tasks=MIXED, token=True),
+    Case("tasks_prompt_tuning", batch=5, tasks=MIXED, lowrank=False),
+    Case("tasks_broadcast_prompt", batch=5, tasks=MIXED, broadcast_prompt=True, m=4),
+    Case("tasks_no_prompt", batch=5, tasks=MIXED, m=0),
+    Case("tasks_batch_1", batch=1, tasks=(2,)),
+    Case("tasks_one_task_int32", batch=3, tasks=(0, 0, 0), int32_ids=True),
 ]
 
 # (weight dtype, parameter dtype): the last is mixed precision, fp32 adapters on a bf16 table.
@@ -61,19 +74,24 @@ def make_inputs(case: Case, wdtype: torch.dtype, pdtype: torch.dtype, seed: int 
         "input_ids": ids,
         "weight": torch.randn(case.vocab, case.d, generator=g).to(DEVICE, wdtype),
     }
+    # Per-task parameters carry a leading T dim.
+    lead = () if case.tasks is None else (max(case.tasks, default=0) + 2,)
+    if case.tasks is not None:
+        kw["task_ids"] = torch.tensor(case.tasks, dtype=ids.dtype, device=DEVICE)
+
+    def param(*shape: int) -> torch.Tensor:
+        return torch.randn(*lead, *shape, generator=g).to(DEVICE, pdtype).requires_grad_()
+
     if case.m:
         if case.broadcast_prompt:
-            row = torch.randn(1, case.d, generator=g).to(DEVICE, pdtype).requires_grad_()
+            row = param(1, case.d)
             kw["_leaf"] = row
-            kw["prompt"] = row.expand(case.m, case.d)
+            kw["prompt"] = row.expand(*lead, case.m, case.d)
         else:
-            kw["prompt"] = (
-                torch.randn(case.m, case.d, generator=g).to(DEVICE, pdtype).requires_grad_()
-            )
+            kw["prompt"] = param(case.m, case.d)
     if case.lowrank:
-        rows = case.vocab if case.token else case.max_len
-        kw["lora_a"] = torch.randn(rows, case.r, generator=g).to(DEVICE, pdtype).requires_grad_()
-        kw["lora_b"] = torch.randn(case.r, case.d, generator=g).to(DEVICE, pdtype).requires_grad_()
+        kw["lora_a"] = param(case.vocab if case.token else case.max_len, case.r)
+        kw["lora_b"] = param(case.r, case.d)
         kw["scaling"] = 0.7
     if case.token:
         kw["index"] = "token"
@@ -116,6 +134,35 @@ def test_matches_reference(backend, case, wdtype, pdtype):
         assert_close(g, rg, wdtype)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("position", batch=5, tasks=MIXED),
+        Case("position_ids", batch=5, tasks=MIXED, position_ids=True),
+        Case("token", batch=5, tasks=MIXED, token=True),
+    ],
+    ids=lambda c: c.name,
+)
+def test_mixed_batch_equals_per_task_runs(backend, case):
+    kw = make_inputs(case, torch.float32, torch.float32)
+    out, grads, grad_out = run(dept_embedding, kw)
+    names = ["prompt", "lora_a", "lora_b"]
+    task_ids = kw.pop("task_ids")
+    for k in task_ids.unique().tolist():
+        mine = task_ids == k
+        # Task k's samples on their own, with task k's (2-D) parameters.
+        single = {**kw, "input_ids": kw["input_ids"][mine]}
+        single.update({n: kw[n][k].detach().requires_grad_() for n in names})
+        if case.position_ids:
+            single["position_ids"] = kw["position_ids"][mine]
+        out_k, grads_k, _ = run(dept_embedding, single, grad_out[mine])
+        assert_close(out[mine], out_k, torch.float32)
+        for g, g_k in zip(grads, grads_k, strict=True):
+            assert_close(g[k], g_k, torch.float32)
+    unused = max(case.tasks) + 1
+    assert all(not g[unused].any() for g in grads)
+
+
 @pytest.mark.parametrize("token", [False, True], ids=["position", "token"])
 def test_weight_gradient_when_it_trains(backend, token):
     kw = make_inputs(Case("w", token=token), torch.float32, torch.float32)
@@ -136,9 +183,18 @@ def test_frozen_weight_gets_no_gradient(backend):
     assert kw["prompt"].grad is not None and kw["lora_a"].grad is not None
 
 
-@pytest.mark.parametrize("batch,seq", [(0, 5), (2, 0)], ids=["empty_batch", "empty_seq"])
-def test_empty(backend, batch, seq):
-    kw = make_inputs(Case("empty", batch=batch, seq=seq), torch.float32, torch.float32)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("empty_batch", batch=0),
+        Case("empty_seq", seq=0),
+        Case("empty_batch_tasks", batch=0, tasks=()),
+        Case("empty_seq_tasks", seq=0, tasks=(1, 0)),
+    ],
+    ids=lambda c: c.name,
+)
+def test_empty(backend, case):
+    kw = make_inputs(case, torch.float32, torch.float32)
     out, grads, grad_out = run(dept_embedding, kw)
     ref, ref_grads, _ = run(reference_dept_embedding, kw, grad_out)
     assert out.shape == ref.shape
@@ -184,27 +240,42 @@ def test_official_formula_rejects_short_inputs():
         official_dept_embedding(**kw)
 
 
-@pytest.mark.parametrize("case", [Case("pos"), Case("ids", position_ids=True)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [Case("pos"), Case("ids", position_ids=True), Case("tasks", tasks=(1, 0, 1, 0))],
+    ids=lambda c: c.name,
+)
 def test_saved_tensors_hold_no_activation_sized_tensor(backend, case):
     case = dataclasses.replace(case, batch=4, seq=8, max_len=8, d=40, r=3)
     kw = make_inputs(case, torch.float32, torch.float32)
-    saved: list[torch.Size] = []
+    saved: list[torch.Tensor] = []
 
     def pack(t):
-        saved.append(t.shape)
+        saved.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         dept_embedding(**{k: val for k, val in kw.items() if not k.startswith("_")})
     assert saved, "the op saves ids and the low-rank factors"
+    # The factors themselves are saved (stacked per task they may outgrow one (s, d) row
+    # block); anything else must be smaller than that.
+    factors = {kw["lora_a"].data_ptr(), kw["lora_b"].data_ptr()}
     activation = case.seq * case.d
-    assert all(shape.numel() < activation for shape in saved), saved
+    others = [t.shape for t in saved if t.data_ptr() not in factors]
+    assert all(shape.numel() < activation for shape in others), others
 
 
+COMPILE_CASES = [
+    Case("compile", position_ids=True),
+    Case("compile_tasks", batch=5, tasks=MIXED, position_ids=True),
+]
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("name", [n for n in dept_kernels.available_backends() if n != "triton"])
-def test_torch_compile_fullgraph(name):
+def test_torch_compile_fullgraph(name, case):
     # The triton interpreter under compile only repeats the eager check, slowly.
-    kw = make_inputs(Case("compile", position_ids=True), torch.float32, torch.float32)
+    kw = make_inputs(case, torch.float32, torch.float32)
     args = {k: val for k, val in kw.items() if not k.startswith("_")}
 
     def step(input_ids, prompt, lora_a, lora_b):
@@ -216,6 +287,7 @@ def test_torch_compile_fullgraph(name):
             lora_b,
             scaling=0.7,
             position_ids=args["position_ids"],
+            task_ids=args.get("task_ids"),
         )
         return (out.float() ** 2).sum()
 
@@ -232,9 +304,11 @@ def test_torch_compile_fullgraph(name):
         assert_close(g, rg, torch.float32)
 
 
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("name", [n for n in dept_kernels.available_backends() if n != "triton"])
-def test_opcheck(name):
-    kw = make_inputs(Case("opcheck", position_ids=True), torch.float32, torch.float32)
+def test_opcheck(name, case):
+    kw = make_inputs(case, torch.float32, torch.float32)
+    task_ids = kw.get("task_ids")
     args = (
         kw["input_ids"],
         kw["weight"],
@@ -242,6 +316,8 @@ def test_opcheck(name):
         kw["lora_a"],
         kw["lora_b"],
         kw["position_ids"],
+        task_ids,
+        0 if task_ids is None else kw["prompt"].shape[0],
         0.7,
         name,
     )

@@ -8,7 +8,7 @@ from helpers import DEVICE
 
 from dept_kernels.ops import _segments, dept_embedding
 
-V, D, L, R, M = 20, 12, 6, 3, 2
+V, D, L, R, M, T = 20, 12, 6, 3, 2, 3
 
 
 def good(**over):
@@ -26,6 +26,18 @@ def good(**over):
         k: val.to(DEVICE) if isinstance(val, torch.Tensor) and val.device.type == "cpu" else val
         for k, val in kw.items()
     }
+
+
+def stacked(**over):
+    """Valid per-task arguments (T tasks, batch 2) with `over` replacing some."""
+    kw = {
+        "prompt": torch.randn(T, M, D),
+        "lora_a": torch.randn(T, L, R),
+        "lora_b": torch.randn(T, R, D),
+        "task_ids": torch.tensor([2, 0]),
+    }
+    kw.update(over)
+    return good(**kw)
 
 
 BAD = {
@@ -80,6 +92,76 @@ BAD = {
     ),
     "tensor_scaling": (good(scaling=torch.tensor(0.5)), TypeError, "scaling must be"),
     "ids_not_tensor": (good(input_ids=[[0, 1]]), TypeError, "input_ids must be a torch.Tensor"),
+    "task_ids_with_2d_params": (
+        good(task_ids=torch.tensor([0, 1])),
+        ValueError,
+        r"with task_ids, prompt must be stacked per task .*\(2, 12\)",
+    ),
+    "task_ids_without_params": (
+        good(prompt=None, lora_a=None, lora_b=None, task_ids=torch.tensor([0, 1])),
+        ValueError,
+        "task_ids needs parameters stacked per task",
+    ),
+    "stacked_prompt_without_task_ids": (
+        stacked(task_ids=None),
+        ValueError,
+        r"prompt has shape \(3, 2, 12\): parameters stacked per task need task_ids",
+    ),
+    "stacked_lora_without_task_ids": (
+        good(lora_a=torch.randn(T, L, R), lora_b=torch.randn(T, R, D)),
+        ValueError,
+        "lora_a has shape .* need task_ids",
+    ),
+    "one_factor_not_stacked": (
+        stacked(lora_b=torch.randn(R, D)),
+        ValueError,
+        "with task_ids, lora_b must be stacked",
+    ),
+    "task_count_mismatch": (
+        stacked(prompt=torch.randn(T + 1, M, D)),
+        ValueError,
+        "task count mismatch.*prompt has T=4, lora_a has T=3, lora_b has T=3",
+    ),
+    "task_id_too_large": (
+        stacked(task_ids=torch.tensor([0, T])),
+        IndexError,
+        r"task_ids holds id 3, out of range \[0, 3\)",
+    ),
+    "negative_task_id": (
+        stacked(task_ids=torch.tensor([-1, 0])),
+        IndexError,
+        "task_ids holds a negative id",
+    ),
+    "float_task_ids": (
+        stacked(task_ids=torch.zeros(2)),
+        TypeError,
+        "task_ids must be int64 or int32",
+    ),
+    "task_ids_2d": (
+        stacked(task_ids=torch.zeros(2, 1, dtype=torch.long)),
+        ValueError,
+        "task_ids must be 1-D",
+    ),
+    "task_ids_other_device": (
+        stacked(task_ids=torch.zeros(2, dtype=torch.long, device="meta")),
+        ValueError,
+        "task_ids is on meta",
+    ),
+    "task_ids_batch_mismatch": (
+        stacked(task_ids=torch.zeros(3, dtype=torch.long)),
+        ValueError,
+        "task_ids has 3 entries but input_ids has batch size 2",
+    ),
+    "stacked_rank_mismatch": (
+        stacked(lora_b=torch.randn(T, R + 1, D)),
+        ValueError,
+        "rank mismatch",
+    ),
+    "stacked_token_rows": (
+        stacked(index="token"),
+        ValueError,
+        "one row per vocabulary entry",
+    ),
 }
 
 
@@ -97,3 +179,5 @@ def test_checks_run_before_any_kernel(backend, monkeypatch):
     monkeypatch.setattr(_segments, "impl", fail)
     with pytest.raises(IndexError):
         dept_embedding(**good(input_ids=torch.tensor([[V]])))
+    with pytest.raises(IndexError, match="task_ids"):
+        dept_embedding(**stacked(task_ids=torch.tensor([0, T])))

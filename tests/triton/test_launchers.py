@@ -29,3 +29,22 @@ def test_position_forward_split_over_batch_chunks(monkeypatch, target):
         out = dept_embedding(ids, weight, prompt, lora_a, lora_b, scaling=0.3)
     ref = reference_dept_embedding(ids, weight, prompt, lora_a, lora_b, scaling=0.3)
     assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("target", [10**6, 4], ids=["one-per-chunk", "uneven-chunks"])
+def test_position_forward_with_tasks_split_over_batch_chunks(monkeypatch, target):
+    # Chunks of the task-sorted batch (3 and 2 samples for target=4) start and end inside a
+    # task's run, so each chunk forms its first delta and re-forms it at every task change.
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", target)
+    g = torch.Generator().manual_seed(0)
+    task_ids = torch.tensor([1, 0, 1, 2, 0]).to(DEVICE)
+    ids = torch.randint(0, 30, (5, 7), generator=g).to(DEVICE)
+    weight = torch.randn(30, 40, generator=g).to(DEVICE)
+    prompt = torch.randn(3, 3, 40, generator=g).to(DEVICE)
+    lora_a = torch.randn(3, 9, 4, generator=g).to(DEVICE)
+    lora_b = torch.randn(3, 4, 40, generator=g).to(DEVICE)
+    args = (ids, weight, prompt, lora_a, lora_b)
+    with dept_kernels.use_backend("triton"):
+        out = dept_embedding(*args, scaling=0.3, task_ids=task_ids)
+    ref = reference_dept_embedding(*args, scaling=0.3, task_ids=task_ids)
+    assert_close(out, ref, torch.float32)

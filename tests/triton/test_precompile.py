@@ -1,7 +1,7 @@
 """Ahead-of-time build of the Triton kernels for sm_80 and sm_90, without a GPU.
 
 The test compiles a pairwise cover of the variants (every pair of dtype and constexpr
-choices the launchers can make: 38 of 150 per target, ~40 s on two cores with a cold triton
+choices the launchers can make: 40 of 276 per target, ~40 s on two cores with a cold triton
 cache, ~18 s warm); `python -m dept_kernels.triton.precompile` builds all of them (~3.5 min).
 """
 
@@ -28,11 +28,14 @@ def test_variants_follow_the_launcher_tables():
     }
     assert {v.module for v in items} == {"dept_embedding", "aot_bias"}
     for weight in emb.FLOATS:
-        for factor in (None, *emb.FLOATS):
-            meta = emb.forward_constexprs(weight, factor, rows_mode=False)
-            assert any(
-                v.kernel == "_fwd_position_kernel" and dict(v.constexprs) == meta for v in items
-            )
+        for tasks in (False, True):
+            for factor in (None, *emb.FLOATS):
+                meta = emb.forward_constexprs(weight, factor, rows_mode=False, tasks=tasks)
+                assert any(
+                    v.kernel == "_fwd_position_kernel" and dict(v.constexprs) == meta for v in items
+                )
+            meta = emb.forward_constexprs(weight, torch.float32, rows_mode=True, tasks=tasks)
+            assert any(v.kernel == "_fwd_rows_kernel" and dict(v.constexprs) == meta for v in items)
     half = [v for v in items if dict(v.pointers).get("a_ptr") == torch.bfloat16]
     assert half and not any(dict(v.constexprs)["DOT_FP32"] for v in half)
 
