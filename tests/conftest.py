@@ -6,6 +6,11 @@ the package is imported by a test module.
 
 import os
 
+# Inductor's on-disk caches key compiled graphs without the schema of Python-defined custom
+# ops, so a graph cached before a schema change would be replayed against the new op.
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+
 import torch
 
 if not torch.cuda.is_available():

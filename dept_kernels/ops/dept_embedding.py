@@ -336,17 +336,29 @@ def _dept_embedding_backward_op(
     vocab_size: int,
     scaling: float,
     prompt_dtype: torch.dtype,
+    prompt_grad: bool,
     weight_grad: bool,
     backend: str,
 ) -> list[Tensor]:
-    """Returns [d_prompt (m, d) or (T, m, d), d_lora_a, d_lora_b, d_weight (V, d) or empty]."""
+    """Returns [d_prompt (m, d) or (T, m, d), d_lora_a, d_lora_b, d_weight (V, d) or empty].
+
+    `num_prompt` is where the token rows of `grad_out` start; `prompt_grad` False skips the
+    prompt's gradient (returned as zeros of its shape).
+    """
     d = grad_out.shape[-1]
     grad_out = grad_out.contiguous()
     m = num_prompt
     # Each absent gradient is its own empty tensor: custom-op outputs may not alias.
     d_a, d_b, d_weight = (grad_out.new_empty(0) for _ in range(3))
-    if task_ids is None:
+    if not prompt_grad:
+        shape = (m, d) if task_ids is None else (num_tasks, m, d)
+        d_prompt = grad_out.new_zeros(shape, dtype=prompt_dtype)
+    elif task_ids is None:
         d_prompt = grad_out[:, :m].sum(0, dtype=torch.float32).to(prompt_dtype)
+    else:
+        d_prompt = _task_prompt_grad(grad_out, m, task_ids.long(), num_tasks, backend)
+        d_prompt = d_prompt.to(prompt_dtype)
+    if task_ids is None:
         if lora_a is not None:
             used, g = _segments.row_sums(grad_out, m, rows, backend)
             b32 = lora_b.float()
@@ -354,13 +366,10 @@ def _dept_embedding_backward_op(
             d_a[used] = scaling * (g @ b32.T)
             d_b = (scaling * (lora_a.float()[used].T @ g)).to(lora_b.dtype)
             d_a = d_a.to(lora_a.dtype)
-    else:
-        task_ids = task_ids.long()
-        d_prompt = _task_prompt_grad(grad_out, m, task_ids, num_tasks, backend).to(prompt_dtype)
-        if lora_a is not None:
-            d_a, d_b = _task_lowrank_grads(
-                grad_out, m, rows, task_ids, lora_a, lora_b, scaling, backend
-            )
+    elif lora_a is not None:
+        d_a, d_b = _task_lowrank_grads(
+            grad_out, m, rows, task_ids.long(), lora_a, lora_b, scaling, backend
+        )
     if weight_grad:
         used, g = _segments.row_sums(grad_out, m, input_ids, backend)
         d_weight = torch.zeros(vocab_size, d, dtype=grad_out.dtype, device=grad_out.device)
@@ -430,6 +439,7 @@ def _(
     vocab_size,
     scaling,
     prompt_dtype,
+    prompt_grad,
     weight_grad,
     backend,
 ):
@@ -464,12 +474,12 @@ def _backward(ctx, grad_out):
         task_ids,
         lora_a if need[3] or need[4] else None,
         lora_b if need[3] or need[4] else None,
-        # The prompt gradient is skipped (m = 0) when nothing wants it.
-        ctx.num_prompt if need[2] else 0,
+        ctx.num_prompt,
         ctx.num_tasks,
         ctx.vocab_size,
         ctx.scaling,
         ctx.prompt_dtype,
+        bool(need[2]),
         bool(need[1]),
         ctx.backend,
     )

@@ -175,6 +175,20 @@ def test_weight_gradient_when_it_trains(backend, token):
         assert_close(g, rg, torch.float32)
 
 
+@pytest.mark.parametrize("tasks", [None, MIXED], ids=["single", "tasks"])
+@pytest.mark.parametrize("position_ids", [False, True], ids=["positions", "position_ids"])
+def test_frozen_prompt_trainable_lowrank(backend, tasks, position_ids):
+    # Only the low-rank pair trains: the prompt rows still offset the token rows.
+    case = Case("frozen_prompt", batch=5, tasks=tasks, position_ids=position_ids)
+    kw = make_inputs(case, torch.float32, torch.float32)
+    kw["prompt"] = kw["prompt"].detach()
+    _, grads, grad_out = run(dept_embedding, kw)
+    _, ref_grads, _ = run(reference_dept_embedding, kw, grad_out)
+    assert len(grads) == 2
+    for g, rg in zip(grads, ref_grads, strict=True):
+        assert_close(g, rg, torch.float32)
+
+
 def test_frozen_weight_gets_no_gradient(backend):
     kw = make_inputs(Case("frozen"), torch.float32, torch.float32)
     out = dept_embedding(**kw)
