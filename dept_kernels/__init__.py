@@ -3,13 +3,15 @@
 from . import ops
 from ._backend import available_backends, current_backend, use_backend
 from .checkpoint import load_adapter, load_dept_checkpoint, save_adapter
-from .methods import DePTConfig, EPTConfig, PromptTuningConfig, equal_budget
+from .methods import AoTConfig, DePTConfig, EPTConfig, PromptTuningConfig, equal_budget
+from .multitask import stack_adapters
 from .ops import dept_embedding, official_dept_embedding
-from .patch import adapter, fold, param_groups, patch, unpatch
+from .patch import adapter, fold, fuse, param_groups, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AoTConfig",
     "DePTConfig",
     "EPTConfig",
     "PromptTuningConfig",
@@ -19,6 +21,7 @@ __all__ = [
     "dept_embedding",
     "equal_budget",
     "fold",
+    "fuse",
     "load_adapter",
     "load_dept_checkpoint",
     "official_dept_embedding",
@@ -26,6 +29,7 @@ __all__ = [
     "param_groups",
     "patch",
     "save_adapter",
+    "stack_adapters",
     "unpatch",
     "use_backend",
 ]

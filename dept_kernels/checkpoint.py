@@ -1,10 +1,11 @@
 """Adapter files: this library's safetensors format and the official DePT checkpoint format.
 
-`save_adapter` writes `adapter_config.json` (the method name and its config fields) and
-`adapter_model.safetensors` (the adapter's parameters, PEFT style). `load_dept_checkpoint`
-reads what the official DePT code saves: `adapter_config.json` with peft_type
-PROMPT_TUNING_LORA and a torch-saved `adapter_model.bin` holding `prompt_embeddings` and,
-unless it was not saved, `prompt_encoder.lora_embedding_A` / `..._B`.
+`save_adapter` writes `adapter_config.json` (the method name and its config fields; for AoT
+also whether it is fused) and `adapter_model.safetensors` (the adapter's parameters, or an
+AoT adapter's fused tables, PEFT style). `load_dept_checkpoint` reads what the official DePT
+code saves: `adapter_config.json` with peft_type PROMPT_TUNING_LORA and a torch-saved
+`adapter_model.bin` holding `prompt_embeddings` and, unless it was not saved,
+`prompt_encoder.lora_embedding_A` / `..._B`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .methods import METHODS, DePTConfig
+from .methods import METHODS, AoTAdapter, AoTConfig, DePTConfig
 from .patch import adapter as adapter_of
-from .patch import patch
+from .patch import attach_adapter, new_adapter, patch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,11 +30,17 @@ _BY_METHOD = {cls.method: cls for cls in METHODS}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the patched model's adapter to `directory` (config JSON + safetensors)."""
+    """Write the patched model's adapter to `directory` (config JSON + safetensors).
+
+    AoT adapters also record `fused` and `num_tasks` (T when stacked, else null): a fused
+    adapter saves its (V, d) or (T, V, d) tables instead of its reparameterisation.
+    """
     adapter = adapter_of(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"method": adapter.config.method, **dataclasses.asdict(adapter.config)}
+    if isinstance(adapter, AoTAdapter):
+        config.update(fused=adapter.fused, num_tasks=adapter.num_tasks)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -42,21 +49,74 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by `save_adapter`, patching `model` first if it is not patched.
 
-    A patched model must carry the same config; shapes are checked before any copy.
+    A patched model must carry the same config (and, for AoT, be fused or not like the
+    file); shapes are checked before any copy.
     """
     directory = Path(directory)
+    config, fused = _read_config(directory)
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    if getattr(model, "_dept_kernels_patch", None) is None:
+        return attach_adapter(model, _build(model, config, fused, tensors, directory))
+    adapter = _patched_with(model, config)
+    if getattr(adapter, "fused", False) != fused:
+        state = "a fused" if fused else "an unfused"
+        raise ValueError(
+            f"{directory} holds {state} AoT adapter but the model's adapter is "
+            f"{'fused' if adapter.fused else 'unfused'}; call dept_kernels.unpatch(model) first"
+        )
+    _copy_into(adapter, tensors, directory, config.method)
+    return model
+
+
+def read_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """The adapter saved in `directory`, built for `model` but not attached to it."""
+    directory = Path(directory)
+    config, fused = _read_config(directory)
+    return _build(model, config, fused, load_file(str(directory / WEIGHTS_NAME)), directory)
+
+
+def read_config(directory: str | os.PathLike) -> object:
+    """The method config saved in `directory` (e.g. `DePTConfig`, `AoTConfig`)."""
+    return _read_config(Path(directory))[0]
+
+
+def _read_config(directory: Path) -> tuple[object, bool]:
+    """(config, whether the saved AoT adapter is fused) from adapter_config.json."""
     fields = _read_json(directory / CONFIG_NAME)
     method = fields.pop("method", None)
     if method not in _BY_METHOD:
         raise ValueError(
             f"{directory / CONFIG_NAME}: method must be one of {sorted(_BY_METHOD)}, got {method!r}"
         )
+    fused = False
+    if method == AoTConfig.method:
+        fused = bool(fields.pop("fused", False))
+        fields.pop("num_tasks", None)  # the tables' shape carries it
     try:
         config = _BY_METHOD[method](**fields)
     except TypeError as err:
         raise ValueError(f"{directory / CONFIG_NAME}: bad {method} config: {err}") from err
-    adapter = _patched_with(model, config)
-    tensors = load_file(str(directory / WEIGHTS_NAME))
+    return config, fused
+
+
+def _build(
+    model: nn.Module, config: object, fused: bool, tensors: dict[str, Tensor], directory: Path
+) -> nn.Module:
+    adapter = new_adapter(model, config)
+    if not fused:
+        _copy_into(adapter, tensors, directory, config.method)
+        return adapter
+    names = [f"layers.{i}.table" for i in range(len(adapter.layers))]
+    if set(tensors) != set(names):
+        raise ValueError(
+            f"{directory / WEIGHTS_NAME} holds {sorted(tensors)}, the fused AoT adapter of "
+            f"{type(model).__name__} needs {names}"
+        )
+    adapter.load_tables([tensors[n] for n in names])
+    return adapter
+
+
+def _copy_into(adapter: nn.Module, tensors: dict[str, Tensor], directory: Path, method: str):
     expected = adapter.state_dict()
     if set(tensors) != set(expected):
         raise ValueError(
@@ -68,7 +128,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for name, tensor in tensors.items():
             expected[name].copy_(tensor)
-    return model
 
 
 def load_dept_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:

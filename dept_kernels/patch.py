@@ -1,21 +1,24 @@
-"""`patch(model, config)` / `unpatch(model)` / `param_groups(model, ...)`.
+"""`patch(model, config)` / `unpatch(model)` / `param_groups(model, ...)` / `fuse(model)`.
 
 `patch` freezes the base weights, attaches the adapter as `model.dept_adapter` and
 registers the architecture's hooks (`dept_kernels.models`), which route the input embedding
-through the fused op. With no config it accelerates a PEFT prompt-tuning model or a model of
-the official DePT code (its PEFT fork): the same Parameter objects move into an adapter, and
-the PEFT wrapper's forward and generate go straight to the hooked base model.
+through the fused op (prompt methods) or add AoT P-tuning's bias before every layer. With no
+config it accelerates a PEFT prompt-tuning model or a model of the official DePT code (its
+PEFT fork): the same Parameter objects move into an adapter, and the PEFT wrapper's forward
+and generate go straight to the hooked base model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import models
-from .methods import METHODS, DePTConfig, PromptAdapter, PromptTuningConfig
+from .methods import METHODS, AoTAdapter, AoTConfig, DePTConfig, PromptTuningConfig
 from .models._hooks import positional_names
 
 _STATE = "_dept_kernels_patch"
@@ -31,17 +34,20 @@ class _PatchState:
 
 
 def patch(model: nn.Module, config: object | None = None, *, generator=None) -> nn.Module:
-    """Attach a prompt adapter to a Hugging Face T5 / GPT-2 / LLaMA model, in place.
+    """Attach an adapter to a Hugging Face model, in place.
+
+    Prompt methods patch T5 / GPT-2 / LLaMA; AoT P-tuning also BERT and RoBERTa (every
+    layer; T5: every encoder layer).
 
     Args:
         model: the model; with `config=None`, a PEFT prompt-tuning model or an official DePT
             (PROMPT_TUNING_LORA) model to accelerate without changing its parameters.
-        config: `DePTConfig`, `PromptTuningConfig` or `EPTConfig`.
+        config: `DePTConfig`, `PromptTuningConfig`, `EPTConfig` or `AoTConfig`.
         generator: optional `torch.Generator` for the adapter's initialisation.
 
     Returns:
         `model`, whose forward and generate now take the usual arguments (ids of length s,
-        a (B, s) mask, labels) and run the m prompt rows in front.
+        a (B, s) mask, labels) and run the m prompt rows in front, or add AoT's bias.
     """
     if getattr(model, _STATE, None) is not None:
         raise ValueError(
@@ -50,13 +56,35 @@ def patch(model: nn.Module, config: object | None = None, *, generator=None) -> 
         )
     if config is None:
         return _accelerate(model)
+    return attach_adapter(model, new_adapter(model, config, generator=generator))
+
+
+def new_adapter(
+    model: nn.Module, config: object, *, generator: torch.Generator | None = None
+) -> nn.Module:
+    """A freshly initialised adapter of `config` for `model`, not attached to it."""
     if type(config) not in METHODS:
         names = ", ".join(c.__name__ for c in METHODS)
         raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
-    arch = models.architecture(model)
-    weight = model.get_input_embeddings().weight
-    adapter = METHODS[type(config)](config, weight, generator=generator)
-    _attach(model, model, arch, adapter, freeze=True)
+    if isinstance(config, AoTConfig):
+        _, layers = models.aot_sites(model)
+        weight = model.get_input_embeddings().weight
+        d = model.config.hidden_size
+        return AoTAdapter.create(config, weight, len(layers), d, generator=generator)
+    models.architecture(model)
+    return METHODS[type(config)](config, model.get_input_embeddings().weight, generator=generator)
+
+
+def attach_adapter(model: nn.Module, adapter: nn.Module) -> nn.Module:
+    """Patch an unpatched `model` with a ready adapter (built by `new_adapter`, loaded from a
+    checkpoint, or stacked): freeze the base weights and install the hooks."""
+    if not isinstance(adapter, AoTAdapter):
+        _attach(model, model, models.architecture(model).install, adapter, freeze=True)
+        return model
+    state = _attach(model, model, models.install_aot, adapter, freeze=True)
+    if hasattr(type(model), "generate"):
+        model.__dict__["generate"] = models.aot_generate(model.generate)
+        state.overridden = ("generate",)
     return model
 
 
@@ -74,30 +102,58 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter(model: nn.Module) -> PromptAdapter:
+def adapter(model: nn.Module) -> nn.Module:
     """The adapter of a patched model (also under a PEFT wrapper)."""
     return getattr(_state(model).owner, ADAPTER)
 
 
 def param_groups(
-    model: nn.Module, prompt_lr: float, lowrank_lr: float, weight_decay: float = 0.01
+    model: nn.Module,
+    prompt_lr: float | None = None,
+    lowrank_lr: float | None = None,
+    weight_decay: float = 0.01,
 ) -> list[dict]:
     """Optimizer groups: the soft prompt at `prompt_lr`, the low-rank pair (DePT) or the
-    reparameterisation (EPT) at `lowrank_lr`. Pass to `torch.optim.AdamW(...)` or build the
-    optimizer for a `Trainer` with it (`Trainer(..., optimizers=(opt, None))`).
+    reparameterisation (EPT, AoT) at `lowrank_lr`. Pass to `torch.optim.AdamW(...)` or build
+    the optimizer for a `Trainer` with it (`Trainer(..., optimizers=(opt, None))`). AoT has
+    no soft prompt, so it needs `lowrank_lr` only.
 
     Only the adapter's trainable parameters are listed; a PEFT model's extra trainable
     modules (e.g. a classifier in `modules_to_save`) need their own group.
     """
-    prompt, lowrank = adapter(model).param_groups()
-    groups = [
-        {"params": [p for p in prompt if p.requires_grad], "lr": prompt_lr},
-        {"params": [p for p in lowrank if p.requires_grad], "lr": lowrank_lr},
-    ]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["weight_decay"] = weight_decay
+    current = adapter(model)
+    groups = []
+    for params, lr, name in zip(
+        current.param_groups(), (prompt_lr, lowrank_lr), ("prompt_lr", "lowrank_lr"), strict=True
+    ):
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            continue
+        if lr is None:
+            raise ValueError(f"{type(current).__name__} has parameters that need {name}")
+        groups.append({"params": params, "lr": lr, "weight_decay": weight_decay})
     return groups
+
+
+def fuse(
+    model: nn.Module,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Materialise a trained AoT adapter's per-layer (V, d) tables once, for inference.
+
+    Afterwards each layer's bias is a gather-add (`ops.aot_bias_add`). `dtype` and `device`
+    default to the adapter's; `device="cpu"` for a model on the GPU keeps the tables in host
+    memory and moves only the rows each batch needs. Returns `model`.
+    """
+    current = adapter(model)
+    if not isinstance(current, AoTAdapter):
+        raise TypeError(
+            f"fuse materialises AoT P-tuning tables; {type(current).__name__} has none "
+            "(EPT adapters fold: dept_kernels.fold)"
+        )
+    current.fuse(model.get_input_embeddings().weight, dtype=dtype, device=device)
+    return model
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -105,7 +161,14 @@ def fold(model: nn.Module) -> nn.Module:
     current = adapter(model)
     if not hasattr(current, "fold"):
         raise TypeError(f"{type(current).__name__} has nothing to fold (EPT adapters fold)")
-    setattr(_state(model).owner, ADAPTER, current.fold())
+    return replace_adapter(model, current.fold())
+
+
+def replace_adapter(model: nn.Module, new: nn.Module) -> nn.Module:
+    """Swap a patched model's adapter for one its hooks serve the same way."""
+    owner = _state(model).owner
+    new.train(owner.training)
+    setattr(owner, ADAPTER, new)
     return model
 
 
@@ -117,7 +180,12 @@ def _state(model: nn.Module) -> _PatchState:
 
 
 def _attach(
-    model: nn.Module, owner: nn.Module, arch, adapter: PromptAdapter, *, freeze: bool
+    model: nn.Module,
+    owner: nn.Module,
+    install: Callable[[nn.Module, Callable[[], nn.Module]], list[RemovableHandle]],
+    adapter: nn.Module,
+    *,
+    freeze: bool,
 ) -> _PatchState:
     if hasattr(owner, ADAPTER):
         raise ValueError(f"{type(owner).__name__} already has an attribute {ADAPTER!r}")
@@ -126,9 +194,11 @@ def _attach(
         requires_grad = {p: p.requires_grad for p in owner.parameters()}
         for p in requires_grad:
             p.requires_grad_(False)
+    # A module starts in training mode; the adapter follows the model (AoT has dropout).
+    adapter.train(owner.training)
     setattr(owner, ADAPTER, adapter)
     try:
-        handles = arch.install(owner, lambda: getattr(owner, ADAPTER))
+        handles = install(owner, lambda: getattr(owner, ADAPTER))
     except Exception:
         delattr(owner, ADAPTER)
         for p, flag in requires_grad.items():
@@ -213,7 +283,7 @@ def _accelerate(model: nn.Module) -> nn.Module:
                 )
         new = METHODS[DePTConfig](config, weight)
         new.prompt, new.lora_a, new.lora_b = prompt, lora_a, lora_b
-    state = _attach(model, base, models.architecture(base), new, freeze=False)
+    state = _attach(model, base, models.architecture(base).install, new, freeze=False)
     forward_names = positional_names(type(model))
 
     def forward(*args, task_ids=None, **kwargs):

@@ -67,3 +67,12 @@ def needs_ids(kw: dict, where: str) -> Tensor:
             f"them); inputs_embeds cannot carry the prompt"
         )
     return ids
+
+
+def find_inner(model: nn.Module, cls: type | tuple[type, ...]) -> nn.Module:
+    """The first `cls` module inside `model` (the model itself included)."""
+    inner = next((m for m in model.modules() if isinstance(m, cls)), None)
+    if inner is None:
+        names = " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
+        raise TypeError(f"no {names} inside {type(model).__name__}")
+    return inner

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _decoder
-from ._hooks import AdapterGetter
+from ._hooks import AdapterGetter, find_inner
 
 MODEL_TYPE = "gpt2"
 
@@ -28,3 +28,11 @@ def install(model: nn.Module, adapter_of: AdapterGetter) -> list[RemovableHandle
         f"GPT-2 support covers GPT2LMHeadModel, GPT2ForSequenceClassification and GPT2Model, "
         f"got {type(model).__name__}"
     )
+
+
+def aot_sites(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """(the GPT2Model inside `model`, its blocks `h`): where AoT P-tuning adds its bias."""
+    from transformers import GPT2Model
+
+    inner = find_inner(model, GPT2Model)
+    return inner, inner.h

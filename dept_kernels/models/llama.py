@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _decoder
-from ._hooks import AdapterGetter
+from ._hooks import AdapterGetter, find_inner
 
 MODEL_TYPE = "llama"
 
@@ -28,3 +28,11 @@ def install(model: nn.Module, adapter_of: AdapterGetter) -> list[RemovableHandle
         f"LLaMA support covers LlamaForCausalLM, LlamaForSequenceClassification and LlamaModel, "
         f"got {type(model).__name__}"
     )
+
+
+def aot_sites(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """(the LlamaModel inside `model`, its decoder `layers`): where AoT P-tuning adds its bias."""
+    from transformers import LlamaModel
+
+    inner = find_inner(model, LlamaModel)
+    return inner, inner.layers[: inner.config.num_hidden_layers]

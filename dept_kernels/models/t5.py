@@ -79,3 +79,13 @@ def install(model: nn.Module, adapter_of: AdapterGetter) -> list[RemovableHandle
     else:
         handles.append(model.register_forward_pre_hook(encoder_model_pre_hook, with_kwargs=True))
     return handles
+
+
+def aot_sites(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """(the encoder T5Stack inside `model`, its blocks): AoT P-tuning biases the encoder only."""
+    from transformers.models.t5.modeling_t5 import T5Stack
+
+    encoders = [m for m in model.modules() if isinstance(m, T5Stack) and not m.is_decoder]
+    if not encoders:
+        raise TypeError(f"T5 support needs a T5 encoder stack inside {type(model).__name__}")
+    return encoders[0], encoders[0].block

@@ -1,0 +1,105 @@
+"""`stack_adapters`: one model serving T tasks, picked per sample by `task_ids` (B,).
+
+The generic part lives here: resolving models and adapter directories, checking that the
+adapters share one base model, and attaching the result. What stacking means is the adapter
+class's: a method supports multi-task serving by giving its adapter class a classmethod
+`stack(adapters) -> adapter` and reading `task_ids` in its hooks. AoT adapters do (stacked
+(T, V, d) tables). The prompt methods will once `dept_embedding` takes `task_ids` with
+stacked prompts (T, m, d) and low-rank pairs (T, L, r) / (T, r, d).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import read_adapter, read_config
+from .methods import METHODS
+from .patch import ADAPTER, adapter, attach_adapter, replace_adapter
+
+
+def stack_adapters(
+    sources: Sequence[nn.Module | str | os.PathLike], model: nn.Module | None = None
+) -> nn.Module:
+    """Build one model serving the tasks of `sources`, task t being `sources[t]`.
+
+    Args:
+        sources: patched models, or directories written by `save_adapter`, all with adapters
+            of one method trained on the same base model (AoT: fused adapters).
+        model: the model to serve from: unpatched (it gets patched), or patched with the
+            method of the sources (its adapter is replaced). By default the first model
+            among `sources`, whose adapter is replaced in place.
+
+    Returns:
+        The serving model; its forward and generate take `task_ids` (B,) in [0, T).
+    """
+    if not sources:
+        raise ValueError("stack_adapters needs at least one model or adapter directory")
+    if model is None:
+        model = next((s for s in sources if isinstance(s, nn.Module)), None)
+        if model is None:
+            raise ValueError(
+                "all sources are adapter directories: pass model=, the base model they were "
+                "trained on"
+            )
+    for source in sources:
+        _check_stackable(source)
+    adapters = []
+    for i, source in enumerate(sources):
+        if isinstance(source, nn.Module):
+            if source is not model:
+                _check_same_base(source, model, i)
+            adapters.append(adapter(source))
+        else:
+            adapters.append(read_adapter(model, source))
+    kinds = {type(a) for a in adapters}
+    if len(kinds) > 1:
+        names = sorted(k.__name__ for k in kinds)
+        raise ValueError(f"stack_adapters needs adapters of one method, got {names}")
+    stacked = type(adapters[0]).stack(adapters)
+    if getattr(model, "_dept_kernels_patch", None) is None:
+        return attach_adapter(model, stacked)
+    if type(adapter(model)) is not type(stacked):
+        raise ValueError(
+            f"model is patched with a {type(adapter(model)).__name__}; the stacked adapter is a "
+            f"{type(stacked).__name__}"
+        )
+    return replace_adapter(model, stacked)
+
+
+def _check_stackable(source: nn.Module | str | os.PathLike) -> None:
+    if isinstance(source, nn.Module):
+        kind = type(adapter(source))
+    else:
+        kind = METHODS[type(read_config(source))]
+    if not hasattr(kind, "stack"):
+        raise NotImplementedError(
+            f"stacking {kind.__name__} adapters is not supported yet: the prompt methods need "
+            "dept_embedding to take task_ids with stacked prompts (T, m, d) and low-rank pairs "
+            "(T, L, r) / (T, r, d). AoT P-tuning adapters stack"
+        )
+
+
+@torch.no_grad()
+def _check_same_base(source: nn.Module, model: nn.Module, index: int) -> None:
+    """The base weights of `source` equal those of `model` (adapters excluded)."""
+
+    def base(m: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in m.state_dict().items() if n.split(".")[0] != ADAPTER}
+
+    got, want = base(source), base(model)
+    if type(source) is not type(model) or got.keys() != want.keys():
+        raise ValueError(
+            f"source {index} is a {type(source).__name__} with different weights than the "
+            f"{type(model).__name__} to serve from: adapters must share the base model"
+        )
+    for name, tensor in want.items():
+        other = got[name]
+        if other.shape != tensor.shape or not torch.equal(other.to(tensor.device), tensor):
+            raise ValueError(
+                f"source {index}'s base weight {name!r} differs from the model's: adapters "
+                "must share the base model"
+            )
