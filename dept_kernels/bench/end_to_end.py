@@ -4,8 +4,9 @@ Three setups train the same frozen random-weight T5 (or a local checkpoint) on t
 batches, with AdamW over the adapter:
 
 - PT: prompt tuning with l = 100 virtual tokens, batches padded to their longest input;
-- DePT (fused): m = 40, r = 45 at L = 256 (the equal budget of PT l = 100 on T5-base),
-  through `dept_kernels.patch`, batches padded to their longest input;
+- DePT (fused): m = 40 and r from the equal-budget rule `l*d = m*d + (L + d)*r` at L = 256
+  (r = 45 on T5-base, 40 at t5-small's width), through `dept_kernels.patch`, batches padded
+  to their longest input;
 - DePT (official path): the official code's formula in eager PyTorch
   (`official_dept_embedding`), every batch padded to max_length as that code does.
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import patch
-from ..methods import DePTConfig, PromptTuningConfig
+from ..methods import DePTConfig, PromptTuningConfig, equal_budget
 from ..ops import official_dept_embedding
 
 MAX_LENGTH = 256
@@ -188,7 +189,10 @@ def run(
     base: nn.Module, batches: list[Batch], warmup: int, progress, prompt_length: int = 100
 ) -> list[dict]:
     """Train each setup on its own copy of `base`; returns one result row per setup."""
-    dept = DePTConfig(num_virtual_tokens=40, r=45, max_length=MAX_LENGTH)
+    # m = 40 as in the paper; r from the equal-budget rule at this model's width (45 at
+    # T5-base's d = 768, 40 at t5-small's d = 512), so DePT trains as many parameters as PT.
+    m, r = equal_budget(prompt_length, base.config.d_model, MAX_LENGTH, num_virtual_tokens=40)
+    dept = DePTConfig(num_virtual_tokens=m, r=r, max_length=MAX_LENGTH)
 
     def patched(name: str, config: object) -> dict:
         model = patch(copy.deepcopy(base), config)
@@ -197,13 +201,13 @@ def run(
 
     results = [
         patched(f"PT (l={prompt_length})", PromptTuningConfig(prompt_length)),
-        patched("DePT (m=40, r=45), fused", dept),
+        patched(f"DePT (m={m}, r={r}), fused", dept),
     ]
     frozen = copy.deepcopy(base).requires_grad_(False)
     official = OfficialDePT(frozen, dept)
     results.append(
         train_setup(
-            "DePT (m=40, r=45), official path",
+            f"DePT (m={m}, r={r}), official path",
             official,
             [official.prompt, official.lora_a, official.lora_b],
             batches,
