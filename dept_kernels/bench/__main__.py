@@ -4,7 +4,8 @@
                                  [--out bench/out] [--full]
 
 1. End to end (`end_to_end`): training steps of PT (l=100), DePT at the equal budget through
-   the library, and DePT as the official code runs it, on a T5 with t5-small dimensions.
+   the library, and DePT as the official code runs it, on a T5 with t5-small dimensions;
+   then AoT P-tuning inference (fused tables) against the unpatched model.
 2. Kernels (`kernels`): the fused DePT embedding on every backend against the official
    formula in eager PyTorch and under torch.compile, at T5-base dimensions.
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--full", action="store_true", help="kernels at every model shape")
     parser.add_argument("--repeats", type=int, default=20, help="kernel timing rounds")
+    parser.add_argument("--aot-rounds", type=int, default=6, help="AoT inference rounds")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -103,6 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     with tqdm(total=total, desc="training steps", unit="step") as progress:
         rows = end_to_end.run(base, batches, args.warmup, progress)
     print(end_to_end_table(rows))
+    with tqdm(total=args.aot_rounds, desc="AoT inference rounds", unit="round") as progress:
+        aot = end_to_end.aot_inference(base, batches, args.aot_rounds, progress)
+    print(
+        f"AoT P-tuning inference (fused tables, every encoder layer): "
+        f"{aot['aot_fused_s']:.3f} s vs {aot['unpatched_s']:.3f} s unpatched per forward, "
+        f"overhead {aot['overhead']:+.1%}"
+    )
 
     shapes = sorted(kernels.SHAPES) if args.full else ["t5-base"]
     kernel_results = []
@@ -114,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.json", "w") as f:
-        json.dump({"end_to_end": rows, "kernels": kernel_results}, f, indent=2)
+        json.dump(
+            {"end_to_end": rows, "aot_inference": aot, "kernels": kernel_results}, f, indent=2
+        )
     plot(rows, kernel_results[0], out / "results.png")
     print(f"\nwrote {out / 'results.json'} and {out / 'results.png'}")
 

@@ -10,6 +10,9 @@ batches, with AdamW over the adapter:
 - DePT (official path): the official code's formula in eager PyTorch
   (`official_dept_embedding`), every batch padded to max_length as that code does.
 
+Then AoT P-tuning inference: the same T5 with a fused AoT adapter (a gather-add before every
+encoder layer) against the unpatched model, eval and no_grad, forwards alternated.
+
 Input lengths follow a GLUE-like distribution (stated in `glue_like_lengths`); targets are
 two tokens and </s>. Time per step is the median over the timed steps; memory is the mean
 over those steps of the bytes autograd saves for backward (and the CUDA peak on a GPU).
@@ -26,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import patch
-from ..methods import DePTConfig, PromptTuningConfig, equal_budget
+from .. import fuse, patch
+from ..methods import AoTConfig, DePTConfig, PromptTuningConfig, equal_budget
 from ..ops import official_dept_embedding
 
 MAX_LENGTH = 256
@@ -216,3 +219,31 @@ def run(
         )
     )
     return results
+
+
+@torch.no_grad()
+def aot_inference(base: nn.Module, batches: list[Batch], rounds: int, progress) -> dict:
+    """Median time of the unpatched forward and of the fused-AoT forward, alternated."""
+    plain = copy.deepcopy(base).eval()
+    aot = patch(copy.deepcopy(base), AoTConfig(reparam="fc", r=64)).eval()
+    for layer in aot.dept_adapter.layers:
+        # Non-zero tables, so the gather-add does real work (W_2 starts at zero).
+        layer.w2.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    fuse(aot)
+    times: dict[str, list[float]] = {"unpatched": [], "AoT fused": []}
+    cuda = batches[0].input_ids.is_cuda
+    for i in range(rounds):
+        batch = batches[i % len(batches)]
+        order = [("unpatched", plain), ("AoT fused", aot)]
+        for name, model in order if i % 2 else order[::-1]:
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(**vars(batch))
+            if cuda:
+                torch.cuda.synchronize()
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+        progress.update(1)
+    plain_s, aot_s = (statistics.median(times[k]) for k in ("unpatched", "AoT fused"))
+    return {"unpatched_s": plain_s, "aot_fused_s": aot_s, "overhead": aot_s / plain_s - 1}
