@@ -308,10 +308,11 @@ def aot_fc_bias(
 def reference_aot_bias_add(
     hidden: Tensor, input_ids: Tensor, table: Tensor, *, task_ids: Tensor | None = None
 ) -> Tensor:
-    """The formula in plain differentiable PyTorch: the test oracle."""
+    """The formula in plain differentiable PyTorch, fp32 accumulation: the test oracle."""
+    table = table.float()  # so the table's gradient is summed in fp32 too
     if task_ids is not None:
         table = table[task_ids.long()]  # (B, V, d)
         bias = torch.gather(table, 1, input_ids.long()[:, :, None].expand(-1, -1, table.shape[-1]))
     else:
         bias = F.embedding(input_ids.long(), table)
-    return (hidden.float() + bias.float()).to(hidden.dtype)
+    return (hidden.float() + bias).to(hidden.dtype)
