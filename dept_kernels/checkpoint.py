@@ -1,8 +1,9 @@
 """Adapter files: this library's safetensors format and the official DePT checkpoint format.
 
-`save_adapter` writes `adapter_config.json` (the method name and its config fields; for AoT
-also whether it is fused) and `adapter_model.safetensors` (the adapter's parameters, or an
-AoT adapter's fused tables, PEFT style). `load_dept_checkpoint` reads what the official DePT
+`save_adapter` writes `adapter_config.json` (the method name, its config fields and
+`num_tasks`, T for a stacked adapter; for AoT also whether it is fused) and
+`adapter_model.safetensors` (the adapter's parameters, or an AoT adapter's fused tables,
+PEFT style). `load_dept_checkpoint` reads what the official DePT
 code saves: `adapter_config.json` with peft_type PROMPT_TUNING_LORA and a torch-saved
 `adapter_model.bin` holding `prompt_embeddings` and, unless it was not saved,
 `prompt_encoder.lora_embedding_A` / `..._B`.
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .methods import METHODS, AoTAdapter, AoTConfig, DePTConfig
+from .methods import METHODS, AoTAdapter, AoTConfig, DePTConfig, PromptAdapter
 from .patch import adapter as adapter_of
 from .patch import attach_adapter, new_adapter, patch
 
@@ -32,15 +33,17 @@ _BY_METHOD = {cls.method: cls for cls in METHODS}
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the patched model's adapter to `directory` (config JSON + safetensors).
 
-    AoT adapters also record `fused` and `num_tasks` (T when stacked, else null): a fused
-    adapter saves its (V, d) or (T, V, d) tables instead of its reparameterisation.
+    `num_tasks` is T for a stacked adapter (`stack_adapters`), else null. AoT adapters also
+    record `fused`: a fused adapter saves its (V, d) or (T, V, d) tables instead of its
+    reparameterisation. A stacked EPT adapter is a prompt-tuning one and saves as such.
     """
     adapter = adapter_of(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"method": adapter.config.method, **dataclasses.asdict(adapter.config)}
     if isinstance(adapter, AoTAdapter):
-        config.update(fused=adapter.fused, num_tasks=adapter.num_tasks)
+        config["fused"] = adapter.fused
+    config["num_tasks"] = adapter.num_tasks
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -53,16 +56,21 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     file); shapes are checked before any copy.
     """
     directory = Path(directory)
-    config, fused = _read_config(directory)
+    config, fused, num_tasks = _read_config(directory)
     tensors = load_file(str(directory / WEIGHTS_NAME))
     if getattr(model, "_dept_kernels_patch", None) is None:
-        return attach_adapter(model, _build(model, config, fused, tensors, directory))
+        return attach_adapter(model, _build(model, config, fused, num_tasks, tensors, directory))
     adapter = _patched_with(model, config)
     if getattr(adapter, "fused", False) != fused:
         state = "a fused" if fused else "an unfused"
         raise ValueError(
             f"{directory} holds {state} AoT adapter but the model's adapter is "
             f"{'fused' if adapter.fused else 'unfused'}; call dept_kernels.unpatch(model) first"
+        )
+    if adapter.num_tasks != num_tasks:
+        raise ValueError(
+            f"{directory} holds an adapter for num_tasks={num_tasks} but the model's adapter "
+            f"serves num_tasks={adapter.num_tasks}; call dept_kernels.unpatch(model) first"
         )
     _copy_into(adapter, tensors, directory, config.method)
     return model
@@ -71,8 +79,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 def read_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """The adapter saved in `directory`, built for `model` but not attached to it."""
     directory = Path(directory)
-    config, fused = _read_config(directory)
-    return _build(model, config, fused, load_file(str(directory / WEIGHTS_NAME)), directory)
+    config, fused, num_tasks = _read_config(directory)
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    return _build(model, config, fused, num_tasks, tensors, directory)
 
 
 def read_config(directory: str | os.PathLike) -> object:
@@ -80,29 +89,45 @@ def read_config(directory: str | os.PathLike) -> object:
     return _read_config(Path(directory))[0]
 
 
-def _read_config(directory: Path) -> tuple[object, bool]:
-    """(config, whether the saved AoT adapter is fused) from adapter_config.json."""
+def _read_config(directory: Path) -> tuple[object, bool, int | None]:
+    """(config, whether the saved AoT adapter is fused, T or None) from adapter_config.json."""
     fields = _read_json(directory / CONFIG_NAME)
     method = fields.pop("method", None)
     if method not in _BY_METHOD:
         raise ValueError(
             f"{directory / CONFIG_NAME}: method must be one of {sorted(_BY_METHOD)}, got {method!r}"
         )
+    # Files written before multi-task prompt adapters have no num_tasks: one task.
+    num_tasks = fields.pop("num_tasks", None)
+    if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
+        raise ValueError(f"{directory / CONFIG_NAME}: num_tasks must be null or >= 1")
     fused = False
     if method == AoTConfig.method:
         fused = bool(fields.pop("fused", False))
-        fields.pop("num_tasks", None)  # the tables' shape carries it
     try:
         config = _BY_METHOD[method](**fields)
     except TypeError as err:
         raise ValueError(f"{directory / CONFIG_NAME}: bad {method} config: {err}") from err
-    return config, fused
+    return config, fused, num_tasks
 
 
 def _build(
-    model: nn.Module, config: object, fused: bool, tensors: dict[str, Tensor], directory: Path
+    model: nn.Module,
+    config: object,
+    fused: bool,
+    num_tasks: int | None,
+    tensors: dict[str, Tensor],
+    directory: Path,
 ) -> nn.Module:
     adapter = new_adapter(model, config)
+    if isinstance(adapter, PromptAdapter) and num_tasks is not None:
+        # The stacked shapes, from T copies of a fresh adapter; the saved values follow.
+        adapter = type(adapter).stack([adapter] * num_tasks)
+        if adapter.config != config:
+            raise ValueError(
+                f"{directory / CONFIG_NAME}: a stacked {config.method} adapter saves as "
+                f"{adapter.config.method}"
+            )
     if not fused:
         _copy_into(adapter, tensors, directory, config.method)
         return adapter

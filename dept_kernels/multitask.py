@@ -3,9 +3,10 @@
 The generic part lives here: resolving models and adapter directories, checking that the
 adapters share one base model, and attaching the result. What stacking means is the adapter
 class's: a method supports multi-task serving by giving its adapter class a classmethod
-`stack(adapters) -> adapter` and reading `task_ids` in its hooks. AoT adapters do (stacked
-(T, V, d) tables). The prompt methods will once `dept_embedding` takes `task_ids` with
-stacked prompts (T, m, d) and low-rank pairs (T, L, r) / (T, r, d).
+`stack(adapters) -> adapter` and reading `task_ids` in its hooks. Prompt tuning and DePT
+stack their prompts (T, m, d) and low-rank pairs (T, L, r) / (T, r, d), which
+`dept_embedding` picks per sample; EPT stacks its folded prompts as prompt tuning does; AoT
+stacks fused (T, V, d) tables.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from torch import nn
 
 from .checkpoint import read_adapter, read_config
-from .methods import METHODS
-from .patch import ADAPTER, adapter, attach_adapter, replace_adapter
+from .methods import METHODS, PromptAdapter
+from .patch import ADAPTER, accelerated, adapter, attach_adapter, replace_adapter
 
 
 def stack_adapters(
@@ -28,7 +29,8 @@ def stack_adapters(
 
     Args:
         sources: patched models, or directories written by `save_adapter`, all with adapters
-            of one method trained on the same base model (AoT: fused adapters).
+            of one method trained on the same base model (AoT: fused adapters). A stacked
+            source contributes all its tasks.
         model: the model to serve from: unpatched (it gets patched), or patched with the
             method of the sources (its adapter is replaced). By default the first model
             among `sources`, whose adapter is replaced in place.
@@ -47,6 +49,8 @@ def stack_adapters(
             )
     for source in sources:
         _check_stackable(source)
+    if getattr(model, "_dept_kernels_patch", None) is not None:
+        _check_not_accelerated(model)
     adapters = []
     for i, source in enumerate(sources):
         if isinstance(source, nn.Module):
@@ -62,9 +66,11 @@ def stack_adapters(
     stacked = type(adapters[0]).stack(adapters)
     if getattr(model, "_dept_kernels_patch", None) is None:
         return attach_adapter(model, stacked)
-    if type(adapter(model)) is not type(stacked):
+    # The model's hooks serve any adapter of their family (stacked EPT is prompt tuning).
+    current = adapter(model)
+    if isinstance(current, PromptAdapter) != isinstance(stacked, PromptAdapter):
         raise ValueError(
-            f"model is patched with a {type(adapter(model)).__name__}; the stacked adapter is a "
+            f"model is patched with a {type(current).__name__}; the stacked adapter is a "
             f"{type(stacked).__name__}"
         )
     return replace_adapter(model, stacked)
@@ -73,13 +79,22 @@ def stack_adapters(
 def _check_stackable(source: nn.Module | str | os.PathLike) -> None:
     if isinstance(source, nn.Module):
         kind = type(adapter(source))
+        _check_not_accelerated(source)
     else:
         kind = METHODS[type(read_config(source))]
     if not hasattr(kind, "stack"):
-        raise NotImplementedError(
-            f"stacking {kind.__name__} adapters is not supported yet: the prompt methods need "
-            "dept_embedding to take task_ids with stacked prompts (T, m, d) and low-rank pairs "
-            "(T, L, r) / (T, r, d). AoT P-tuning adapters stack"
+        raise TypeError(
+            f"{kind.__name__} adapters do not stack: an adapter class serves several tasks by "
+            "defining a classmethod stack(adapters)"
+        )
+
+
+def _check_not_accelerated(model: nn.Module) -> None:
+    if accelerated(model):
+        raise TypeError(
+            f"{type(model).__name__} is a PEFT model accelerated by patch(model), whose forward "
+            "takes no task_ids: save its adapter (dept_kernels.save_adapter) and stack the "
+            "directory onto the base model"
         )
 
 

@@ -10,6 +10,7 @@ and generate go straight to the hooked base model.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -77,13 +78,16 @@ def new_adapter(
 
 def attach_adapter(model: nn.Module, adapter: nn.Module) -> nn.Module:
     """Patch an unpatched `model` with a ready adapter (built by `new_adapter`, loaded from a
-    checkpoint, or stacked): freeze the base weights and install the hooks."""
-    if not isinstance(adapter, AoTAdapter):
-        _attach(model, model, models.architecture(model).install, adapter, freeze=True)
-        return model
-    state = _attach(model, model, models.install_aot, adapter, freeze=True)
+    checkpoint, or stacked): freeze the base weights and install the hooks. The model's
+    `generate` then takes `task_ids` (B,) for a stacked adapter, as its forward does."""
+    if isinstance(adapter, AoTAdapter):
+        install = models.install_aot
+    else:
+        install = models.architecture(model).install
+    state = _attach(model, model, install, adapter, freeze=True)
     if hasattr(type(model), "generate"):
-        model.__dict__["generate"] = models.aot_generate(model.generate)
+        # A bound method, not a closure: a deep copy of the model binds it to the copy.
+        model.__dict__["generate"] = types.MethodType(models.generate_with_tasks, model)
         state.overridden = ("generate",)
     return model
 
@@ -172,6 +176,12 @@ def replace_adapter(model: nn.Module, new: nn.Module) -> nn.Module:
     return model
 
 
+def accelerated(model: nn.Module) -> bool:
+    """Whether `model` is a PEFT model patched without a config (its adapter lives on the base
+    model, and its own forward and generate are replaced)."""
+    return _state(model).owner is not model
+
+
 def _state(model: nn.Module) -> _PatchState:
     state = getattr(model, _STATE, None)
     if state is None:
@@ -182,7 +192,7 @@ def _state(model: nn.Module) -> _PatchState:
 def _attach(
     model: nn.Module,
     owner: nn.Module,
-    install: Callable[[nn.Module, Callable[[], nn.Module]], list[RemovableHandle]],
+    install: Callable[[nn.Module, models.AdapterOf], list[RemovableHandle]],
     adapter: nn.Module,
     *,
     freeze: bool,
@@ -198,7 +208,7 @@ def _attach(
     adapter.train(owner.training)
     setattr(owner, ADAPTER, adapter)
     try:
-        handles = install(owner, lambda: getattr(owner, ADAPTER))
+        handles = install(owner, models.AdapterOf(owner, ADAPTER))
     except Exception:
         delattr(owner, ADAPTER)
         for p, flag in requires_grad.items():
@@ -284,18 +294,20 @@ def _accelerate(model: nn.Module) -> nn.Module:
         new = METHODS[DePTConfig](config, weight)
         new.prompt, new.lora_a, new.lora_b = prompt, lora_a, lora_b
     state = _attach(model, base, models.architecture(base).install, new, freeze=False)
-    forward_names = positional_names(type(model))
-
-    def forward(*args, task_ids=None, **kwargs):
-        if task_ids is not None:
-            raise ValueError("task_ids are not supported by the accelerated prompt-tuning forward")
-        kwargs.update(zip(forward_names, args, strict=False))
-        return base(**kwargs)
-
-    def generate(*args, **kwargs):
-        return base.generate(*args, **kwargs)
-
-    model.__dict__["forward"] = forward
-    model.__dict__["generate"] = generate
+    # Bound methods, not closures: a deep copy of the model binds them to the copy.
+    model.__dict__["forward"] = types.MethodType(_peft_forward, model)
+    model.__dict__["generate"] = types.MethodType(_peft_generate, model)
     state.overridden = ("forward", "generate")
     return model
+
+
+def _peft_forward(model: nn.Module, *args, task_ids=None, **kwargs):
+    """The accelerated PEFT model's forward: straight to the hooked base model."""
+    if task_ids is not None:
+        raise ValueError("task_ids are not supported by the accelerated prompt-tuning forward")
+    kwargs.update(zip(positional_names(type(model)), args, strict=False))
+    return model.base_model(**kwargs)
+
+
+def _peft_generate(model: nn.Module, *args, **kwargs):
+    return model.base_model.generate(*args, **kwargs)

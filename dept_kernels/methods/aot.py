@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..ops import _validate as v
 from ..ops import aot_bias_add, aot_fc_bias, aot_kron_bias, fc_rows, kron_rows
 from ..ops.aot import ACTIVATIONS
-from .base import check_int
+from .base import as_stacked, check_int, check_task_ids
 
 REPARAMS = ("fc", "kron")
 
@@ -337,7 +337,7 @@ class AoTAdapter(nn.Module):
                 )
         ref = first.layers[0].table
         tables = [
-            torch.cat([_as_stacked(a.layers[i].table).to(ref.device, ref.dtype) for a in adapters])
+            torch.cat([as_stacked(a.layers[i].table).to(ref.device, ref.dtype) for a in adapters])
             for i in range(len(first.layers))
         ]
         return cls.from_tables(first.config, tables)
@@ -360,15 +360,9 @@ class AoTAdapter(nn.Module):
         """Ids in [0, V) and, for a stacked adapter, one task id in [0, T) per sample."""
         v.check_range("input_ids", input_ids, self.vocab)
         tasks = self.num_tasks
+        check_task_ids(tasks, task_ids)
         if tasks is None:
-            if task_ids is not None:
-                raise ValueError(
-                    "task_ids were given but the adapter serves one task; build a multi-task "
-                    "model with dept_kernels.stack_adapters"
-                )
             return
-        if task_ids is None:
-            raise ValueError(f"the model serves {tasks} stacked tasks: pass task_ids (B,)")
         v.check_ids("task_ids", task_ids, ndim=1)
         if task_ids.shape[0] != input_ids.shape[0]:
             raise ValueError(
@@ -413,7 +407,3 @@ class AoTAdapter(nn.Module):
             raise ValueError(f"got {len(tables)} tables for {len(self.layers)} layers")
         for layer, table in zip(self.layers, tables, strict=True):
             layer.set_table(table.to(next(layer.parameters()).device))
-
-
-def _as_stacked(table: Tensor) -> Tensor:
-    return table if table.dim() == 3 else table.unsqueeze(0)

@@ -1,8 +1,11 @@
-"""What every input-embedding adapter shares: prompt initialisation and the op call."""
+"""What every input-embedding adapter shares: prompt initialisation, the op call and the
+pieces of multi-task stacking."""
 
 from __future__ import annotations
 
 import abc
+import copy
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -62,14 +65,61 @@ def init_prompt(
     return weight.detach()[ids.to(weight.device)].clone()
 
 
+def check_task_ids(num_tasks: int | None, task_ids: Tensor | None) -> None:
+    """A stacked adapter (T = `num_tasks`) needs `task_ids`; a single-task one (None) takes
+    none."""
+    if num_tasks is None:
+        if task_ids is not None:
+            raise ValueError(
+                "task_ids were given but the adapter serves one task; build a multi-task "
+                "model with dept_kernels.stack_adapters"
+            )
+    elif task_ids is None:
+        raise ValueError(f"the model serves {num_tasks} stacked tasks: pass task_ids (B,)")
+
+
+def as_stacked(x: Tensor) -> Tensor:
+    """A parameter with its leading task dim: (T, ...) as is, one task's (...) as (1, ...)."""
+    return x if x.dim() == 3 else x.unsqueeze(0)
+
+
+def check_same_kind(cls: type, adapters: Sequence[nn.Module]) -> None:
+    """`cls.stack` takes adapters of exactly `cls`, at least one."""
+    if not adapters:
+        raise ValueError(f"{cls.__name__}.stack needs at least one adapter")
+    for i, other in enumerate(adapters):
+        if type(other) is not cls:
+            raise TypeError(
+                f"adapter {i} is a {type(other).__name__}; {cls.__name__}.stack stacks "
+                f"{cls.__name__}s"
+            )
+
+
+def check_same_base(index: int, name: str, got: Tensor, want: Tensor) -> None:
+    """Adapter `index`'s parameter `name` has adapter 0's per-task shape.
+
+    Called once the configs agree, so a difference is a base model's: its width d, or its
+    vocabulary V (token-mode rows).
+    """
+    got_shape, want_shape = tuple(as_stacked(got).shape[1:]), tuple(as_stacked(want).shape[1:])
+    if got_shape != want_shape:
+        raise ValueError(
+            f"adapter {index}'s {name} has shape {got_shape} per task, adapter 0's {want_shape}: "
+            "they were not trained on the same base model"
+        )
+
+
 class PromptAdapter(nn.Module, abc.ABC):
     """An adapter that rewrites the input embedding through `dept_kernels.ops.dept_embedding`.
 
     Subclasses give `op_args()`: the op's keyword arguments (prompt, lora_a, lora_b, scaling,
     index), and `param_groups()`: (soft prompt parameters, reparameterisation parameters).
+    A stacked adapter (`stack`) holds its parameters with a leading task dim T, the prompt
+    as (T, m, d), and its `embed` takes `task_ids` (B,).
     """
 
     num_virtual_tokens: int
+    prompt: nn.Parameter
     # Whether `position_ids` choose the low-rank rows (DePT in position mode).
     uses_position_rows: bool = False
 
@@ -81,10 +131,46 @@ class PromptAdapter(nn.Module, abc.ABC):
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(soft prompt parameters, low-rank / reparameterisation parameters)."""
 
+    @property
+    def num_tasks(self) -> int | None:
+        """T for a stacked adapter (prompt (T, m, d)); None for a single-task adapter."""
+        return self.prompt.shape[0] if self.prompt.dim() == 3 else None
+
     def embed(
-        self, input_ids: Tensor, weight: Tensor, position_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        weight: Tensor,
+        position_ids: Tensor | None = None,
+        task_ids: Tensor | None = None,
     ) -> Tensor:
-        """(B, s) ids and the (V, d) table -> (B, m + s, d) input embeddings."""
+        """(B, s) ids and the (V, d) table -> (B, m + s, d) input embeddings.
+
+        `task_ids` (B,) in [0, T) pick each sample's task of a stacked adapter; they are
+        required there and refused otherwise.
+        """
+        check_task_ids(self.num_tasks, task_ids)
         if not self.uses_position_rows:
             position_ids = None
-        return dept_embedding(input_ids, weight, position_ids=position_ids, **self.op_args())
+        return dept_embedding(
+            input_ids, weight, position_ids=position_ids, task_ids=task_ids, **self.op_args()
+        )
+
+    @torch.no_grad()
+    def with_parameters(self, config: object | None = None, **params: Tensor) -> PromptAdapter:
+        """A new adapter like this one holding `params` (e.g. stacked per task), and `config`
+        when given, in place of its own."""
+        # A copy keeps every attribute the subclass's constructor derived from its config;
+        # the parameters it duplicates are small and are replaced right away.
+        new = copy.deepcopy(self)
+        if config is not None:
+            new.config = config
+        for name, value in params.items():
+            setattr(new, name, nn.Parameter(value))
+        return new
+
+
+def stack_tensors(tensors: Sequence[Tensor]) -> Tensor:
+    """The per-task (T, ...) concatenation of single or stacked parameters, detached, in the
+    first one's dtype and device."""
+    ref = tensors[0]
+    return torch.cat([as_stacked(t.detach()).to(ref.device, ref.dtype) for t in tensors])

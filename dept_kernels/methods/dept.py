@@ -9,7 +9,9 @@ padding), or the token id with `index="token"` (then A is (V, r)).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,7 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.dept_embedding import INDEX_MODES
-from .base import PromptAdapter, check_int, check_prompt_init, init_prompt
+from .base import (
+    PromptAdapter,
+    check_int,
+    check_prompt_init,
+    check_same_base,
+    check_same_kind,
+    init_prompt,
+    stack_tensors,
+)
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,8 @@ def equal_budget(
 
 
 class DePTAdapter(PromptAdapter):
-    """Parameters `prompt` (m, d), `lora_a` (L, r) or (V, r) in token mode, `lora_b` (r, d).
+    """Parameters `prompt` (m, d), `lora_a` (L, r) or (V, r) in token mode, `lora_b` (r, d);
+    with a leading task dim T when stacked (`stack`).
 
     Init (official code): A Kaiming-uniform with a = sqrt(5), B zeros, so the delta starts at 0.
     """
@@ -125,3 +136,45 @@ class DePTAdapter(PromptAdapter):
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return [self.prompt], [self.lora_a, self.lora_b]
+
+    @classmethod
+    def stack(cls, adapters: Sequence[DePTAdapter]) -> DePTAdapter:
+        """One adapter serving the tasks of `adapters` in order: prompt (T, m, d), lora_a
+        (T, L, r) or (T, V, r), lora_b (T, r, d).
+
+        The adapters share m, r, the index mode and, in position mode, max_length: they fix
+        the op's shapes and which row a token reads. lora_alpha may differ, being a training
+        choice: the op takes one scaling, so each task's own is folded into its B
+        (`B_k * scaling_k / scaling`, in fp32, exact up to one rounding of B in its dtype, and
+        bit-exact where the scalings agree). The stack keeps the first non-zero lora_alpha. A
+        stacked source contributes all its tasks; tensors take the first adapter's dtype and
+        device.
+        """
+        check_same_kind(cls, adapters)
+        first = adapters[0]
+        shared = ["num_virtual_tokens", "r", "index"]
+        if first.config.index == "position":
+            shared.append("max_length")
+        for i, other in enumerate(adapters):
+            for name in shared:
+                got, want = getattr(other.config, name), getattr(first.config, name)
+                if got != want:
+                    raise ValueError(
+                        f"adapter {i} has {name}={got!r}, adapter 0 has {want!r}: stacked DePT "
+                        f"adapters share {', '.join(shared)} (lora_alpha may differ)"
+                    )
+            for name in ("prompt", "lora_a", "lora_b"):
+                check_same_base(i, name, getattr(other, name), getattr(first, name))
+        alpha = next((a.config.lora_alpha for a in adapters if a.config.lora_alpha), 0)
+        config = dataclasses.replace(first.config, lora_alpha=alpha)
+        lora_b = []
+        for other in adapters:
+            ratio = other.config.scaling / config.scaling if config.scaling else 1.0
+            b = other.lora_b.detach()
+            lora_b.append(b if ratio == 1.0 else (b.float() * ratio).to(b.dtype))
+        return first.with_parameters(
+            config,
+            prompt=stack_tensors([a.prompt for a in adapters]),
+            lora_a=stack_tensors([a.lora_a for a in adapters]),
+            lora_b=stack_tensors(lora_b),
+        )

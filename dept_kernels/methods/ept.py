@@ -3,19 +3,21 @@
     p' = p + (p @ W_down) @ W_up        p (1, d), W_down (d, h), W_up (h, d)
 
 `p'` is broadcast to n rows (n = 1 for EPT, 10 for EPT*) as a stride-0 view, so the op reads
-one row; after training, `fold()` turns it into a plain (n, d) prompt-tuning adapter.
+one row; after training, `fold()` turns it into a plain (n, d) prompt-tuning adapter, and
+`stack` turns several into one stacked prompt-tuning adapter.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .base import PromptAdapter, check_int, init_prompt
+from .base import PromptAdapter, check_int, check_same_kind, init_prompt
 from .prompt_tuning import PromptTuningAdapter, PromptTuningConfig
 
 
@@ -78,3 +80,13 @@ class EPTAdapter(PromptAdapter):
         folded = PromptTuningAdapter(PromptTuningConfig(self.num_virtual_tokens), self.prompt)
         folded.prompt.copy_(self.prompt_row().to(self.prompt.dtype).expand_as(folded.prompt))
         return folded
+
+    @classmethod
+    def stack(cls, adapters: Sequence[EPTAdapter]) -> PromptTuningAdapter:
+        """A prompt-tuning adapter serving the tasks of `adapters` in order: prompt (T, n, d).
+
+        What a trained EPT adapter serves is its folded (n, d) prompt p', so the stack holds
+        each task's p' materialised: the op then reads plain per-task prompts.
+        """
+        check_same_kind(cls, adapters)
+        return PromptTuningAdapter.stack([a.fold() for a in adapters])

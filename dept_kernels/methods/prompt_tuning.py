@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .base import PromptAdapter, check_int, check_prompt_init, init_prompt
+from .base import (
+    PromptAdapter,
+    check_int,
+    check_prompt_init,
+    check_same_base,
+    check_same_kind,
+    init_prompt,
+    stack_tensors,
+)
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,7 @@ class PromptTuningConfig:
 
 
 class PromptTuningAdapter(PromptAdapter):
-    """Parameter `prompt` (l, d)."""
+    """Parameter `prompt` (l, d), or (T, l, d) stacked over tasks (`stack`)."""
 
     def __init__(
         self, config: PromptTuningConfig, weight: Tensor, generator: torch.Generator | None = None
@@ -52,3 +61,21 @@ class PromptTuningAdapter(PromptAdapter):
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return [self.prompt], []
+
+    @classmethod
+    def stack(cls, adapters: Sequence[PromptTuningAdapter]) -> PromptTuningAdapter:
+        """One adapter serving the tasks of `adapters` in order: prompt (T, l, d).
+
+        The prompts share their length l. A stacked source contributes all its tasks; the
+        prompt takes the first adapter's dtype and device.
+        """
+        check_same_kind(cls, adapters)
+        first = adapters[0]
+        for i, other in enumerate(adapters):
+            if other.num_virtual_tokens != first.num_virtual_tokens:
+                raise ValueError(
+                    f"adapter {i} has num_virtual_tokens={other.num_virtual_tokens}, adapter 0 "
+                    f"has {first.num_virtual_tokens}: stacked prompts share one length"
+                )
+            check_same_base(i, "prompt", other.prompt, first.prompt)
+        return first.with_parameters(prompt=stack_tensors([a.prompt for a in adapters]))

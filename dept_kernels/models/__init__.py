@@ -3,21 +3,21 @@ positions and labels shift when m prompt rows go in front, and where AoT's layer
 
 A prompt-method module has `MODEL_TYPE` (the HF `config.model_type`) and
 `install(model, adapter_of) -> list[RemovableHandle]`, which registers the hooks that route
-the input embedding through the adapter (`adapter_of()` returns the model's current adapter).
+the input embedding through the adapter (`adapter_of()`, an `AdapterOf`, returns the model's
+current adapter) and `task_ids` to it (`TaskIds`).
 Every module has `aot_sites(model) -> (inner, layers)`: the module taking `input_ids` and the
 layers AoT P-tuning biases; `install_aot` hooks them (`_aot.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _aot, bert, gpt2, llama, t5
-from ._aot import wrap_generate as aot_generate
+from ._hooks import AdapterOf, generate_with_tasks
 
 ARCHITECTURES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (t5, gpt2, llama)}
 AOT_ARCHITECTURES: dict[str, ModuleType] = {
@@ -53,7 +53,7 @@ def aot_sites(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     return AOT_ARCHITECTURES[model_type].aot_sites(model)
 
 
-def install_aot(model: nn.Module, adapter_of: Callable[[], nn.Module]) -> list[RemovableHandle]:
+def install_aot(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
     """Register AoT P-tuning's hooks on `model` (see `_aot.py`)."""
     inner, layers = aot_sites(model)
     if len(adapter_of().layers) != len(layers):
@@ -67,8 +67,9 @@ def install_aot(model: nn.Module, adapter_of: Callable[[], nn.Module]) -> list[R
 __all__ = [
     "AOT_ARCHITECTURES",
     "ARCHITECTURES",
-    "aot_generate",
+    "AdapterOf",
     "aot_sites",
     "architecture",
+    "generate_with_tasks",
     "install_aot",
 ]

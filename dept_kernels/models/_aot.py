@@ -7,85 +7,57 @@ layer i adds `P_i[ids]` to the layer's input hidden state. With the KV cache eac
 forward carries only its new ids, so the bias follows the step.
 
 `task_ids` is popped from the top-level call (or from the encoder call that `generate()`
-makes) before HF sees it. HF's `generate` rejects arguments its forward does not name, so
-the patched model's `generate` (`wrap_generate`) takes `task_ids` itself and hands them to
-the hooks for the whole generation, repeated per beam or returned sequence as generate
-repeats the batch.
+makes) before HF sees it, or comes from the patched model's `generate` for the whole
+generation (`TaskIds`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._hooks import bind
-
-# task_ids (B,) of the `generate` call running in this context, if any.
-_GENERATION_TASKS: ContextVar[Tensor | None] = ContextVar("aot_generation_tasks", default=None)
-
-
-def wrap_generate(generate: Callable) -> Callable:
-    """`generate(..., task_ids=None, ...)` around a model's bound `generate`."""
-
-    @functools.wraps(generate)
-    def wrapper(*args, task_ids: Tensor | None = None, **kwargs):
-        token = _GENERATION_TASKS.set(task_ids)
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            _GENERATION_TASKS.reset(token)
-
-    return wrapper
-
-
-def _generation_tasks(batch_size: int) -> Tensor | None:
-    """The running generate's task ids for a batch of `batch_size` rows (beams included)."""
-    task_ids = _GENERATION_TASKS.get()
-    if task_ids is None or task_ids.ndim != 1 or task_ids.shape[0] in (0, batch_size):
-        return task_ids
-    if batch_size % task_ids.shape[0]:
-        raise ValueError(
-            f"generate got task_ids for {task_ids.shape[0]} samples but runs {batch_size} rows"
-        )
-    # generate repeats each sample's row for its beams / sequences (repeat_interleave).
-    return task_ids.repeat_interleave(batch_size // task_ids.shape[0])
-
-
-class _Batch:
-    """What the layer hooks need from the forward that is running."""
-
-    def __init__(self) -> None:
-        self.ids: Tensor | None = None
-        self.embedding: Tensor | None = None
-        self.task_ids: Tensor | None = None
-        self.outer_task_ids: Tensor | None = None
-        self.inplace = False
+from ._hooks import AdapterOf, TaskIds, bind
 
 
 def install(
-    model: nn.Module,
-    adapter_of: Callable[[], nn.Module],
-    inner: nn.Module,
-    layers: Sequence[nn.Module],
+    model: nn.Module, adapter_of: AdapterOf, inner: nn.Module, layers: Sequence[nn.Module]
 ) -> list[RemovableHandle]:
-    """Hook `inner` (the module taking input_ids), each of its `layers`, and `model`."""
-    batch = _Batch()
+    """Hook `model`, `inner` (the module taking input_ids) and each of its `layers`."""
+    hooks = _AoTHooks(adapter_of, type(inner).__name__)
+    handles = hooks.tasks.install(model)
+    handles += [
+        inner.register_forward_pre_hook(hooks.inner_pre_hook, with_kwargs=True),
+        inner.register_forward_hook(hooks.inner_hook, always_call=True),
+    ]
+    # partial of a bound method: a deep copy of the model copies it with the hook object.
+    handles += [
+        layer.register_forward_pre_hook(
+            functools.partial(hooks.layer_pre_hook, i), with_kwargs=True
+        )
+        for i, layer in enumerate(layers)
+    ]
+    return handles
 
-    def outer_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        batch.outer_task_ids = kwargs.pop("task_ids", None)
-        return args, kwargs
 
-    def outer_hook(module: nn.Module, args: tuple, output):
-        batch.outer_task_ids = None
+class _AoTHooks:
+    """The hooks, and what the layer hooks need from the forward that is running."""
 
-    def inner_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def __init__(self, adapter_of: AdapterOf, inner_name: str) -> None:
+        self.adapter_of = adapter_of
+        self.inner_name = inner_name
+        self.tasks = TaskIds()
+        self.ids: Tensor | None = None
+        self.embedding: Tensor | None = None
+        self.task_ids: Tensor | None = None
+        self.inplace = False
+
+    def inner_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = bind(module, args, kwargs)
-        task_ids = kw.pop("task_ids", None)
+        own_tasks = kw.pop("task_ids", None)
         ids = kw.get("input_ids")
         if ids is None:
             raise ValueError(
@@ -94,53 +66,34 @@ def install(
             )
         # Multiple-choice heads pass (B, C, s); the layers see (B*C, s).
         ids = ids.reshape(-1, ids.shape[-1])
-        if task_ids is None:
-            task_ids = batch.outer_task_ids
-        if task_ids is None:
-            task_ids = _generation_tasks(ids.shape[0])
-        adapter_of().check_batch(ids, task_ids)
-        batch.ids, batch.task_ids = ids, task_ids
-        batch.embedding = module.get_input_embeddings().weight
+        task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
+        self.adapter_of().check_batch(ids, task_ids)
+        self.ids, self.task_ids = ids, task_ids
+        self.embedding = module.get_input_embeddings().weight
         # In place is safe without autograd unless hidden states are being recorded: each
         # layer's input is then otherwise a fresh tensor that only the layer reads.
         config = module.config
         records = kw.get("output_hidden_states") or getattr(config, "output_hidden_states", False)
-        batch.inplace = not torch.is_grad_enabled() and not records
+        self.inplace = not torch.is_grad_enabled() and not records
         return (), kw
 
-    def inner_hook(module: nn.Module, args: tuple, output):
-        batch.ids = batch.embedding = batch.task_ids = None
+    def inner_hook(self, module: nn.Module, args: tuple, output) -> None:
+        self.ids = self.embedding = self.task_ids = None
 
-    def layer_pre_hook(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if batch.ids is None:
-                raise RuntimeError(
-                    f"AoT layer {index} ran outside a forward of the patched "
-                    f"{type(inner).__name__} (no input_ids recorded); calling layers directly "
-                    "and gradient checkpointing's recomputation are not supported"
-                )
-            hidden = args[0] if args else kwargs["hidden_states"]
-            inplace = batch.inplace and hidden.is_contiguous()
-            out = adapter_of().layers[index](
-                hidden, batch.ids, batch.embedding, batch.task_ids, inplace=inplace
+    def layer_pre_hook(
+        self, index: int, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        if self.ids is None:
+            raise RuntimeError(
+                f"AoT layer {index} ran outside a forward of the patched {self.inner_name} "
+                "(no input_ids recorded); calling layers directly and gradient checkpointing's "
+                "recomputation are not supported"
             )
-            if args:
-                return (out, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": out}
-
-        return hook
-
-    handles = [
-        inner.register_forward_pre_hook(inner_pre_hook, with_kwargs=True),
-        inner.register_forward_hook(inner_hook, always_call=True),
-    ]
-    handles += [
-        layer.register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True)
-        for i, layer in enumerate(layers)
-    ]
-    if model is not inner:
-        handles += [
-            model.register_forward_pre_hook(outer_pre_hook, with_kwargs=True),
-            model.register_forward_hook(outer_hook, always_call=True),
-        ]
-    return handles
+        hidden = args[0] if args else kwargs["hidden_states"]
+        inplace = self.inplace and hidden.is_contiguous()
+        out = self.adapter_of().layers[index](
+            hidden, self.ids, self.embedding, self.task_ids, inplace=inplace
+        )
+        if args:
+            return (out, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": out}

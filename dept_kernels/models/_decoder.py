@@ -6,6 +6,8 @@ first, prepends m ones to the mask, and moves given positions behind the prompt
 (`cat([0..m-1], position_ids + m)`); the given `position_ids` also pick the low-rank rows,
 so left padding uses each token's position among real tokens. Later generation steps embed
 their tokens plainly; only mask and positions shift by m, since the cache holds the prompt.
+A stacked adapter's `task_ids` (B,) are popped from the model's call (or taken from the
+running `generate`) and reach the first forward's embedding.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._hooks import AdapterGetter, bind, cache_is_empty, extend_mask, needs_ids, row_ids
+from ._hooks import AdapterOf, TaskIds, bind, cache_is_empty, extend_mask, needs_ids, row_ids
 
 HEADS = ("lm", "cls", "base")
 
 
 def install(
-    model: nn.Module, inner: nn.Module, adapter_of: AdapterGetter, head: str
+    model: nn.Module, inner: nn.Module, adapter_of: AdapterOf, head: str
 ) -> list[RemovableHandle]:
     """Hook `inner` (and `model` for its labels or pooling). head: "lm", "cls" or "base".
 
@@ -30,13 +32,28 @@ def install(
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    # Rows prepended by each open inner call, read back by the "cls" output hook.
-    prepended: list[int] = []
-    trim = head == "cls"
+    hooks = _DecoderHooks(adapter_of, trim=head == "cls")
+    handles = hooks.tasks.install(model)
+    handles.append(inner.register_forward_pre_hook(hooks.inner_pre_hook, with_kwargs=True))
+    if head == "cls":
+        handles.append(inner.register_forward_hook(hooks.trim_hook))
+    if head == "lm":
+        handles.append(model.register_forward_pre_hook(hooks.labels_pre_hook, with_kwargs=True))
+    return handles
 
-    def inner_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+
+class _DecoderHooks:
+    def __init__(self, adapter_of: AdapterOf, trim: bool) -> None:
+        self.adapter_of = adapter_of
+        self.tasks = TaskIds()
+        # With `trim` ("cls" head): rows prepended by each open inner call, for `trim_hook`.
+        self.prepended: list[int] | None = [] if trim else None
+
+    def inner_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = bind(module, args, kwargs)
-        m = adapter_of().num_virtual_tokens
+        own_tasks = kw.pop("task_ids", None)
+        adapter = self.adapter_of()
+        m = adapter.num_virtual_tokens
         positions = kw.get("position_ids")
         if cache_is_empty(kw.get("past_key_values")):
             ids = needs_ids(kw, type(module).__name__)
@@ -44,43 +61,37 @@ def install(
                 raise ValueError("token_type_ids are not supported with a soft prompt")
             rows = row_ids(positions, ids)
             weight = module.get_input_embeddings().weight
-            kw["inputs_embeds"] = adapter_of().embed(ids, weight, position_ids=rows)
+            task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
+            kw["inputs_embeds"] = adapter.embed(ids, weight, position_ids=rows, task_ids=task_ids)
             kw["input_ids"] = None
             if rows is not None:
                 prompt_pos = torch.arange(m, device=rows.device, dtype=rows.dtype)
                 kw["position_ids"] = torch.cat(
                     [prompt_pos.expand(rows.shape[0], m), rows + m], dim=1
                 )
-            if trim:
-                prepended.append(m)
+            if self.prepended is not None:
+                self.prepended.append(m)
         else:
             if positions is not None:
                 kw["position_ids"] = positions + m
-            if trim:
-                prepended.append(0)
+            if self.prepended is not None:
+                self.prepended.append(0)
         kw["attention_mask"] = extend_mask(kw.get("attention_mask"), m)
         return (), kw
 
-    def trim_hook(module: nn.Module, args: tuple, output):
-        m = prepended.pop() if prepended else 0
+    def trim_hook(self, module: nn.Module, args: tuple, output):
+        m = self.prepended.pop() if self.prepended else 0
         if m:
             output.last_hidden_state = output.last_hidden_state[:, m:]
             if getattr(output, "hidden_states", None) is not None:
                 output.hidden_states = tuple(h[:, m:] for h in output.hidden_states)
         return output
 
-    def labels_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def labels_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = bind(module, args, kwargs)
         labels = kw.get("labels")
         if labels is not None and cache_is_empty(kw.get("past_key_values")):
-            m = adapter_of().num_virtual_tokens
+            m = self.adapter_of().num_virtual_tokens
             ignore = labels.new_full((labels.shape[0], m), -100)
             kw["labels"] = torch.cat([ignore, labels], dim=1)
         return (), kw
-
-    handles = [inner.register_forward_pre_hook(inner_pre_hook, with_kwargs=True)]
-    if trim:
-        handles.append(inner.register_forward_hook(trim_hook))
-    if head == "lm":
-        handles.append(model.register_forward_pre_hook(labels_pre_hook, with_kwargs=True))
-    return handles

@@ -1,17 +1,100 @@
-"""Helpers shared by the architecture modules: argument binding, mask and cache checks."""
+"""Helpers shared by the architecture modules: argument binding, mask and cache checks,
+the adapter lookup and the routing of `task_ids`.
+
+Hooks are methods of objects (not closures) that reach the adapter through `AdapterOf`: a
+`copy.deepcopy` of a patched model copies the hook objects with the model (a closure would be
+shared), so the copy's hooks serve the copy's adapter.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from ..methods import PromptAdapter
+# task_ids (B,) of the `generate` call running in this context, if any.
+_GENERATION_TASKS: ContextVar[Tensor | None] = ContextVar("generation_tasks", default=None)
 
-AdapterGetter = Callable[[], PromptAdapter]
+
+class AdapterOf:
+    """`adapter_of()`: the adapter attached to `owner` under `name` now.
+
+    Looked up on every call, so replacing the adapter (`fold`, `stack_adapters`) needs no new
+    hooks; held as an object so that a deep copy of the model maps `owner` to the copy.
+    """
+
+    def __init__(self, owner: nn.Module, name: str) -> None:
+        self.owner = owner
+        self.name = name
+
+    def __call__(self) -> nn.Module:
+        return getattr(self.owner, self.name)
+
+
+def generate_with_tasks(model: nn.Module, *args, task_ids: Tensor | None = None, **kwargs):
+    """`model.generate(..., task_ids=None, ...)` for a patched model (bound to it by `patch`).
+
+    HF's `generate` rejects arguments its forward does not name, so the task ids (B,) are
+    held here for the hooks of the whole generation, which repeat them per beam or returned
+    sequence as generate repeats the batch (`TaskIds.resolve`).
+    """
+    token = _GENERATION_TASKS.set(task_ids)
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        _GENERATION_TASKS.reset(token)
+
+
+def _generation_tasks(batch_size: int) -> Tensor | None:
+    """The running generate's task ids for a batch of `batch_size` rows (beams included)."""
+    task_ids = _GENERATION_TASKS.get()
+    if task_ids is None or task_ids.ndim != 1 or task_ids.shape[0] in (0, batch_size):
+        return task_ids
+    if batch_size % task_ids.shape[0]:
+        raise ValueError(
+            f"generate got task_ids for {task_ids.shape[0]} samples but runs {batch_size} rows"
+        )
+    # generate repeats each sample's row for its beams / sequences (repeat_interleave).
+    return task_ids.repeat_interleave(batch_size // task_ids.shape[0])
+
+
+class TaskIds:
+    """Carries `task_ids` (B,) from the call that names them to the hook that uses them.
+
+    `install(model)` pops them from the top-level model's call, so the HF forward never sees
+    them, and holds them for that call; `resolve` picks, first found: the hooked module's own
+    `task_ids`, the top-level call's, the running `generate`'s.
+    """
+
+    def __init__(self) -> None:
+        self.outer: Tensor | None = None
+
+    def install(self, model: nn.Module) -> list[RemovableHandle]:
+        """Hook `model`; register this before the hooks on `model` that call `resolve`."""
+        return [
+            model.register_forward_pre_hook(self._pop, with_kwargs=True),
+            model.register_forward_hook(self._clear, always_call=True),
+        ]
+
+    def _pop(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.outer = kwargs.pop("task_ids", None)
+        return args, kwargs
+
+    def _clear(self, module: nn.Module, args: tuple, output) -> None:
+        self.outer = None
+
+    def resolve(self, own: Tensor | None, batch_size: int) -> Tensor | None:
+        """The task ids of a batch of `batch_size` rows; `own`: the hooked call's."""
+        if own is not None:
+            return own
+        if self.outer is not None:
+            return self.outer
+        return _generation_tasks(batch_size)
+
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 

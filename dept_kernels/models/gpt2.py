@@ -10,12 +10,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _decoder
-from ._hooks import AdapterGetter, find_inner
+from ._hooks import AdapterOf, find_inner
 
 MODEL_TYPE = "gpt2"
 
 
-def install(model: nn.Module, adapter_of: AdapterGetter) -> list[RemovableHandle]:
+def install(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 
     if isinstance(model, GPT2LMHeadModel):

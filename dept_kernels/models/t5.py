@@ -8,7 +8,9 @@ Two hooks keep one rule, "the hook that embeds the ids extends the mask":
   `attention_mask`, which the decoder's cross-attention also reads against the m + s
   encoder states, including when `encoder_outputs` come from `generate()`.
 T5 has relative positions, so the low-rank rows are positions t unless the caller passes
-`position_ids` (consumed here; T5 itself takes none).
+`position_ids` (consumed here; T5 itself takes none). A stacked adapter's `task_ids` (B,)
+are popped from the model's call (or taken from the running `generate`, whose encoder call
+the encoder hook embeds) and reach the encoder input's embedding.
 """
 
 from __future__ import annotations
@@ -16,20 +18,12 @@ from __future__ import annotations
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._hooks import AdapterGetter, bind, extend_mask, needs_ids, row_ids
+from ._hooks import AdapterOf, TaskIds, bind, extend_mask, needs_ids, row_ids
 
 MODEL_TYPE = "t5"
 
 
-def _embed(kw: dict, weight, adapter_of: AdapterGetter, where: str) -> None:
-    ids = needs_ids(kw, where)
-    rows = row_ids(kw.pop("position_ids", None), ids)
-    kw["inputs_embeds"] = adapter_of().embed(ids, weight, position_ids=rows)
-    kw["input_ids"] = None
-    kw["attention_mask"] = extend_mask(kw.get("attention_mask"), adapter_of().num_virtual_tokens)
-
-
-def install(model: nn.Module, adapter_of: AdapterGetter) -> list[RemovableHandle]:
+def install(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
     from transformers import (
         T5EncoderModel,
         T5ForConditionalGeneration,
@@ -50,35 +44,57 @@ def install(model: nn.Module, adapter_of: AdapterGetter) -> list[RemovableHandle
             f"T5ForSequenceClassification and T5ForQuestionAnswering, got {type(model).__name__}"
         )
     encoder = model.get_encoder() if seq2seq is None else seq2seq.encoder
+    hooks = _T5Hooks(adapter_of)
+    handles = hooks.tasks.install(model)
+    handles.append(encoder.register_forward_pre_hook(hooks.encoder_pre_hook, with_kwargs=True))
+    if seq2seq is not None:
+        handles.append(seq2seq.register_forward_pre_hook(hooks.seq2seq_pre_hook, with_kwargs=True))
+    else:
+        handles.append(
+            model.register_forward_pre_hook(hooks.encoder_model_pre_hook, with_kwargs=True)
+        )
+    return handles
 
-    def encoder_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+
+class _T5Hooks:
+    def __init__(self, adapter_of: AdapterOf) -> None:
+        self.adapter_of = adapter_of
+        self.tasks = TaskIds()
+
+    def _embed(self, kw: dict, weight, where: str) -> None:
+        ids = needs_ids(kw, where)
+        rows = row_ids(kw.pop("position_ids", None), ids)
+        task_ids = self.tasks.resolve(kw.pop("task_ids", None), ids.shape[0])
+        adapter = self.adapter_of()
+        kw["inputs_embeds"] = adapter.embed(ids, weight, position_ids=rows, task_ids=task_ids)
+        kw["input_ids"] = None
+        kw["attention_mask"] = extend_mask(kw.get("attention_mask"), adapter.num_virtual_tokens)
+
+    def encoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = bind(module, args, kwargs)
         if kw.get("input_ids") is not None:
-            _embed(kw, module.embed_tokens.weight, adapter_of, "T5 encoder")
+            self._embed(kw, module.embed_tokens.weight, "T5 encoder")
+        else:
+            kw.pop("task_ids", None)
         return (), kw
 
-    def seq2seq_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def seq2seq_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = bind(module, args, kwargs)
         if kw.get("encoder_outputs") is None:
-            _embed(kw, module.encoder.embed_tokens.weight, adapter_of, type(module).__name__)
+            self._embed(kw, module.encoder.embed_tokens.weight, type(module).__name__)
         else:
+            # The encoder has run (generate's decoding steps): nothing depends on the task.
             kw.pop("position_ids", None)
+            kw.pop("task_ids", None)
             kw["attention_mask"] = extend_mask(
-                kw.get("attention_mask"), adapter_of().num_virtual_tokens
+                kw.get("attention_mask"), self.adapter_of().num_virtual_tokens
             )
         return (), kw
 
-    def encoder_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def encoder_model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # The stack's hook cannot tell a user's inputs_embeds from its own: refuse them here,
         # where only the user calls, rather than run without the prompt.
         needs_ids(bind(module, args, kwargs), type(module).__name__)
-
-    handles = [encoder.register_forward_pre_hook(encoder_pre_hook, with_kwargs=True)]
-    if seq2seq is not None:
-        handles.append(seq2seq.register_forward_pre_hook(seq2seq_pre_hook, with_kwargs=True))
-    else:
-        handles.append(model.register_forward_pre_hook(encoder_model_pre_hook, with_kwargs=True))
-    return handles
 
 
 def aot_sites(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
