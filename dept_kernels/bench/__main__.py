@@ -65,7 +65,7 @@ def plot(rows: list[dict], kernel: dict, path: Path) -> None:
     right.invert_yaxis()
     right.set_xlabel("milliseconds (lower is better)")
     right.set_title(f"DePT embedding kernel, {kernel['shape']['name']} dims")
-    right.legend(loc="lower right")
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
