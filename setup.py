@@ -44,6 +44,7 @@ if os.environ.get("DEPT_KERNELS_BUILD_EXT") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     sources = sorted((CSRC / "cpu").glob("*.cpp"))
+    headers = sorted((CSRC / "common").glob("*.h"))  # hashed as _build hashes them
     ext_modules.append(
         CppExtension(
             "dept_kernels._cpu_ext",
@@ -52,7 +53,7 @@ if os.environ.get("DEPT_KERNELS_BUILD_EXT") == "1":
             extra_compile_args=[
                 "-O3",
                 "-fopenmp",
-                f"-DDEPT_KERNELS_SOURCE_HASH={source_hash(sources)}",
+                f"-DDEPT_KERNELS_SOURCE_HASH={source_hash(sources + headers)}",
             ],
             extra_link_args=["-fopenmp"],
         )

@@ -81,12 +81,19 @@ def _jit_build(sources: list[Path], digest: str) -> ModuleType:
         )
 
 
+def cpu_sources() -> tuple[list[Path], list[Path]]:
+    """(compiled .cpp files, headers they include) of the cpu extension; empty without csrc."""
+    csrc = csrc_dir()
+    if csrc is None:
+        return [], []
+    return sorted((csrc / "cpu").glob("*.cpp")), sorted((csrc / "common").glob("*.h"))
+
+
 @functools.cache
 def _cpu_extension() -> tuple[ModuleType | None, str]:
     """(module, "") or (None, why it could not be built). Tried once per process."""
-    csrc = csrc_dir()
-    sources = [] if csrc is None else sorted((csrc / "cpu").glob("*.cpp"))
-    digest = source_hash(sources) if sources else None
+    sources, headers = cpu_sources()
+    digest = source_hash(sources + headers) if sources else None
     module = _import_prebuilt(digest)
     if module is not None:
         return module, ""

@@ -29,13 +29,16 @@ NVCC_FLAGS = ["-O3", "-std=c++17"]
 
 
 def sources() -> tuple[list[Path], list[Path]]:
-    """(compiled sources: bindings.cpp then the .cu files, headers) of `csrc/cuda`."""
+    """(compiled sources: bindings.cpp then the .cu files, headers) of `csrc/cuda`.
+
+    The headers include `csrc/common`, shared with the cpu binding.
+    """
     csrc = _build.csrc_dir()
     folder = None if csrc is None else csrc / "cuda"
     if folder is None or not folder.is_dir():
         return [], []
     compiled = [folder / "bindings.cpp", *sorted(folder.glob("*.cu"))]
-    headers = sorted([*folder.glob("*.h"), *folder.glob("*.cuh")])
+    headers = sorted([*folder.glob("*.h"), *folder.glob("*.cuh"), *(csrc / "common").glob("*.h")])
     return compiled, headers
 
 

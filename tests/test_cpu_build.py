@@ -24,8 +24,9 @@ def fresh_build_state():
 def test_extension_builds_and_loads():
     assert _build.cpu_extension_available()
     module = _build.cpu_extension()
-    sources = sorted((_build.csrc_dir() / "cpu").glob("*.cpp"))
-    assert _build.source_hash(sources) == module.SOURCE_HASH
+    sources, headers = _build.cpu_sources()
+    assert headers, "the shared binding header is part of the build"
+    assert _build.source_hash(sources + headers) == module.SOURCE_HASH
     assert _build.cpu_ops_or_reference() is _cpu
     assert "cpu" in dept_kernels.available_backends()
 

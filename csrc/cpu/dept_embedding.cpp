@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "../common/forward_args.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -327,66 +329,22 @@ at::Tensor forward(
     double scaling,
     const std::optional<at::Tensor>& task_ids,
     const std::optional<at::Tensor>& batch_order) {
-  TORCH_CHECK(input_ids.dim() == 2 && weight.dim() == 2, "input_ids and weight must be 2-D");
-  TORCH_CHECK(weight.stride(1) == 1, "weight must have unit last stride");
-  TORCH_CHECK(lora_a.has_value() == lora_b.has_value(), "lora_a and lora_b go together");
-  TORCH_CHECK(task_ids.has_value() == batch_order.has_value(),
-              "task_ids and batch_order go together");
-  const int64_t batch = input_ids.size(0);
-  const int64_t seq = input_ids.size(1);
-  const int64_t d = weight.size(1);
-  // Per-task parameters carry a leading T dim.
-  const int64_t pdim = task_ids.has_value() ? 3 : 2;
-  const int64_t m = prompt.has_value() ? prompt->size(-2) : 0;
-  const auto ids = input_ids.to(at::kLong).contiguous();
-  // Small parameters (O(T*(m*d + L*r + r*d))) are normalised once here; this also
-  // materialises stride-0 broadcast prompts.
-  at::Tensor p, a, b, rows64, tasks, order;
-  if (task_ids.has_value()) {
-    TORCH_CHECK(task_ids->dim() == 1 && task_ids->size(0) == batch &&
-                    batch_order->sizes() == task_ids->sizes(),
-                "task_ids and batch_order must be (B,)");
-    tasks = task_ids->to(at::kLong).contiguous();
-    order = batch_order->to(at::kLong).contiguous();
-  }
-  if (m > 0) {
-    TORCH_CHECK(prompt->dim() == pdim && prompt->size(-1) == d,
-                "prompt must be (m, d), or (T, m, d) with task_ids");
-    p = prompt->to(weight.scalar_type()).contiguous();
-  }
-  int64_t r = 0, max_len = 0;
-  if (lora_a.has_value()) {
-    TORCH_CHECK(lora_a->dim() == pdim && lora_b->dim() == pdim,
-                "lora_a and lora_b must be 2-D, or 3-D with task_ids");
-    r = lora_a->size(-1);
-    max_len = lora_a->size(-2);
-    TORCH_CHECK(lora_b->size(-2) == r && lora_b->size(-1) == d &&
-                    (!task_ids.has_value() || (lora_a->size(0) == lora_b->size(0))),
-                "lora_b must be (r, d), or (T, r, d) like lora_a");
-    a = lora_a->to(at::kFloat).contiguous();
-    b = lora_b->to(at::kFloat).contiguous();
-    if (rows.has_value()) {
-      TORCH_CHECK(rows->sizes() == input_ids.sizes(), "rows must have the shape of input_ids");
-      rows64 = rows->to(at::kLong).contiguous();
-    } else {
-      TORCH_CHECK(seq <= max_len, "sequence longer than the rows of lora_a");
-    }
-  }
-  auto out = at::empty({batch, m + seq, d}, weight.options());
+  const auto t = dept_kernels::normalize_forward(input_ids, weight, prompt, lora_a, lora_b, rows,
+                                                 task_ids, batch_order);
+  auto out = at::empty({t.batch, t.m + t.seq, t.d}, weight.options());
   if (out.numel() == 0) {
     return out;
   }
+  using dept_kernels::ptr_or_null;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "dept_embedding_forward", [&] {
         forward_kernel<scalar_t>(
-            ids.data_ptr<int64_t>(), weight.data_ptr<scalar_t>(), weight.stride(0),
-            m > 0 ? p.data_ptr<scalar_t>() : nullptr,
-            a.defined() ? a.data_ptr<float>() : nullptr,
-            b.defined() ? b.data_ptr<float>() : nullptr,
-            rows64.defined() ? rows64.data_ptr<int64_t>() : nullptr,
-            tasks.defined() ? tasks.data_ptr<int64_t>() : nullptr,
-            order.defined() ? order.data_ptr<int64_t>() : nullptr, static_cast<float>(scaling),
-            batch, seq, m, d, r, max_len, a.defined() && r > 0, out.data_ptr<scalar_t>());
+            t.ids.data_ptr<int64_t>(), weight.data_ptr<scalar_t>(), weight.stride(0),
+            ptr_or_null<scalar_t>(t.prompt), ptr_or_null<float>(t.lora_a),
+            ptr_or_null<float>(t.lora_b), ptr_or_null<int64_t>(t.rows),
+            ptr_or_null<int64_t>(t.task_ids), ptr_or_null<int64_t>(t.batch_order),
+            static_cast<float>(scaling), t.batch, t.seq, t.m, t.d, t.r, t.max_len,
+            t.lora_a.defined() && t.r > 0, out.data_ptr<scalar_t>());
       });
   return out;
 }

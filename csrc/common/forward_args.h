@@ -1,0 +1,79 @@
+// The DePT forward's arguments as both torch bindings (cpu, cuda) hand them to kernels:
+// checked as a last line of defence (the Python layer validates first), ids and row
+// indices as contiguous int64, the prompt in the table's dtype, the low-rank factors in
+// fp32. These are the small tensors (O(B*s + T*(m*d + L*r + r*d))); the table is used in
+// place. Converting also materialises stride-0 broadcast prompts.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace dept_kernels {
+
+struct ForwardTensors {
+  at::Tensor ids, prompt, lora_a, lora_b, rows, task_ids, batch_order;  // undefined: absent
+  int64_t batch = 0, seq = 0, d = 0, m = 0, r = 0, max_len = 0;
+};
+
+inline ForwardTensors normalize_forward(
+    const at::Tensor& input_ids,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& prompt,
+    const std::optional<at::Tensor>& lora_a,
+    const std::optional<at::Tensor>& lora_b,
+    const std::optional<at::Tensor>& rows,
+    const std::optional<at::Tensor>& task_ids,
+    const std::optional<at::Tensor>& batch_order) {
+  TORCH_CHECK(input_ids.dim() == 2 && weight.dim() == 2, "input_ids and weight must be 2-D");
+  TORCH_CHECK(weight.stride(1) == 1, "weight must have unit last stride");
+  TORCH_CHECK(lora_a.has_value() == lora_b.has_value(), "lora_a and lora_b go together");
+  TORCH_CHECK(task_ids.has_value() == batch_order.has_value(),
+              "task_ids and batch_order go together");
+  ForwardTensors t;
+  t.batch = input_ids.size(0);
+  t.seq = input_ids.size(1);
+  t.d = weight.size(1);
+  // Per-task parameters carry a leading T dim.
+  const int64_t pdim = task_ids.has_value() ? 3 : 2;
+  t.m = prompt.has_value() ? prompt->size(-2) : 0;
+  t.ids = input_ids.to(at::kLong).contiguous();
+  if (task_ids.has_value()) {
+    TORCH_CHECK(task_ids->dim() == 1 && task_ids->size(0) == t.batch &&
+                    batch_order->sizes() == task_ids->sizes(),
+                "task_ids and batch_order must be (B,)");
+    t.task_ids = task_ids->to(at::kLong).contiguous();
+    t.batch_order = batch_order->to(at::kLong).contiguous();
+  }
+  if (t.m > 0) {
+    TORCH_CHECK(prompt->dim() == pdim && prompt->size(-1) == t.d,
+                "prompt must be (m, d), or (T, m, d) with task_ids");
+    t.prompt = prompt->to(weight.scalar_type()).contiguous();
+  }
+  if (lora_a.has_value()) {
+    TORCH_CHECK(lora_a->dim() == pdim && lora_b->dim() == pdim,
+                "lora_a and lora_b must be 2-D, or 3-D with task_ids");
+    t.r = lora_a->size(-1);
+    t.max_len = lora_a->size(-2);
+    TORCH_CHECK(lora_b->size(-2) == t.r && lora_b->size(-1) == t.d &&
+                    (!task_ids.has_value() || lora_a->size(0) == lora_b->size(0)),
+                "lora_b must be (r, d), or (T, r, d) like lora_a");
+    t.lora_a = lora_a->to(at::kFloat).contiguous();
+    t.lora_b = lora_b->to(at::kFloat).contiguous();
+    if (rows.has_value()) {
+      TORCH_CHECK(rows->sizes() == input_ids.sizes(), "rows must have the shape of input_ids");
+      t.rows = rows->to(at::kLong).contiguous();
+    } else {
+      TORCH_CHECK(t.seq <= t.max_len, "sequence longer than the rows of lora_a");
+    }
+  }
+  return t;
+}
+
+// Data pointer of an optional tensor, nullptr when absent.
+template <typename T>
+inline T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+}  // namespace dept_kernels
