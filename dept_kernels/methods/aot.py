@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..ops import _validate as v
 from ..ops import aot_bias_add, aot_fc_bias, aot_kron_bias, fc_rows, kron_rows
-from ..ops.aot import ACTIVATIONS
+from ..ops.aot import ACTIVATIONS, distinct_ids
 from .base import as_stacked, check_int, check_task_ids
 
 REPARAMS = ("fc", "kron")
@@ -244,17 +244,17 @@ def fetch_rows(
     device = torch.device(device)
     vocab = table.shape[-2]
     v.check_ids("input_ids", input_ids, ndim=2)
-    v.check_range("input_ids", input_ids, vocab)
-    keys = input_ids.long()
+    flat = table.reshape(-1, table.shape[-1])
+    keys = input_ids
     if table.dim() == 3:
         if task_ids is None:
             raise ValueError("stacked tables (T, V, d) need task_ids (B,)")
         v.check_range("task_ids", task_ids, table.shape[0])
-        keys = keys + task_ids.long()[:, None] * vocab
+        v.check_range("input_ids", input_ids, vocab)
+        keys = input_ids.long() + task_ids.long()[:, None] * vocab
     elif task_ids is not None:
         raise ValueError("task_ids needs stacked tables of shape (T, V, d)")
-    used, inverse = torch.unique(keys, return_inverse=True)
-    flat = table.reshape(-1, table.shape[-1])
+    used, inverse = distinct_ids(keys, flat.shape[0])
     pinned = device.type == "cuda" and flat.device.type == "cpu"
     staging = torch.empty(
         (used.shape[0], flat.shape[1]), dtype=flat.dtype, device=flat.device, pin_memory=pinned
@@ -358,7 +358,11 @@ class AoTAdapter(nn.Module):
 
     def check_batch(self, input_ids: Tensor, task_ids: Tensor | None) -> None:
         """Ids in [0, V) and, for a stacked adapter, one task id in [0, T) per sample."""
-        v.check_range("input_ids", input_ids, self.vocab)
+        # Value checks read the ids, which a compiled graph cannot do while tracing; the
+        # layers' ops repeat them inside their custom ops, where they run at run time.
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            v.check_range("input_ids", input_ids, self.vocab)
         tasks = self.num_tasks
         check_task_ids(tasks, task_ids)
         if tasks is None:
@@ -368,7 +372,8 @@ class AoTAdapter(nn.Module):
             raise ValueError(
                 f"task_ids has {task_ids.shape[0]} entries but the batch has {input_ids.shape[0]}"
             )
-        v.check_range("task_ids", task_ids, tasks)
+        if not compiling:
+            v.check_range("task_ids", task_ids, tasks)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """AoT has no soft prompt: every parameter is in the reparameterisation group."""

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-# task_ids (B,) of the `generate` call running in this context, if any.
-_GENERATION_TASKS: ContextVar[Tensor | None] = ContextVar("generation_tasks", default=None)
+# Attribute of the patched model holding the task_ids (B,) of its running `generate`. A plain
+# attribute, not a ContextVar: torch.compile traces attribute reads but not ContextVar.get.
+_GENERATION_TASKS = "_dept_kernels_generation_tasks"
 
 
 class AdapterOf:
@@ -42,16 +42,20 @@ def generate_with_tasks(model: nn.Module, *args, task_ids: Tensor | None = None,
     held here for the hooks of the whole generation, which repeat them per beam or returned
     sequence as generate repeats the batch (`TaskIds.resolve`).
     """
-    token = _GENERATION_TASKS.set(task_ids)
+    outer = model.__dict__.get(_GENERATION_TASKS)  # a generate nested in a generate
+    model.__dict__[_GENERATION_TASKS] = task_ids
     try:
         return type(model).generate(model, *args, **kwargs)
     finally:
-        _GENERATION_TASKS.reset(token)
+        if outer is None:
+            model.__dict__.pop(_GENERATION_TASKS, None)
+        else:
+            model.__dict__[_GENERATION_TASKS] = outer
 
 
-def _generation_tasks(batch_size: int) -> Tensor | None:
-    """The running generate's task ids for a batch of `batch_size` rows (beams included)."""
-    task_ids = _GENERATION_TASKS.get()
+def _generation_tasks(model: nn.Module, batch_size: int) -> Tensor | None:
+    """`model`'s running generate's task ids for a batch of `batch_size` rows (beams included)."""
+    task_ids = getattr(model, _GENERATION_TASKS, None)
     if task_ids is None or task_ids.ndim != 1 or task_ids.shape[0] in (0, batch_size):
         return task_ids
     if batch_size % task_ids.shape[0]:
@@ -72,9 +76,11 @@ class TaskIds:
 
     def __init__(self) -> None:
         self.outer: Tensor | None = None
+        self.model: nn.Module | None = None  # the top-level model, whose generate may run
 
     def install(self, model: nn.Module) -> list[RemovableHandle]:
         """Hook `model`; register this before the hooks on `model` that call `resolve`."""
+        self.model = model
         return [
             model.register_forward_pre_hook(self._pop, with_kwargs=True),
             model.register_forward_hook(self._clear, always_call=True),
@@ -93,7 +99,7 @@ class TaskIds:
             return own
         if self.outer is not None:
             return self.outer
-        return _generation_tasks(batch_size)
+        return _generation_tasks(self.model, batch_size)
 
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

@@ -192,6 +192,29 @@ _aot_bias_add_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- reparameterisations
 
 
+def distinct_ids(ids: Tensor, upper: int, name: str = "input_ids") -> tuple[Tensor, Tensor]:
+    """`(used, inverse)`: the sorted distinct ids (U,) of `ids`, range-checked against
+    [0, upper), and each element's index into them (same shape as `ids`, int64).
+
+    A custom op, so that `torch.compile(fullgraph=True)` traces it with U as an unbacked size
+    instead of breaking the graph on `torch.unique`'s data-dependent output.
+    """
+    return torch.ops.dept_kernels.distinct_ids(ids, upper, name)
+
+
+@torch.library.custom_op("dept_kernels::distinct_ids", mutates_args=())
+def _distinct_ids_op(ids: Tensor, upper: int, name: str) -> tuple[Tensor, Tensor]:
+    v.check_range(name, ids, upper)
+    used, inverse = torch.unique(ids, return_inverse=True)
+    return used, inverse
+
+
+@_distinct_ids_op.register_fake
+def _(ids, upper, name):
+    count = torch.library.get_ctx().new_dynamic_size()
+    return ids.new_empty(count), ids.new_empty(ids.shape, dtype=torch.int64)
+
+
 def kron_rows(ids: Tensor, w_l: Tensor, w_m: Tensor, w_r: Tensor) -> Tensor:
     """Rows `P_x = (W_L[x // b] ⊗ W_M[x % b]) @ W_R` for the ids (U,) → (U, d)."""
     b, r = w_m.shape
@@ -254,8 +277,7 @@ def aot_kron_bias(
         )
     if w_r.shape[1] != hidden.shape[-1]:
         raise ValueError(f"w_r has width {w_r.shape[1]} but hidden has d={hidden.shape[-1]}")
-    v.check_range("input_ids", input_ids, a * b)
-    used, inverse = torch.unique(input_ids, return_inverse=True)
+    used, inverse = distinct_ids(input_ids, a * b)
     rows = kron_rows(used, w_l, w_m, w_r)
     if dropout_p:
         rows = F.dropout(rows, dropout_p)
@@ -299,8 +321,7 @@ def aot_fc_bias(
             f"b1 {tuple(b1.shape)}, w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}; expected "
             f"embedding (V, e), w1 (e, r), b1 (r,), w2 (r, {d}), b2 ({d},)"
         )
-    v.check_range("input_ids", input_ids, embedding.shape[0])
-    used, inverse = torch.unique(input_ids, return_inverse=True)
+    used, inverse = distinct_ids(input_ids, embedding.shape[0])
     rows = fc_rows(used, embedding, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p)
     return aot_bias_add(hidden, inverse, rows)
 
