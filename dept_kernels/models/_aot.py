@@ -9,12 +9,23 @@ forward carries only its new ids, so the bias follows the step.
 `task_ids` is popped from the top-level call (or from the encoder call that `generate()`
 makes) before HF sees it, or comes from the patched model's `generate` for the whole
 generation (`TaskIds`).
+
+Activation checkpointing that wraps a layer's `__call__` (transformers < 5, torch's
+`checkpoint_wrapper`) re-runs the layer's pre-hook in backward, after the forward that
+recorded the ids has ended. So in training each layer hook also files what it used under
+its input tensor (`_Records`); the recomputation, which receives that same tensor (the
+non-reentrant checkpoint) or a detached alias of it (the reentrant one), finds the entry by
+storage address and layout. An entry lives as long as the input's memory, which
+checkpointing keeps alive until its backward. A recomputation whose input matches no entry,
+or more than one, raises: it never borrows another batch's ids.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +38,7 @@ def install(
     model: nn.Module, adapter_of: AdapterOf, inner: nn.Module, layers: Sequence[nn.Module]
 ) -> list[RemovableHandle]:
     """Hook `model`, `inner` (the module taking input_ids) and each of its `layers`."""
-    hooks = _AoTHooks(adapter_of, type(inner).__name__)
+    hooks = _AoTHooks(adapter_of, type(inner).__name__, len(layers))
     handles = hooks.tasks.install(model)
     handles += [
         inner.register_forward_pre_hook(hooks.inner_pre_hook, with_kwargs=True),
@@ -43,17 +54,89 @@ def install(
     return handles
 
 
+class _Inputs(NamedTuple):
+    """What a layer hook reads besides the hidden state."""
+
+    ids: Tensor
+    embedding: Tensor
+    task_ids: Tensor | None
+
+
+class _Records:
+    """The inputs each layer hook used in training, filed under the layer's input tensor.
+
+    Keyed by (layer, device, address, shape, strides, dtype); each entry holds a weak
+    reference to the tensor's storage whose callback removes the entry when the storage is
+    freed, so no entry outlives a forward whose graph is gone. While the storage lives no
+    other tensor can take its memory, so a match is that tensor or an alias of it.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, list[tuple[weakref.ref, _Inputs]]] = {}
+
+    @staticmethod
+    def key(index: int, hidden: Tensor) -> tuple:
+        return (
+            index,
+            hidden.device,
+            hidden.data_ptr(),
+            tuple(hidden.shape),
+            hidden.stride(),
+            hidden.dtype,
+        )
+
+    def add(self, index: int, hidden: Tensor, inputs: _Inputs) -> None:
+        key = self.key(index, hidden)
+        # The memory, not the tensor object, is what must stay: a recomputation may receive a
+        # detached alias after the object itself died (nested checkpoints detach what they
+        # save). The callback holds the dict, not the hook object.
+        storage = hidden.untyped_storage()
+        ref = weakref.ref(storage, functools.partial(_forget, self.entries, key))
+        self.entries.setdefault(key, []).append((ref, inputs))
+
+    def find(self, index: int, hidden: Tensor) -> list[_Inputs]:
+        """The inputs of every live entry filed under `hidden`'s storage and layout."""
+        return [
+            inputs
+            for ref, inputs in self.entries.get(self.key(index, hidden), ())
+            if ref() is not None
+        ]
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self.entries.values())
+
+
+def _forget(entries: dict, key: tuple, ref: weakref.ref) -> None:
+    kept = [entry for entry in entries.get(key, ()) if entry[0] is not ref]
+    if kept:
+        entries[key] = kept
+    else:
+        entries.pop(key, None)
+
+
 class _AoTHooks:
     """The hooks, and what the layer hooks need from the forward that is running."""
 
-    def __init__(self, adapter_of: AdapterOf, inner_name: str) -> None:
+    def __init__(self, adapter_of: AdapterOf, inner_name: str, num_layers: int) -> None:
         self.adapter_of = adapter_of
         self.inner_name = inner_name
+        self.num_layers = num_layers
         self.tasks = TaskIds()
         self.ids: Tensor | None = None
         self.embedding: Tensor | None = None
         self.task_ids: Tensor | None = None
         self.inplace = False
+        # Eager bookkeeping (skipped while torch.compile traces the hooks): the autograd
+        # graph task the running forward started in (-1 outside a backward), how many
+        # layer hooks it has run, and the training forwards' records for recomputation.
+        self.graph_task = -1
+        self.layers_run = 0
+        self.records = _Records()
+
+    def __getstate__(self) -> dict:
+        # A deep copy or pickle of the model starts without records: they are keyed by the
+        # addresses of this model's live tensors.
+        return {**self.__dict__, "records": _Records()}
 
     def inner_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = bind(module, args, kwargs)
@@ -64,36 +147,96 @@ class _AoTHooks:
                 f"the AoT-patched {type(module).__name__} needs input_ids: the bias before each "
                 "layer is P_i[input_ids], which inputs_embeds cannot carry"
             )
+        if ids.shape[0] == 0:
+            raise ValueError(f"input_ids is an empty batch (B=0, shape {tuple(ids.shape)})")
         # Multiple-choice heads pass (B, C, s); the layers see (B*C, s).
         ids = ids.reshape(-1, ids.shape[-1])
         task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
-        self.adapter_of().check_batch(ids, task_ids)
-        self.ids, self.task_ids = ids, task_ids
         self.embedding = module.get_input_embeddings().weight
+        # The checked ids: while compiling, copies that the range check runs before.
+        self.ids, self.task_ids = self.adapter_of().check_batch(
+            ids, task_ids, device=self.embedding.device
+        )
         # In place is safe without autograd unless hidden states are being recorded: each
         # layer's input is then otherwise a fresh tensor that only the layer reads.
         config = module.config
         records = kw.get("output_hidden_states") or getattr(config, "output_hidden_states", False)
         self.inplace = not torch.is_grad_enabled() and not records
+        if not torch.compiler.is_compiling():
+            self.graph_task = torch._C._current_graph_task_id()
+            self.layers_run = 0
         return (), kw
 
     def inner_hook(self, module: nn.Module, args: tuple, output) -> None:
+        skipped = not torch.compiler.is_compiling() and self.layers_run != self.num_layers
         self.ids = self.embedding = self.task_ids = None
+        # `output` is None when the forward raised: that error is the one to report.
+        if skipped and output is not None:
+            raise RuntimeError(
+                f"the patched {self.inner_name} ran {self.layers_run} of its "
+                f"{self.num_layers} AoT layer hooks: a layer was called through `.forward`, "
+                "which bypasses hooks (transformers < 4.52 does so for T5 blocks under "
+                "gradient checkpointing), so its AoT bias was not added"
+            )
 
     def layer_pre_hook(
         self, index: int, module: nn.Module, args: tuple, kwargs: dict
     ) -> tuple[tuple, dict]:
-        if self.ids is None:
-            raise RuntimeError(
-                f"AoT layer {index} ran outside a forward of the patched {self.inner_name} "
-                "(no input_ids recorded); calling layers directly and gradient checkpointing's "
-                "recomputation are not supported"
-            )
         hidden = args[0] if args else kwargs["hidden_states"]
-        inplace = self.inplace and hidden.is_contiguous()
+        if torch.compiler.is_compiling():
+            # A traced forward runs its layers inside the inner call (a checkpointed region
+            # is recomputed from the graph, not by re-running this hook).
+            if self.ids is None:
+                raise self._outside(index)
+            inputs = _Inputs(self.ids, self.embedding, self.task_ids)
+            inplace = self.inplace
+        else:
+            inputs = self._eager_inputs(index, module, hidden)
+            inplace = self.inplace and inputs.ids is self.ids
+        inplace = inplace and hidden.is_contiguous()
         out = self.adapter_of().layers[index](
-            hidden, self.ids, self.embedding, self.task_ids, inplace=inplace
+            hidden, inputs.ids, inputs.embedding, inputs.task_ids, inplace=inplace
         )
         if args:
             return (out, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": out}
+
+    def _eager_inputs(self, index: int, module: nn.Module, hidden: Tensor) -> _Inputs:
+        """The running forward's inputs, or those recorded for a recomputed layer input."""
+        graph_task = torch._C._current_graph_task_id()
+        running = self.ids is not None and self.graph_task == graph_task
+        current = [_Inputs(self.ids, self.embedding, self.task_ids)] if running else []
+        if graph_task != -1:
+            # Inside a backward: a checkpoint recomputing this layer, or a forward that runs
+            # within the backward (a checkpoint around the whole model). Every forward that
+            # may own this input is a candidate; more than one cannot be told apart.
+            candidates = self.records.find(index, hidden) + current
+            if len(candidates) > 1:
+                raise RuntimeError(
+                    f"AoT layer {index} of the patched {self.inner_name} runs in backward on "
+                    f"an input that {len(candidates)} live forwards passed to it; which "
+                    "forward's input_ids apply cannot be told. Give each forward its own "
+                    "hidden-state tensor"
+                )
+            if candidates and not running:
+                return candidates[0]
+        if not running:
+            raise self._outside(index, recomputed=graph_task != -1)
+        self.layers_run += 1
+        if module.training:
+            self.records.add(index, hidden, current[0])
+        return current[0]
+
+    def _outside(self, index: int, recomputed: bool = False) -> RuntimeError:
+        if recomputed:
+            return RuntimeError(
+                f"AoT layer {index} of the patched {self.inner_name} ran in backward (an "
+                "activation-checkpoint recomputation) on an input that no training forward "
+                "of this model recorded (the checkpoint's saved input was copied, e.g. by "
+                "torch.autograd.graph.save_on_cpu, or the layer ran in eval mode), so which "
+                "input_ids apply cannot be told"
+            )
+        return RuntimeError(
+            f"AoT layer {index} ran outside a forward of the patched {self.inner_name} "
+            "(no input_ids recorded); call the model, not its layers"
+        )
