@@ -24,6 +24,8 @@ With tasks the rows are keyed by (task, row) and the matmuls run per task.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -123,8 +125,7 @@ def _check_args(
             raise ValueError(
                 f"prompt has width {prompt.shape[-1]} but weight has embedding dim d={d}"
             )
-    if not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    v.check_scaling(scaling)
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together (or both None)")
     if position_ids is not None:
@@ -209,6 +210,24 @@ def _check_tasks(
     return next(iter(counts.values()))
 
 
+def _check_values(
+    input_ids: Tensor, weight: Tensor, lora_a: Tensor | None, rows: Tensor | None
+) -> None:
+    """Range checks of the ids and the low-rank rows they read (reads the ids: a sync)."""
+    v.check_range("input_ids", input_ids, weight.shape[0])
+    if rows is not None:
+        # In token mode rows are the ids and L = V, so this repeats the check above and cannot
+        # fail; positions (given, or generate's) must stay below max_length.
+        max_length = lora_a.shape[-2]
+        v.check_range(
+            "position_ids",
+            rows,
+            max_length,
+            hint=f"lora_a has max_length L={max_length} rows; truncate the input or raise "
+            "max_length",
+        )
+
+
 # --------------------------------------------------------------------------- references
 
 
@@ -227,8 +246,16 @@ def reference_dept_embedding(
     """The formula in plain differentiable PyTorch, fp32 accumulation: the test oracle.
 
     Every sample first gathers its own parameters (its task's with `task_ids`, else the
-    shared ones), then the formula runs per sample with batched matmuls.
+    shared ones), then the formula runs per sample with batched matmuls. Arguments are
+    checked as `dept_embedding` checks them, so bad ones fail alike rather than as an
+    indexing error deep in torch (or, for float ids, as a silent truncation).
     """
+    rows, num_tasks = _check_args(
+        input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids
+    )
+    _check_values(input_ids, weight, lora_a, rows)
+    if task_ids is not None:
+        v.check_range("task_ids", task_ids, num_tasks)
     batch, seq_len = input_ids.shape
 
     def per_sample(x: Tensor) -> Tensor:
@@ -266,13 +293,21 @@ def official_dept_embedding(
 
     Materialises `A @ B` (L, d), repeats it over the batch, adds it to the looked-up
     embeddings and concatenates the batch-repeated prompt. Defined only for s == L, since
-    the official code pads every input to max_length.
+    the official code pads every input to max_length. Arguments are checked as
+    `dept_embedding` checks them; the id range only outside `torch.compile`, where reading
+    the ids would break the graph the benchmarks time.
     """
+    for name, x in (("prompt", prompt), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if x is None:
+            raise ValueError(f"the official formula needs {name}")
+    _check_args(input_ids, weight, prompt, lora_a, lora_b, scaling, None, "position", None)
     batch, seq_len = input_ids.shape
     if seq_len != lora_a.shape[0]:
         raise ValueError(
             f"the official formula needs s == max_length: s={seq_len}, L={lora_a.shape[0]}"
         )
+    if not torch.compiler.is_compiling():
+        v.check_range("input_ids", input_ids, weight.shape[0])
     inputs_embeds = F.embedding(input_ids, weight)
     lora = (lora_a @ lora_b).repeat(batch, 1, 1)
     inputs_embeds = (inputs_embeds + scaling * lora).to(weight.dtype)
@@ -283,7 +318,24 @@ def official_dept_embedding(
 # --------------------------------------------------------------------------- custom op
 
 
+def _fp32_math(fn):
+    """Run a custom op's body with autocast off: its math is fp32 by contract (DESIGN.md §1),
+    but autocast stays on inside custom ops (and in a backward run under it), where it would
+    round the low-rank products to half precision and mix dtypes in their stores."""
+
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            if torch.cuda.is_available():
+                with torch.autocast("cuda", enabled=False):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+    return body
+
+
 @torch.library.custom_op("dept_kernels::dept_embedding", mutates_args=())
+@_fp32_math
 def _dept_embedding_op(
     input_ids: Tensor,
     weight: Tensor,
@@ -296,10 +348,7 @@ def _dept_embedding_op(
     scaling: float,
     backend: str,
 ) -> Tensor:
-    v.check_range("input_ids", input_ids, weight.shape[0])
-    if rows is not None:
-        # In token mode rows are the ids and L = V, so this repeats the check above.
-        v.check_range("position_ids", rows, lora_a.shape[-2])
+    _check_values(input_ids, weight, lora_a, rows)
     batch_order = None
     if task_ids is not None:
         v.check_range("task_ids", task_ids, num_tasks)
@@ -324,6 +373,7 @@ def _(input_ids, weight, prompt, lora_a, lora_b, rows, task_ids, num_tasks, scal
 
 
 @torch.library.custom_op("dept_kernels::dept_embedding_backward", mutates_args=())
+@_fp32_math
 def _dept_embedding_backward_op(
     grad_out: Tensor,
     input_ids: Tensor,

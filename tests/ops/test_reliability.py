@@ -95,3 +95,18 @@ def test_cpu_output_past_2_31_elements_bf16():
     # The very last elements: the tail of the final row.
     tail = weight[ids[-1, -1], -5:].float() + 0.5 * (lora_a[-1] @ lora_b[:, -5:])
     assert_close(out[-1, -1, -5:], tail.bfloat16(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", DETERMINISM_CASES, ids=lambda c: c.name)
+def test_dept_embedding_under_autocast_keeps_fp32_math(backend, case):
+    """Forward and backward run inside `torch.autocast` (as a training loop that calls
+    backward in the autocast block does) give the fp32 results: autocast must not reach the
+    op's low-rank products."""
+    kw = make_inputs(case, torch.float32, torch.float32)
+    out, grads, grad_out = run(dept_embedding, kw)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        auto_out, auto_grads, _ = run(dept_embedding, kw, grad_out)
+    assert auto_out.dtype == torch.float32
+    assert torch.equal(auto_out, out)
+    for a, b in zip(auto_grads, grads, strict=True):
+        assert_close(a, b, torch.float32)
