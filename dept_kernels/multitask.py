@@ -38,8 +38,20 @@ def stack_adapters(
     Returns:
         The serving model; its forward and generate take `task_ids` (B,) in [0, T).
     """
+    if isinstance(sources, (str, os.PathLike)):
+        # A lone path would otherwise be read character by character as directories.
+        raise TypeError(
+            f"sources must be a sequence of models or adapter directories, got the single path "
+            f"{str(sources)!r}: pass [{str(sources)!r}]"
+        )
     if not sources:
         raise ValueError("stack_adapters needs at least one model or adapter directory")
+    for i, source in enumerate(sources):
+        if not isinstance(source, (nn.Module, str, os.PathLike)):
+            raise TypeError(
+                f"source {i} is a {type(source).__name__}; sources are patched models or "
+                "adapter directories"
+            )
     if model is None:
         model = next((s for s in sources if isinstance(s, nn.Module)), None)
         if model is None:

@@ -19,7 +19,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import models
-from .methods import METHODS, AoTAdapter, AoTConfig, DePTConfig, PromptTuningConfig
+from .methods import (
+    METHODS,
+    AoTAdapter,
+    AoTConfig,
+    DePTConfig,
+    PromptAdapter,
+    PromptTuningConfig,
+)
 from .models._hooks import positional_names
 
 _STATE = "_dept_kernels_patch"
@@ -80,6 +87,7 @@ def attach_adapter(model: nn.Module, adapter: nn.Module) -> nn.Module:
     """Patch an unpatched `model` with a ready adapter (built by `new_adapter`, loaded from a
     checkpoint, or stacked): freeze the base weights and install the hooks. The model's
     `generate` then takes `task_ids` (B,) for a stacked adapter, as its forward does."""
+    _check_adapter(adapter, model)
     if isinstance(adapter, AoTAdapter):
         install = models.install_aot
     else:
@@ -171,9 +179,39 @@ def fold(model: nn.Module) -> nn.Module:
 def replace_adapter(model: nn.Module, new: nn.Module) -> nn.Module:
     """Swap a patched model's adapter for one its hooks serve the same way."""
     owner = _state(model).owner
+    _check_adapter(new, owner, current=getattr(owner, ADAPTER))
     new.train(owner.training)
     setattr(owner, ADAPTER, new)
     return model
+
+
+def _check_adapter(adapter: object, model: nn.Module, current: nn.Module | None = None) -> None:
+    """`adapter` fits `model` (and, replacing `current`, the hooks installed for it)."""
+    if not isinstance(adapter, (PromptAdapter, AoTAdapter)):
+        raise TypeError(
+            "adapter must be a PromptAdapter or an AoTAdapter (from new_adapter, load_adapter "
+            f"or stack_adapters), got {type(adapter).__name__}"
+        )
+    if current is not None and isinstance(adapter, AoTAdapter) != isinstance(current, AoTAdapter):
+        raise TypeError(
+            f"the model's hooks serve a {type(current).__name__}, not a "
+            f"{type(adapter).__name__}; unpatch it and attach the new adapter instead"
+        )
+    if isinstance(adapter, AoTAdapter):
+        layers = len(models.aot_sites(model)[1])
+        got = (len(adapter.layers), adapter.layers[0].d)
+        if got != (layers, model.config.hidden_size):
+            raise ValueError(
+                f"the AoTAdapter has {got[0]} layers of width {got[1]}; the model has {layers} "
+                f"layers of width {model.config.hidden_size}"
+            )
+        return
+    d = model.get_input_embeddings().weight.shape[-1]
+    if adapter.prompt.shape[-1] != d:
+        raise ValueError(
+            f"the {type(adapter).__name__}'s prompt has width {adapter.prompt.shape[-1]}; the "
+            f"model's embeddings have d={d}"
+        )
 
 
 def accelerated(model: nn.Module) -> bool:

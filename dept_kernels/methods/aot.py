@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ..ops import _validate as v
 from ..ops import aot_bias_add, aot_fc_bias, aot_kron_bias, fc_rows, kron_rows
-from ..ops.aot import ACTIVATIONS, distinct_ids
-from .base import as_stacked, check_int, check_task_ids
+from ..ops.aot import ACTIVATIONS, checked_ids, distinct_ids
+from .base import as_stacked, check_int, check_same_kind, check_task_ids
 
 REPARAMS = ("fc", "kron")
 
@@ -62,6 +62,8 @@ class AoTConfig:
             raise ValueError(
                 f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
             )
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool):
+            raise TypeError(f"dropout must be a number, got {type(self.dropout).__name__}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
@@ -313,6 +315,7 @@ class AoTAdapter(nn.Module):
         A stacked source contributes all its tasks. Tables take the first adapter's dtype
         and device.
         """
+        check_same_kind(cls, adapters)
         first = adapters[0]
         for i, other in enumerate(adapters):
             if not other.fused:
@@ -356,24 +359,31 @@ class AoTAdapter(nn.Module):
         table = self.layers[0].table
         return table.shape[0] if table is not None and table.dim() == 3 else None
 
-    def check_batch(self, input_ids: Tensor, task_ids: Tensor | None) -> None:
-        """Ids in [0, V) and, for a stacked adapter, one task id in [0, T) per sample."""
-        # Value checks read the ids, which a compiled graph cannot do while tracing; the
-        # layers' ops repeat them inside their custom ops, where they run at run time.
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            v.check_range("input_ids", input_ids, self.vocab)
+    def check_batch(
+        self, input_ids: Tensor, task_ids: Tensor | None, device: torch.device | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Ids in [0, V) and, for a stacked adapter, one task id in [0, T) per sample, on
+        `device` (the model's, when given: fused tables may live elsewhere).
+
+        Returns `(input_ids, task_ids)` to use from here on: while compiling, checked copies
+        whose consumers run after the check (`checked_ids`); eager, the arguments.
+        """
+        v.check_ids("input_ids", input_ids, ndim=2)
+        if device is not None:
+            v.check_device("input_ids", input_ids, device, like="the model")
+        input_ids = checked_ids(input_ids, self.vocab, "input_ids")
         tasks = self.num_tasks
         check_task_ids(tasks, task_ids)
         if tasks is None:
-            return
+            return input_ids, task_ids
         v.check_ids("task_ids", task_ids, ndim=1)
+        if device is not None:
+            v.check_device("task_ids", task_ids, device, like="the model")
         if task_ids.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"task_ids has {task_ids.shape[0]} entries but the batch has {input_ids.shape[0]}"
             )
-        if not compiling:
-            v.check_range("task_ids", task_ids, tasks)
+        return input_ids, checked_ids(task_ids, tasks, "task_ids")
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """AoT has no soft prompt: every parameter is in the reparameterisation group."""

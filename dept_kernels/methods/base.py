@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import abc
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import dept_embedding
+from ..ops._validate import FLOAT_DTYPES
 
 PROMPT_INITS = ("random", "vocab", "text")
 
@@ -26,8 +27,34 @@ def check_prompt_init(prompt_init: str, init_text: tuple[int, ...] | None) -> No
             )
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in init_text):
             raise TypeError("init_text must hold int token ids (tokenize the text first)")
+        negative = [i for i in init_text if i < 0]
+        if negative:
+            raise ValueError(f"init_text holds negative token ids {negative[:5]}")
     elif init_text is not None:
         raise ValueError(f"init_text is only used with prompt_init='text', got {prompt_init!r}")
+
+
+def as_token_ids(init_text: object) -> tuple | None:
+    """A config's `init_text` as a tuple (configs are frozen and hashable), or None."""
+    if init_text is None:
+        return None
+    # A str is iterable too, but as characters: the text must be tokenized first.
+    if isinstance(init_text, (str, bytes)) or not isinstance(init_text, Iterable):
+        raise TypeError(
+            f"init_text must be a sequence of int token ids (tokenize the text first), got "
+            f"{type(init_text).__name__}"
+        )
+    return tuple(init_text)
+
+
+def check_embedding(weight: Tensor) -> None:
+    """The model's input embedding table, which `dept_embedding` reads: refused at patch
+    time in a dtype the op does not take, rather than at the first forward."""
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"the model's input embedding is {weight.dtype}; prompt adapters run on float32, "
+            "float16 and bfloat16 models (convert the model first, e.g. model.float())"
+        )
 
 
 def check_int(name: str, value: object, minimum: int) -> None:

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from ..ops.dept_embedding import INDEX_MODES
 from .base import (
     PromptAdapter,
+    as_token_ids,
+    check_embedding,
     check_int,
     check_prompt_init,
     check_same_base,
@@ -50,10 +52,12 @@ class DePTConfig:
         check_int("max_length", self.max_length, 1)
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
             raise TypeError(f"lora_alpha must be a number, got {type(self.lora_alpha).__name__}")
+        if not math.isfinite(self.lora_alpha):
+            # A NaN or inf scaling would reach every token embedding without an error.
+            raise ValueError(f"lora_alpha must be finite, got {self.lora_alpha}")
         if self.index not in INDEX_MODES:
             raise ValueError(f"index must be one of {INDEX_MODES}, got {self.index!r}")
-        if self.init_text is not None:
-            object.__setattr__(self, "init_text", tuple(self.init_text))
+        object.__setattr__(self, "init_text", as_token_ids(self.init_text))
         check_prompt_init(self.prompt_init, self.init_text)
 
     @property
@@ -109,6 +113,7 @@ class DePTAdapter(PromptAdapter):
         self, config: DePTConfig, weight: Tensor, generator: torch.Generator | None = None
     ) -> None:
         super().__init__()
+        check_embedding(weight)
         self.config = config
         self.num_virtual_tokens = config.num_virtual_tokens
         self.uses_position_rows = config.index == "position"

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import PromptAdapter, check_int, check_same_kind, init_prompt
+from .base import PromptAdapter, check_embedding, check_int, check_same_kind, init_prompt
 from .prompt_tuning import PromptTuningAdapter, PromptTuningConfig
 
 
@@ -49,6 +49,7 @@ class EPTAdapter(PromptAdapter):
         self, config: EPTConfig, weight: Tensor, generator: torch.Generator | None = None
     ) -> None:
         super().__init__()
+        check_embedding(weight)
         self.config = config
         self.num_virtual_tokens = config.num_virtual_tokens
         d = weight.shape[1]

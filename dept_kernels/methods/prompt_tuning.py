@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from .base import (
     PromptAdapter,
+    as_token_ids,
+    check_embedding,
     check_int,
     check_prompt_init,
     check_same_base,
@@ -36,8 +38,7 @@ class PromptTuningConfig:
 
     def __post_init__(self) -> None:
         check_int("num_virtual_tokens", self.num_virtual_tokens, 1)
-        if self.init_text is not None:
-            object.__setattr__(self, "init_text", tuple(self.init_text))
+        object.__setattr__(self, "init_text", as_token_ids(self.init_text))
         check_prompt_init(self.prompt_init, self.init_text)
 
 
@@ -48,6 +49,7 @@ class PromptTuningAdapter(PromptAdapter):
         self, config: PromptTuningConfig, weight: Tensor, generator: torch.Generator | None = None
     ) -> None:
         super().__init__()
+        check_embedding(weight)
         self.config = config
         self.num_virtual_tokens = config.num_virtual_tokens
         self.prompt = nn.Parameter(

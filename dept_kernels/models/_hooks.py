@@ -42,6 +42,19 @@ def generate_with_tasks(model: nn.Module, *args, task_ids: Tensor | None = None,
     held here for the hooks of the whole generation, which repeat them per beam or returned
     sequence as generate repeats the batch (`TaskIds.resolve`).
     """
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    # Checked here, before generate repeats the batch per beam: later, task ids for fewer
+    # samples would look like ids to repeat the same way.
+    if (
+        isinstance(task_ids, Tensor)
+        and isinstance(ids, Tensor)
+        and ids.ndim == 2
+        and (task_ids.ndim != 1 or task_ids.shape[0] != ids.shape[0])
+    ):
+        raise ValueError(
+            f"task_ids has {task_ids.shape[0] if task_ids.ndim else 0} entries (shape "
+            f"{tuple(task_ids.shape)}) but input_ids has {ids.shape[0]} samples"
+        )
     outer = model.__dict__.get(_GENERATION_TASKS)  # a generate nested in a generate
     model.__dict__[_GENERATION_TASKS] = task_ids
     try:
@@ -140,9 +153,14 @@ def row_ids(position_ids: Tensor | None, input_ids: Tensor) -> Tensor | None:
     """`position_ids` broadcast to the ids' (B, s) shape, as the op wants them."""
     if position_ids is None:
         return None
-    if position_ids.ndim != 2 or position_ids.shape[1] != input_ids.shape[1]:
+    batch, s = input_ids.shape
+    if (
+        position_ids.ndim != 2
+        or position_ids.shape[0] not in (1, batch)
+        or position_ids.shape[1] != s
+    ):
         raise ValueError(
-            f"position_ids must have shape (batch, {input_ids.shape[1]}) like input_ids, got "
+            f"position_ids must have shape ({batch}, {s}) or (1, {s}) like input_ids, got "
             f"{tuple(position_ids.shape)}"
         )
     return position_ids.expand(input_ids.shape[0], -1)
@@ -154,6 +172,14 @@ def needs_ids(kw: dict, where: str) -> Tensor:
         raise ValueError(
             f"the patched {where} needs input_ids (the adapter builds the input embeddings from "
             f"them); inputs_embeds cannot carry the prompt"
+        )
+    if ids.shape[0] == 0:
+        raise ValueError(f"input_ids is an empty batch (B=0, shape {tuple(ids.shape)})")
+    mask = kw.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)} but input_ids has shape "
+            f"{tuple(ids.shape)}; a (batch, seq) padding mask must match the ids"
         )
     return ids
 

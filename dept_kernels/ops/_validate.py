@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,13 +44,25 @@ def check_device(name: str, x: Tensor, device: torch.device, like: str = "weight
         raise ValueError(f"{name} is on {x.device} but {like} is on {device}")
 
 
-def check_range(name: str, ids: Tensor, upper: int) -> None:
-    """All ids in [0, upper). Reads the ids (a device sync on GPU) before any kernel does."""
+def check_range(name: str, ids: Tensor, upper: int, hint: str = "") -> None:
+    """All ids in [0, upper). Reads the ids (a device sync on GPU) before any kernel does.
+
+    `hint`, when given, follows the message: what the bound is and how to stay within it.
+    """
     if ids.numel() == 0:
         return
     lo, hi = torch.aminmax(ids)
     lo, hi = int(lo), int(hi)
+    tail = f"; {hint}" if hint else ""
     if lo < 0:
-        raise IndexError(f"{name} holds a negative id ({lo}); ids must lie in [0, {upper})")
+        raise IndexError(f"{name} holds a negative id ({lo}); ids must lie in [0, {upper}){tail}")
     if hi >= upper:
-        raise IndexError(f"{name} holds id {hi}, out of range [0, {upper})")
+        raise IndexError(f"{name} holds id {hi}, out of range [0, {upper}){tail}")
+
+
+def check_scaling(scaling: object) -> None:
+    """A finite Python number (a bool is refused: it is a flag, not a multiplier)."""
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")

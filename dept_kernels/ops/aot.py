@@ -62,23 +62,9 @@ def aot_bias_add(
     Returns:
         (B, s, d) tensor of `hidden.dtype` (`hidden` itself when `inplace`).
     """
-    _check_hidden(hidden, input_ids)
-    v.check_float("table", table, ndim=table.dim() if table.dim() in (2, 3) else 2)
-    v.check_device("table", table, hidden.device, like="hidden")
-    if table.shape[-1] != hidden.shape[-1]:
-        raise ValueError(f"table has width {table.shape[-1]} but hidden has d={hidden.shape[-1]}")
-    if table.dim() == 3:
-        if task_ids is None:
-            raise ValueError("stacked tables (T, V, d) need task_ids (B,)")
-        v.check_ids("task_ids", task_ids, ndim=1)
-        v.check_device("task_ids", task_ids, hidden.device, like="hidden")
-        if task_ids.shape[0] != hidden.shape[0]:
-            raise ValueError(
-                f"task_ids has {task_ids.shape[0]} entries but the batch has {hidden.shape[0]}"
-            )
+    _check_table_args(hidden, input_ids, table, task_ids)
+    if task_ids is not None:
         task_ids = task_ids.contiguous()
-    elif task_ids is not None:
-        raise ValueError("task_ids needs stacked tables of shape (T, V, d)")
     table = table if table.is_contiguous() else table.contiguous()
     backend = _backend.resolve(hidden.device)
     ids = input_ids.contiguous()
@@ -93,6 +79,28 @@ def aot_bias_add(
         torch.ops.dept_kernels.aot_bias_add_(hidden, ids, table, task_ids, backend)
         return hidden
     return torch.ops.dept_kernels.aot_bias_add(hidden.contiguous(), ids, table, task_ids, backend)
+
+
+def _check_table_args(
+    hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Tensor | None
+) -> None:
+    """Shapes, dtypes and devices of `aot_bias_add`'s arguments (not the ids' values)."""
+    _check_hidden(hidden, input_ids)
+    v.check_float("table", table, ndim=table.dim() if table.dim() in (2, 3) else 2)
+    v.check_device("table", table, hidden.device, like="hidden")
+    if table.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"table has width {table.shape[-1]} but hidden has d={hidden.shape[-1]}")
+    if table.dim() == 3:
+        if task_ids is None:
+            raise ValueError("stacked tables (T, V, d) need task_ids (B,)")
+        v.check_ids("task_ids", task_ids, ndim=1)
+        v.check_device("task_ids", task_ids, hidden.device, like="hidden")
+        if task_ids.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"task_ids has {task_ids.shape[0]} entries but the batch has {hidden.shape[0]}"
+            )
+    elif task_ids is not None:
+        raise ValueError("task_ids needs stacked tables of shape (T, V, d)")
 
 
 def _check_hidden(hidden: Tensor, input_ids: Tensor) -> None:
@@ -192,6 +200,30 @@ _aot_bias_add_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- reparameterisations
 
 
+def checked_ids(ids: Tensor, upper: int, name: str) -> Tensor:
+    """`ids`, after checking that they lie in [0, upper).
+
+    Eager: the check, and `ids` itself. While compiling, a custom op returning a copy: the
+    check then runs at run time (tracing cannot read the ids), and it runs before every
+    consumer of the returned ids, which a check with no output would not guarantee.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.dept_kernels.checked_ids(ids, upper, name)
+    v.check_range(name, ids, upper)
+    return ids
+
+
+@torch.library.custom_op("dept_kernels::checked_ids", mutates_args=())
+def _checked_ids_op(ids: Tensor, upper: int, name: str) -> Tensor:
+    v.check_range(name, ids, upper)
+    return ids.clone()
+
+
+@_checked_ids_op.register_fake
+def _(ids, upper, name):
+    return torch.empty_like(ids)
+
+
 def distinct_ids(ids: Tensor, upper: int, name: str = "input_ids") -> tuple[Tensor, Tensor]:
     """`(used, inverse)`: the sorted distinct ids (U,) of `ids`, range-checked against
     [0, upper), and each element's index into them (same shape as `ids`, int64).
@@ -216,13 +248,14 @@ def _(ids, upper, name):
 
 
 def kron_rows(ids: Tensor, w_l: Tensor, w_m: Tensor, w_r: Tensor) -> Tensor:
-    """Rows `P_x = (W_L[x // b] ⊗ W_M[x % b]) @ W_R` for the ids (U,) → (U, d)."""
-    b, r = w_m.shape
-    ids = ids.long()
-    left = w_l[ids // b]  # (U, r)
-    right = w_m[ids % b]  # (U, r)
-    kron = (left[:, :, None] * right[:, None, :]).reshape(ids.shape[0], r * r)
-    return kron @ w_r
+    """Rows `P_x = (W_L[x // b] ⊗ W_M[x % b]) @ W_R` for the ids (U,) in [0, a*b) → (U, d).
+
+    w_l: (a, r); w_m: (b, r); w_r: (r*r, d).
+    """
+    v.check_ids("ids", ids, ndim=1)
+    _check_kron(w_l, w_m, w_r, ids.device, "ids")
+    ids = checked_ids(ids, w_l.shape[0] * w_m.shape[0], "ids")
+    return _kron_rows(ids, w_l, w_m, w_r)
 
 
 def fc_rows(
@@ -236,7 +269,27 @@ def fc_rows(
     activation: str = "relu",
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """Rows `P_x = f(dropout(E[x]) @ W_1 + b_1) @ W_2 + b_2` for the ids (U,) → (U, d)."""
+    """Rows `P_x = f(dropout(E[x]) @ W_1 + b_1) @ W_2 + b_2` for the ids (U,) in [0, V) → (U, d).
+
+    embedding: (V, e); w1: (e, r); b1: (r,); w2: (r, d); b2: (d,).
+    """
+    v.check_ids("ids", ids, ndim=1)
+    _check_dropout(dropout_p)
+    _check_fc(embedding, w1, b1, w2, b2, activation, ids.device, "ids", w2.shape[-1])
+    ids = checked_ids(ids, embedding.shape[0], "ids")
+    return _fc_rows(ids, embedding, w1, b1, w2, b2, activation, dropout_p)
+
+
+def _kron_rows(ids: Tensor, w_l: Tensor, w_m: Tensor, w_r: Tensor) -> Tensor:
+    b, r = w_m.shape
+    ids = ids.long()
+    left = w_l[ids // b]  # (U, r)
+    right = w_m[ids % b]  # (U, r)
+    kron = (left[:, :, None] * right[:, None, :]).reshape(ids.shape[0], r * r)
+    return kron @ w_r
+
+
+def _fc_rows(ids, embedding, w1, b1, w2, b2, activation: str, dropout_p: float) -> Tensor:
     x = F.embedding(ids.long(), embedding).to(w1.dtype)
     if dropout_p:
         x = F.dropout(x, dropout_p)
@@ -246,6 +299,35 @@ def fc_rows(
 def _check_dropout(dropout_p: float) -> None:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+
+
+def _check_kron(w_l: Tensor, w_m: Tensor, w_r: Tensor, device: torch.device, like: str) -> None:
+    for name, w in (("w_l", w_l), ("w_m", w_m), ("w_r", w_r)):
+        v.check_float(name, w, ndim=2)
+        v.check_device(name, w, device, like=like)
+    (_, r), (_, r_m) = w_l.shape, w_m.shape
+    if r != r_m or w_r.shape[0] != r * r:
+        raise ValueError(
+            f"Kronecker factors disagree on r: w_l {tuple(w_l.shape)}, w_m {tuple(w_m.shape)}, "
+            f"w_r {tuple(w_r.shape)} (w_r needs r*r rows)"
+        )
+
+
+def _check_fc(embedding, w1, b1, w2, b2, activation: str, device, like: str, d: int) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    v.check_float("embedding", embedding, ndim=2)
+    for name, w, ndim in (("w1", w1, 2), ("b1", b1, 1), ("w2", w2, 2), ("b2", b2, 1)):
+        v.check_float(name, w, ndim=ndim)
+    for name, w in (("embedding", embedding), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        v.check_device(name, w, device, like=like)
+    e, r = w1.shape
+    if embedding.shape[1] != e or b1.shape[0] != r or w2.shape != (r, d) or b2.shape[0] != d:
+        raise ValueError(
+            f"FC shapes disagree: embedding {tuple(embedding.shape)}, w1 {tuple(w1.shape)}, "
+            f"b1 {tuple(b1.shape)}, w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}; expected "
+            f"embedding (V, e), w1 (e, r), b1 (r,), w2 (r, {d}), b2 ({d},)"
+        )
 
 
 def aot_kron_bias(
@@ -266,19 +348,11 @@ def aot_kron_bias(
     """
     _check_hidden(hidden, input_ids)
     _check_dropout(dropout_p)
-    for name, w in (("w_l", w_l), ("w_m", w_m), ("w_r", w_r)):
-        v.check_float(name, w, ndim=2)
-        v.check_device(name, w, hidden.device, like="hidden")
-    (a, r), (b, r_m) = w_l.shape, w_m.shape
-    if r != r_m or w_r.shape[0] != r * r:
-        raise ValueError(
-            f"Kronecker factors disagree on r: w_l {tuple(w_l.shape)}, w_m {tuple(w_m.shape)}, "
-            f"w_r {tuple(w_r.shape)} (w_r needs r*r rows)"
-        )
+    _check_kron(w_l, w_m, w_r, hidden.device, "hidden")
     if w_r.shape[1] != hidden.shape[-1]:
         raise ValueError(f"w_r has width {w_r.shape[1]} but hidden has d={hidden.shape[-1]}")
-    used, inverse = distinct_ids(input_ids, a * b)
-    rows = kron_rows(used, w_l, w_m, w_r)
+    used, inverse = distinct_ids(input_ids, w_l.shape[0] * w_m.shape[0])
+    rows = _kron_rows(used, w_l, w_m, w_r)
     if dropout_p:
         rows = F.dropout(rows, dropout_p)
     return aot_bias_add(hidden, inverse, rows)
@@ -306,23 +380,9 @@ def aot_fc_bias(
     """
     _check_hidden(hidden, input_ids)
     _check_dropout(dropout_p)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    v.check_float("embedding", embedding, ndim=2)
-    for name, w, ndim in (("w1", w1, 2), ("b1", b1, 1), ("w2", w2, 2), ("b2", b2, 1)):
-        v.check_float(name, w, ndim=ndim)
-    for name, w in (("embedding", embedding), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        v.check_device(name, w, hidden.device, like="hidden")
-    e, r = w1.shape
-    d = hidden.shape[-1]
-    if embedding.shape[1] != e or b1.shape[0] != r or w2.shape != (r, d) or b2.shape[0] != d:
-        raise ValueError(
-            f"FC shapes disagree: embedding {tuple(embedding.shape)}, w1 {tuple(w1.shape)}, "
-            f"b1 {tuple(b1.shape)}, w2 {tuple(w2.shape)}, b2 {tuple(b2.shape)}; expected "
-            f"embedding (V, e), w1 (e, r), b1 (r,), w2 (r, {d}), b2 ({d},)"
-        )
+    _check_fc(embedding, w1, b1, w2, b2, activation, hidden.device, "hidden", hidden.shape[-1])
     used, inverse = distinct_ids(input_ids, embedding.shape[0])
-    rows = fc_rows(used, embedding, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p)
+    rows = _fc_rows(used, embedding, w1, b1, w2, b2, activation, dropout_p)
     return aot_bias_add(hidden, inverse, rows)
 
 
@@ -330,6 +390,10 @@ def reference_aot_bias_add(
     hidden: Tensor, input_ids: Tensor, table: Tensor, *, task_ids: Tensor | None = None
 ) -> Tensor:
     """The formula in plain differentiable PyTorch, fp32 accumulation: the test oracle."""
+    _check_table_args(hidden, input_ids, table, task_ids)
+    input_ids = checked_ids(input_ids, table.shape[-2], "input_ids")
+    if task_ids is not None:
+        task_ids = checked_ids(task_ids, table.shape[0], "task_ids")
     table = table.float()  # so the table's gradient is summed in fp32 too
     if task_ids is not None:
         table = table[task_ids.long()]  # (B, V, d)
