@@ -1,4 +1,4 @@
-"""End to end: training steps of the prompt methods on a T5 with t5-small dimensions.
+"""End to end: training steps of the prompt methods on a T5 with t5-small (or t5-base) dims.
 
 Three setups train the same frozen random-weight T5 (or a local checkpoint) on the same
 batches, with AdamW over the adapter:
@@ -37,17 +37,25 @@ MAX_LENGTH = 256
 PAD, EOS = 0, 1
 
 
-def t5_small(vocab: int = 32128):
-    """A T5ForConditionalGeneration with t5-small dimensions and random weights."""
+# (d_model, d_kv, d_ff, layers, heads) of the public T5 checkpoints the runs are named after.
+T5_DIMS = {
+    "t5-small": (512, 64, 2048, 6, 8),
+    "t5-base": (768, 64, 3072, 12, 12),
+}
+
+
+def t5_random(dims: str = "t5-small", vocab: int = 32128):
+    """A T5ForConditionalGeneration with the dimensions of `dims` and random weights."""
     from transformers import T5Config, T5ForConditionalGeneration
 
+    d_model, d_kv, d_ff, layers, heads = T5_DIMS[dims]
     config = T5Config(
         vocab_size=vocab,
-        d_model=512,
-        d_kv=64,
-        d_ff=2048,
-        num_layers=6,
-        num_heads=8,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=layers,
+        num_heads=heads,
         dropout_rate=0.0,
         decoder_start_token_id=PAD,
         pad_token_id=PAD,
