@@ -277,19 +277,39 @@ def test_one_input_tensor_in_two_live_forwards_raises():
         loss_1.backward()
 
 
-def test_layer_called_through_forward_raises():
-    """transformers < 4.52 checkpoints T5 blocks through `block.forward`, which skips their
-    hooks; emulated here, the missing bias is an error rather than a silent omission."""
-    _, model = aot_pair("t5", "kron")
-    for block in model.encoder.block:
+def forward_only(modules) -> None:
+    """Make `modules` run `forward` when called, skipping their hooks."""
+    for module in modules:
 
-        class ForwardOnly(type(block)):
+        class ForwardOnly(type(module)):
             def __call__(self, *args, **kwargs):
                 return self.forward(*args, **kwargs)
 
-        block.__class__ = ForwardOnly
+        module.__class__ = ForwardOnly
+
+
+def test_t5_blocks_called_through_forward_keep_the_bias():
+    """transformers < 4.52 checkpoints T5 blocks through `block.forward`, which skips the
+    blocks' hooks: the bias sits before each block's first sublayer, whose hooks still run."""
+    base, model = aot_pair("t5", "kron")
+    model.eval()
+    ids = ta.batch()
+    with torch.no_grad():
+        expected = ta.run("t5", model, ids)
+        forward_only(model.encoder.block)
+        got = ta.run("t5", model, ids)
+        unbiased = ta.run("t5", base.eval(), ids)
+    assert not torch.allclose(expected, unbiased), "the bias is zero: the check is vacuous"
+    assert_close(got, expected, torch.float32)
+
+
+def test_layer_called_through_forward_raises():
+    """A layer whose hooks are skipped (called through `.forward`) leaves out its bias: an
+    error rather than a silent omission."""
+    _, model = aot_pair("gpt2", "kron")
+    forward_only(model.transformer.h)
     with pytest.raises(RuntimeError, match="ran 0 of its 2 AoT layer hooks"):
-        ta.run("t5", model, ta.batch())
+        ta.run("gpt2", model, ta.batch())
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -97,11 +97,17 @@ class _T5Hooks:
         needs_ids(bind(module, args, kwargs), type(module).__name__)
 
 
-def aot_sites(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """(the encoder T5Stack inside `model`, its blocks): AoT P-tuning biases the encoder only."""
+def aot_sites(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    """(the encoder T5Stack inside `model`, the first sublayer of each of its blocks).
+
+    AoT P-tuning biases the encoder only. The bias goes before each block's self-attention
+    sublayer, the block's first operation on its input, rather than before the block: the
+    same sum, and transformers before 4.52 checkpoints T5 blocks by calling `block.forward`,
+    which skips the block's hooks but still calls the sublayer's.
+    """
     from transformers.models.t5.modeling_t5 import T5Stack
 
     encoders = [m for m in model.modules() if isinstance(m, T5Stack) and not m.is_decoder]
     if not encoders:
         raise TypeError(f"T5 support needs a T5 encoder stack inside {type(model).__name__}")
-    return encoders[0], encoders[0].block
+    return encoders[0], [block.layer[0] for block in encoders[0].block]
