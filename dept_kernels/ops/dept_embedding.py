@@ -24,6 +24,7 @@ With tasks the rows are keyed by (task, row) and the matmuls run per task.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -325,10 +326,13 @@ def _fp32_math(fn):
 
     @functools.wraps(fn)
     def body(*args, **kwargs):
-        with torch.autocast("cpu", enabled=False):
-            if torch.cuda.is_available():
-                with torch.autocast("cuda", enabled=False):
-                    return fn(*args, **kwargs)
+        # Contexts only for the device types whose autocast is on (usually none).
+        active = [t for t in ("cpu", "cuda") if torch.is_autocast_enabled(t)]
+        if not active:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device_type in active:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
             return fn(*args, **kwargs)
 
     return body
