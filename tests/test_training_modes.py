@@ -158,20 +158,26 @@ def aot_pair(arch: str, reparam: str, dropout: float = 0.1):
 PROMPT_CASES = [(arch, "dept") for arch in tp.ARCHS] + [("gpt2", "pt"), ("t5", "ept")]
 
 
-@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
-@pytest.mark.parametrize(("arch", "method"), PROMPT_CASES)
-def test_hf_checkpointing_prompt_methods(arch, method, reentrant):
-    _, model = tp.patched_pair(arch, method)
+def check_hf_checkpointing(model: nn.Module, step, reentrant: bool) -> None:
+    """`step(model)` with HF checkpointing on equals it on an unchecked copy, and the layers
+    really were recomputed."""
     model.train()
     plain = copy.deepcopy(model)
     enable_hf_checkpointing(model, reentrant)
     layers = aot_sites(model)[1]
     calls = count_calls(first_leaf(layer) for layer in layers)
-    inputs = tp.batch()
-    got = prompt_step(arch, model, inputs)
+    got = step(model)
     assert calls[0] == 2 * len(layers), "the layers were not recomputed: no checkpointing"
-    compare_steps(got, prompt_step(arch, plain, inputs))
+    compare_steps(got, step(plain))
     assert_hook_state_empty(model)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize(("arch", "method"), PROMPT_CASES)
+def test_hf_checkpointing_prompt_methods(arch, method, reentrant):
+    _, model = tp.patched_pair(arch, method)
+    inputs = tp.batch()
+    check_hf_checkpointing(model, lambda m: prompt_step(arch, m, inputs), reentrant)
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
@@ -180,16 +186,8 @@ def test_hf_checkpointing_prompt_methods(arch, method, reentrant):
 def test_hf_checkpointing_aot(arch, reparam, reentrant):
     """With the adapter's dropout on: the checkpoint restores the RNG for the recomputation."""
     _, model = aot_pair(arch, reparam)
-    model.train()
-    plain = copy.deepcopy(model)
-    enable_hf_checkpointing(model, reentrant)
-    layers = aot_sites(model)[1]
-    calls = count_calls(first_leaf(layer) for layer in layers)
     ids = ta.batch()
-    got = aot_step(arch, model, ids)
-    assert calls[0] == 2 * len(layers), "the layers were not recomputed: no checkpointing"
-    compare_steps(got, aot_step(arch, plain, ids))
-    assert_hook_state_empty(model)
+    check_hf_checkpointing(model, lambda m: aot_step(arch, m, ids), reentrant)
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
