@@ -528,3 +528,31 @@ def test_errors_are_clear(tmp_path):
     # A prompt method still names what it supports for BERT.
     with pytest.raises(TypeError, match="AoTConfig also"):
         dk.patch(tiny_model("bert"), dk.PromptTuningConfig(num_virtual_tokens=2))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_ids_are_range_checked_once_per_forward(monkeypatch, fused):
+    """The hook checks the ids once; the layers' ops skip the check (on a GPU each one is a
+    device sync, so a check per layer would stall every layer)."""
+    from dept_kernels.ops import _validate
+
+    model = dk.patch(tiny_model("gpt2"), dk.AoTConfig("kron", r=4))
+    randomize(model.dept_adapter)
+    if fused:
+        dk.fuse(model)
+    model.eval()
+    checked = []
+    real = _validate.check_range
+
+    def counted(name, *args, **kwargs):
+        checked.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(_validate, "check_range", counted)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert checked == ["input_ids"]
+    ids[0, 0] = VOCAB  # and the one check still catches a bad id
+    with pytest.raises(IndexError, match="input_ids holds id"):
+        model(input_ids=ids)

@@ -157,11 +157,13 @@ class AoTLayer(nn.Module):
         task_ids: Tensor | None = None,
         *,
         inplace: bool = False,
+        ids_checked: bool = False,
     ) -> Tensor:
         """(B, s, d) hidden + P[ids]; `embedding` (V, e) is the FC form's input table E.
 
         `task_ids` (B,) pick each sample's table from stacked ones; `inplace` writes into
-        `hidden` (fused tables, inference only).
+        `hidden` (fused tables, inference only); `ids_checked`: the caller has range-checked
+        the ids (`AoTAdapter.check_batch`, once per forward), so the ops do not again.
         """
         if self.table is not None:
             if self.training:
@@ -169,7 +171,7 @@ class AoTLayer(nn.Module):
                     "a fused AoT adapter is for inference: its tables are fixed buffers. "
                     "Call model.eval(), or train the unfused adapter and fuse afterwards"
                 )
-            return _fused_add(hidden, input_ids, self.table, task_ids, inplace)
+            return _fused_add(hidden, input_ids, self.table, task_ids, inplace, ids_checked)
         if task_ids is not None:
             raise ValueError(
                 "task_ids need stacked tables: fuse the adapters and build the model with "
@@ -178,7 +180,10 @@ class AoTLayer(nn.Module):
         p = self.config.dropout if self.training else 0.0
         w = self._fp32()
         if self.config.reparam == "kron":
-            return aot_kron_bias(hidden, input_ids, w["w_l"], w["w_m"], w["w_r"], dropout_p=p)
+            w_l, w_m, w_r = w["w_l"], w["w_m"], w["w_r"]
+            return aot_kron_bias(
+                hidden, input_ids, w_l, w_m, w_r, dropout_p=p, ids_checked=ids_checked
+            )
         return aot_fc_bias(
             hidden,
             input_ids,
@@ -189,6 +194,7 @@ class AoTLayer(nn.Module):
             w["b2"],
             activation=self.config.activation,
             dropout_p=p,
+            ids_checked=ids_checked,
         )
 
     @torch.no_grad()
@@ -220,16 +226,29 @@ def _frozen(embedding: Tensor | None) -> Tensor:
 
 
 def _fused_add(
-    hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Tensor | None, inplace: bool
+    hidden: Tensor,
+    input_ids: Tensor,
+    table: Tensor,
+    task_ids: Tensor | None,
+    inplace: bool,
+    ids_checked: bool,
 ) -> Tensor:
     if table.device == hidden.device:
-        return aot_bias_add(hidden, input_ids, table, task_ids=task_ids, inplace=inplace)
-    rows, inverse = fetch_rows(table, input_ids, task_ids, hidden.device)
-    return aot_bias_add(hidden, inverse, rows, inplace=inplace)
+        return aot_bias_add(
+            hidden, input_ids, table, task_ids=task_ids, inplace=inplace, ids_checked=ids_checked
+        )
+    rows, inverse = fetch_rows(table, input_ids, task_ids, hidden.device, ids_checked=ids_checked)
+    # inverse indexes rows by construction.
+    return aot_bias_add(hidden, inverse, rows, inplace=inplace, ids_checked=True)
 
 
 def fetch_rows(
-    table: Tensor, input_ids: Tensor, task_ids: Tensor | None, device: torch.device | str
+    table: Tensor,
+    input_ids: Tensor,
+    task_ids: Tensor | None,
+    device: torch.device | str,
+    *,
+    ids_checked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The rows a batch reads from a table held on another device (host RAM for a GPU model).
 
@@ -238,6 +257,7 @@ def fetch_rows(
 
     Args:
         table: (V, d) or (T, V, d); input_ids: (B, s); task_ids: (B,) with stacked tables.
+        ids_checked: the caller has range-checked the ids and task ids.
 
     Returns:
         `(rows, inverse)`: (U, d) rows on `device`, and (B, s) indices into them, so that
@@ -247,16 +267,18 @@ def fetch_rows(
     vocab = table.shape[-2]
     v.check_ids("input_ids", input_ids, ndim=2)
     flat = table.reshape(-1, table.shape[-1])
-    keys = input_ids
+    keys, checked = input_ids, ids_checked
     if table.dim() == 3:
         if task_ids is None:
             raise ValueError("stacked tables (T, V, d) need task_ids (B,)")
-        v.check_range("task_ids", task_ids, table.shape[0])
-        v.check_range("input_ids", input_ids, vocab)
-        keys = input_ids.long() + task_ids.long()[:, None] * vocab
+        if not ids_checked:
+            v.check_range("task_ids", task_ids, table.shape[0])
+            v.check_range("input_ids", input_ids, vocab)
+        # Both checked, so the keys lie in [0, T*V): no third read of the ids.
+        keys, checked = input_ids.long() + task_ids.long()[:, None] * vocab, True
     elif task_ids is not None:
         raise ValueError("task_ids needs stacked tables of shape (T, V, d)")
-    used, inverse = distinct_ids(keys, flat.shape[0])
+    used, inverse = distinct_ids(keys, flat.shape[0], checked=checked)
     pinned = device.type == "cuda" and flat.device.type == "cpu"
     staging = torch.empty(
         (used.shape[0], flat.shape[1]), dtype=flat.dtype, device=flat.device, pin_memory=pinned

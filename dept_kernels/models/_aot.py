@@ -194,8 +194,9 @@ class _AoTHooks:
             inputs = self._eager_inputs(index, module, hidden)
             inplace = self.inplace and inputs.ids is self.ids
         inplace = inplace and hidden.is_contiguous()
+        # The ids were range-checked once for the whole forward (`check_batch`).
         out = self.adapter_of().layers[index](
-            hidden, inputs.ids, inputs.embedding, inputs.task_ids, inplace=inplace
+            hidden, inputs.ids, inputs.embedding, inputs.task_ids, inplace=inplace, ids_checked=True
         )
         if args:
             return (out, *args[1:]), kwargs

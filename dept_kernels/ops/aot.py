@@ -49,6 +49,7 @@ def aot_bias_add(
     *,
     task_ids: Tensor | None = None,
     inplace: bool = False,
+    ids_checked: bool = False,
 ) -> Tensor:
     """`hidden + table[ids]` (or `table[task_ids[b], ids]`), added in fp32.
 
@@ -58,6 +59,9 @@ def aot_bias_add(
         table: (V, d) bias table, or (T, V, d) stacked tables, of any float dtype.
         task_ids: (B,) task of each sample, required with stacked tables.
         inplace: write into `hidden` (inference only: nothing may require grad).
+        ids_checked: the caller has range-checked `input_ids` (and `task_ids`), so the op
+            skips reading them (AoT's hooks check once per forward, not once per layer: on a
+            GPU each check is a device sync).
 
     Returns:
         (B, s, d) tensor of `hidden.dtype` (`hidden` itself when `inplace`).
@@ -76,9 +80,11 @@ def aot_bias_add(
             )
         if not hidden.is_contiguous():
             raise ValueError("aot_bias_add(inplace=True) needs a contiguous hidden")
-        torch.ops.dept_kernels.aot_bias_add_(hidden, ids, table, task_ids, backend)
+        torch.ops.dept_kernels.aot_bias_add_(hidden, ids, table, task_ids, backend, ids_checked)
         return hidden
-    return torch.ops.dept_kernels.aot_bias_add(hidden.contiguous(), ids, table, task_ids, backend)
+    return torch.ops.dept_kernels.aot_bias_add(
+        hidden.contiguous(), ids, table, task_ids, backend, ids_checked
+    )
 
 
 def _check_table_args(
@@ -114,40 +120,52 @@ def _check_hidden(hidden: Tensor, input_ids: Tensor) -> None:
         )
 
 
-def _table_rows(input_ids: Tensor, table: Tensor, task_ids: Tensor | None) -> Tensor:
-    """Range-checked row of the flattened (T*V, d) table for every token."""
+def _table_rows(input_ids: Tensor, table: Tensor, task_ids: Tensor | None, checked: bool) -> Tensor:
+    """Row of the flattened (T*V, d) table for every token, range-checked unless `checked`."""
     vocab = table.shape[-2]
-    v.check_range("input_ids", input_ids, vocab)
+    if not checked:
+        v.check_range("input_ids", input_ids, vocab)
+        if task_ids is not None:
+            v.check_range("task_ids", task_ids, table.shape[0])
     if task_ids is None:
         return input_ids
-    v.check_range("task_ids", task_ids, table.shape[0])
     return task_ids.long()[:, None] * vocab + input_ids.long()
 
 
 @torch.library.custom_op("dept_kernels::aot_bias_add", mutates_args=())
 def _aot_bias_add_op(
-    hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Tensor | None, backend: str
+    hidden: Tensor,
+    input_ids: Tensor,
+    table: Tensor,
+    task_ids: Tensor | None,
+    backend: str,
+    checked: bool,
 ) -> Tensor:
-    rows = _table_rows(input_ids, table, task_ids)
+    rows = _table_rows(input_ids, table, task_ids, checked)
     flat = table.reshape(-1, table.shape[-1])
     return _segments.impl(backend).gather_add(hidden, rows, flat, torch.empty_like(hidden))
 
 
 @_aot_bias_add_op.register_fake
-def _(hidden, input_ids, table, task_ids, backend):
+def _(hidden, input_ids, table, task_ids, backend, checked):
     return torch.empty_like(hidden)
 
 
 @torch.library.custom_op("dept_kernels::aot_bias_add_", mutates_args=("hidden",))
 def _aot_bias_add_inplace_op(
-    hidden: Tensor, input_ids: Tensor, table: Tensor, task_ids: Tensor | None, backend: str
+    hidden: Tensor,
+    input_ids: Tensor,
+    table: Tensor,
+    task_ids: Tensor | None,
+    backend: str,
+    checked: bool,
 ) -> None:
-    rows = _table_rows(input_ids, table, task_ids)
+    rows = _table_rows(input_ids, table, task_ids, checked)
     _segments.impl(backend).gather_add(hidden, rows, table.reshape(-1, table.shape[-1]), hidden)
 
 
 @_aot_bias_add_inplace_op.register_fake
-def _(hidden, input_ids, table, task_ids, backend):
+def _(hidden, input_ids, table, task_ids, backend, checked):
     return None
 
 
@@ -176,7 +194,7 @@ def _(grad_out, input_ids, task_ids, table_shape, table_dtype, backend):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _hidden, input_ids, table, task_ids, backend = inputs
+    _hidden, input_ids, table, task_ids, backend, _checked = inputs
     ctx.save_for_backward(input_ids, task_ids)
     ctx.table_shape = list(table.shape)
     ctx.table_dtype = table.dtype
@@ -191,7 +209,7 @@ def _backward(ctx, grad_out):
             grad_out, input_ids, task_ids, ctx.table_shape, ctx.table_dtype, ctx.backend
         )
     # The bias is added, so the hidden state's gradient passes through unchanged.
-    return grad_out if ctx.needs_input_grad[0] else None, None, d_table, None, None
+    return grad_out if ctx.needs_input_grad[0] else None, None, d_table, None, None, None
 
 
 _aot_bias_add_op.register_autograd(_backward, setup_context=_setup_context)
@@ -224,25 +242,29 @@ def _(ids, upper, name):
     return torch.empty_like(ids)
 
 
-def distinct_ids(ids: Tensor, upper: int, name: str = "input_ids") -> tuple[Tensor, Tensor]:
+def distinct_ids(
+    ids: Tensor, upper: int, name: str = "input_ids", checked: bool = False
+) -> tuple[Tensor, Tensor]:
     """`(used, inverse)`: the sorted distinct ids (U,) of `ids`, range-checked against
-    [0, upper), and each element's index into them (same shape as `ids`, int64).
+    [0, upper) unless `checked`, and each element's index into them (same shape as `ids`,
+    int64).
 
     A custom op, so that `torch.compile(fullgraph=True)` traces it with U as an unbacked size
     instead of breaking the graph on `torch.unique`'s data-dependent output.
     """
-    return torch.ops.dept_kernels.distinct_ids(ids, upper, name)
+    return torch.ops.dept_kernels.distinct_ids(ids, upper, name, checked)
 
 
 @torch.library.custom_op("dept_kernels::distinct_ids", mutates_args=())
-def _distinct_ids_op(ids: Tensor, upper: int, name: str) -> tuple[Tensor, Tensor]:
-    v.check_range(name, ids, upper)
+def _distinct_ids_op(ids: Tensor, upper: int, name: str, checked: bool) -> tuple[Tensor, Tensor]:
+    if not checked:
+        v.check_range(name, ids, upper)
     used, inverse = torch.unique(ids, return_inverse=True)
     return used, inverse
 
 
 @_distinct_ids_op.register_fake
-def _(ids, upper, name):
+def _(ids, upper, name, checked):
     count = torch.library.get_ctx().new_dynamic_size()
     return ids.new_empty(count), ids.new_empty(ids.shape, dtype=torch.int64)
 
@@ -338,6 +360,7 @@ def aot_kron_bias(
     w_r: Tensor,
     *,
     dropout_p: float = 0.0,
+    ids_checked: bool = False,
 ) -> Tensor:
     """`hidden + dropout(P[ids])` with the Kronecker table evaluated on distinct ids only.
 
@@ -345,17 +368,18 @@ def aot_kron_bias(
         hidden: (B, s, d); input_ids: (B, s) ids in [0, a*b).
         w_l: (a, r); w_m: (b, r); w_r: (r*r, d).
         dropout_p: dropout on the rows P_x (per distinct id), 0 in evaluation.
+        ids_checked: the caller has range-checked `input_ids` (as in `aot_bias_add`).
     """
     _check_hidden(hidden, input_ids)
     _check_dropout(dropout_p)
     _check_kron(w_l, w_m, w_r, hidden.device, "hidden")
     if w_r.shape[1] != hidden.shape[-1]:
         raise ValueError(f"w_r has width {w_r.shape[1]} but hidden has d={hidden.shape[-1]}")
-    used, inverse = distinct_ids(input_ids, w_l.shape[0] * w_m.shape[0])
+    used, inverse = distinct_ids(input_ids, w_l.shape[0] * w_m.shape[0], checked=ids_checked)
     rows = _kron_rows(used, w_l, w_m, w_r)
     if dropout_p:
         rows = F.dropout(rows, dropout_p)
-    return aot_bias_add(hidden, inverse, rows)
+    return aot_bias_add(hidden, inverse, rows, ids_checked=True)  # inverse < U by construction
 
 
 def aot_fc_bias(
@@ -369,6 +393,7 @@ def aot_fc_bias(
     *,
     activation: str = "relu",
     dropout_p: float = 0.0,
+    ids_checked: bool = False,
 ) -> Tensor:
     """`hidden + P[ids]` with the FC table evaluated on distinct ids only.
 
@@ -377,13 +402,14 @@ def aot_fc_bias(
         embedding: (V, e) the model's input embedding table (frozen).
         w1: (e, r); b1: (r,); w2: (r, d); b2: (d,).
         activation: one of ACTIVATIONS; dropout_p: dropout on E[x] (per distinct id).
+        ids_checked: the caller has range-checked `input_ids` (as in `aot_bias_add`).
     """
     _check_hidden(hidden, input_ids)
     _check_dropout(dropout_p)
     _check_fc(embedding, w1, b1, w2, b2, activation, hidden.device, "hidden", hidden.shape[-1])
-    used, inverse = distinct_ids(input_ids, embedding.shape[0])
+    used, inverse = distinct_ids(input_ids, embedding.shape[0], checked=ids_checked)
     rows = _fc_rows(used, embedding, w1, b1, w2, b2, activation, dropout_p)
-    return aot_bias_add(hidden, inverse, rows)
+    return aot_bias_add(hidden, inverse, rows, ids_checked=True)  # inverse < U by construction
 
 
 def reference_aot_bias_add(
