@@ -216,9 +216,9 @@ def _check_values(
 ) -> None:
     """Range checks of the ids and the low-rank rows they read (reads the ids: a sync)."""
     v.check_range("input_ids", input_ids, weight.shape[0])
-    if rows is not None:
-        # In token mode rows are the ids and L = V, so this repeats the check above and cannot
-        # fail; positions (given, or generate's) must stay below max_length.
+    # In token mode rows are the ids themselves (L = V): checked above, not read twice.
+    # Positions (given, or generate's) must stay below max_length.
+    if rows is not None and rows is not input_ids:
         max_length = lora_a.shape[-2]
         v.check_range(
             "position_ids",
