@@ -1,5 +1,7 @@
 """Backend selection: global setter, context manager, availability, clear refusals."""
 
+import threading
+
 import pytest
 import torch
 
@@ -52,3 +54,146 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
 def test_cuda_backend_needs_cuda_tensors():
     with dept_kernels.use_backend("cuda"), pytest.raises(ValueError, match="CUDA tensors"):
         _backend.resolve(torch.device("cpu"))
+
+
+def _in_threads(workers, timeout=60.0) -> None:
+    """Run each callable in its own thread; re-raise the first failure, bounded in time."""
+    errors = []
+
+    def guarded(fn):
+        def body():
+            try:
+                fn()
+            except BaseException as error:  # handed to the main thread below
+                errors.append(error)
+
+        return body
+
+    threads = [threading.Thread(target=guarded(fn)) for fn in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+        assert not thread.is_alive(), "a worker thread hung"
+    if errors:
+        raise errors[0]
+
+
+def test_use_backend_contexts_overlapping_across_threads_stay_local():
+    """Four workers enter `with use_backend(...)` one after the other and leave in the same
+    order (not nested): each sees its own choice throughout, and none leaks to the process."""
+    names = ["cpu", "torch", "cpu", "torch"]
+    entered = [threading.Event() for _ in names]
+    left = [threading.Event() for _ in names]
+    seen = {}
+
+    def worker(i):
+        def body():
+            if i:
+                assert entered[i - 1].wait(30)
+            with dept_kernels.use_backend(names[i]):
+                entered[i].set()
+                assert entered[-1].wait(30)  # every context is open now
+                seen[i] = dept_kernels.current_backend()
+                if i:
+                    assert left[i - 1].wait(30)
+            left[i].set()
+            seen[i, "after"] = dept_kernels.current_backend()
+
+        return body
+
+    _in_threads([worker(i) for i in range(len(names))])
+    assert [seen[i] for i in range(len(names))] == names
+    assert [seen[i, "after"] for i in range(len(names))] == [None] * len(names)
+    assert dept_kernels.current_backend() is None
+
+
+def test_plain_call_sets_the_process_default_for_every_thread():
+    seen = []
+    try:
+        dept_kernels.use_backend("torch")
+        _in_threads([lambda: seen.append(dept_kernels.current_backend())])
+        with dept_kernels.use_backend("cpu"):
+            # The process default stays; this context overrides it.
+            _in_threads([lambda: seen.append(dept_kernels.current_backend())])
+            assert dept_kernels.current_backend() == "cpu"
+        assert dept_kernels.current_backend() == "torch"
+    finally:
+        dept_kernels.use_backend(None)
+    assert seen == ["torch", "torch"]
+    assert dept_kernels.current_backend() is None
+
+
+def test_context_may_choose_automatic_over_a_process_default():
+    try:
+        dept_kernels.use_backend("torch")
+        with dept_kernels.use_backend(None):
+            assert dept_kernels.current_backend() is None
+            assert _backend.resolve(torch.device("cpu")) == "cpu"
+        assert dept_kernels.current_backend() == "torch"
+    finally:
+        dept_kernels.use_backend(None)
+
+
+def test_ops_in_threads_run_their_own_backend(monkeypatch):
+    """Ops run concurrently under different backends each dispatch to their thread's."""
+    from dept_kernels.ops import _segments, dept_embedding
+
+    ids, weight, prompt = torch.randint(0, 9, (2, 3)), torch.randn(9, 5), torch.randn(2, 5)
+    expected = dept_embedding(ids, weight, prompt)
+    real = _segments.impl
+    used = {}
+
+    def recording(name):
+        used.setdefault(threading.current_thread().name, set()).add(name)
+        return real(name)
+
+    monkeypatch.setattr(_segments, "impl", recording)
+    barrier = threading.Barrier(4, timeout=30)
+
+    def worker(name):
+        def body():
+            threading.current_thread().name = f"worker-{name}"
+            with dept_kernels.use_backend(name):
+                barrier.wait()
+                for _ in range(5):
+                    torch.testing.assert_close(dept_embedding(ids, weight, prompt), expected)
+
+        return body
+
+    _in_threads([worker(n) for n in ("cpu", "torch", "cpu", "torch")])
+    assert used == {"worker-cpu": {"cpu"}, "worker-torch": {"torch"}}
+
+
+def test_compiled_op_follows_the_backend_of_each_calling_context(monkeypatch):
+    """torch.compile cannot read the context variable; the compiled op resolves the backend
+    at run time, so one compiled graph serves each thread with that thread's choice."""
+    from dept_kernels.ops import _segments, dept_embedding
+
+    ids, weight, prompt = torch.randint(0, 9, (2, 3)), torch.randn(9, 5), torch.randn(2, 5)
+    expected = dept_embedding(ids, weight, prompt)
+    torch._dynamo.reset()
+    compiled = torch.compile(dept_embedding, fullgraph=True, backend="eager")
+    compiled(ids, weight, prompt)  # compiled here, run below
+    real = _segments.impl
+    used = []
+
+    def recording(name):
+        used.append((threading.current_thread().name, name))
+        return real(name)
+
+    monkeypatch.setattr(_segments, "impl", recording)
+    barrier = threading.Barrier(2, timeout=30)
+
+    def worker(name):
+        def body():
+            threading.current_thread().name = name
+            with dept_kernels.use_backend(name):
+                barrier.wait()
+                for _ in range(3):
+                    torch.testing.assert_close(compiled(ids, weight, prompt), expected)
+
+        return body
+
+    _in_threads([worker("cpu"), worker("torch")])
+    assert sorted(set(used)) == [("cpu", "cpu"), ("torch", "torch")]

@@ -70,7 +70,7 @@ def aot_bias_add(
     if task_ids is not None:
         task_ids = task_ids.contiguous()
     table = table if table.is_contiguous() else table.contiguous()
-    backend = _backend.resolve(hidden.device)
+    backend = _backend.resolve_later(hidden.device)
     ids = input_ids.contiguous()
     if inplace:
         if torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad):
@@ -138,9 +138,10 @@ def _aot_bias_add_op(
     input_ids: Tensor,
     table: Tensor,
     task_ids: Tensor | None,
-    backend: str,
+    backend: str | None,
     checked: bool,
 ) -> Tensor:
+    backend = _backend.resolved(backend, hidden.device)
     rows = _table_rows(input_ids, table, task_ids, checked)
     flat = table.reshape(-1, table.shape[-1])
     return _segments.impl(backend).gather_add(hidden, rows, flat, torch.empty_like(hidden))
@@ -157,9 +158,10 @@ def _aot_bias_add_inplace_op(
     input_ids: Tensor,
     table: Tensor,
     task_ids: Tensor | None,
-    backend: str,
+    backend: str | None,
     checked: bool,
 ) -> None:
+    backend = _backend.resolved(backend, hidden.device)
     rows = _table_rows(input_ids, table, task_ids, checked)
     _segments.impl(backend).gather_add(hidden, rows, table.reshape(-1, table.shape[-1]), hidden)
 
@@ -176,9 +178,10 @@ def _aot_bias_add_backward_op(
     task_ids: Tensor | None,
     table_shape: list[int],
     table_dtype: torch.dtype,
-    backend: str,
+    backend: str | None,
 ) -> Tensor:
     """Gradient of the table: per-row sums of `grad_out`, deterministic."""
+    backend = _backend.resolved(backend, grad_out.device)
     d = table_shape[-1]
     vocab = table_shape[-2]
     rows = input_ids if task_ids is None else task_ids.long()[:, None] * vocab + input_ids.long()

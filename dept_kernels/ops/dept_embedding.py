@@ -80,7 +80,7 @@ def dept_embedding(
         lora_a = lora_b = rows = None
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    backend = _backend.resolve(weight.device)
+    backend = _backend.resolve_later(weight.device)
     return torch.ops.dept_kernels.dept_embedding(
         input_ids.contiguous(),
         weight,
@@ -350,9 +350,10 @@ def _dept_embedding_op(
     task_ids: Tensor | None,
     num_tasks: int,
     scaling: float,
-    backend: str,
+    backend: str | None,
 ) -> Tensor:
     _check_values(input_ids, weight, lora_a, rows)
+    backend = _backend.resolved(backend, weight.device)
     batch_order = None
     if task_ids is not None:
         v.check_range("task_ids", task_ids, num_tasks)
@@ -392,13 +393,14 @@ def _dept_embedding_backward_op(
     prompt_dtype: torch.dtype,
     prompt_grad: bool,
     weight_grad: bool,
-    backend: str,
+    backend: str | None,
 ) -> list[Tensor]:
     """Returns [d_prompt (m, d) or (T, m, d), d_lora_a, d_lora_b, d_weight (V, d) or empty].
 
     `num_prompt` is where the token rows of `grad_out` start; `prompt_grad` False skips the
     prompt's gradient (returned as zeros of its shape).
     """
+    backend = _backend.resolved(backend, grad_out.device)
     d = grad_out.shape[-1]
     grad_out = grad_out.contiguous()
     m = num_prompt
