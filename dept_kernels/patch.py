@@ -10,7 +10,6 @@ and generate go straight to the hooked base model.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -94,8 +93,7 @@ def attach_adapter(model: nn.Module, adapter: nn.Module) -> nn.Module:
         install = models.architecture(model).install
     state = _attach(model, model, install, adapter, freeze=True)
     if hasattr(type(model), "generate"):
-        # A bound method, not a closure: a deep copy of the model binds it to the copy.
-        model.__dict__["generate"] = types.MethodType(models.generate_with_tasks, model)
+        model.__dict__["generate"] = models.Generate(model)
         state.overridden = ("generate",)
     return model
 
@@ -296,10 +294,20 @@ def _accelerate(model: nn.Module) -> nn.Module:
     base = model.base_model
     m = peft_config.num_virtual_tokens
     prompt = _tensor(encoder, "embedding")
-    if prompt.shape[0] != m:
+    # PEFT's default for seq2seq models is 2 submodules: the encoder holds 2m rows, of which
+    # its prompt tuning feeds the first m to the encoder and none to the decoder.
+    submodules = getattr(peft_config, "num_transformer_submodules", None) or 1
+    seq2seq = getattr(base.config, "is_encoder_decoder", False)
+    if submodules not in (1, 2) or (submodules == 2 and not seq2seq):
         raise ValueError(
-            f"the prompt encoder holds {prompt.shape[0]} virtual tokens for num_virtual_tokens={m} "
-            "(decoder-side prompts, num_transformer_submodules=2, are not supported; use 1)"
+            f"num_transformer_submodules={submodules} is supported for 1, and for 2 on "
+            f"encoder-decoder models; {type(base).__name__} is "
+            f"{'an encoder-decoder' if seq2seq else 'a decoder-only'} model"
+        )
+    if prompt.shape[0] != m * submodules:
+        raise ValueError(
+            f"the prompt encoder holds {prompt.shape[0]} virtual tokens for num_virtual_tokens="
+            f"{m} and num_transformer_submodules={submodules}; expected {m * submodules}"
         )
     weight = base.get_input_embeddings().weight
     if peft_type == "PROMPT_TUNING":
@@ -332,20 +340,22 @@ def _accelerate(model: nn.Module) -> nn.Module:
         new = METHODS[DePTConfig](config, weight)
         new.prompt, new.lora_a, new.lora_b = prompt, lora_a, lora_b
     state = _attach(model, base, models.architecture(base).install, new, freeze=False)
-    # Bound methods, not closures: a deep copy of the model binds them to the copy.
-    model.__dict__["forward"] = types.MethodType(_peft_forward, model)
-    model.__dict__["generate"] = types.MethodType(_peft_generate, model)
+    # Objects, not bound methods or closures: a deep copy or a pickle of the model keeps them,
+    # bound to the copy.
+    model.__dict__["forward"] = _PeftForward(model)
+    model.__dict__["generate"] = models.Generate(base)
     state.overridden = ("forward", "generate")
     return model
 
 
-def _peft_forward(model: nn.Module, *args, task_ids=None, **kwargs):
+class _PeftForward:
     """The accelerated PEFT model's forward: straight to the hooked base model."""
-    if task_ids is not None:
-        raise ValueError("task_ids are not supported by the accelerated prompt-tuning forward")
-    kwargs.update(zip(positional_names(type(model)), args, strict=False))
-    return model.base_model(**kwargs)
 
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
-def _peft_generate(model: nn.Module, *args, **kwargs):
-    return model.base_model.generate(*args, **kwargs)
+    def __call__(self, *args, task_ids=None, **kwargs):
+        if task_ids is not None:
+            raise ValueError("task_ids are not supported by the accelerated prompt-tuning forward")
+        kwargs.update(zip(positional_names(type(self.model)), args, strict=False))
+        return self.model.base_model(**kwargs)

@@ -158,6 +158,14 @@ class PromptAdapter(nn.Module, abc.ABC):
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(soft prompt parameters, low-rank / reparameterisation parameters)."""
 
+    def active_prompt(self) -> Tensor:
+        """The prompt rows the op reads, (m, d) or (T, m, d): the first m. A PEFT seq2seq
+        prompt encoder holds m rows per transformer submodule (`num_transformer_submodules=2`,
+        PEFT's default), and PEFT's prompt tuning feeds only the first m, to the encoder."""
+        prompt = self.prompt
+        m = self.num_virtual_tokens
+        return prompt if prompt.shape[-2] == m else prompt[..., :m, :]
+
     @property
     def num_tasks(self) -> int | None:
         """T for a stacked adapter (prompt (T, m, d)); None for a single-task adapter."""
@@ -181,6 +189,17 @@ class PromptAdapter(nn.Module, abc.ABC):
         return dept_embedding(
             input_ids, weight, position_ids=position_ids, task_ids=task_ids, **self.op_args()
         )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        weight: Tensor,
+        position_ids: Tensor | None = None,
+        task_ids: Tensor | None = None,
+    ) -> Tensor:
+        """`embed`, as a module call: the hooks call the adapter so that engines that
+        gather parameters around a module's call (DeepSpeed ZeRO-3) gather the adapter's."""
+        return self.embed(input_ids, weight, position_ids=position_ids, task_ids=task_ids)
 
     @torch.no_grad()
     def with_parameters(self, config: object | None = None, **params: Tensor) -> PromptAdapter:

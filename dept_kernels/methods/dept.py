@@ -132,7 +132,7 @@ class DePTAdapter(PromptAdapter):
 
     def op_args(self) -> dict:
         return {
-            "prompt": self.prompt if self.num_virtual_tokens else None,
+            "prompt": self.active_prompt() if self.num_virtual_tokens else None,
             "lora_a": self.lora_a,
             "lora_b": self.lora_b,
             "scaling": self.config.scaling,

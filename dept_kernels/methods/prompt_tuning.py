@@ -59,7 +59,7 @@ class PromptTuningAdapter(PromptAdapter):
         )
 
     def op_args(self) -> dict:
-        return {"prompt": self.prompt}
+        return {"prompt": self.active_prompt()}
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return [self.prompt], []

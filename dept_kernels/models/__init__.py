@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _aot, bert, gpt2, llama, t5
-from ._hooks import AdapterOf, generate_with_tasks
+from ._hooks import AdapterOf, Generate
 
 ARCHITECTURES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (t5, gpt2, llama)}
 AOT_ARCHITECTURES: dict[str, ModuleType] = {
@@ -68,8 +68,8 @@ __all__ = [
     "AOT_ARCHITECTURES",
     "ARCHITECTURES",
     "AdapterOf",
+    "Generate",
     "aot_sites",
     "architecture",
-    "generate_with_tasks",
     "install_aot",
 ]

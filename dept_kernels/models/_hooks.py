@@ -1,23 +1,90 @@
-"""Helpers shared by the architecture modules: argument binding, mask and cache checks,
-the adapter lookup and the routing of `task_ids`.
+"""Helpers shared by the architecture modules: the hooked forwards' arguments (found by
+signature), mask and cache checks, the adapter lookup, the routing of `task_ids`, the
+running `generate`, and the fused embedding run inside the embedding module's call.
 
 Hooks are methods of objects (not closures) that reach the adapter through `AdapterOf`: a
 `copy.deepcopy` of a patched model copies the hook objects with the model (a closure would be
-shared), so the copy's hooks serve the copy's adapter.
+shared), so the copy's hooks serve the copy's adapter; a pickled model keeps them too.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-# Attribute of the patched model holding the task_ids (B,) of its running `generate`. A plain
+# Attribute of the hooked model holding its running `generate`'s `Generation`. A plain
 # attribute, not a ContextVar: torch.compile traces attribute reads but not ContextVar.get.
-_GENERATION_TASKS = "_dept_kernels_generation_tasks"
+_GENERATION = "_dept_kernels_generation"
+
+# The names each argument the hooks read has had across transformers releases, newest
+# first. A hooked forward names one of them in its signature; the others are older
+# spellings that the forward's deprecation wrapper may still accept from a caller.
+ROLES: dict[str, tuple[str, ...]] = {
+    "input_ids": ("input_ids",),
+    "attention_mask": ("attention_mask",),
+    "inputs_embeds": ("inputs_embeds",),
+    "position_ids": ("position_ids",),
+    "cache": ("cache", "past_key_values"),
+    "cache_position": ("cache_position",),
+    "encoder_outputs": ("encoder_outputs",),
+    "labels": ("labels",),
+}
+
+
+def transformers_version() -> str:
+    try:
+        import transformers
+    except ImportError:
+        return "not installed"
+    return transformers.__version__
+
+
+class Signature:
+    """Where a hooked forward takes the arguments the hooks read, found in the installed
+    version's signature (`ROLES`), never by one hard-coded name.
+
+    `need` roles must be there: their absence is a `TypeError` naming the class and the
+    transformers version, raised when patching, rather than a hook that computes something
+    else. `want` roles are read when present (e.g. `cache_position`, gone in transformers 5).
+    """
+
+    def __init__(self, cls: type, need: tuple[str, ...], want: tuple[str, ...] = ()) -> None:
+        params = inspect.signature(cls.forward).parameters
+        self.cls = cls
+        self.names: dict[str, str] = {}
+        for role in (*need, *want):
+            name = next((n for n in ROLES[role] if n in params), None)
+            if name is not None:
+                self.names[role] = name
+            elif role in need:
+                raise TypeError(
+                    f"{cls.__name__}.forward (transformers {transformers_version()}) takes no "
+                    f"{' / '.join(ROLES[role])} argument, which dept_kernels' hooks need; this "
+                    "transformers release is outside the supported range (see the README)"
+                )
+
+    def get(self, kw: dict, role: str) -> object:
+        """The call's value of `role`: under the signature's name, else an older spelling."""
+        name = self.names.get(role)
+        if name is not None and name in kw:
+            return kw[name]
+        return next((kw[alias] for alias in ROLES[role] if alias in kw), None)
+
+    def set(self, kw: dict, role: str, value: object) -> None:
+        """Pass `value` as `role` under the signature's name (older spellings dropped)."""
+        for alias in ROLES[role]:
+            kw.pop(alias, None)
+        kw[self.names.get(role, ROLES[role][0])] = value
+
+
+@functools.cache
+def signature(cls: type, need: tuple[str, ...], want: tuple[str, ...] = ()) -> Signature:
+    return Signature(cls, need, want)
 
 
 class AdapterOf:
@@ -35,40 +102,69 @@ class AdapterOf:
         return getattr(self.owner, self.name)
 
 
-def generate_with_tasks(model: nn.Module, *args, task_ids: Tensor | None = None, **kwargs):
-    """`model.generate(..., task_ids=None, ...)` for a patched model (bound to it by `patch`).
+@dataclass(frozen=True)
+class Generation:
+    """A running `generate` as the hooks see it: its samples' task ids (B,), and the length
+    of the input it was given (later tokens were generated: they take no prompt, no delta)."""
 
-    HF's `generate` rejects arguments its forward does not name, so the task ids (B,) are
-    held here for the hooks of the whole generation, which repeat them per beam or returned
-    sequence as generate repeats the batch (`TaskIds.resolve`).
+    task_ids: Tensor | None
+    input_length: int | None
+
+
+class Generate:
+    """`model.generate(..., task_ids=None, ...)` of a patched model, set by `patch`.
+
+    An object in the instance's `__dict__` rather than a bound method: a pickled or
+    deep-copied model keeps it (a bound method pickles as a lookup of its function's name on
+    the model, which fails on load). `hooked` is the model whose hooks run (the base model
+    under a PEFT wrapper), whose class `generate` runs.
+
+    HF's `generate` rejects arguments its forward does not name, so the task ids are held on
+    `hooked` for the hooks of the whole generation (`TaskIds.resolve` repeats them per beam
+    or returned sequence as generate repeats the batch), with the input's length.
     """
-    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    # Checked here, before generate repeats the batch per beam: later, task ids for fewer
-    # samples would look like ids to repeat the same way.
-    if (
-        isinstance(task_ids, Tensor)
-        and isinstance(ids, Tensor)
-        and ids.ndim == 2
-        and (task_ids.ndim != 1 or task_ids.shape[0] != ids.shape[0])
-    ):
-        raise ValueError(
-            f"task_ids has {task_ids.shape[0] if task_ids.ndim else 0} entries (shape "
-            f"{tuple(task_ids.shape)}) but input_ids has {ids.shape[0]} samples"
-        )
-    outer = model.__dict__.get(_GENERATION_TASKS)  # a generate nested in a generate
-    model.__dict__[_GENERATION_TASKS] = task_ids
-    try:
-        return type(model).generate(model, *args, **kwargs)
-    finally:
-        if outer is None:
-            model.__dict__.pop(_GENERATION_TASKS, None)
-        else:
-            model.__dict__[_GENERATION_TASKS] = outer
+
+    def __init__(self, hooked: nn.Module) -> None:
+        self.hooked = hooked
+
+    def __call__(self, *args, task_ids: Tensor | None = None, **kwargs):
+        hooked = self.hooked
+        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        ids = ids if isinstance(ids, Tensor) and ids.ndim == 2 else None
+        if isinstance(task_ids, Tensor):
+            # Checked here, before generate repeats the batch per beam: later, task ids for
+            # fewer samples would look like ids to repeat the same way.
+            if task_ids.ndim != 1:
+                raise ValueError(
+                    "task_ids must be a 1-D tensor of one task id per sample, got shape "
+                    f"{tuple(task_ids.shape)}"
+                )
+            if ids is not None and task_ids.shape[0] != ids.shape[0]:
+                raise ValueError(
+                    f"task_ids has {task_ids.shape[0]} entries but input_ids has "
+                    f"{ids.shape[0]} samples"
+                )
+        outer = hooked.__dict__.get(_GENERATION)  # a generate nested in a generate
+        length = None if ids is None else ids.shape[1]
+        hooked.__dict__[_GENERATION] = Generation(task_ids, length)
+        try:
+            return type(hooked).generate(hooked, *args, **kwargs)
+        finally:
+            if outer is None:
+                hooked.__dict__.pop(_GENERATION, None)
+            else:
+                hooked.__dict__[_GENERATION] = outer
+
+
+def generation(model: nn.Module) -> Generation | None:
+    """The `generate` running on hooked `model`, if any."""
+    return getattr(model, _GENERATION, None)
 
 
 def _generation_tasks(model: nn.Module, batch_size: int) -> Tensor | None:
     """`model`'s running generate's task ids for a batch of `batch_size` rows (beams included)."""
-    task_ids = getattr(model, _GENERATION_TASKS, None)
+    running = generation(model)
+    task_ids = None if running is None else running.task_ids
     if task_ids is None or task_ids.ndim != 1 or task_ids.shape[0] in (0, batch_size):
         return task_ids
     if batch_size % task_ids.shape[0]:
@@ -115,6 +211,75 @@ class TaskIds:
         return _generation_tasks(self.model, batch_size)
 
 
+class FusedEmbedding:
+    """Runs the adapter's op inside the call of the model's input-embedding module.
+
+    Engines that shard parameters (FSDP2, DeepSpeed ZeRO-3) gather a module's weight around
+    that module's own call and free it after; a hook that read the weight from outside would
+    see a shard. So `__call__` calls the embedding module itself: its pre-hook swaps the ids
+    for an empty tensor (the module's own lookup then costs nothing) and its forward hook,
+    registered first so that it runs before an engine's post-forward hook releases the
+    weight, returns the fused `[P; E[ids] + delta]` computed from the gathered weight.
+    Calls that this object did not start pass through untouched (generation steps).
+    """
+
+    def __init__(self, adapter_of: AdapterOf) -> None:
+        self.adapter_of = adapter_of
+        self.pending: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
+        self.swapped: Tensor | None = None  # the empty ids the pre-hook passed on
+
+    def install(self, embedding: nn.Module) -> list[RemovableHandle]:
+        return [
+            embedding.register_forward_pre_hook(self._pre_hook),
+            embedding.register_forward_hook(self._hook, prepend=True),
+        ]
+
+    def __call__(
+        self,
+        embedding: nn.Module,
+        ids: Tensor,
+        position_ids: Tensor | None,
+        task_ids: Tensor | None,
+    ) -> Tensor:
+        """(B, m + s, d): the adapter's embedding of `ids` (B, s) by `embedding`'s weight."""
+        entry = (ids, position_ids, task_ids)
+        self.pending.append(entry)
+        try:
+            out = embedding(ids)
+        except BaseException:
+            self._discard(entry)
+            raise
+        if self._discard(entry):
+            raise RuntimeError(
+                f"the hooks dept_kernels put on {type(embedding).__name__} did not run: its "
+                "call was replaced or its hooks removed, so the prompt would be missing"
+            )
+        return out
+
+    def _discard(self, entry: tuple) -> bool:
+        """Drop `entry` if the hooks left it (they did not run); True if they did leave it."""
+        if self.pending and self.pending[-1] is entry:
+            self.pending.pop()
+            self.swapped = None
+            return True
+        return False
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        if not self.pending or not args or args[0] is not self.pending[-1][0]:
+            return None
+        self.swapped = args[0].new_empty(0)
+        return (self.swapped,)
+
+    def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if self.swapped is None or not args or args[0] is not self.swapped:
+            return None
+        self.swapped = None
+        ids, position_ids, task_ids = self.pending.pop()
+        # The adapter module is called, not a method of it: engines gather its parameters
+        # around its own call, as they do the embedding's.
+        return self.adapter_of()(ids, module.weight, position_ids=position_ids, task_ids=task_ids)
+
+
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -144,9 +309,15 @@ def extend_mask(mask: Tensor | None, m: int, name: str = "attention_mask") -> Te
     return torch.cat([mask.new_ones(mask.shape[0], m), mask], dim=1)
 
 
-def cache_is_empty(cache: object) -> bool:
-    """True on a first forward: no cache yet, or an empty one (generate's prefill)."""
-    return cache is None or cache.get_seq_length() == 0
+def cache_length(cache: object) -> int:
+    """Tokens a KV cache holds (0 for none): a `Cache`'s own count, or a legacy tuple's."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)):
+        return int(cache[0][0].shape[-2]) if cache else 0
+    raise TypeError(f"unrecognised KV cache of type {type(cache).__name__}")
 
 
 def row_ids(position_ids: Tensor | None, input_ids: Tensor) -> Tensor | None:
