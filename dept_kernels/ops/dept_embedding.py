@@ -72,12 +72,14 @@ def dept_embedding(
     Returns:
         (B, m + s, d) tensor of `weight.dtype`.
     """
-    rows, num_tasks = _check_args(
+    num_tasks = _check_args(
         input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids
     )
     if lora_a is not None and lora_a.shape[-1] == 0:
         # r = 0: the delta is empty; the op then runs as plain prompt tuning.
-        lora_a = lora_b = rows = None
+        lora_a = lora_b = None
+    if lora_a is None:
+        position_ids = None  # nothing reads rows
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     backend = _backend.resolve_later(weight.device)
@@ -87,10 +89,11 @@ def dept_embedding(
         prompt,
         lora_a,
         lora_b,
-        None if rows is None else rows.contiguous(),
+        None if position_ids is None else position_ids.contiguous(),
         None if task_ids is None else task_ids.contiguous(),
         num_tasks,
         float(scaling),
+        index,
         backend,
     )
 
@@ -105,8 +108,8 @@ def _check_args(
     position_ids: Tensor | None,
     index: str,
     task_ids: Tensor | None,
-) -> tuple[Tensor | None, int]:
-    """Static checks (shapes, dtypes, devices); returns (row-index tensor or None, T or 0)."""
+) -> int:
+    """Static checks (shapes, dtypes, devices); returns T, or 0 without tasks."""
     if index not in INDEX_MODES:
         raise ValueError(f"index must be one of {INDEX_MODES}, got {index!r}")
     v.check_ids("input_ids", input_ids, ndim=2)
@@ -140,7 +143,7 @@ def _check_args(
                 f"{tuple(input_ids.shape)}"
             )
     if lora_a is None:
-        return None, num_tasks
+        return num_tasks
     v.check_float("lora_a", lora_a, ndim=ndim)
     v.check_float("lora_b", lora_b, ndim=ndim)
     v.check_device("lora_a", lora_a, device)
@@ -158,16 +161,19 @@ def _check_args(
                 f"index='token' needs lora_a with one row per vocabulary entry: lora_a has "
                 f"{lora_a.shape[-2]} rows, weight has V={weight.shape[0]}"
             )
-        return input_ids, num_tasks
-    if position_ids is not None:
-        return position_ids, num_tasks
+    elif position_ids is None:
+        _check_default_positions(input_ids, lora_a)
+    return num_tasks
+
+
+def _check_default_positions(input_ids: Tensor, lora_a: Tensor) -> None:
+    """Without position_ids token t reads row t of lora_a: s must not exceed L."""
     seq_len, max_length = input_ids.shape[1], lora_a.shape[-2]
     if seq_len > max_length:
         raise ValueError(
             f"input_ids has sequence length s={seq_len} > max_length L={max_length} "
             f"(rows of lora_a); truncate the input or raise max_length"
         )
-    return None, num_tasks
 
 
 def _check_tasks(
@@ -212,21 +218,46 @@ def _check_tasks(
 
 
 def _check_values(
-    input_ids: Tensor, weight: Tensor, lora_a: Tensor | None, rows: Tensor | None
+    input_ids: Tensor,
+    weight: Tensor,
+    lora_a: Tensor | None,
+    position_ids: Tensor | None,
+    index: str,
 ) -> None:
-    """Range checks of the ids and the low-rank rows they read (reads the ids: a sync)."""
+    """Range checks of every index tensor a kernel reads (reads them: a sync on GPU).
+
+    The mode comes from the declared `index`, never from which tensors are the same object:
+    one tensor passed as both input_ids and position_ids is read twice, against V and L.
+    """
     v.check_range("input_ids", input_ids, weight.shape[0])
-    # In token mode rows are the ids themselves (L = V): checked above, not read twice.
-    # Positions (given, or generate's) must stay below max_length.
-    if rows is not None and rows is not input_ids:
-        max_length = lora_a.shape[-2]
+    if lora_a is None:
+        return
+    max_length = lora_a.shape[-2]
+    if index == "token":
+        # The rows are the ids, checked above; lora_a has one row per id (V = L, checked
+        # with the shapes), so this holds unless the op was called around the public checks.
+        if max_length < weight.shape[0]:
+            v.check_range("input_ids", input_ids, max_length, hint="index='token' rows of lora_a")
+    elif position_ids is not None:
         v.check_range(
             "position_ids",
-            rows,
+            position_ids,
             max_length,
             hint=f"lora_a has max_length L={max_length} rows; truncate the input or raise "
             "max_length",
         )
+    else:
+        _check_default_positions(input_ids, lora_a)
+
+
+def _lowrank_rows(
+    input_ids: Tensor, lora_a: Tensor | None, position_ids: Tensor | None, index: str
+) -> Tensor | None:
+    """The rows of lora_a the tokens read: the ids in token mode, else the given positions
+    (None: row t for token t)."""
+    if lora_a is None:
+        return None
+    return input_ids if index == "token" else position_ids
 
 
 # --------------------------------------------------------------------------- references
@@ -251,10 +282,10 @@ def reference_dept_embedding(
     checked as `dept_embedding` checks them, so bad ones fail alike rather than as an
     indexing error deep in torch (or, for float ids, as a silent truncation).
     """
-    rows, num_tasks = _check_args(
+    num_tasks = _check_args(
         input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids
     )
-    _check_values(input_ids, weight, lora_a, rows)
+    _check_values(input_ids, weight, lora_a, position_ids, index)
     if task_ids is not None:
         v.check_range("task_ids", task_ids, num_tasks)
     batch, seq_len = input_ids.shape
@@ -346,14 +377,16 @@ def _dept_embedding_op(
     prompt: Tensor | None,
     lora_a: Tensor | None,
     lora_b: Tensor | None,
-    rows: Tensor | None,
+    position_ids: Tensor | None,
     task_ids: Tensor | None,
     num_tasks: int,
     scaling: float,
+    index: str,
     backend: str | None,
 ) -> Tensor:
-    _check_values(input_ids, weight, lora_a, rows)
+    _check_values(input_ids, weight, lora_a, position_ids, index)
     backend = _backend.resolved(backend, weight.device)
+    rows = _lowrank_rows(input_ids, lora_a, position_ids, index)
     batch_order = None
     if task_ids is not None:
         v.check_range("task_ids", task_ids, num_tasks)
@@ -371,7 +404,19 @@ def _dept_embedding_op(
 
 
 @_dept_embedding_op.register_fake
-def _(input_ids, weight, prompt, lora_a, lora_b, rows, task_ids, num_tasks, scaling, backend):
+def _(
+    input_ids,
+    weight,
+    prompt,
+    lora_a,
+    lora_b,
+    position_ids,
+    task_ids,
+    num_tasks,
+    scaling,
+    index,
+    backend,
+):
     m = 0 if prompt is None else prompt.shape[-2]
     batch, seq_len = input_ids.shape
     return weight.new_empty(batch, m + seq_len, weight.shape[1])
@@ -509,7 +554,9 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input_ids, weight, prompt, lora_a, lora_b, rows, task_ids, num_tasks, scaling, backend = inputs
+    input_ids, weight, prompt, lora_a, lora_b, position_ids, task_ids = inputs[:7]
+    num_tasks, scaling, index, backend = inputs[7:]
+    rows = _lowrank_rows(input_ids, lora_a, position_ids, index)
     # Only ids and the small low-rank factors are saved: nothing of size (B, s, d).
     ctx.save_for_backward(input_ids, rows, task_ids, lora_a, lora_b)
     ctx.num_prompt = 0 if prompt is None else prompt.shape[-2]
@@ -545,6 +592,7 @@ def _backward(ctx, grad_out):
         d_prompt if need[2] else None,
         d_a if need[3] else None,
         d_b if need[4] else None,
+        None,
         None,
         None,
         None,

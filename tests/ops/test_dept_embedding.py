@@ -336,6 +336,7 @@ def test_opcheck(name, case):
         task_ids,
         0 if task_ids is None else kw["prompt"].shape[0],
         0.7,
+        "token" if case.token else "position",
         name,
     )
     torch.library.opcheck(torch.ops.dept_kernels.dept_embedding.default, args)

@@ -181,3 +181,27 @@ def test_checks_run_before_any_kernel(backend, monkeypatch):
         dept_embedding(**good(input_ids=torch.tensor([[V]])))
     with pytest.raises(IndexError, match="task_ids"):
         dept_embedding(**stacked(task_ids=torch.tensor([0, T])))
+
+
+@pytest.mark.parametrize("tasks", [False, True], ids=["single", "tasks"])
+def test_position_ids_same_tensor_as_input_ids_is_range_checked(backend, tasks):
+    """Passing one tensor as both input_ids and position_ids is position mode: its values
+    are rows of lora_a and must lie below L, though they are valid token ids (< V)."""
+    ids = torch.tensor([[1, L + 3], [0, 2]], device=DEVICE)  # L + 3 < V
+    kw = stacked(input_ids=ids) if tasks else good(input_ids=ids)
+    message = rf"position_ids holds id {L + 3}, out of range \[0, {L}\)"
+    with pytest.raises(IndexError, match=message):
+        dept_embedding(**{**kw, "position_ids": ids})
+
+
+def test_position_ids_are_checked_before_any_kernel(backend, monkeypatch):
+    def fail(_backend):
+        raise AssertionError("a kernel was reached with bad input")
+
+    monkeypatch.setattr(_segments, "impl", fail)
+    ids = torch.tensor([[0, L]], device=DEVICE)
+    for positions in (ids, ids.clone()):
+        with pytest.raises(IndexError, match="position_ids holds id"):
+            dept_embedding(**good(input_ids=ids, position_ids=positions))
+    with pytest.raises(IndexError, match="position_ids holds a negative id"):
+        dept_embedding(**good(input_ids=ids, position_ids=ids - 1))
