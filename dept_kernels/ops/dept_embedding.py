@@ -75,9 +75,6 @@ def dept_embedding(
     num_tasks = _check_args(
         input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids
     )
-    if lora_a is not None and lora_a.shape[-1] == 0:
-        # r = 0: the delta is empty; the op then runs as plain prompt tuning.
-        lora_a = lora_b = None
     if lora_a is None:
         position_ids = None  # nothing reads rows
     if weight.stride(-1) != 1:
@@ -387,6 +384,10 @@ def _dept_embedding_op(
     _check_values(input_ids, weight, lora_a, position_ids, index)
     backend = _backend.resolved(backend, weight.device)
     rows = _lowrank_rows(input_ids, lora_a, position_ids, index)
+    if lora_a is not None and lora_a.shape[-1] == 0:
+        # r = 0: the delta is empty and the kernels run plain prompt tuning; the factors
+        # stay inputs of the op so that backward gives them (empty) zero gradients.
+        lora_a = lora_b = rows = None
     batch_order = None
     if task_ids is not None:
         v.check_range("task_ids", task_ids, num_tasks)
@@ -459,7 +460,10 @@ def _dept_embedding_backward_op(
     else:
         d_prompt = _task_prompt_grad(grad_out, m, task_ids.long(), num_tasks, backend)
         d_prompt = d_prompt.to(prompt_dtype)
-    if task_ids is None:
+    if lora_a is not None and lora_a.shape[-1] == 0:
+        # r = 0: the factors are unused, so their gradients are zeros (of empty shapes).
+        d_a, d_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+    elif task_ids is None:
         if lora_a is not None:
             used, g = _segments.row_sums(grad_out, m, rows, backend)
             b32 = lora_b.float()

@@ -340,3 +340,37 @@ def test_opcheck(name, case):
         name,
     )
     torch.library.opcheck(torch.ops.dept_kernels.dept_embedding.default, args)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("r0", r=0),
+        Case("r0_position_ids", r=0, position_ids=True),
+        Case("r0_token", r=0, token=True),
+        Case("r0_tasks", r=0, batch=5, tasks=MIXED),
+        Case("r0_no_prompt_tasks", r=0, m=0, batch=5, tasks=MIXED),
+    ],
+    ids=lambda c: c.name,
+)
+def test_rank_zero_gives_lowrank_factors_zero_gradients(backend, case):
+    """With r = 0 the factors are defined but unused: zero gradients of their (empty)
+    shapes, as autograd gives any unused parameter it reaches, not None."""
+    kw = make_inputs(case, torch.float32, torch.float32)
+    out, grads, grad_out = run(dept_embedding, kw)
+    ref, ref_grads, _ = run(reference_dept_embedding, kw, grad_out)
+    assert_close(out, ref, torch.float32)
+    for param, g, rg in zip(leaves(kw), grads, ref_grads, strict=True):
+        assert g.shape == param.shape
+        assert_close(g, rg, torch.float32)
+
+
+def test_zero_scaling_gives_lowrank_factors_zero_gradients(backend):
+    kw = {**make_inputs(Case("s0"), torch.float32, torch.float32), "scaling": 0.0}
+    out, grads, grad_out = run(dept_embedding, kw)
+    ref, ref_grads, _ = run(reference_dept_embedding, kw, grad_out)
+    assert_close(out, ref, torch.float32)
+    for param, g, rg in zip(leaves(kw), grads, ref_grads, strict=True):
+        assert g.shape == param.shape
+        assert_close(g, rg, torch.float32)
+    assert not grads[1].any() and not grads[2].any()  # lora_a, lora_b
