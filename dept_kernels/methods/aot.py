@@ -17,8 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import _validate as v
-from ..ops import aot_bias_add, aot_fc_bias, aot_kron_bias, fc_rows, kron_rows
-from ..ops.aot import ACTIVATIONS, checked_ids, distinct_ids
+from ..ops import fc_rows, kron_rows
+from ..ops.aot import (
+    ACTIVATIONS,
+    _aot_bias_add,
+    _aot_fc_bias,
+    _aot_kron_bias,
+    _distinct_ids,
+    checked_ids,
+)
 from .base import as_stacked, check_int, check_same_kind, check_task_ids
 
 REPARAMS = ("fc", "kron")
@@ -157,13 +164,14 @@ class AoTLayer(nn.Module):
         task_ids: Tensor | None = None,
         *,
         inplace: bool = False,
-        ids_checked: bool = False,
+        _ids_checked: bool = False,
     ) -> Tensor:
         """(B, s, d) hidden + P[ids]; `embedding` (V, e) is the FC form's input table E.
 
         `task_ids` (B,) pick each sample's table from stacked ones; `inplace` writes into
-        `hidden` (fused tables, inference only); `ids_checked`: the caller has range-checked
-        the ids (`AoTAdapter.check_batch`, once per forward), so the ops do not again.
+        `hidden` (fused tables, inference only). `_ids_checked` is the library's own: its
+        model hooks have range-checked the ids (`AoTAdapter.check_batch`, once per forward),
+        so the ops do not again; it goes through the module call (hooks such as FSDP's run).
         """
         if self.table is not None:
             if self.training:
@@ -171,7 +179,7 @@ class AoTLayer(nn.Module):
                     "a fused AoT adapter is for inference: its tables are fixed buffers. "
                     "Call model.eval(), or train the unfused adapter and fuse afterwards"
                 )
-            return _fused_add(hidden, input_ids, self.table, task_ids, inplace, ids_checked)
+            return _fused_add(hidden, input_ids, self.table, task_ids, inplace, _ids_checked)
         if task_ids is not None:
             raise ValueError(
                 "task_ids need stacked tables: fuse the adapters and build the model with "
@@ -181,10 +189,8 @@ class AoTLayer(nn.Module):
         w = self._fp32()
         if self.config.reparam == "kron":
             w_l, w_m, w_r = w["w_l"], w["w_m"], w["w_r"]
-            return aot_kron_bias(
-                hidden, input_ids, w_l, w_m, w_r, dropout_p=p, ids_checked=ids_checked
-            )
-        return aot_fc_bias(
+            return _aot_kron_bias(hidden, input_ids, w_l, w_m, w_r, p, _ids_checked)
+        return _aot_fc_bias(
             hidden,
             input_ids,
             _frozen(embedding),
@@ -192,9 +198,9 @@ class AoTLayer(nn.Module):
             w["b1"],
             w["w2"],
             w["b2"],
-            activation=self.config.activation,
-            dropout_p=p,
-            ids_checked=ids_checked,
+            self.config.activation,
+            p,
+            _ids_checked,
         )
 
     @torch.no_grad()
@@ -234,21 +240,14 @@ def _fused_add(
     ids_checked: bool,
 ) -> Tensor:
     if table.device == hidden.device:
-        return aot_bias_add(
-            hidden, input_ids, table, task_ids=task_ids, inplace=inplace, ids_checked=ids_checked
-        )
-    rows, inverse = fetch_rows(table, input_ids, task_ids, hidden.device, ids_checked=ids_checked)
+        return _aot_bias_add(hidden, input_ids, table, task_ids, inplace, ids_checked)
+    rows, inverse = _fetch_rows(table, input_ids, task_ids, hidden.device, ids_checked)
     # inverse indexes rows by construction.
-    return aot_bias_add(hidden, inverse, rows, inplace=inplace, ids_checked=True)
+    return _aot_bias_add(hidden, inverse, rows, None, inplace, ids_checked=True)
 
 
 def fetch_rows(
-    table: Tensor,
-    input_ids: Tensor,
-    task_ids: Tensor | None,
-    device: torch.device | str,
-    *,
-    ids_checked: bool = False,
+    table: Tensor, input_ids: Tensor, task_ids: Tensor | None, device: torch.device | str
 ) -> tuple[Tensor, Tensor]:
     """The rows a batch reads from a table held on another device (host RAM for a GPU model).
 
@@ -257,12 +256,23 @@ def fetch_rows(
 
     Args:
         table: (V, d) or (T, V, d); input_ids: (B, s); task_ids: (B,) with stacked tables.
-        ids_checked: the caller has range-checked the ids and task ids.
 
     Returns:
         `(rows, inverse)`: (U, d) rows on `device`, and (B, s) indices into them, so that
         `aot_bias_add(hidden, inverse, rows)` adds `table[ids]` (or `table[task_ids, ids]`).
     """
+    return _fetch_rows(table, input_ids, task_ids, device, ids_checked=False)
+
+
+def _fetch_rows(
+    table: Tensor,
+    input_ids: Tensor,
+    task_ids: Tensor | None,
+    device: torch.device | str,
+    ids_checked: bool,
+) -> tuple[Tensor, Tensor]:
+    """`fetch_rows`; `ids_checked`: the library's caller has range-checked the ids and task
+    ids."""
     device = torch.device(device)
     vocab = table.shape[-2]
     v.check_ids("input_ids", input_ids, ndim=2)
@@ -278,7 +288,7 @@ def fetch_rows(
         keys, checked = input_ids.long() + task_ids.long()[:, None] * vocab, True
     elif task_ids is not None:
         raise ValueError("task_ids needs stacked tables of shape (T, V, d)")
-    used, inverse = distinct_ids(keys, flat.shape[0], checked=checked)
+    used, inverse = _distinct_ids(keys, flat.shape[0], "input_ids", checked)
     pinned = device.type == "cuda" and flat.device.type == "cpu"
     staging = torch.empty(
         (used.shape[0], flat.shape[1]), dtype=flat.dtype, device=flat.device, pin_memory=pinned

@@ -196,7 +196,12 @@ class _AoTHooks:
         inplace = inplace and hidden.is_contiguous()
         # The ids were range-checked once for the whole forward (`check_batch`).
         out = self.adapter_of().layers[index](
-            hidden, inputs.ids, inputs.embedding, inputs.task_ids, inplace=inplace, ids_checked=True
+            hidden,
+            inputs.ids,
+            inputs.embedding,
+            inputs.task_ids,
+            inplace=inplace,
+            _ids_checked=True,
         )
         if args:
             return (out, *args[1:]), kwargs

@@ -49,7 +49,6 @@ def aot_bias_add(
     *,
     task_ids: Tensor | None = None,
     inplace: bool = False,
-    ids_checked: bool = False,
 ) -> Tensor:
     """`hidden + table[ids]` (or `table[task_ids[b], ids]`), added in fp32.
 
@@ -59,13 +58,25 @@ def aot_bias_add(
         table: (V, d) bias table, or (T, V, d) stacked tables, of any float dtype.
         task_ids: (B,) task of each sample, required with stacked tables.
         inplace: write into `hidden` (inference only: nothing may require grad).
-        ids_checked: the caller has range-checked `input_ids` (and `task_ids`), so the op
-            skips reading them (AoT's hooks check once per forward, not once per layer: on a
-            GPU each check is a device sync).
 
     Returns:
         (B, s, d) tensor of `hidden.dtype` (`hidden` itself when `inplace`).
     """
+    return _aot_bias_add(hidden, input_ids, table, task_ids, inplace, ids_checked=False)
+
+
+def _aot_bias_add(
+    hidden: Tensor,
+    input_ids: Tensor,
+    table: Tensor,
+    task_ids: Tensor | None,
+    inplace: bool,
+    ids_checked: bool,
+) -> Tensor:
+    """`aot_bias_add`; `ids_checked`: the library's caller has range-checked `input_ids` (and
+    `task_ids`) already, so the op skips reading them (AoT's hooks check once per forward,
+    not once per layer: on a GPU each check is a device sync). Never exposed publicly: with
+    it unchecked ids reach the kernels."""
     _check_table_args(hidden, input_ids, table, task_ids)
     if task_ids is not None:
         task_ids = task_ids.contiguous()
@@ -245,16 +256,18 @@ def _(ids, upper, name):
     return torch.empty_like(ids)
 
 
-def distinct_ids(
-    ids: Tensor, upper: int, name: str = "input_ids", checked: bool = False
-) -> tuple[Tensor, Tensor]:
+def distinct_ids(ids: Tensor, upper: int, name: str = "input_ids") -> tuple[Tensor, Tensor]:
     """`(used, inverse)`: the sorted distinct ids (U,) of `ids`, range-checked against
-    [0, upper) unless `checked`, and each element's index into them (same shape as `ids`,
-    int64).
+    [0, upper), and each element's index into them (same shape as `ids`, int64).
 
     A custom op, so that `torch.compile(fullgraph=True)` traces it with U as an unbacked size
     instead of breaking the graph on `torch.unique`'s data-dependent output.
     """
+    return _distinct_ids(ids, upper, name, checked=False)
+
+
+def _distinct_ids(ids: Tensor, upper: int, name: str, checked: bool) -> tuple[Tensor, Tensor]:
+    """`distinct_ids`, skipping the range check where the library's caller has done it."""
     return torch.ops.dept_kernels.distinct_ids(ids, upper, name, checked)
 
 
@@ -363,7 +376,6 @@ def aot_kron_bias(
     w_r: Tensor,
     *,
     dropout_p: float = 0.0,
-    ids_checked: bool = False,
 ) -> Tensor:
     """`hidden + dropout(P[ids])` with the Kronecker table evaluated on distinct ids only.
 
@@ -371,18 +383,31 @@ def aot_kron_bias(
         hidden: (B, s, d); input_ids: (B, s) ids in [0, a*b).
         w_l: (a, r); w_m: (b, r); w_r: (r*r, d).
         dropout_p: dropout on the rows P_x (per distinct id), 0 in evaluation.
-        ids_checked: the caller has range-checked `input_ids` (as in `aot_bias_add`).
     """
+    return _aot_kron_bias(hidden, input_ids, w_l, w_m, w_r, dropout_p, ids_checked=False)
+
+
+def _aot_kron_bias(
+    hidden: Tensor,
+    input_ids: Tensor,
+    w_l: Tensor,
+    w_m: Tensor,
+    w_r: Tensor,
+    dropout_p: float,
+    ids_checked: bool,
+) -> Tensor:
+    """`aot_kron_bias`; `ids_checked` as in `_aot_bias_add`."""
     _check_hidden(hidden, input_ids)
     _check_dropout(dropout_p)
     _check_kron(w_l, w_m, w_r, hidden.device, "hidden")
     if w_r.shape[1] != hidden.shape[-1]:
         raise ValueError(f"w_r has width {w_r.shape[1]} but hidden has d={hidden.shape[-1]}")
-    used, inverse = distinct_ids(input_ids, w_l.shape[0] * w_m.shape[0], checked=ids_checked)
+    used, inverse = _distinct_ids(input_ids, w_l.shape[0] * w_m.shape[0], "input_ids", ids_checked)
     rows = _kron_rows(used, w_l, w_m, w_r)
     if dropout_p:
         rows = F.dropout(rows, dropout_p)
-    return aot_bias_add(hidden, inverse, rows, ids_checked=True)  # inverse < U by construction
+    # inverse < U by construction
+    return _aot_bias_add(hidden, inverse, rows, None, inplace=False, ids_checked=True)
 
 
 def aot_fc_bias(
@@ -396,7 +421,6 @@ def aot_fc_bias(
     *,
     activation: str = "relu",
     dropout_p: float = 0.0,
-    ids_checked: bool = False,
 ) -> Tensor:
     """`hidden + P[ids]` with the FC table evaluated on distinct ids only.
 
@@ -405,14 +429,32 @@ def aot_fc_bias(
         embedding: (V, e) the model's input embedding table (frozen).
         w1: (e, r); b1: (r,); w2: (r, d); b2: (d,).
         activation: one of ACTIVATIONS; dropout_p: dropout on E[x] (per distinct id).
-        ids_checked: the caller has range-checked `input_ids` (as in `aot_bias_add`).
     """
+    return _aot_fc_bias(
+        hidden, input_ids, embedding, w1, b1, w2, b2, activation, dropout_p, ids_checked=False
+    )
+
+
+def _aot_fc_bias(
+    hidden: Tensor,
+    input_ids: Tensor,
+    embedding: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    activation: str,
+    dropout_p: float,
+    ids_checked: bool,
+) -> Tensor:
+    """`aot_fc_bias`; `ids_checked` as in `_aot_bias_add`."""
     _check_hidden(hidden, input_ids)
     _check_dropout(dropout_p)
     _check_fc(embedding, w1, b1, w2, b2, activation, hidden.device, "hidden", hidden.shape[-1])
-    used, inverse = distinct_ids(input_ids, embedding.shape[0], checked=ids_checked)
+    used, inverse = _distinct_ids(input_ids, embedding.shape[0], "input_ids", ids_checked)
     rows = _fc_rows(used, embedding, w1, b1, w2, b2, activation, dropout_p)
-    return aot_bias_add(hidden, inverse, rows, ids_checked=True)  # inverse < U by construction
+    # inverse < U by construction
+    return _aot_bias_add(hidden, inverse, rows, None, inplace=False, ids_checked=True)
 
 
 def reference_aot_bias_add(

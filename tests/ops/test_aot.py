@@ -265,3 +265,20 @@ def test_reparam_bad_input():
         aot_fc_bias(hidden, ids, emb, w1, b1, w2, b2, activation="swish")
     with pytest.raises(ValueError, match="FC shapes disagree"):
         aot_fc_bias(hidden, ids, emb, w1, b1, w2[:, :4], b2)
+
+
+def test_public_aot_ops_take_no_switch_that_skips_the_range_checks(backend):
+    """Range checks are not optional in the public ops: the library's own callers that have
+    checked the ids already use private entry points."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, ids = randn(1, 3, 8), tensor([[0, 5, 11]])
+    w_l, w_m, w_r = kron_factors(3, 4, 2, 8, gen)
+    w1, b1, w2, b2 = fc_factors(8, 3, 8, gen)
+    calls = [
+        lambda: aot_bias_add(hidden, ids, randn(12, 8), ids_checked=True),
+        lambda: aot_kron_bias(hidden, ids, w_l, w_m, w_r, ids_checked=True),
+        lambda: aot_fc_bias(hidden, ids, randn(12, 8), w1, b1, w2, b2, ids_checked=True),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="ids_checked"):
+            call()
