@@ -57,7 +57,9 @@ def aot_bias_add(
         input_ids: (B, s) int64 or int32 ids in [0, V).
         table: (V, d) bias table, or (T, V, d) stacked tables, of any float dtype.
         task_ids: (B,) task of each sample, required with stacked tables.
-        inplace: write into `hidden` (inference only: nothing may require grad).
+        inplace: write into `hidden` (inference only: nothing may require grad). Inputs
+            that share memory with `hidden` (a view of the table, say) are read as they
+            were before the call.
 
     Returns:
         (B, s, d) tensor of `hidden.dtype` (`hidden` itself when `inplace`).
@@ -131,6 +133,30 @@ def _check_hidden(hidden: Tensor, input_ids: Tensor) -> None:
         )
 
 
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether `a` and `b` may overlap in memory: one storage and intersecting byte spans
+    (conservative: interleaved views that touch no common element count too)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(x: Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
+        return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
+
+    (a_start, a_end), (b_start, b_end) = span(a), span(b)
+    return a_start < b_end and b_start < a_end
+
+
+def _unaliased(hidden: Tensor, x: Tensor | None) -> Tensor | None:
+    """`x`, or a copy of it if it shares memory with `hidden`: the in-place kernels write
+    `hidden` while they read `x`, so they would read rows (or ids) already overwritten."""
+    if x is not None and _shares_memory(hidden, x):
+        return x.clone()
+    return x
+
+
 def _table_rows(input_ids: Tensor, table: Tensor, task_ids: Tensor | None, checked: bool) -> Tensor:
     """Row of the flattened (T*V, d) table for every token, range-checked unless `checked`."""
     vocab = table.shape[-2]
@@ -173,6 +199,8 @@ def _aot_bias_add_inplace_op(
     checked: bool,
 ) -> None:
     backend = _backend.resolved(backend, hidden.device)
+    # Copies taken before the range check, so the ids checked are the ids the kernel reads.
+    input_ids, table, task_ids = (_unaliased(hidden, x) for x in (input_ids, table, task_ids))
     rows = _table_rows(input_ids, table, task_ids, checked)
     _segments.impl(backend).gather_add(hidden, rows, table.reshape(-1, table.shape[-1]), hidden)
 

@@ -267,6 +267,40 @@ def test_reparam_bad_input():
         aot_fc_bias(hidden, ids, emb, w1, b1, w2[:, :4], b2)
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["single", "tasks"])
+def test_bias_add_inplace_into_a_view_of_its_table_adds_the_rows_as_they_were(backend, stacked):
+    """`hidden` a view of `table`: the in-place add must read the table as it was before the
+    call, as the formula does, not rows that earlier tokens (or kernel tiles) already
+    updated. 64 tokens span several kernel tiles, and the last ones read the first rows."""
+    d = 8
+    table = randn(2, 40, d) if stacked else randn(80, d)
+    hidden = table.view(-1, d)[:64].view(4, 16, d)
+    ids = (63 - torch.arange(64, device=DEVICE)).view(4, 16)
+    task_ids = None
+    if stacked:
+        ids = ids % 40
+        task_ids = tensor([1, 1, 0, 0])  # flat row = task * 40 + id: 79 - n, then 15 - n'
+    expected = reference_aot_bias_add(hidden.clone(), ids, table.clone(), task_ids=task_ids)
+    with torch.no_grad():
+        out = aot_bias_add(hidden, ids, table, task_ids=task_ids, inplace=True)
+    assert out is hidden
+    assert_close(hidden, expected, torch.float32)
+
+
+def test_bias_add_inplace_with_ids_in_hidden_memory_reads_the_ids_as_they_were(backend):
+    """int64 ids viewing the memory of `hidden` (which the in-place add overwrites): the op
+    must range-check and gather with the ids as they were, never with the new bytes."""
+    d, vocab = 8, 5
+    hidden = randn(4, 16, d)
+    ids = hidden.view(torch.int64).view(-1)[:64].view(4, 16)
+    ids.copy_((torch.arange(64, device=DEVICE) % vocab).view(4, 16))
+    table = randn(vocab, d)
+    expected = reference_aot_bias_add(hidden.clone(), ids.clone(), table)
+    with torch.no_grad():
+        aot_bias_add(hidden, ids, table, inplace=True)
+    assert_close(hidden, expected, torch.float32)
+
+
 def test_public_aot_ops_take_no_switch_that_skips_the_range_checks(backend):
     """Range checks are not optional in the public ops: the library's own callers that have
     checked the ids already use private entry points."""
