@@ -3,6 +3,11 @@
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
+import dept_kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,3 +27,38 @@ def test_quick_start_has_two_commands():
 def test_ci_runs_the_readme_test_command():
     test_command = quick_start_commands()[1]
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def python_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def _tiny_from_pretrained(cls, *args, **kwargs):
+    """`from_pretrained` without downloads: a tiny random model of the same architecture."""
+    from test_patch import tiny_config
+
+    torch.manual_seed(0)
+    return cls(tiny_config(cls.config_class.model_type)).eval()
+
+
+@pytest.fixture
+def tiny_hub(monkeypatch, tmp_path):
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(_tiny_from_pretrained))
+    monkeypatch.chdir(tmp_path)
+    yield
+    dept_kernels.use_backend(None)
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_readme_python_block_runs(index, tiny_hub):
+    """Every Python block of the README runs as written (`from_pretrained` gives a tiny model
+    of the same architecture)."""
+    block = python_blocks()[index]
+    exec(compile(block, f"README.md python block {index}", "exec"), {"__name__": "readme"})
+
+
+def test_readme_has_python_blocks():
+    assert len(python_blocks()) >= 4
