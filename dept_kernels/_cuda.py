@@ -4,15 +4,13 @@ Same contract as `dept_kernels.ops._torch_impl`; inputs arrive validated by the 
 extension (`csrc/cuda/bindings.cpp` plus every `.cu` file) is compiled with ninja through
 `torch.utils.cpp_extension.load`, only where torch is a CUDA build and a GPU is present, and
 cached in torch's extension directory under a name carrying a hash of the sources (headers
-included), so edits rebuild. `python -m dept_kernels.check_build` compiles the `.cu` files
-without a GPU.
+included), so edits rebuild; the cache is trusted as the cpu one is (`_build.load_or_build`).
+`python -m dept_kernels.check_build` compiles the `.cu` files without a GPU.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
-import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -42,7 +40,7 @@ def sources() -> tuple[list[Path], list[Path]]:
     return compiled, headers
 
 
-@functools.cache
+@_build._once
 def _extension() -> tuple[ModuleType | None, str]:
     """(module, "") or (None, why there is none). Tried once per process."""
     if torch.version.cuda is None:
@@ -54,17 +52,15 @@ def _extension() -> tuple[ModuleType | None, str]:
         return None, "the CUDA sources (csrc/cuda) are not installed"
     digest = _build.source_hash(compiled + headers)
     try:
-        from torch.utils import cpp_extension
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = cpp_extension.load(
-                name=f"dept_kernels_cuda_{digest}",
-                sources=[str(path) for path in compiled],
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=NVCC_FLAGS,
-                verbose=False,
-            )
+        module = _build.load_or_build(
+            f"dept_kernels_cuda_{digest}",
+            compiled,
+            "CUDA kernels",
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=NVCC_FLAGS,
+        )
+    except _build.Unavailable as error:
+        return None, str(error)
     except Exception as error:  # no nvcc, a compiler error: the backend is unavailable
         lines = str(error).strip().splitlines()
         return None, f"{type(error).__name__}: " + "\n".join(lines[-20:])

@@ -1,6 +1,11 @@
 """The build machinery of the C++ cpu backend: JIT build, load, and the fallback."""
 
+import os
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +48,8 @@ def _break_with_raising_loader(monkeypatch, tmp_path):
         raise OSError("no C++ compiler found")
 
     monkeypatch.setattr(cpp_extension, "load", fail)
+    # An empty cache: a valid cached build would be loaded without building.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
 
 
 def _break_with_bogus_compiler(monkeypatch, tmp_path):
@@ -71,6 +78,170 @@ def test_failed_build_warns_once_and_falls_back(
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1, messages
     assert "could not be built" in messages[0]
+    assert "Install a C++ compiler" in messages[0]
     expected = reference_dept_embedding(ids, weight, prompt, lora_a, lora_b, scaling=0.5)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(again, expected)
+
+
+# --------------------------------------------------------------------------- the JIT cache
+#
+# Each test copies one verified build (made once, in the default cache) into a temporary
+# TORCH_EXTENSIONS_DIR and runs a fresh interpreter on it under a deadline: a hang fails
+# the test, and so does a crash (a signal as return code) instead of an exception.
+
+CHILD = """
+import sys, warnings
+warnings.simplefilter("always")
+import torch
+from dept_kernels import _build
+_build._import_prebuilt = lambda expected_hash: None  # the JIT cache, even where installed
+import dept_kernels
+ops = _build.cpu_ops_or_reference()
+print("OPS", ops.__name__)
+torch.manual_seed(0)
+ids, weight, prompt = torch.randint(0, 50, (3, 6)), torch.randn(50, 24), torch.randn(2, 24)
+lora_a, lora_b = torch.randn(8, 4), torch.randn(4, 24)
+with dept_kernels.use_backend("cpu"):
+    out = dept_kernels.dept_embedding(ids, weight, prompt, lora_a, lora_b, scaling=0.5)
+expected = torch.cat([prompt.expand(3, 2, 24), weight[ids] + 0.5 * (lora_a[:6] @ lora_b)], 1)
+torch.testing.assert_close(out, expected)
+print("OK")
+"""
+
+# Root ignores file permissions; without CAP_DAC_OVERRIDE it obeys them, as users do.
+AS_USER = (
+    ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+)
+
+
+@pytest.fixture(scope="module")
+def built_cache():
+    """(build directory, module name) of a verified JIT build of the cpu extension."""
+    sources, headers = _build.cpu_sources()
+    digest = _build.source_hash(sources + headers)
+    _build._jit_build(sources, digest)  # a build on first use, else the verified load
+    name = _build.cpu_extension_name(digest)
+    return Path(cpp_extension._get_build_directory(name, verbose=False)), name
+
+
+def _cache_copy(built_cache, tmp_path) -> Path:
+    """A TORCH_EXTENSIONS_DIR holding a copy of the verified build; returns the build dir."""
+    build_dir, name = built_cache
+    copy = tmp_path / "extensions" / name
+    shutil.copytree(build_dir, copy)
+    (copy / _build.BUILD_LOCK).unlink(missing_ok=True)
+    return copy
+
+
+def _run_child(extensions: Path, read_only: bool = False, timeout: float = 240):
+    command = [sys.executable, "-c", CHILD]
+    if read_only:
+        if AS_USER and shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a directory read-only")
+        command = AS_USER + command
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"the first cpu op hung past {timeout} s: {error.stderr}")
+    assert result.returncode == 0, (
+        f"the child exited with {result.returncode} (negative: killed by a signal)\n"
+        f"{result.stdout}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+def _make_read_only(path: Path) -> None:
+    for folder, _, files in os.walk(path):
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o444)
+        os.chmod(folder, 0o555)
+
+
+def test_stale_build_lock_does_not_hang_the_first_cpu_op(built_cache, tmp_path):
+    """A process killed during its build leaves torch's lock file; torch waits on it forever.
+    A verified build is loaded without waiting."""
+    build_dir = _cache_copy(built_cache, tmp_path)
+    (build_dir / _build.TORCH_LOCK).touch()
+    result = _run_child(build_dir.parent, timeout=120)
+    assert "OPS dept_kernels._cpu" in result.stdout and "OK" in result.stdout
+
+
+def test_stale_build_lock_of_an_interrupted_build_is_removed_and_the_build_completed(
+    built_cache, tmp_path
+):
+    """The lock file of a build killed while linking, with its half-written module: the next
+    process finds the lock's owner gone, warns once, removes it and relinks."""
+    build_dir = _cache_copy(built_cache, tmp_path)
+    module = build_dir / f"{built_cache[1]}.so"
+    module.write_bytes(module.read_bytes()[: module.stat().st_size // 3])
+    (build_dir / _build.TORCH_LOCK).touch()
+    result = _run_child(build_dir.parent)
+    assert "OPS dept_kernels._cpu" in result.stdout and "OK" in result.stdout
+    assert result.stderr.count("removed a stale build lock") == 1, result.stderr
+    assert "building the C++ cpu kernels" in result.stderr
+    assert not (build_dir / _build.TORCH_LOCK).exists()
+
+
+def test_truncated_cached_module_is_rebuilt_not_loaded(built_cache, tmp_path):
+    """A truncated .so (disk full, a killed copy) crashed the process with SIGBUS on import;
+    it fails its checksum instead, with one warning, and is rebuilt."""
+    build_dir = _cache_copy(built_cache, tmp_path)
+    module = build_dir / f"{built_cache[1]}.so"
+    size = module.stat().st_size
+    module.write_bytes(module.read_bytes()[: size // 2])
+    result = _run_child(build_dir.parent)
+    assert "OPS dept_kernels._cpu" in result.stdout and "OK" in result.stdout
+    assert result.stderr.count("fails its checksum") == 1, result.stderr
+    assert "building the C++ cpu kernels" in result.stderr
+    assert module.stat().st_size == size
+    # A second process finds the repaired build verified: nothing is built again.
+    again = _run_child(build_dir.parent)
+    assert "OK" in again.stdout and "building" not in again.stderr, again.stderr
+
+
+def test_read_only_cache_with_a_valid_build_is_loaded(built_cache, tmp_path):
+    """A read-only cache (a shared, prebuilt one) serves its verified build: no rebuild, no
+    lock, no fallback to the torch backend."""
+    build_dir = _cache_copy(built_cache, tmp_path)
+    _make_read_only(tmp_path / "extensions")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in build_dir.iterdir())
+    result = _run_child(build_dir.parent, read_only=True, timeout=120)
+    assert "OPS dept_kernels._cpu" in result.stdout and "OK" in result.stdout
+    assert "Warning" not in result.stderr and "building" not in result.stderr, result.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in build_dir.iterdir()) == before
+
+
+def test_read_only_cache_without_a_valid_build_warns_with_the_real_cause(built_cache, tmp_path):
+    """Nothing valid to load and nowhere to build: the fallback warning names the read-only
+    cache and TORCH_EXTENSIONS_DIR, not a missing compiler."""
+    build_dir = _cache_copy(built_cache, tmp_path)
+    module = build_dir / f"{built_cache[1]}.so"
+    module.write_bytes(module.read_bytes()[:4096])
+    _make_read_only(tmp_path / "extensions")
+    result = _run_child(build_dir.parent, read_only=True, timeout=120)
+    assert "OPS dept_kernels.ops._torch_impl" in result.stdout and "OK" in result.stdout
+    assert result.stderr.count("could not be built or loaded") == 1, result.stderr
+    assert "is not writable" in result.stderr and "TORCH_EXTENSIONS_DIR" in result.stderr
+    assert "compiler" not in result.stderr
+
+
+def test_build_lock_held_by_a_live_process_is_waited_for_with_a_deadline(
+    fresh_build_state, monkeypatch, tmp_path
+):
+    """Another live process building: wait for it, but not forever."""
+    fcntl = pytest.importorskip("fcntl")
+    monkeypatch.setattr(_build, "_import_prebuilt", lambda expected_hash: None)
+    monkeypatch.setattr(_build, "LOCK_WAIT_S", 0.5)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    sources, headers = _build.cpu_sources()
+    build_dir = tmp_path / _build.cpu_extension_name(_build.source_hash(sources + headers))
+    build_dir.mkdir()
+    with open(build_dir / _build.BUILD_LOCK, "w") as holder:
+        holder.write("4242")
+        holder.flush()
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        module, reason = _build._cpu_extension()
+    assert module is None
+    assert "Another process (pid 4242) has been building the kernels" in reason
