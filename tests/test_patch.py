@@ -133,13 +133,22 @@ def batch(seed=0, b=3, s=9, t=5):
 
 
 def reference_forward(arch, base, adapter, ids, mask, labels, position_ids=None):
+    """The unpatched model fed the formula's inputs_embeds, the mask with m ones in front, and
+    (decoder-only) the prompt at positions 0..m-1 and the tokens' positions shifted by m."""
     m = adapter.num_virtual_tokens
     weight = base.get_input_embeddings().weight
     embeds = reference_embeds(adapter, weight, ids, position_ids)
     if arch == "t5":
         return base(inputs_embeds=embeds, attention_mask=ones_front(mask, m), labels=labels)
+    extra = {}
+    if position_ids is not None:
+        prompt_pos = torch.arange(m).expand(ids.shape[0], m)
+        extra["position_ids"] = torch.cat([prompt_pos, position_ids + m], dim=1)
     return base(
-        inputs_embeds=embeds, attention_mask=ones_front(mask, m), labels=ignore_front(ids, m)
+        inputs_embeds=embeds,
+        attention_mask=ones_front(mask, m),
+        labels=ignore_front(ids, m),
+        **extra,
     )
 
 
@@ -168,17 +177,31 @@ CASES = [
 ]
 
 
+def padded_batch(arch: str):
+    """A batch with padding: right padding for T5 (an encoder input), left padding with each
+    token's rank among the real tokens as `position_ids` for the decoder-only models."""
+    ids, mask, labels = batch()
+    if arch == "t5":
+        ids[0, -3:], mask[0, -3:] = PAD, 0
+        return ids, mask, labels, None
+    ids[1, :2], mask[1, :2] = PAD, 0
+    return ids, mask, labels, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @pytest.mark.parametrize(("arch", "method", "dtype", "backend"), CASES)
 def test_matches_reference(arch, method, dtype, backend):
     base, model = patched_pair(arch, method, dtype=dtype)
     adapter = model.dept_adapter
-    ids, mask, labels = batch()
+    ids, mask, labels, positions = padded_batch(arch)
+    extra = {} if positions is None else {"position_ids": positions}
     with dk.use_backend(backend):
-        out = model(input_ids=ids, attention_mask=mask, labels=labels if arch == "t5" else ids)
+        out = model(
+            input_ids=ids, attention_mask=mask, labels=labels if arch == "t5" else ids, **extra
+        )
         out.loss.backward()
     got = grads(adapter)
     adapter.zero_grad()
-    ref = reference_forward(arch, base, adapter, ids, mask, labels)
+    ref = reference_forward(arch, base, adapter, ids, mask, labels, positions)
     ref.loss.backward()
     want = grads(adapter)
     m = adapter.num_virtual_tokens
