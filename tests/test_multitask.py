@@ -14,6 +14,7 @@ import json
 import peft
 import pytest
 import torch
+from test_generate import reference_generate
 from test_patch import (
     BACKENDS,
     EOS,
@@ -24,6 +25,7 @@ from test_patch import (
     tiny_config,
     tiny_model,
 )
+from test_patch_aot import formula_tables, hook_reference
 from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
@@ -297,7 +299,11 @@ def test_deepcopy_of_a_prompt_model_serves_its_own_adapter():
     assert (got - before).abs().max() > 1e-2
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before)
     kwargs = {"max_new_tokens": 4, "do_sample": False}
-    assert torch.equal(twin.generate(input_ids=ids, **kwargs), reference.generate(ids, **kwargs))
+    # The copy's generation against the formula on the unpatched base model.
+    base = tiny_model("gpt2")
+    adapters = [twin.dept_adapter] * ids.shape[0]
+    want = reference_generate("gpt2", base, adapters, ids, None, **kwargs)
+    assert torch.equal(twin.generate(input_ids=ids, **kwargs)[:, ids.shape[1] :], want)
     dk.unpatch(twin)
     assert all(not m._forward_pre_hooks for m in twin.modules())
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before)
@@ -322,7 +328,12 @@ def test_deepcopy_of_an_aot_model_serves_its_own_adapter():
     assert (got - before).abs().max() > 1e-2
     torch.testing.assert_close(model(input_ids=ids).logits, before)
     kwargs = {"max_new_tokens": 4, "do_sample": False}
-    assert torch.equal(twin.generate(input_ids=ids, **kwargs), reference.generate(ids, **kwargs))
+    # The copy's generation against the formula: P_i[ids] added before each layer of the
+    # unpatched model.
+    base = tiny_model("llama")
+    tables = formula_tables(twin.dept_adapter, base.get_input_embeddings().weight)
+    hook_reference(base, "llama", [t.detach() for t in tables])
+    assert torch.equal(twin.generate(input_ids=ids, **kwargs), base.generate(ids, **kwargs))
 
 
 def test_deepcopy_of_an_accelerated_peft_model():
