@@ -216,13 +216,13 @@ def load_dept_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module
     ]
     if missing:
         raise ValueError(f"{config_path} lacks {missing}")
-    # With 2, PEFT saves a decoder prompt after the encoder's; serving the encoder's alone
-    # would silently drop half of what was trained.
+    # With 2 (PEFT's seq2seq default), the file holds m rows per submodule; the official code,
+    # like PEFT's prompt tuning, feeds only the first m, to the encoder: they are the prompt.
     submodules = fields.get("num_transformer_submodules", 1)
-    if submodules != 1:
+    if submodules not in (1, 2) or isinstance(submodules, bool):
         raise ValueError(
-            f"{config_path}: num_transformer_submodules={submodules!r}; only 1 (prompts on the "
-            "encoder input, as the official DePT code trains) is supported"
+            f"{config_path}: num_transformer_submodules={submodules!r}; the official code "
+            "saves 1 or 2"
         )
     d = model.get_input_embeddings().weight.shape[1]
     token_dim = fields.get("token_dim", d)
@@ -245,6 +245,9 @@ def load_dept_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module
     if "prompt_embeddings" not in state:
         raise ValueError(f"{weights} has no 'prompt_embeddings' (keys: {sorted(state)})")
     prompt = state["prompt_embeddings"]
+    m = fields["num_virtual_tokens"]
+    if submodules == 2 and isinstance(m, int) and prompt.dim() == 2 and len(prompt) == 2 * m:
+        prompt = prompt[:m]
     lora_a = _find(state, "lora_embedding_A")
     lora_b = _find(state, "lora_embedding_B")
     if not fields.get("load_lora_embeddings", True):

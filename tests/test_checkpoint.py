@@ -143,3 +143,58 @@ def test_official_checkpoint_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
     with pytest.raises(ValueError, match="lora_embedding_A has shape"):
         dk.load_dept_checkpoint(t5_base_width(), tmp_path)
+
+
+def test_official_checkpoint_with_two_submodules(tmp_path):
+    """PEFT's seq2seq default saves m prompt rows per submodule; the official code feeds the
+    first m to the encoder, and so does the loaded adapter."""
+    config = json.loads((OFFICIAL / "adapter_config.json").read_text())
+    state = torch.load(OFFICIAL / "adapter_model.bin", map_location="cpu", weights_only=True)
+    decoder_rows = torch.randn(state["prompt_embeddings"].shape)
+    two = {**state, "prompt_embeddings": torch.cat([state["prompt_embeddings"], decoder_rows])}
+    torch.save(two, tmp_path / "adapter_model.bin")
+    config["num_transformer_submodules"] = 2
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = dk.load_dept_checkpoint(t5_base_width(), tmp_path)
+    ids = torch.randint(0, 32128, (2, 256), generator=torch.Generator().manual_seed(0))
+    want = official_formula(model, ids, state, {**config, "num_transformer_submodules": 1})
+    torch.testing.assert_close(encoder_input(model, ids), want, atol=1e-5, rtol=1e-5)
+    config["num_transformer_submodules"] = 3
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="num_transformer_submodules=3"):
+        dk.load_dept_checkpoint(t5_base_width(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("flags", "loads_a", "loads_b"),
+    [
+        ({"load_lora_embeddings": False}, False, False),
+        ({"load_lora_embedding_B": False}, True, False),
+        ({}, True, True),
+    ],
+)
+def test_official_load_flags_onto_a_trained_adapter(tmp_path, flags, loads_a, loads_b):
+    """The config's load flags pick what is read. Loaded onto a patched model whose B is
+    non-zero (trained), a load without B sets the official B = 0: no delta."""
+    config = json.loads((OFFICIAL / "adapter_config.json").read_text())
+    state = torch.load(OFFICIAL / "adapter_model.bin", map_location="cpu", weights_only=True)
+    shutil.copy(OFFICIAL / "adapter_model.bin", tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **flags}))
+    model = dk.patch(t5_base_width(), dk.DePTConfig(80, 15, lora_alpha=8, max_length=256))
+    adapter = model.dept_adapter
+    with torch.no_grad():
+        adapter.lora_b.normal_(generator=torch.Generator().manual_seed(3))
+    a_before = adapter.lora_a.detach().clone()
+    assert dk.load_dept_checkpoint(model, tmp_path) is model
+    assert torch.equal(adapter.prompt, state["prompt_embeddings"])
+    file_a = state["prompt_encoder.lora_embedding_A"]
+    assert torch.equal(adapter.lora_a, file_a if loads_a else a_before)
+    ids = torch.randint(0, 32128, (2, 256), generator=torch.Generator().manual_seed(2))
+    if loads_b:
+        assert torch.equal(adapter.lora_b, state["prompt_encoder.lora_embedding_B"])
+        want = official_formula(model, ids, state, config)
+    else:
+        assert not adapter.lora_b.any()
+        prompt = state["prompt_embeddings"].expand(2, -1, -1)
+        want = torch.cat([prompt, model.shared.weight[ids]], dim=1)
+    torch.testing.assert_close(encoder_input(model, ids), want, atol=1e-5, rtol=1e-5)
