@@ -58,6 +58,8 @@ def main() -> None:
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         print(f"training loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        # The task is learnable from the prompt and the delta alone: training must show it.
+        assert losses[-1] < 0.8 * losses[0], f"the training loss did not fall: {losses}"
 
         dk.save_adapter(model, out)
         fresh = dk.load_adapter(base, out)
@@ -66,6 +68,8 @@ def main() -> None:
         loss = model.eval()(**held_out).loss.item()
         reloaded = fresh.eval()(**held_out).loss.item()
     print(f"held-out loss {loss:.4f}, after save/load {reloaded:.4f}")
+    # The saved adapter is the trained one: the reloaded model computes the same loss.
+    assert abs(reloaded - loss) <= 1e-5 * max(1.0, abs(loss)), (loss, reloaded)
 
 
 if __name__ == "__main__":

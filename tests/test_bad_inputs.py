@@ -1869,9 +1869,9 @@ OFFICIAL_CASES = [
     ),
     bad(
         "official_file/decoder_prompts",
-        lambda tmp: official(tmp, config=setting(num_transformer_submodules=2)),
+        lambda tmp: official(tmp, config=setting(num_transformer_submodules=3)),
         ValueError,
-        r"num_transformer_submodules=2; only 1",
+        r"num_transformer_submodules=3; the official code saves 1 or 2",
     ),
     bad(
         "official_file/json_garbage",
