@@ -2134,7 +2134,8 @@ def test_empty_inputs_give_the_empty_result(backend, op, reference, kw):
     got, want = outputs(op, kw), outputs(reference, kw)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
-        assert_close(g, w, torch.float32)
+        if w.numel():  # an empty tensor compares equal to anything of its shape
+            assert_close(g, w, torch.float32)
 
 
 def test_empty_batch_of_the_reparameterised_aot_ops_and_the_official_formula(backend):
