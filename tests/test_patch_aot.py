@@ -556,3 +556,19 @@ def test_ids_are_range_checked_once_per_forward(monkeypatch, fused):
     ids[0, 0] = VOCAB  # and the one check still catches a bad id
     with pytest.raises(IndexError, match="input_ids holds id"):
         model(input_ids=ids)
+
+
+@pytest.mark.parametrize(("a", "b"), [(12, 12), (16, 8), (8, 16)])
+def test_kronecker_factor_heights(a, b):
+    """Square factors (a == b) and both unequal orders give the formula's rows: a swap of
+    x // b and x % b, or of a and b, shows up in at least one of them."""
+    base = tiny_model("gpt2", torch.float32)
+    model = dk.patch(copy.deepcopy(base), dk.AoTConfig("kron", r=4, a=a, b=b))
+    randomize(model.dept_adapter, 1)
+    layer = model.dept_adapter.layers[0]
+    assert (layer.w_l.shape[0], layer.w_m.shape[0]) == (a, b)
+    ids = batch()
+    got = run("gpt2", model, ids)
+    tables = formula_tables(model.dept_adapter, base.get_input_embeddings().weight)
+    hook_reference(base, "gpt2", [t.detach() for t in tables])
+    assert_close(got, run("gpt2", base, ids), torch.float32)
