@@ -184,6 +184,9 @@ class PromptAdapter(nn.Module, abc.ABC):
         required there and refused otherwise.
         """
         check_task_ids(self.num_tasks, task_ids)
+        # The model may have changed dtype since patching (model.double()): say so in its
+        # terms rather than in the op's.
+        check_embedding(weight)
         if not self.uses_position_rows:
             position_ids = None
         return dept_embedding(
