@@ -78,7 +78,9 @@ def dept_embedding(
     if lora_a is None:
         position_ids = None  # nothing reads rows
     if weight.stride(-1) != 1:
-        weight = weight.contiguous()
+        # The kernels read rows with unit column stride. Not `contiguous()`: a one-column
+        # table counts as contiguous whatever its last stride and would come back unchanged.
+        weight = weight.clone(memory_format=torch.contiguous_format)
     backend = _backend.resolve_later(weight.device)
     return torch.ops.dept_kernels.dept_embedding(
         input_ids.contiguous(),

@@ -58,6 +58,13 @@ def _gather_add_kernel(
     )
 
 
+def _unit_last_stride(x: Tensor) -> Tensor:
+    """`x` with last stride 1. Not `contiguous()`: torch counts a size-1 dim as contiguous
+    whatever its stride, so a one-column tensor would come back unchanged (and the call
+    above would recurse forever)."""
+    return x if x.stride(-1) == 1 else x.clone(memory_format=torch.contiguous_format)
+
+
 def gather_add(hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tensor:
     """`out = hidden + table[rows]` in fp32, cast to `out.dtype`; `out` may be `hidden`.
 
@@ -69,10 +76,10 @@ def gather_add(hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tens
     if hidden.stride(-1) != 1 or out.stride(-1) != 1 or table.stride(-1) != 1:
         # Column-strided layouts are rare; the kernel keeps to vector loads along d.
         result = gather_add(
-            hidden.contiguous(),
+            _unit_last_stride(hidden),
             rows,
-            table.contiguous(),
-            torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            _unit_last_stride(table),
+            torch.empty(hidden.shape, dtype=out.dtype, device=out.device),
         )
         return out.copy_(result)
     rows = rows.contiguous()

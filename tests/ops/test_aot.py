@@ -316,3 +316,15 @@ def test_public_aot_ops_take_no_switch_that_skips_the_range_checks(backend):
     for call in calls:
         with pytest.raises(TypeError, match="ids_checked"):
             call()
+
+
+def test_bias_add_one_column_inputs_with_any_last_stride(backend):
+    """d = 1: torch counts a one-column tensor as contiguous whatever its last stride, so
+    `contiguous()` does not give the unit stride the kernels need (triton recursed forever)."""
+    gen = torch.Generator().manual_seed(0)
+    table = randn(1, 7, gen=gen).T  # (7, 1), strides (1, 7)
+    hidden = torch.as_strided(randn(6, gen=gen), (2, 3, 1), (3, 1, 5))
+    ids = randint(7, 2, 3, gen=gen)
+    assert table.is_contiguous() and table.stride(-1) != 1 and hidden.stride(-1) != 1
+    out = aot_bias_add(hidden, ids, table)
+    assert_close(out, reference_aot_bias_add(hidden, ids, table), torch.float32)

@@ -374,3 +374,16 @@ def test_zero_scaling_gives_lowrank_factors_zero_gradients(backend):
         assert g.shape == param.shape
         assert_close(g, rg, torch.float32)
     assert not grads[1].any() and not grads[2].any()  # lora_a, lora_b
+
+
+def test_one_column_weight_with_any_last_stride(backend):
+    """d = 1: a (V, 1) table counts as contiguous whatever its last stride, so
+    `contiguous()` kept it and the C++ kernels refused it (RuntimeError on valid input)."""
+    kw = make_inputs(Case("d1", d=1), torch.float32, torch.float32)
+    kw["weight"] = kw["weight"].reshape(1, -1).clone().T  # (V, 1), strides (1, V)
+    assert kw["weight"].is_contiguous() and kw["weight"].stride(-1) != 1
+    out, grads, grad_out = run(dept_embedding, kw)
+    ref, ref_grads, _ = run(reference_dept_embedding, kw, grad_out)
+    assert_close(out, ref, torch.float32)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        assert_close(g, rg, torch.float32)
