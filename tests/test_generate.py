@@ -142,7 +142,7 @@ def test_cache_and_no_cache_agree(arch):
 
 def test_generate_task_ids_must_be_1d():
     _, model, _ = patched("gpt2", "stacked")
-    ids, mask = generate_inputs("gpt2", padded=False)
+    ids, _ = generate_inputs("gpt2", padded=False)
     with pytest.raises(ValueError, match=r"task_ids must be a 1-D tensor.*\(3, 1\)"):
         model.generate(input_ids=ids, task_ids=TASK_IDS[:, None], max_new_tokens=2)
 
@@ -183,7 +183,8 @@ def test_patch_refuses_a_forward_without_an_argument_it_needs(monkeypatch):
     try:
         with pytest.raises(
             TypeError,
-            match=rf"GPT2Model.forward \(transformers {transformers.__version__}\) takes no position_ids",
+            match=rf"GPT2Model.forward \(transformers {transformers.__version__}\) takes no "
+            "position_ids",
         ):
             dk.patch(model, make_config("dept"))
     finally:
