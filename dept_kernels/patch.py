@@ -40,7 +40,13 @@ class _PatchState:
     overridden: tuple[str, ...] = field(default=())  # instance attributes set on the wrapper
 
 
-def patch(model: nn.Module, config: object | None = None, *, generator=None) -> nn.Module:
+def patch(
+    model: nn.Module,
+    config: object | None = None,
+    *,
+    generator=None,
+    trim_padding: bool | None = None,
+) -> nn.Module:
     """Attach an adapter to a Hugging Face model, in place.
 
     Prompt methods patch T5 / GPT-2 / LLaMA; AoT P-tuning also BERT and RoBERTa (every
@@ -51,6 +57,12 @@ def patch(model: nn.Module, config: object | None = None, *, generator=None) -> 
             (PROMPT_TUNING_LORA) model to accelerate without changing its parameters.
         config: `DePTConfig`, `PromptTuningConfig`, `EPTConfig` or `AoTConfig`.
         generator: optional `torch.Generator` for the adapter's initialisation.
+        trim_padding: cut the columns that the attention mask marks padding in every row
+            before the fused op, so a batch padded to max_length costs what its longest
+            input does. None (default): where the caller's outputs keep their shapes and
+            values (T5, T5EncoderModel, sequence-classification heads); True: decoder-only
+            LM and base models too (their per-position outputs come back re-padded);
+            False: never. Prompt methods only.
 
     Returns:
         `model`, whose forward and generate now take the usual arguments (ids of length s,
@@ -62,8 +74,9 @@ def patch(model: nn.Module, config: object | None = None, *, generator=None) -> 
             f"{_state(model).owner.dept_adapter.config}; call dept_kernels.unpatch(model) first"
         )
     if config is None:
-        return _accelerate(model)
-    return attach_adapter(model, new_adapter(model, config, generator=generator))
+        return _accelerate(model, trim_padding)
+    adapter = new_adapter(model, config, generator=generator)
+    return attach_adapter(model, adapter, trim_padding=trim_padding)
 
 
 def new_adapter(
@@ -82,16 +95,24 @@ def new_adapter(
     return METHODS[type(config)](config, model.get_input_embeddings().weight, generator=generator)
 
 
-def attach_adapter(model: nn.Module, adapter: nn.Module) -> nn.Module:
+def attach_adapter(
+    model: nn.Module, adapter: nn.Module, *, trim_padding: bool | None = None
+) -> nn.Module:
     """Patch an unpatched `model` with a ready adapter (built by `new_adapter`, loaded from a
     checkpoint, or stacked): freeze the base weights and install the hooks. The model's
-    `generate` then takes `task_ids` (B,) for a stacked adapter, as its forward does."""
+    `generate` then takes `task_ids` (B,) for a stacked adapter, as its forward does.
+    `trim_padding` as in `patch`."""
     _check_adapter(adapter, model)
     if isinstance(adapter, AoTAdapter):
+        if trim_padding:
+            raise ValueError(
+                "trim_padding applies to the prompt methods; AoT P-tuning adds its bias to "
+                "every column the model runs"
+            )
         install = models.install_aot
     else:
         install = models.architecture(model).install
-    state = _attach(model, model, install, adapter, freeze=True)
+    state = _attach(model, model, install, adapter, freeze=True, trim_padding=trim_padding)
     if hasattr(type(model), "generate"):
         model.__dict__["generate"] = models.Generate(model)
         state.overridden = ("generate",)
@@ -232,6 +253,7 @@ def _attach(
     adapter: nn.Module,
     *,
     freeze: bool,
+    trim_padding: bool | None = None,
 ) -> _PatchState:
     if hasattr(owner, ADAPTER):
         raise ValueError(f"{type(owner).__name__} already has an attribute {ADAPTER!r}")
@@ -244,7 +266,7 @@ def _attach(
     adapter.train(owner.training)
     setattr(owner, ADAPTER, adapter)
     try:
-        handles = install(owner, models.AdapterOf(owner, ADAPTER))
+        handles = install(owner, models.AdapterOf(owner, ADAPTER, trim_padding))
     except Exception:
         delattr(owner, ADAPTER)
         for p, flag in requires_grad.items():
@@ -274,7 +296,7 @@ def _tensor(obj: object, name: str) -> nn.Parameter:
     return value
 
 
-def _accelerate(model: nn.Module) -> nn.Module:
+def _accelerate(model: nn.Module, trim_padding: bool | None = None) -> nn.Module:
     """Route a PEFT prompt-tuning (or official DePT) model's forward through the fused op."""
     peft_configs = getattr(model, "peft_config", None)
     active = getattr(model, "active_adapter", "default")
@@ -339,7 +361,14 @@ def _accelerate(model: nn.Module) -> nn.Module:
                 )
         new = METHODS[DePTConfig](config, weight)
         new.prompt, new.lora_a, new.lora_b = prompt, lora_a, lora_b
-    state = _attach(model, base, models.architecture(base).install, new, freeze=False)
+    state = _attach(
+        model,
+        base,
+        models.architecture(base).install,
+        new,
+        freeze=False,
+        trim_padding=trim_padding,
+    )
     # Objects, not bound methods or closures: a deep copy or a pickle of the model keeps them,
     # bound to the copy.
     model.__dict__["forward"] = _PeftForward(model)

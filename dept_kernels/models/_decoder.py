@@ -13,6 +13,19 @@ running `generate`) and reach the first forward's embedding.
 
 The hooks find the cache, mask, positions and embeddings by the installed forward's
 signature (`Signature`): transformers 5.24 renamed `past_key_values` to `cache`.
+
+Padding trim: a first forward cuts the leading and trailing columns that the mask marks
+padding in every row before the fused op. Positions stay those of the untrimmed columns:
+given `position_ids` are cut with the ids, and with none and k leading columns cut, the
+tokens take positions (and low-rank rows) k..s-1, as untrimmed. On by default for the
+sequence-classification heads: the head pools the inner output re-padded to the caller's s
+columns (zeros in the cut ones) at the last token it finds with its own `input_ids`, so a
+column is cut only if it holds the pad id in every row. Opt-in (`trim_padding=True`) for
+LM heads and base models, whose per-position logits and hidden states come back re-padded
+(zeros in the cut columns); there a column is cut only if its labels are -100 in every row,
+and a leading cut keeps the column whose logits predict the first kept label. Never while
+generating, nor with a cache passed or `use_cache=True` (the cache would hold the trimmed
+columns); a trimmed call otherwise returns no cache.
 """
 
 from __future__ import annotations
@@ -23,13 +36,17 @@ from torch.utils.hooks import RemovableHandle
 
 from ._hooks import (
     AdapterOf,
+    Cut,
     FusedEmbedding,
     TaskIds,
     bind,
     cache_length,
+    call_keeps_shapes,
     extend_mask,
     generation,
     needs_ids,
+    padding_cut,
+    restore_outputs,
     row_ids,
     signature,
 )
@@ -37,6 +54,7 @@ from ._hooks import (
 HEADS = ("lm", "cls", "base")
 _INNER_NEEDS = ("input_ids", "attention_mask", "inputs_embeds", "position_ids", "cache")
 _INNER_WANTS = ("cache_position",)
+_MODEL_WANTS = ("input_ids", "attention_mask", "position_ids", "cache_position")
 
 
 def install(
@@ -47,46 +65,95 @@ def install(
     "lm": labels get m leading -100s (logits keep the prompt rows, as in PEFT).
     "cls": the prompt rows are cut from the inner output, so the head pools over the
     tokens it indexes with its own `input_ids` (its last non-pad token).
+    Padding trim (module docstring): in the inner call for "cls" and "base", in the model's
+    call for "lm" (its labels and logits are the model's).
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     # Checked before any hook is registered: a missing argument fails the patch, whole.
     inner_args = signature(type(inner), _INNER_NEEDS, _INNER_WANTS)
-    model_args = signature(type(model), ("labels", "cache")) if head == "lm" else None
-    hooks = _DecoderHooks(adapter_of, inner_args, model_args, trim=head == "cls")
+    model_args = signature(type(model), ("labels", "cache"), _MODEL_WANTS) if head == "lm" else None
+    hooks = _DecoderHooks(adapter_of, inner_args, model_args, head)
     handles = hooks.tasks.install(model)
     handles += hooks.fused.install(inner.get_input_embeddings())
     handles.append(inner.register_forward_pre_hook(hooks.inner_pre_hook, with_kwargs=True))
-    if head == "cls":
-        handles.append(inner.register_forward_hook(hooks.trim_hook))
-    if head == "lm":
+    if head != "lm":
+        handles.append(inner.register_forward_hook(hooks.trim_hook, always_call=True))
+    else:
         handles.append(model.register_forward_pre_hook(hooks.labels_pre_hook, with_kwargs=True))
+        handles.append(model.register_forward_hook(hooks.logits_hook, always_call=True))
     return handles
 
 
 class _DecoderHooks:
-    def __init__(self, adapter_of: AdapterOf, inner_args, model_args, trim: bool) -> None:
+    def __init__(self, adapter_of: AdapterOf, inner_args, model_args, head: str) -> None:
         self.adapter_of = adapter_of
         self.inner_args = inner_args
         self.model_args = model_args
+        self.head = head
         self.tasks = TaskIds()
         self.fused = FusedEmbedding(adapter_of)
-        # With `trim` ("cls" head): rows prepended by each open inner call, for `trim_hook`.
-        self.prepended: list[int] | None = [] if trim else None
+        # Per open call, pushed first thing by the pre-hook and popped by the forward hook
+        # (which runs on errors too): of the inner model ("cls", "base"), the rows prepended
+        # and the cut; of the model ("lm"), the cut.
+        self.open: list[tuple[int, Cut | None]] = []
+        self.lm_cuts: list[Cut | None] = []
+
+    def _trims(self, kw: dict, module: nn.Module, sig) -> bool:
+        """Whether this first forward may run on trimmed columns (module docstring)."""
+        setting = self.adapter_of.trim_padding
+        if not (setting if self.head != "cls" else setting is not False):
+            return False
+        if sig.get(kw, "cache") is not None or kw.get("use_cache") is True:
+            return False
+        return generation(self.tasks.model) is None and call_keeps_shapes(kw, module.config)
+
+    def _cut(
+        self, kw: dict, sig, ids: Tensor, rows: Tensor | None, cut: Cut
+    ) -> tuple[Tensor, Tensor]:
+        """Cut the call's ids, mask, positions and cache positions in `kw` to `cut`'s columns;
+        returns (ids, rows): rows are the kept columns' untrimmed positions (None: 0..s'-1)."""
+        kept = cut.stop - cut.start
+        sig.set(kw, "attention_mask", cut.take(sig.get(kw, "attention_mask")))
+        if rows is not None:
+            rows = cut.take(rows)
+        elif cut.start:
+            # With no positions given, the kept tokens keep those of their untrimmed columns.
+            rows = torch.arange(cut.start, cut.stop, device=ids.device).expand(len(ids), -1)
+        cache_position = sig.get(kw, "cache_position")
+        if cache_position is not None:
+            # A first forward's cache slots: 0..s'-1, contiguous (the causal mask reads them).
+            sig.set(kw, "cache_position", cache_position[:kept])
+        kw["use_cache"] = False
+        return cut.take(ids), rows
 
     def inner_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.head != "lm":
+            self.open.append((0, None))
         sig = self.inner_args
         kw = bind(module, args, kwargs)
         own_tasks = kw.pop("task_ids", None)
         m = self.adapter_of().num_virtual_tokens
         positions = sig.get(kw, "position_ids")
-        cache_position = sig.get(kw, "cache_position")
         first = cache_length(sig.get(kw, "cache")) == 0
+        cut = None
         if first:
             ids = needs_ids(kw, type(module).__name__)
             if kw.get("token_type_ids") is not None:
                 raise ValueError("token_type_ids are not supported with a soft prompt")
             rows = row_ids(positions, ids)
+            if self.head != "lm" and self._trims(kw, module, sig):
+                pad_id = _pad_token_id(self.tasks.model)
+                if self.head == "base":
+                    cut = padding_cut(sig.get(kw, "attention_mask"), leading=True)
+                elif pad_id is not None:
+                    # HF pools at the last id that is not pad_token_id (its -1 without one).
+                    cut = padding_cut(
+                        sig.get(kw, "attention_mask"), leading=True, ids=ids, pad_token_id=pad_id
+                    )
+                if cut is not None:
+                    ids, rows = self._cut(kw, sig, ids, rows, cut)
+            cache_position = sig.get(kw, "cache_position")
             task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
             sig.set(kw, "inputs_embeds", self._embed(module, ids, rows, task_ids))
             sig.set(kw, "input_ids", None)
@@ -103,12 +170,13 @@ class _DecoderHooks:
                     torch.cat([prompt_pos.to(cache_position), cache_position + m]),
                 )
         else:
+            cache_position = sig.get(kw, "cache_position")
             if positions is not None:
                 sig.set(kw, "position_ids", positions + m)
             if cache_position is not None:
                 sig.set(kw, "cache_position", cache_position + m)
-        if self.prepended is not None:
-            self.prepended.append(m if first else 0)
+        if self.head != "lm":
+            self.open[-1] = (m if first else 0, cut)
         sig.set(kw, "attention_mask", extend_mask(sig.get(kw, "attention_mask"), m))
         return (), kw
 
@@ -130,19 +198,63 @@ class _DecoderHooks:
         return torch.cat([embeds, embedding(ids[:, given:])], dim=1)
 
     def trim_hook(self, module: nn.Module, args: tuple, output):
-        m = self.prepended.pop() if self.prepended else 0
-        if m:
+        """The inner call's output: without the prompt rows ("cls"), at the caller's length."""
+        if not self.open:
+            return None
+        m, cut = self.open.pop()
+        if output is None:  # the forward raised
+            return None
+        if m and self.head == "cls":
             output.last_hidden_state = output.last_hidden_state[:, m:]
             if getattr(output, "hidden_states", None) is not None:
                 output.hidden_states = tuple(h[:, m:] for h in output.hidden_states)
+        restore_outputs(output, cut, ("last_hidden_state", "hidden_states"))
         return output
 
     def labels_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.lm_cuts.append(None)
         sig = self.model_args
         kw = bind(module, args, kwargs)
+        if cache_length(sig.get(kw, "cache")) == 0:
+            self.lm_cuts[-1] = self._lm_trim(module, kw)
         labels = sig.get(kw, "labels")
         if labels is not None and cache_length(sig.get(kw, "cache")) == 0:
             m = self.adapter_of().num_virtual_tokens
             ignore = labels.new_full((labels.shape[0], m), -100)
             sig.set(kw, "labels", torch.cat([ignore, labels], dim=1))
         return (), kw
+
+    def _lm_trim(self, module: nn.Module, kw: dict) -> Cut | None:
+        """Trim an LM head's first forward in `kw` (ids, mask, positions, labels)."""
+        sig = self.model_args
+        ids, labels = sig.get(kw, "input_ids"), sig.get(kw, "labels")
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or not self._trims(kw, module, sig):
+            return None
+        mask = sig.get(kw, "attention_mask")
+        if not isinstance(mask, Tensor) or mask.shape != ids.shape:
+            return None  # left to the inner hook's checks
+        if labels is not None and (not isinstance(labels, Tensor) or labels.shape != ids.shape):
+            return None
+        keep = kw.get("logits_to_keep", 0)
+        if not isinstance(keep, int) or keep != 0:
+            return None  # logits of the last k columns: those of the trimmed batch differ
+        cut = padding_cut(mask, leading=True, labels=labels)
+        if cut is None:
+            return None
+        rows = row_ids(sig.get(kw, "position_ids"), ids)
+        ids, rows = self._cut(kw, sig, ids, rows, cut)
+        sig.set(kw, "input_ids", ids)
+        sig.set(kw, "position_ids", rows)
+        if labels is not None:
+            sig.set(kw, "labels", cut.take(labels))
+        return cut
+
+    def logits_hook(self, module: nn.Module, args: tuple, output) -> None:
+        if self.lm_cuts:
+            restore_outputs(output, self.lm_cuts.pop(), ("logits", "hidden_states"))
+
+
+def _pad_token_id(model: nn.Module) -> int | None:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "pad_token_id", None)

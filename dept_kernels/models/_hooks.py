@@ -92,11 +92,20 @@ class AdapterOf:
 
     Looked up on every call, so replacing the adapter (`fold`, `stack_adapters`) needs no new
     hooks; held as an object so that a deep copy of the model maps `owner` to the copy.
+
+    `trim_padding` is `patch`'s switch, read by the hooks on every call: None (the default)
+    trims the padding columns where the caller's outputs keep their shapes and values, True
+    also where per-position outputs come back re-padded (decoder-only LM and base models),
+    False never.
     """
 
-    def __init__(self, owner: nn.Module, name: str) -> None:
+    # A class default: objects pickled before the switch existed read None.
+    trim_padding: bool | None = None
+
+    def __init__(self, owner: nn.Module, name: str, trim_padding: bool | None = None) -> None:
         self.owner = owner
         self.name = name
+        self.trim_padding = trim_padding
 
     def __call__(self) -> nn.Module:
         return getattr(self.owner, self.name)
@@ -362,3 +371,115 @@ def find_inner(model: nn.Module, cls: type | tuple[type, ...]) -> nn.Module:
         names = " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
         raise TypeError(f"no {names} inside {type(model).__name__}")
     return inner
+
+
+# --------------------------------------------------------------------------- padding trim
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The columns `[start, stop)` of a caller's (B, `length`) batch that a trimmed forward
+    keeps; the others are padding in every row."""
+
+    start: int
+    stop: int
+    length: int
+
+    def take(self, t: Tensor, dim: int = 1) -> Tensor:
+        """`t`'s kept columns along `dim` (a view)."""
+        return t.narrow(dim, self.start, self.stop - self.start)
+
+    def restore(self, t: Tensor, offset: int = 0, dim: int = 1) -> Tensor:
+        """`t`, whose `dim` holds `offset` leading rows (the prompt's) then the kept columns,
+        at the caller's length again: zeros stand in the cut columns."""
+        shape = list(t.shape)
+        parts = [t.narrow(dim, 0, offset)]
+        shape[dim] = self.start
+        parts.append(t.new_zeros(shape))
+        parts.append(t.narrow(dim, offset, t.shape[dim] - offset))
+        shape[dim] = self.length - self.stop
+        parts.append(t.new_zeros(shape))
+        return torch.cat(parts, dim)
+
+
+def tracing() -> bool:
+    """Whether the forward is being compiled, exported or traced: its shapes must not depend
+    on the mask's values there (Dynamo would break the graph at the read)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def padding_cut(
+    mask: object,
+    *,
+    leading: bool,
+    ids: Tensor | None = None,
+    pad_token_id: int | None = None,
+    labels: Tensor | None = None,
+) -> Cut | None:
+    """The columns of a (B, s) batch a forward needs: all but the runs of columns at the end
+    (and at the start, with `leading`) that `mask` marks padding in every row. None when
+    nothing is cut: no 2D mask, no such column, or every column such.
+
+    Extra conditions keep outputs that read the cut columns unchanged:
+    - `ids` (a head that pools the last token whose id is not `pad_token_id`, as HF's
+      sequence-classification heads do): cut columns hold `pad_token_id` in every row, and
+      nothing is cut at the start when a row is all padding (HF pools its column 0);
+    - `labels` (causal LM, (B, s)): cut columns have label -100 in every row, and so has the
+      first kept column after a leading cut (the last cut column's logits predict it).
+
+    Reads the mask once (one device sync on a GPU).
+    """
+    if not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[1] == 0:
+        return None
+    s = mask.shape[1]
+    pad = ~mask.bool().any(0)
+    lead_ok = pad
+    if ids is not None:
+        is_pad = ids == pad_token_id
+        pad = pad & is_pad.all(0)
+        lead_ok = pad & ~is_pad.all(1).any()
+    if labels is not None:
+        ignored = (labels == -100).all(0)
+        pad = pad & ignored
+        lead_ok = lead_ok & ignored & torch.cat([ignored[1:], ignored.new_ones(1)])
+    runs = [pad.flip(0).long().cumprod(0).sum()]
+    if leading:
+        runs.append(lead_ok.long().cumprod(0).sum())
+    counts = torch.stack(runs).tolist()
+    trail, lead = counts[0], (counts[1] if leading else 0)
+    if trail == s or lead + trail == 0:
+        return None
+    return Cut(lead, s - trail, s)
+
+
+def call_keeps_shapes(kw: dict, config: object) -> bool:
+    """Whether a forward called with `kw` can run on trimmed columns and give its caller
+    outputs of the caller's shapes: not while tracing, not for attention maps (their every
+    axis is per column) and not for tuple outputs (their fields cannot be told apart)."""
+    if tracing():
+        return False
+    if kw.get("output_attentions") or getattr(config, "output_attentions", False):
+        return False
+    return_dict = kw.get("return_dict")
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
+    return return_dict is not False
+
+
+def restore_outputs(output: object, cut: Cut | None, fields: tuple[str, ...]) -> None:
+    """Give `output`'s per-column `fields` (tensors, or tuples of them, e.g. hidden states)
+    the caller's length again, in place. Whatever rows precede the kept columns (the
+    prompt's) stay first."""
+    if cut is None or output is None:
+        return
+    kept = cut.stop - cut.start
+
+    def one(t: Tensor) -> Tensor:
+        return cut.restore(t, offset=t.shape[1] - kept)
+
+    for name in fields:
+        value = getattr(output, name, None)
+        if isinstance(value, Tensor):
+            setattr(output, name, one(value))
+        elif isinstance(value, tuple) and value and all(isinstance(v, Tensor) for v in value):
+            setattr(output, name, tuple(one(v) for v in value))

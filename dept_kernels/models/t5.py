@@ -13,6 +13,17 @@ T5 has relative positions, so the low-rank rows are positions t unless the calle
 `position_ids` (consumed here; T5 itself takes none). A stacked adapter's `task_ids` (B,)
 are popped from the model's call (or taken from the running `generate`, whose encoder call
 the encoder hook embeds) and reach the encoder input's embedding.
+
+Padding trim (on unless `patch(..., trim_padding=False)`): the hook that embeds cuts the
+trailing columns that the mask marks padding in every row from the ids, mask and positions
+first, so the fused op, the encoder and the decoder's cross-attention run on m + s' columns.
+Leading columns stay: T5's relative attention bias reads the distance between the prompt
+and each token, which cutting them would shorten. The encoder's states go back to the
+caller at m + s columns (zeros in the cut ones): `encoder_last_hidden_state`, the output of
+`T5EncoderModel` and of the encoder call `generate` makes, whose decoder steps then read
+them with the caller's mask. A trimmed call of the encoder-decoder returns no KV cache
+(its cross-attention half would span m + s' columns) unless `use_cache=True` is passed,
+which keeps the call untrimmed.
 """
 
 from __future__ import annotations
@@ -22,12 +33,16 @@ from torch.utils.hooks import RemovableHandle
 
 from ._hooks import (
     AdapterOf,
+    Cut,
     FusedEmbedding,
     Signature,
     TaskIds,
     bind,
+    call_keeps_shapes,
     extend_mask,
     needs_ids,
+    padding_cut,
+    restore_outputs,
     row_ids,
     signature,
 )
@@ -35,6 +50,9 @@ from ._hooks import (
 MODEL_TYPE = "t5"
 _STACK_NEEDS = ("input_ids", "attention_mask", "inputs_embeds")
 _SEQ2SEQ_NEEDS = (*_STACK_NEEDS, "encoder_outputs")
+# Per-column outputs of the encoder stack and of the encoder-decoder, restored after a trim.
+_STACK_OUTPUTS = ("last_hidden_state", "hidden_states")
+_SEQ2SEQ_OUTPUTS = ("encoder_last_hidden_state", "encoder_hidden_states")
 
 
 def install(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
@@ -66,8 +84,10 @@ def install(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
     handles = hooks.tasks.install(model)
     handles += hooks.fused.install(encoder.embed_tokens)
     handles.append(encoder.register_forward_pre_hook(hooks.encoder_pre_hook, with_kwargs=True))
+    handles.append(encoder.register_forward_hook(hooks.encoder_hook, always_call=True))
     if seq2seq is not None:
         handles.append(seq2seq.register_forward_pre_hook(hooks.seq2seq_pre_hook, with_kwargs=True))
+        handles.append(seq2seq.register_forward_hook(hooks.seq2seq_hook, always_call=True))
     else:
         handles.append(
             model.register_forward_pre_hook(hooks.encoder_model_pre_hook, with_kwargs=True)
@@ -82,29 +102,58 @@ class _T5Hooks:
         self.top_args = top_args
         self.tasks = TaskIds()
         self.fused = FusedEmbedding(adapter_of)
+        # The cut of each open encoder / encoder-decoder call (None: untrimmed), pushed first
+        # thing by its pre-hook and popped by its forward hook (which runs on errors too).
+        self.stack_cuts: list[Cut | None] = []
+        self.seq2seq_cuts: list[Cut | None] = []
 
-    def _embed(self, kw: dict, sig: Signature, encoder: nn.Module, where: str) -> None:
+    def _embed(
+        self, kw: dict, sig: Signature, encoder: nn.Module, where: str, trim: bool
+    ) -> Cut | None:
+        """Embed the call's ids in `kw` (trimmed first when `trim` finds padding); returns
+        the cut."""
         ids = needs_ids(kw, where)
         rows = row_ids(kw.pop("position_ids", None), ids)
+        cut = padding_cut(sig.get(kw, "attention_mask"), leading=False) if trim else None
+        if cut is not None:
+            ids = cut.take(ids)
+            rows = None if rows is None else cut.take(rows)
+            sig.set(kw, "attention_mask", cut.take(sig.get(kw, "attention_mask")))
         task_ids = self.tasks.resolve(kw.pop("task_ids", None), ids.shape[0])
         sig.set(kw, "inputs_embeds", self.fused(encoder.embed_tokens, ids, rows, task_ids))
         sig.set(kw, "input_ids", None)
         m = self.adapter_of().num_virtual_tokens
         sig.set(kw, "attention_mask", extend_mask(sig.get(kw, "attention_mask"), m))
+        return cut
+
+    def _trims(self, kw: dict, module: nn.Module) -> bool:
+        return self.adapter_of.trim_padding is not False and call_keeps_shapes(kw, module.config)
 
     def encoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.stack_cuts.append(None)
         kw = bind(module, args, kwargs)
         if self.stack_args.get(kw, "input_ids") is not None:
-            self._embed(kw, self.stack_args, module, "T5 encoder")
+            trim = self._trims(kw, module)
+            self.stack_cuts[-1] = self._embed(kw, self.stack_args, module, "T5 encoder", trim)
         else:
             kw.pop("task_ids", None)
         return (), kw
 
+    def encoder_hook(self, module: nn.Module, args: tuple, output) -> None:
+        if self.stack_cuts:
+            restore_outputs(output, self.stack_cuts.pop(), _STACK_OUTPUTS)
+
     def seq2seq_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.seq2seq_cuts.append(None)
         sig = self.top_args
         kw = bind(module, args, kwargs)
         if sig.get(kw, "encoder_outputs") is None:
-            self._embed(kw, sig, module.encoder, type(module).__name__)
+            # A cache the caller asked for would hold cross-attention keys of m + s' columns.
+            trim = self._trims(kw, module) and kw.get("use_cache") is not True
+            cut = self._embed(kw, sig, module.encoder, type(module).__name__, trim)
+            if cut is not None:
+                kw["use_cache"] = False
+            self.seq2seq_cuts[-1] = cut
         else:
             # The encoder has run (generate's decoding steps): nothing depends on the task.
             kw.pop("position_ids", None)
@@ -112,6 +161,10 @@ class _T5Hooks:
             m = self.adapter_of().num_virtual_tokens
             sig.set(kw, "attention_mask", extend_mask(sig.get(kw, "attention_mask"), m))
         return (), kw
+
+    def seq2seq_hook(self, module: nn.Module, args: tuple, output) -> None:
+        if self.seq2seq_cuts:
+            restore_outputs(output, self.seq2seq_cuts.pop(), _SEQ2SEQ_OUTPUTS)
 
     def encoder_model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # The stack's hook cannot tell a user's inputs_embeds from its own: refuse them here,
