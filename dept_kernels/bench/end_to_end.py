@@ -1,21 +1,26 @@
 """End to end: training steps of the prompt methods on a T5 with t5-small (or t5-base) dims.
 
-Three setups train the same frozen random-weight T5 (or a local checkpoint) on the same
-batches, with AdamW over the adapter:
+Four setups train the same frozen random-weight T5 (or a local checkpoint) on the same
+batches, with AdamW over the adapter, one step of each in turn (rotated order) per batch:
 
 - PT: prompt tuning with l = 100 virtual tokens, batches padded to their longest input;
 - DePT (fused): m = 40 and r from the equal-budget rule `l*d = m*d + (L + d)*r` at L = 256
   (r = 45 on T5-base, 40 at t5-small's width), through `dept_kernels.patch`, batches padded
   to their longest input;
-- DePT (official path): the official code's formula in eager PyTorch
-  (`official_dept_embedding`), every batch padded to max_length as that code does.
+- DePT (official path): the official code's model (`OfficialDePT`, shaped like its PEFT
+  fork's), its formula in eager PyTorch (`official_dept_embedding`), every batch padded to
+  max_length as that code's tokenizer does;
+- DePT (official path, patched in place): a copy of that model after one call to
+  `dept_kernels.patch(model)`, fed the same batches padded to max_length: the patched
+  forward cuts the all-padding columns itself and runs the fused op.
 
 Then AoT P-tuning inference: the same T5 with a fused AoT adapter (a gather-add before every
 encoder layer) against the unpatched model, eval and no_grad, forwards alternated.
 
 Input lengths follow a GLUE-like distribution (stated in `glue_like_lengths`); targets are
-two tokens and </s>. Time per step is the median over the timed steps; memory is the mean
-over those steps of the bytes autograd saves for backward (and the CUDA peak on a GPU).
+two tokens and </s>. Time per step is the median over the timed steps, with the
+interquartile range as its spread; memory is the mean over those steps of the bytes
+autograd saves for backward (and the CUDA peak on a GPU).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -108,37 +114,57 @@ def make_batches(steps: int, batch: int, vocab: int, device: str, seed: int = 0)
     return out
 
 
+class _PromptEncoderLoRA(nn.Module):
+    """The attributes of the official code's prompt encoder (its fork's PromptEmbeddingLoRA)."""
+
+    def __init__(self, config: DePTConfig, d: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(config.num_virtual_tokens, d)
+        nn.init.uniform_(self.embedding.weight, -0.5, 0.5)
+        self.lora_embedding_A = nn.Parameter(torch.empty(config.max_length, config.r))
+        nn.init.kaiming_uniform_(self.lora_embedding_A, a=5**0.5)
+        self.lora_embedding_B = nn.Parameter(torch.zeros(config.r, d))
+        self.scaling = config.scaling
+
+
 class OfficialDePT(nn.Module):
-    """DePT as the official code runs it: the eager formula on inputs padded to max_length."""
+    """DePT as the official code runs it: a model shaped like its PEFT fork's
+    (`peft_config`, `prompt_encoder`, `base_model`; peft_type PROMPT_TUNING_LORA) whose
+    forward is the eager formula on inputs padded to max_length. Being shaped so,
+    `dept_kernels.patch(model)` accelerates it in place, keeping its Parameters."""
 
     def __init__(self, base: nn.Module, config: DePTConfig) -> None:
         super().__init__()
-        self.base = base
+        self.base_model = base
         d = base.config.d_model
-        ref = base.get_input_embeddings().weight
-        self.prompt = nn.Parameter(torch.empty(config.num_virtual_tokens, d).uniform_(-0.5, 0.5))
-        self.lora_a = nn.Parameter(torch.empty(config.max_length, config.r))
-        nn.init.kaiming_uniform_(self.lora_a, a=5**0.5)
-        self.lora_b = nn.Parameter(torch.zeros(config.r, d))
-        self.scaling = config.scaling
-        self.max_length = config.max_length
-        self.to(ref.device)
+        self.peft_config = {
+            "default": SimpleNamespace(
+                peft_type="PROMPT_TUNING_LORA",
+                num_virtual_tokens=config.num_virtual_tokens,
+                r=config.r,
+                lora_alpha=config.lora_alpha,
+                max_length=config.max_length,
+                token_dim=d,
+                num_transformer_submodules=1,
+            )
+        }
+        self.active_adapter = "default"
+        self.prompt_encoder = nn.ModuleDict({"default": _PromptEncoderLoRA(config, d)})
+        self.to(base.get_input_embeddings().weight.device)
 
-    def forward(self, batch: Batch) -> Tensor:
-        full = batch.padded_to(self.max_length)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None):
+        enc = self.prompt_encoder["default"]
         embeds = official_dept_embedding(
-            full.input_ids,
-            self.base.get_input_embeddings().weight,
-            self.prompt,
-            self.lora_a,
-            self.lora_b,
-            scaling=self.scaling,
+            input_ids,
+            self.base_model.get_input_embeddings().weight,
+            enc.embedding.weight,
+            enc.lora_embedding_A,
+            enc.lora_embedding_B,
+            scaling=enc.scaling,
         )
-        m = self.prompt.shape[0]
-        mask = torch.cat(
-            [full.attention_mask.new_ones(full.input_ids.shape[0], m), full.attention_mask], 1
-        )
-        return self.base(inputs_embeds=embeds, attention_mask=mask, labels=batch.labels).loss
+        m = enc.embedding.weight.shape[0]
+        mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], m), attention_mask], 1)
+        return self.base_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
 
 
 def saved_bytes(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
@@ -154,46 +180,69 @@ def saved_bytes(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
     return out, total
 
 
-def train_setup(
-    name: str,
-    loss_fn: Callable[[Batch], Tensor],
-    params: list[nn.Parameter],
-    batches: list[Batch],
-    warmup: int,
-    progress,
-) -> dict:
-    """Time AdamW steps of `loss_fn` over `batches` (the first `warmup` untimed)."""
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
+@dataclass
+class Setup:
+    """One row of the table: a loss per batch and the parameters AdamW trains."""
+
+    name: str
+    loss_fn: Callable[[Batch], Tensor]
+    params: list[nn.Parameter]
+
+
+def train_setups(setups: list[Setup], batches: list[Batch], warmup: int, progress) -> list[dict]:
+    """Time AdamW steps of every setup over `batches` (the first `warmup` untimed), one step
+    of each per batch in a rotated order, so that load from other processes falls on all
+    of them alike."""
+    optimizers = [torch.optim.AdamW(setup.params, lr=1e-3) for setup in setups]
     cuda = batches[0].input_ids.is_cuda
-    times, losses, memory = [], [], []
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    times: list[list[float]] = [[] for _ in setups]
+    losses: list[list[float]] = [[] for _ in setups]
+    memory: list[list[int]] = [[] for _ in setups]
+    peaks = [0] * len(setups)
     for i, batch in enumerate(batches):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss, saved = saved_bytes(lambda batch=batch: loss_fn(batch))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            memory.append(saved)
-        losses.append(loss.item())
-        progress.update(1)
-    step = statistics.median(times)
+        order = list(range(len(setups)))
+        for k in order[i % len(order) :] + order[: i % len(order)]:
+            setup, optimizer = setups[k], optimizers[k]
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            loss, saved = saved_bytes(lambda batch=batch, setup=setup: setup.loss_fn(batch))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+                peaks[k] = max(peaks[k], torch.cuda.max_memory_allocated())
+            if i >= warmup:
+                times[k].append(time.perf_counter() - start)
+                memory[k].append(saved)
+            losses[k].append(loss.item())
+            progress.update(1)
     tokens = statistics.mean(b.real_tokens for b in batches[warmup:])
-    return {
-        "setup": name,
-        "seconds_per_step": step,
-        "real_tokens_per_second": tokens / step,
-        "saved_for_backward_MiB": statistics.mean(memory) / 2**20,
-        "cuda_peak_MiB": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        "trainable_parameters": sum(p.numel() for p in params),
-        "losses": losses,
-    }
+    rows = []
+    for k, setup in enumerate(setups):
+        step = statistics.median(times[k])
+        quartiles = statistics.quantiles(times[k], n=4) if len(times[k]) > 1 else [step] * 3
+        rows.append(
+            {
+                "setup": setup.name,
+                "seconds_per_step": step,
+                "iqr_seconds": quartiles[2] - quartiles[0],
+                "real_tokens_per_second": tokens / step,
+                "saved_for_backward_MiB": statistics.mean(memory[k]) / 2**20,
+                "cuda_peak_MiB": peaks[k] / 2**20 if cuda else None,
+                "trainable_parameters": sum(p.numel() for p in setup.params),
+                "losses": losses[k],
+            }
+        )
+    return rows
+
+
+def padding_fraction(batches: list[Batch], length: int = MAX_LENGTH) -> float:
+    """The share of the columns of batches padded to `length` that are padding in every row
+    (what a patched model cuts): 1 - longest input / length, averaged over the batches."""
+    return 1 - statistics.mean(b.input_ids.shape[1] for b in batches) / length
 
 
 def run(
@@ -205,28 +254,30 @@ def run(
     m, r = equal_budget(prompt_length, base.config.d_model, MAX_LENGTH, num_virtual_tokens=40)
     dept = DePTConfig(num_virtual_tokens=m, r=r, max_length=MAX_LENGTH)
 
-    def patched(name: str, config: object) -> dict:
+    def patched(name: str, config: object) -> Setup:
         model = patch(copy.deepcopy(base), config)
         params = list(model.dept_adapter.parameters())
-        return train_setup(name, lambda b: model(**vars(b)).loss, params, batches, warmup, progress)
+        return Setup(name, lambda b: model(**vars(b)).loss, params)
 
-    results = [
+    def padded(model: nn.Module) -> Callable[[Batch], Tensor]:
+        # The official code's tokenizer pads every input to max_length.
+        return lambda b: model(**vars(b.padded_to(MAX_LENGTH))).loss
+
+    official = OfficialDePT(copy.deepcopy(base).requires_grad_(False), dept)
+    in_place = patch(copy.deepcopy(official))
+    setups = [
         patched(f"PT (l={prompt_length})", PromptTuningConfig(prompt_length)),
         patched(f"DePT (m={m}, r={r}), fused", dept),
+        Setup(f"DePT (m={m}, r={r}), official path", padded(official), _trainable(official)),
+        Setup("official path, dk.patch in place", padded(in_place), _trainable(in_place)),
     ]
-    frozen = copy.deepcopy(base).requires_grad_(False)
-    official = OfficialDePT(frozen, dept)
-    results.append(
-        train_setup(
-            f"DePT (m={m}, r={r}), official path",
-            official,
-            [official.prompt, official.lora_a, official.lora_b],
-            batches,
-            warmup,
-            progress,
-        )
-    )
-    return results
+    rows = train_setups(setups, batches, warmup, progress)
+    rows[-1]["padding_fraction"] = padding_fraction(batches[warmup:])
+    return rows
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 @torch.no_grad()
