@@ -239,7 +239,9 @@ class FusedEmbedding:
 
     def install(self, embedding: nn.Module) -> list[RemovableHandle]:
         return [
-            embedding.register_forward_pre_hook(self._pre_hook),
+            # Both first: an engine's pre-hook (DeepSpeed ZeRO-3) replaces the inputs by
+            # detached aliases, which the identity test below would not recognise.
+            embedding.register_forward_pre_hook(self._pre_hook, prepend=True),
             embedding.register_forward_hook(self._hook, prepend=True),
         ]
 
@@ -280,7 +282,9 @@ class FusedEmbedding:
         return (self.swapped,)
 
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        if self.swapped is None or not args or args[0] is not self.swapped:
+        # The call whose pre-hook swapped the ids (no other call of the module can run in
+        # between); its empty ids may arrive as an engine's alias of `swapped`.
+        if self.swapped is None or not args or args[0].numel() != 0:
             return None
         self.swapped = None
         ids, position_ids, task_ids = self.pending.pop()
