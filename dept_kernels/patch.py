@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import models
+from ._engines import check_embedding_unit, embedding_shape, full_shape, is_dtensor, is_sharded
 from .methods import (
     METHODS,
     AoTAdapter,
@@ -86,13 +87,21 @@ def new_adapter(
     if type(config) not in METHODS:
         names = ", ".join(c.__name__ for c in METHODS)
         raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
-    if isinstance(config, AoTConfig):
-        _, layers = models.aot_sites(model)
-        weight = model.get_input_embeddings().weight
+    aot = isinstance(config, AoTConfig)
+    # The architecture first: it names what is supported, before any attribute is read.
+    layers = models.aot_sites(model)[1] if aot else models.architecture(model)
+    weight = model.get_input_embeddings().weight
+    if is_dtensor(weight):
+        # FSDP2 manages the parameters present when fully_shard ran: a new adapter's would be
+        # neither sharded nor have their gradients reduced across ranks.
+        raise ValueError(
+            f"{type(model).__name__}'s parameters are already sharded (DTensor): patch the "
+            "model before fully_shard, so that FSDP2 manages the adapter's parameters too"
+        )
+    if aot:
         d = model.config.hidden_size
         return AoTAdapter.create(config, weight, len(layers), d, generator=generator)
-    models.architecture(model)
-    return METHODS[type(config)](config, model.get_input_embeddings().weight, generator=generator)
+    return METHODS[type(config)](config, weight, generator=generator)
 
 
 def attach_adapter(
@@ -183,6 +192,14 @@ def fuse(
             f"fuse materialises AoT P-tuning tables; {type(current).__name__} has none "
             "(EPT adapters fold: dept_kernels.fold)"
         )
+    if is_sharded([*current.parameters(), model.get_input_embeddings().weight]):
+        # Fusing replaces the adapter's parameters by buffers, which an engine managing
+        # them (its optimizer, its shards) would not follow.
+        raise ValueError(
+            "fuse needs the whole adapter and embedding, but an engine (FSDP, DeepSpeed "
+            "ZeRO-3) shards them: save the adapter (dept_kernels.save_adapter, on every rank), "
+            "load it onto an unwrapped model and fuse there"
+        )
     current.fuse(model.get_input_embeddings().weight, dtype=dtype, device=device)
     return model
 
@@ -225,11 +242,12 @@ def _check_adapter(adapter: object, model: nn.Module, current: nn.Module | None 
                 f"layers of width {model.config.hidden_size}"
             )
         return
-    d = model.get_input_embeddings().weight.shape[-1]
-    if adapter.prompt.shape[-1] != d:
+    d = embedding_shape(model.get_input_embeddings().weight)[1]
+    width = full_shape(adapter.prompt)[-1]  # an engine's shard has its own shape
+    if width != d:
         raise ValueError(
-            f"the {type(adapter).__name__}'s prompt has width {adapter.prompt.shape[-1]}; the "
-            f"model's embeddings have d={d}"
+            f"the {type(adapter).__name__}'s prompt has width {width}; the model's embeddings "
+            f"have d={d}"
         )
 
 
@@ -267,6 +285,8 @@ def _attach(
     setattr(owner, ADAPTER, adapter)
     try:
         handles = install(owner, models.AdapterOf(owner, ADAPTER, trim_padding))
+        # First of all hooks: the layout check runs before any hook reads the embedding.
+        handles.append(owner.register_forward_pre_hook(_LayoutCheck(), prepend=True))
     except Exception:
         delattr(owner, ADAPTER)
         for p, flag in requires_grad.items():
@@ -275,6 +295,17 @@ def _attach(
     state = _PatchState(owner, handles, requires_grad)
     setattr(model, _STATE, state)
     return state
+
+
+class _LayoutCheck:
+    """A pre-hook on the patched model refusing an engine layout in which it cannot run
+    (`check_embedding_unit`: FSDP1 with a tied embedding in a unit of its own). An object,
+    so that copies and pickles of the model keep it."""
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling() or not torch.distributed.is_initialized():
+            return
+        check_embedding_unit(module)
 
 
 # --------------------------------------------------------------------------- PEFT models
@@ -326,9 +357,11 @@ def _accelerate(model: nn.Module, trim_padding: bool | None = None) -> nn.Module
             f"encoder-decoder models; {type(base).__name__} is "
             f"{'an encoder-decoder' if seq2seq else 'a decoder-only'} model"
         )
-    if prompt.shape[0] != m * submodules:
+    # Shapes from the engine where it partitions the parameters (DeepSpeed ZeRO-3).
+    rows = full_shape(prompt)[0]
+    if rows != m * submodules:
         raise ValueError(
-            f"the prompt encoder holds {prompt.shape[0]} virtual tokens for num_virtual_tokens="
+            f"the prompt encoder holds {rows} virtual tokens for num_virtual_tokens="
             f"{m} and num_transformer_submodules={submodules}; expected {m * submodules}"
         )
     weight = base.get_input_embeddings().weight
@@ -351,12 +384,12 @@ def _accelerate(model: nn.Module, trim_padding: bool | None = None) -> nn.Module
             )
         expected = {
             "lora_embedding_A": (config.max_length, config.r),
-            "lora_embedding_B": (config.r, weight.shape[1]),
+            "lora_embedding_B": (config.r, embedding_shape(weight)[1]),
         }
         for name, tensor in (("lora_embedding_A", lora_a), ("lora_embedding_B", lora_b)):
-            if tuple(tensor.shape) != expected[name]:
+            if tuple(full_shape(tensor)) != expected[name]:
                 raise ValueError(
-                    f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} from "
+                    f"{name} has shape {tuple(full_shape(tensor))}, expected {expected[name]} from "
                     "peft_config (max_length, r, token_dim)"
                 )
         new = METHODS[DePTConfig](config, weight)

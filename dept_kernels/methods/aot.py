@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._engines import embedding_shape
 from ..ops import _validate as v
 from ..ops import fc_rows, kron_rows
 from ..ops.aot import (
@@ -328,7 +329,7 @@ class AoTAdapter(nn.Module):
 
         Parameters take the embedding's dtype and device, like the prompt methods.
         """
-        vocab, embed_dim = embedding.shape
+        vocab, embed_dim = embedding_shape(embedding)  # an engine's shard has its own shape
         kw = {"dtype": embedding.dtype, "device": embedding.device, "generator": generator}
         return cls(config, (AoTLayer(config, vocab, embed_dim, d, **kw) for _ in range(num_layers)))
 

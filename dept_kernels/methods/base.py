@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._engines import embedding_shape, full_shape, gathered_parameters, is_dtensor
 from ..ops import dept_embedding
 from ..ops._validate import FLOAT_DTYPES
 
@@ -75,12 +76,13 @@ def init_prompt(
 
     "random": uniform [-0.5, 0.5] (Lester et al.); "vocab": rows of `weight` at uniformly
     sampled ids; "text": rows of `weight` at `init_text`, repeated then trimmed to `rows`
-    (the official DePT TEXT init).
+    (the official DePT TEXT init). A table sharded by an engine (DeepSpeed ZeRO-3, FSDP2) is
+    gathered for the rows, which every rank must then call for.
     """
-    vocab, d = weight.shape
+    vocab, d = embedding_shape(weight)
     if prompt_init == "random":
         out = torch.empty(rows, d, dtype=torch.float32)
-        return out.uniform_(-0.5, 0.5, generator=generator).to(weight)
+        return out.uniform_(-0.5, 0.5, generator=generator).to(weight.device, weight.dtype)
     if prompt_init == "vocab":
         ids = torch.randint(0, vocab, (rows,), generator=generator)
     else:
@@ -89,7 +91,10 @@ def init_prompt(
             raise ValueError(f"init_text ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         reps = -(-rows // len(init_text))
         ids = torch.tensor((list(init_text) * reps)[:rows], dtype=torch.long)
-    return weight.detach()[ids.to(weight.device)].clone()
+    with gathered_parameters([weight]):
+        # A DTensor's rows need its full table (a collective); ZeRO-3's are whole here.
+        table = weight.detach().full_tensor() if is_dtensor(weight) else weight.detach()
+        return table[ids.to(table.device)].clone()
 
 
 def check_task_ids(num_tasks: int | None, task_ids: Tensor | None) -> None:
@@ -169,7 +174,8 @@ class PromptAdapter(nn.Module, abc.ABC):
     @property
     def num_tasks(self) -> int | None:
         """T for a stacked adapter (prompt (T, m, d)); None for a single-task adapter."""
-        return self.prompt.shape[0] if self.prompt.dim() == 3 else None
+        shape = full_shape(self.prompt)  # an engine's shard has its own shape
+        return shape[0] if len(shape) == 3 else None
 
     def embed(
         self,

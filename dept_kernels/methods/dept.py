@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._engines import embedding_shape
 from ..ops.dept_embedding import INDEX_MODES
 from .base import (
     PromptAdapter,
@@ -117,7 +118,7 @@ class DePTAdapter(PromptAdapter):
         self.config = config
         self.num_virtual_tokens = config.num_virtual_tokens
         self.uses_position_rows = config.index == "position"
-        vocab, d = weight.shape
+        vocab, d = embedding_shape(weight)  # an engine's shard has its own shape
         rows = config.max_length if config.index == "position" else vocab
         self.prompt = nn.Parameter(
             init_prompt(
@@ -127,8 +128,10 @@ class DePTAdapter(PromptAdapter):
         lora_a = torch.empty(rows, config.r, dtype=torch.float32)
         if config.r:
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
-        self.lora_a = nn.Parameter(lora_a.to(weight))
-        self.lora_b = nn.Parameter(weight.new_zeros(config.r, d))
+        self.lora_a = nn.Parameter(lora_a.to(weight.device, weight.dtype))
+        self.lora_b = nn.Parameter(
+            torch.zeros(config.r, d, dtype=weight.dtype, device=weight.device)
+        )
 
     def op_args(self) -> dict:
         return {

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._engines import embedding_shape
 from .base import PromptAdapter, check_embedding, check_int, check_same_kind, init_prompt
 from .prompt_tuning import PromptTuningAdapter, PromptTuningConfig
 
@@ -52,13 +53,15 @@ class EPTAdapter(PromptAdapter):
         check_embedding(weight)
         self.config = config
         self.num_virtual_tokens = config.num_virtual_tokens
-        d = weight.shape[1]
+        d = embedding_shape(weight)[1]  # an engine's shard has its own shape
         self.prompt = nn.Parameter(init_prompt(1, weight, "random", generator=generator))
         # Kaiming on the (h, d) transpose: fan-in d, the input width of p @ W_down.
         w_down = torch.empty(config.hidden, d, dtype=torch.float32)
         nn.init.kaiming_uniform_(w_down, a=math.sqrt(5), generator=generator)
-        self.w_down = nn.Parameter(w_down.T.contiguous().to(weight))
-        self.w_up = nn.Parameter(weight.new_zeros(config.hidden, d))
+        self.w_down = nn.Parameter(w_down.T.contiguous().to(weight.device, weight.dtype))
+        self.w_up = nn.Parameter(
+            torch.zeros(config.hidden, d, dtype=weight.dtype, device=weight.device)
+        )
 
     def prompt_row(self) -> Tensor:
         """p' (1, d), computed in fp32."""
