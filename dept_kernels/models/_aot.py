@@ -2,9 +2,15 @@
 
 The architecture module names two sites (`aot_sites`): the module that receives
 `input_ids` (the base model, or T5's encoder stack) and its layers. A pre-hook on the first
-records the batch's ids, the FC form's embedding table E and the task ids; a pre-hook on
-layer i adds `P_i[ids]` to the layer's input hidden state. With the KV cache each step's
-forward carries only its new ids, so the bias follows the step.
+records the batch's ids and the task ids; a pre-hook on layer i adds `P_i[ids]` to the
+layer's input hidden state. With the KV cache each step's forward carries only its new ids,
+so the bias follows the step.
+
+The FC form reads rows of the input embedding table E. It reads them inside the call of the
+embedding module (a forward hook on it, when the model embeds its ids), where engines that
+shard parameters (FSDP, DeepSpeed ZeRO-3) have gathered E, and only the batch's distinct
+rows E[used]: the layers then take the rows and the ids' indices into them, which give each
+layer the same `P_i[ids]` as E and the ids would.
 
 `task_ids` is popped from the top-level call (or from the encoder call that `generate()`
 makes) before HF sees it, or comes from the patched model's `generate` for the whole
@@ -31,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..ops.aot import _distinct_ids
 from ._hooks import AdapterOf, TaskIds, bind
 
 
@@ -43,6 +50,8 @@ def install(
     handles += [
         inner.register_forward_pre_hook(hooks.inner_pre_hook, with_kwargs=True),
         inner.register_forward_hook(hooks.inner_hook, always_call=True),
+        # First: it must run before an engine's post-forward hook frees the gathered weight.
+        inner.get_input_embeddings().register_forward_hook(hooks.embedding_hook, prepend=True),
     ]
     # partial of a bound method: a deep copy of the model copies it with the hook object.
     handles += [
@@ -55,10 +64,12 @@ def install(
 
 
 class _Inputs(NamedTuple):
-    """What a layer hook reads besides the hidden state."""
+    """What a layer hook passes to its layer besides the hidden state: the ids and task ids;
+    for the FC form, the distinct rows E[used] (U, e) as `embedding` and each id's index
+    into them as `ids`."""
 
     ids: Tensor
-    embedding: Tensor
+    embedding: Tensor | None
     task_ids: Tensor | None
 
 
@@ -122,9 +133,12 @@ class _AoTHooks:
         self.inner_name = inner_name
         self.num_layers = num_layers
         self.tasks = TaskIds()
+        # The running forward's checked ids and task ids, the layers' inputs (for the FC
+        # form, set once E's rows are read) and, for the FC form, the embedding module.
         self.ids: Tensor | None = None
-        self.embedding: Tensor | None = None
         self.task_ids: Tensor | None = None
+        self.inputs: _Inputs | None = None
+        self.embedding: nn.Module | None = None
         self.inplace = False
         # Eager bookkeeping (skipped while torch.compile traces the hooks): the autograd
         # graph task the running forward started in (-1 outside a backward), how many
@@ -152,11 +166,14 @@ class _AoTHooks:
         # Multiple-choice heads pass (B, C, s); the layers see (B*C, s).
         ids = ids.reshape(-1, ids.shape[-1])
         task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
-        self.embedding = module.get_input_embeddings().weight
+        embedding = module.get_input_embeddings()
+        adapter = self.adapter_of()
         # The checked ids: while compiling, copies that the range check runs before.
-        self.ids, self.task_ids = self.adapter_of().check_batch(
-            ids, task_ids, device=self.embedding.device
-        )
+        self.ids, self.task_ids = adapter.check_batch(ids, task_ids, device=embedding.weight.device)
+        if adapter.config.reparam == "fc" and not adapter.fused:
+            self.embedding, self.inputs = embedding, None  # E's rows: `embedding_hook`
+        else:
+            self.embedding, self.inputs = None, _Inputs(self.ids, None, self.task_ids)
         # In place is safe without autograd unless hidden states are being recorded: each
         # layer's input is then otherwise a fresh tensor that only the layer reads.
         config = module.config
@@ -169,7 +186,7 @@ class _AoTHooks:
 
     def inner_hook(self, module: nn.Module, args: tuple, output) -> None:
         skipped = not torch.compiler.is_compiling() and self.layers_run != self.num_layers
-        self.ids = self.embedding = self.task_ids = None
+        self.ids = self.task_ids = self.inputs = self.embedding = None
         # `output` is None when the forward raised: that error is the one to report.
         if skipped and output is not None:
             raise RuntimeError(
@@ -178,6 +195,27 @@ class _AoTHooks:
                 "which bypasses hooks (transformers < 4.52 does so for T5 blocks under "
                 "gradient checkpointing), so its AoT bias was not added"
             )
+
+    def embedding_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        """Inside the embedding's call (its weight gathered), the FC form's rows of E."""
+        if self.embedding is None or self.inputs is not None or self.ids is None:
+            return
+        used, inverse = _distinct_ids(self.ids, self.adapter_of().vocab, "input_ids", True)
+        # E is the base model's table: the adapter reads it and never trains it.
+        rows = torch.nn.functional.embedding(used, module.weight.detach())
+        self.inputs = _Inputs(inverse, rows, self.task_ids)
+
+    def _running(self) -> _Inputs:
+        """The running forward's layer inputs. A model that did not call its embedding
+        module on the ids has E's rows read by calling it here."""
+        if self.inputs is None:
+            self.embedding(self.ids)  # `embedding_hook` sets the inputs
+            if self.inputs is None:
+                raise RuntimeError(
+                    f"the AoT hook on {type(self.embedding).__name__} did not run: its call was "
+                    "replaced or its hooks removed, so the FC form has no embedding rows"
+                )
+        return self.inputs
 
     def layer_pre_hook(
         self, index: int, module: nn.Module, args: tuple, kwargs: dict
@@ -188,11 +226,11 @@ class _AoTHooks:
             # is recomputed from the graph, not by re-running this hook).
             if self.ids is None:
                 raise self._outside(index)
-            inputs = _Inputs(self.ids, self.embedding, self.task_ids)
+            inputs = self._running()
             inplace = self.inplace
         else:
             inputs = self._eager_inputs(index, module, hidden)
-            inplace = self.inplace and inputs.ids is self.ids
+            inplace = self.inplace and inputs is self.inputs
         inplace = inplace and hidden.is_contiguous()
         # The ids were range-checked once for the whole forward (`check_batch`).
         out = self.adapter_of().layers[index](
@@ -211,7 +249,7 @@ class _AoTHooks:
         """The running forward's inputs, or those recorded for a recomputed layer input."""
         graph_task = torch._C._current_graph_task_id()
         running = self.ids is not None and self.graph_task == graph_task
-        current = [_Inputs(self.ids, self.embedding, self.task_ids)] if running else []
+        current = [self._running()] if running else []
         if graph_task != -1:
             # Inside a backward: a checkpoint recomputing this layer, or a forward that runs
             # within the backward (a checkpoint around the whole model). Every forward that
