@@ -12,9 +12,11 @@ code saves: `adapter_config.json` with peft_type PROMPT_TUNING_LORA and a torch-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +24,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ._engines import (
+    fsdp1_wrapper,
+    full_shape,
+    full_tensors,
+    is_deepspeed,
+    is_dtensor,
+    is_fsdp1_flat,
+    is_sharded,
+)
 from .methods import METHODS, AoTAdapter, AoTConfig, DePTConfig, PromptAdapter
 from .patch import adapter as adapter_of
 from .patch import attach_adapter, new_adapter, patch
@@ -39,25 +50,66 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     record `fused`: a fused adapter saves its (V, d) or (T, V, d) tables instead of its
     reparameterisation, and `vocab_size`: V, which the Kronecker and FC shapes need not show.
     A stacked EPT adapter is a prompt-tuning one and saves as such.
+
+    An adapter that an engine shards (FSDP2, FSDP1, DeepSpeed ZeRO-3) is saved whole: call
+    this on every rank (they gather the full tensors together; for FSDP1 pass the
+    FullyShardedDataParallel-wrapped model), rank 0 writes the files, and every rank returns
+    once they are written.
     """
     adapter = adapter_of(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {"method": adapter.config.method, **dataclasses.asdict(adapter.config)}
-    if isinstance(adapter, AoTAdapter):
-        config["fused"] = adapter.fused
-        config["vocab_size"] = adapter.vocab
-    config["num_tasks"] = adapter.num_tasks
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    sharded = _sharded(adapter)
+    with _whole(model, adapter, sharded, writeback=False) as state:
+        config = {"method": adapter.config.method, **dataclasses.asdict(adapter.config)}
+        if isinstance(adapter, AoTAdapter):
+            config["fused"] = adapter.fused
+            config["vocab_size"] = adapter.vocab
+        config["num_tasks"] = adapter.num_tasks
+        names = list(state)
+        values = full_tensors([state[n] for n in names])
+        tensors = {n: t.cpu().contiguous() for n, t in zip(names, values, strict=True)}
+    writer = not sharded or torch.distributed.get_rank() == 0
+    if writer:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    if sharded:
+        # The other ranks return once the files exist (they may read them next).
+        torch.distributed.barrier()
+
+
+def _sharded(adapter: nn.Module) -> bool:
+    """Whether an engine shards `adapter`'s parameters (then all ranks save and load it)."""
+    return is_sharded(adapter.parameters()) and torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def _whole(
+    model: nn.Module, adapter: nn.Module, sharded: bool, writeback: bool
+) -> Iterator[dict[str, Tensor]]:
+    """`adapter`'s state as its Parameters and buffers (`keep_vars`), which within the block
+    FSDP1 holds whole (`summon_full_params` on the wrapped `model`); other engines' shards
+    are gathered or written by `full_tensors` and `_copy_into`."""
+    flat = sharded and any(is_fsdp1_flat(p) for p in adapter.parameters())
+    if not flat:
+        yield adapter.state_dict(keep_vars=True)
+        return
+    wrapper = fsdp1_wrapper(model)
+    if wrapper is None:
+        raise ValueError(
+            "the adapter's parameters are FSDP1 shards; pass the FullyShardedDataParallel-"
+            f"wrapped model, whose parameters can be gathered, not the {type(model).__name__}"
+        )
+    with type(wrapper).summon_full_params(wrapper, writeback=writeback):
+        yield adapter.state_dict(keep_vars=True)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by `save_adapter`, patching `model` first if it is not patched.
 
     A patched model must carry the same config (and, for AoT, be fused or not like the
-    file); shapes are checked before any copy.
+    file); shapes are checked before any copy. Into an adapter that an engine shards, every
+    rank loads (for FSDP1, pass the wrapped model).
     """
     directory = Path(directory)
     config, fused, num_tasks, vocab = _read_config(directory)
@@ -78,7 +130,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"{directory} holds an adapter for num_tasks={num_tasks} but the model's adapter "
             f"serves num_tasks={adapter.num_tasks}; call dept_kernels.unpatch(model) first"
         )
-    _copy_into(adapter, tensors, directory, config.method)
+    sharded = _sharded(adapter)
+    with _whole(model, adapter, sharded, writeback=True) as state:
+        _copy_into(adapter, tensors, directory, config.method, state)
     return model
 
 
@@ -178,8 +232,17 @@ def _check_vocab(adapter: nn.Module, vocab: int | None, directory: Path) -> None
         )
 
 
-def _copy_into(adapter: nn.Module, tensors: dict[str, Tensor], directory: Path, method: str):
-    expected = adapter.state_dict()
+def _copy_into(
+    adapter: nn.Module,
+    tensors: dict[str, Tensor],
+    directory: Path,
+    method: str,
+    expected: dict[str, Tensor] | None = None,
+) -> None:
+    """Copy the file's `tensors` into `adapter`'s state (`expected`, its `keep_vars` state
+    by default), checking names and shapes first; engine shards take their part."""
+    if expected is None:
+        expected = adapter.state_dict(keep_vars=True)
     if set(tensors) != set(expected):
         raise ValueError(
             f"{directory / WEIGHTS_NAME} holds {sorted(tensors)}, the {method} adapter needs "
@@ -187,9 +250,30 @@ def _copy_into(adapter: nn.Module, tensors: dict[str, Tensor], directory: Path, 
         )
     for name, tensor in tensors.items():
         _check_shape(name, tensor, expected[name])
-    with torch.no_grad():
+    partitioned = [t for t in expected.values() if is_deepspeed(t)]
+    with torch.no_grad(), _gathered_for_writing(partitioned):
         for name, tensor in tensors.items():
-            expected[name].copy_(tensor)
+            target = expected[name]
+            if is_dtensor(target):
+                # Each rank keeps its part of the whole tensor (all ranks read the file).
+                from torch.distributed.tensor import distribute_tensor
+
+                whole = tensor.to(target.device, target.dtype)
+                tensor = distribute_tensor(whole, target.device_mesh, target.placements)
+            target.detach().copy_(tensor)
+
+
+@contextlib.contextmanager
+def _gathered_for_writing(params: list[Tensor]) -> Iterator[None]:
+    """DeepSpeed ZeRO-3 `params` whole within the block; rank 0's values are partitioned
+    again on exit (every rank writes the same values)."""
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
 
 
 def load_dept_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -360,10 +444,9 @@ def _find(state: dict[str, Tensor], suffix: str) -> Tensor | None:
 
 
 def _check_shape(name: str, tensor: Tensor, target: Tensor) -> None:
-    if tuple(tensor.shape) != tuple(target.shape):
-        raise ValueError(
-            f"{name} has shape {tuple(tensor.shape)} but the adapter expects {tuple(target.shape)}"
-        )
+    want = tuple(full_shape(target))  # an engine's shard has its own shape
+    if tuple(tensor.shape) != want:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)} but the adapter expects {want}")
 
 
 def _patched_with(model: nn.Module, config: object) -> nn.Module:
