@@ -1,32 +1,46 @@
 """FSDP2 (`fully_shard`, gloo, 2 processes on CPU) trains a patched model like 1 process.
 
-Each layer and the whole model are sharded, so the adapter's parameters are DTensor shards
-that FSDP gathers for the forward (the embedding hook reads them outside any sharded
-module's own forward) and whose gradients it reduce-scatters. Each rank holds half of a
-batch of equal-length samples, so the ranks' averaged gradients are those of one process on
-the whole batch; after one AdamW step the gathered parameters must equal that process's.
-The process pattern is tests/test_distributed.py's: file-store rendezvous, a deadline,
-ranks that leave through os._exit.
+Layouts:
+- "blocks": each transformer block, then the root (the embedding lives in the root unit);
+- "titan": torchtitan's, where the input embedding is a unit of its own, gathered only
+  around its own call: LLaMA `fully_shard(embed_tokens)`; GPT-2 `fully_shard([wte,
+  lm_head])` (tied) or `fully_shard(wte)` and `fully_shard([ln_f, lm_head])` (untied); T5
+  its tied group `[shared, encoder.embed_tokens, decoder.embed_tokens, lm_head]`; then each
+  block, then the root.
+The adapter (in the root unit) is a DTensor shard between calls, gathered around its own
+call, which the hooks make inside the embedding's. Each case compares the gathered adapter
+gradients and the parameters after one AdamW step with one process on the whole batch (see
+tests/distributed_helpers.py), for DePT, PT, EPT, AoT (Kronecker and FC factors, and fused
+tables in eval), a stacked multi-task adapter and an accelerated PEFT model. save_adapter
+on every rank writes the whole adapter from rank 0, which loads back into the shards and
+into a fresh model.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import assert_close
-from test_distributed import batch, loss_of, patched
+from distributed_helpers import (
+    WORLD,
+    adapter_params,
+    base_model,
+    build,
+    check_step,
+    compare,
+    forward,
+    half,
+    init_gloo,
+    launch,
+    leave,
+    optimizer,
+    result,
+    run_cases,
+    single_process,
+)
 
 import dept_kernels as dk
 
-WORLD = 2
-CASES = ("gpt2", "llama")
 # FSDP2 became public API (`torch.distributed.fsdp.fully_shard`) in torch 2.6.
 HAS_FULLY_SHARD = dist.is_available() and hasattr(torch.distributed.fsdp, "fully_shard")
 
@@ -41,88 +55,143 @@ pytestmark = [
     ),
 ]
 
+CASES = [
+    ("blocks", "gpt2", "dept"),
+    ("blocks", "llama", "dept"),
+    ("titan", "llama", "dept"),
+    ("titan", "gpt2", "dept"),
+    ("titan", "gpt2-untied", "dept"),
+    ("titan", "t5", "dept"),
+    ("titan", "llama", "pt"),
+    ("titan", "t5", "ept"),
+    ("titan", "llama", "aot-kron"),
+    ("titan", "gpt2", "aot-fc"),
+    ("titan", "t5", "aot-fc"),
+    ("titan", "llama", "aot-fused"),
+    ("titan", "llama", "stacked"),
+    ("titan", "llama", "peft"),
+    ("titan", "t5", "peft"),
+]
+SAVED = [("titan", "t5", "dept"), ("titan", "gpt2", "aot-fc"), ("titan", "llama", "stacked")]
 
-def layers_of(model: torch.nn.Module, arch: str) -> torch.nn.ModuleList:
-    return model.transformer.h if arch == "gpt2" else model.model.layers
+
+def name(case: tuple[str, str, str]) -> str:
+    return "-".join(case)
 
 
-def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(dk.param_groups(model, prompt_lr=0.3, lowrank_lr=1e-2))
+def blocks(model: torch.nn.Module, arch: str) -> list[torch.nn.Module]:
+    if arch == "t5":
+        return [*model.encoder.block, *model.decoder.block]
+    return list(model.transformer.h if arch.startswith("gpt2") else model.model.layers)
 
 
-def _worker(rank: int, store: str, out: str) -> None:
+def shard(model: torch.nn.Module, arch: str, layout: str) -> None:
+    """`fully_shard` `model` in `layout` (a PEFT model: its base model's modules)."""
     from torch.distributed.fsdp import fully_shard
 
-    # A file store: no port to pick and race for; the timeout bounds every wait on the peer.
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    torch.set_num_threads(1)
+    base = model.base_model if hasattr(model, "peft_config") else model
+    if layout == "titan":
+        if arch == "t5":
+            embedding = base.encoder.embed_tokens
+            fully_shard([base.shared, embedding, base.decoder.embed_tokens, base.lm_head])
+        elif arch == "gpt2":
+            fully_shard([base.transformer.wte, base.lm_head])  # tied: one group
+        else:
+            fully_shard(base.get_input_embeddings())
+    for block in blocks(base, arch):
+        fully_shard(block)
+    if layout == "titan" and arch == "gpt2-untied":
+        fully_shard([base.transformer.ln_f, base.lm_head])
+    fully_shard(model)
+
+
+def full(tensors: dict) -> dict:
+    return {n: t.detach().full_tensor() for n, t in tensors.items()}
+
+
+def _case(rank: int, layout: str, arch: str, method: str, save: str | None) -> dict:
+    model = build(arch, method)
+    shard(model, arch, layout)
+    if method == "aot-fused":
+        with torch.no_grad():
+            return {"logits": forward(model, method, half(rank)).logits}
+    params = adapter_params(model)
+    sharded = all(isinstance(p, dist.tensor.DTensor) for p in params.values())
+    opt = optimizer(model)
+    if save:
+        dk.save_adapter(model, f"{save}/before")
+    forward(model, method, half(rank)).loss.backward()
+    out = {"sharded": sharded, "grads": full({n: p.grad for n, p in params.items()})}
+    opt.step()
+    out["params"] = full(params)
+    if save:
+        dk.save_adapter(model, f"{save}/after")
+        dk.load_adapter(model, f"{save}/before")  # into the shards
+        out["reloaded"] = full(params)
+    return out
+
+
+def _refused(rank: int) -> dict:
+    """patch after fully_shard: the new adapter's parameters would not be managed."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = base_model("llama")
+    fully_shard(model)
     try:
-        results = {}
-        for arch in CASES:
-            model = patched(arch, "dept")
-            for layer in layers_of(model, arch):
-                fully_shard(layer)
-            fully_shard(model)
-            adapter = model.dept_adapter
-            sharded = all(isinstance(p, dist.tensor.DTensor) for p in adapter.parameters())
-            ids, mask = batch()
-            half = slice(rank * 2, rank * 2 + 2)
-            opt = optimizer(model)
-            loss_of(model, ids[half], mask[half]).backward()
-            grads = {n: p.grad.full_tensor() for n, p in adapter.named_parameters()}
-            opt.step()
-            params = {n: p.detach().full_tensor() for n, p in adapter.named_parameters()}
-            results[arch] = {"sharded": sharded, "grads": grads, "params": params}
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-    # Under pytest's output capture a rank was seen to finish this function and then hang
-    # in interpreter shutdown; its results are on disk, so it leaves without one.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        dk.patch(model, dk.DePTConfig(4, r=3, max_length=16))
+    except ValueError as err:
+        return {"message": str(err)}
+    return {"message": ""}
+
+
+def _worker(rank: int, store: str, out: str, tmp: str) -> None:
+    init_gloo(rank, store)
+    cases = {
+        name(case): (
+            lambda case=case: _case(rank, *case, f"{tmp}/{name(case)}" if case in SAVED else None)
+        )
+        for case in CASES
+    }
+    cases["refused"] = lambda: _refused(rank)
+    leave(run_cases(rank, cases), out, rank)
 
 
 @pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory) -> list[dict]:
+def fsdp_results(tmp_path_factory) -> tuple[list[dict], object]:
     """Both ranks' results for every case, from one launch of the process group."""
-    tmp = tmp_path_factory.mktemp("fsdp")
-    out = str(tmp / "results")
-    context = mp.start_processes(
-        _worker, args=(str(tmp / "store"), out), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    # join() returns True once all ranks are done and raises if one failed; a rank that
-    # never finishes fails the test after the deadline instead of hanging the suite.
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("FSDP workers did not finish within 240 s")
-    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(WORLD)]
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    return launch(_worker, (str(tmp),), tmp, "FSDP2"), tmp
 
 
-@pytest.mark.parametrize("arch", CASES)
-def test_fully_shard_matches_single_process(fsdp_results, arch):
-    single = patched(arch, "dept")
-    adapter = single.dept_adapter
-    before = {n: p.detach().clone() for n, p in adapter.named_parameters()}
-    opt = optimizer(single)
-    ids, mask = batch()
-    loss_of(single, ids, mask).backward()
-    grads = {n: p.grad.clone() for n, p in adapter.named_parameters()}
-    opt.step()
-    for rank, results in enumerate(fsdp_results):
-        got = results[arch]
+@pytest.mark.parametrize("case", CASES, ids=name)
+def test_fully_shard_matches_single_process(fsdp_results, case):
+    results, _ = fsdp_results
+    _, arch, method = case
+    want = single_process(arch, method)
+    for rank in range(WORLD):
+        got = result(results, name(case), rank)
+        if method == "aot-fused":
+            compare({"logits": got["logits"]}, {"logits": want["logits"]["all"][half(rank)]}, "")
+            continue
         assert got["sharded"], f"rank {rank}: the adapter was not sharded"
-        for name, param in adapter.named_parameters():
-            assert grads[name].abs().sum() > 0, name
-            assert_close(got["grads"][name], grads[name], torch.float32)
-            assert not torch.equal(param, before[name]), f"{name}: the step changed nothing"
-            assert_close(got["params"][name], param.detach(), torch.float32)
+        check_step(got, want, f"FSDP2 {name(case)} rank {rank}")
+
+
+@pytest.mark.parametrize("case", SAVED, ids=name)
+def test_save_adapter_writes_the_whole_adapter(fsdp_results, case):
+    results, tmp = fsdp_results
+    _, arch, method = case
+    want = single_process(arch, method)
+    saved = tmp / name(case)
+    # Loaded into a fresh, unsharded model: the file holds the whole adapter after the step.
+    fresh = dk.load_adapter(base_model(arch), saved / "after")
+    compare(adapter_params(fresh), want["params"], "saved after the step")
+    for rank in range(WORLD):
+        # Loaded back into the shards: the values before the step, on every rank.
+        compare(result(results, name(case), rank)["reloaded"], want["before"], "reloaded")
+
+
+def test_patch_after_fully_shard_is_refused(fsdp_results):
+    results, _ = fsdp_results
+    for rank in range(WORLD):
+        assert "patch the model before fully_shard" in result(results, "refused", rank)["message"]
