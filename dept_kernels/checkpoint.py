@@ -51,10 +51,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     reparameterisation, and `vocab_size`: V, which the Kronecker and FC shapes need not show.
     A stacked EPT adapter is a prompt-tuning one and saves as such.
 
-    An adapter that an engine shards (FSDP2, FSDP1, DeepSpeed ZeRO-3) is saved whole: call
-    this on every rank (they gather the full tensors together; for FSDP1 pass the
-    FullyShardedDataParallel-wrapped model), rank 0 writes the files, and every rank returns
-    once they are written.
+    In a process group, rank 0 writes. An adapter that an engine shards (FSDP2, FSDP1,
+    DeepSpeed ZeRO-3) is saved whole: call this on every rank (they gather the full tensors
+    together; for FSDP1 pass the FullyShardedDataParallel-wrapped model), and every rank
+    returns once the files are written. An unsharded one (DDP) may be saved from rank 0
+    alone.
     """
     adapter = adapter_of(model)
     directory = Path(directory)
@@ -68,8 +69,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         names = list(state)
         values = full_tensors([state[n] for n in names])
         tensors = {n: t.cpu().contiguous() for n, t in zip(names, values, strict=True)}
-    writer = not sharded or torch.distributed.get_rank() == 0
-    if writer:
+    # One writer: ranks writing the same files at once could interleave them.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
