@@ -277,7 +277,8 @@ def _attach(
         raise ValueError(f"{type(owner).__name__} already has an attribute {ADAPTER!r}")
     requires_grad = {}
     if freeze:
-        requires_grad = {p: p.requires_grad for p in owner.parameters()}
+        others = _other_adapters(owner)
+        requires_grad = {p: p.requires_grad for p in owner.parameters() if p not in others}
         for p in requires_grad:
             p.requires_grad_(False)
     # A module starts in training mode; the adapter follows the model (AoT has dropout).
@@ -306,6 +307,23 @@ class _LayoutCheck:
         if torch.compiler.is_compiling() or not torch.distributed.is_initialized():
             return
         check_embedding_unit(module)
+
+
+def _other_adapters(model: nn.Module) -> set[nn.Parameter]:
+    """Parameters of other PEFT adapters injected into `model` (LoRA's factors, ...): the
+    patch freezes the base weights, never another adapter's (DePT on a LoRA model trains both)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return set()
+    others = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for name in module.adapter_layer_names:
+                held = getattr(module, name, None)
+                if isinstance(held, nn.Module):
+                    others.update(held.parameters())
+    return others
 
 
 # --------------------------------------------------------------------------- PEFT models

@@ -77,7 +77,7 @@ def test_dept_init_and_token_mode():
     with torch.no_grad():
         token.lora_b.normal_()
     ids = torch.tensor([[3, 3, 9]])
-    out = token.embed(ids, weight, position_ids=torch.tensor([[0, 1, 2]]))
+    out = token(ids, weight, position_ids=torch.tensor([[0, 1, 2]]))
     delta = token.config.scaling * token.lora_a[ids[0]] @ token.lora_b
     torch.testing.assert_close(out[0, 4:], weight[ids[0]] + delta)
 

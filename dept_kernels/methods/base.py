@@ -177,7 +177,7 @@ class PromptAdapter(nn.Module, abc.ABC):
         shape = full_shape(self.prompt)  # an engine's shard has its own shape
         return shape[0] if len(shape) == 3 else None
 
-    def embed(
+    def forward(
         self,
         input_ids: Tensor,
         weight: Tensor,
@@ -187,7 +187,9 @@ class PromptAdapter(nn.Module, abc.ABC):
         """(B, s) ids and the (V, d) table -> (B, m + s, d) input embeddings.
 
         `task_ids` (B,) in [0, T) pick each sample's task of a stacked adapter; they are
-        required there and refused otherwise.
+        required there and refused otherwise. The hooks call the adapter as a module (not a
+        method of it) so that engines gathering parameters around a module's call (DeepSpeed
+        ZeRO-3) gather the adapter's.
         """
         check_task_ids(self.num_tasks, task_ids)
         # The model may have changed dtype since patching (model.double()): say so in its
@@ -198,17 +200,6 @@ class PromptAdapter(nn.Module, abc.ABC):
         return dept_embedding(
             input_ids, weight, position_ids=position_ids, task_ids=task_ids, **self.op_args()
         )
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        weight: Tensor,
-        position_ids: Tensor | None = None,
-        task_ids: Tensor | None = None,
-    ) -> Tensor:
-        """`embed`, as a module call: the hooks call the adapter so that engines that
-        gather parameters around a module's call (DeepSpeed ZeRO-3) gather the adapter's."""
-        return self.embed(input_ids, weight, position_ids=position_ids, task_ids=task_ids)
 
     @torch.no_grad()
     def with_parameters(self, config: object | None = None, **params: Tensor) -> PromptAdapter:

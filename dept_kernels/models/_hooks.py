@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..ops._validate import check_ids
+
 # Attribute of the hooked model holding its running `generate`'s `Generation`. A plain
 # attribute, not a ContextVar: torch.compile traces attribute reads but not ContextVar.get.
 _GENERATION = "_dept_kernels_generation"
@@ -278,7 +280,8 @@ class FusedEmbedding:
     def _pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         if not self.pending or not args or args[0] is not self.pending[-1][0]:
             return None
-        self.swapped = args[0].new_empty(0)
+        # int64 whatever the ids' dtype: the op, not the module's lookup, judges the ids.
+        self.swapped = torch.empty(0, dtype=torch.long, device=args[0].device)
         return (self.swapped,)
 
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
@@ -357,6 +360,8 @@ def needs_ids(kw: dict, where: str) -> Tensor:
             f"the patched {where} needs input_ids (the adapter builds the input embeddings from "
             f"them); inputs_embeds cannot carry the prompt"
         )
+    # The op checks these too; here first, before the hooks index the ids' shape.
+    check_ids("input_ids", ids, ndim=2)
     if ids.shape[0] == 0:
         raise ValueError(f"input_ids is an empty batch (B=0, shape {tuple(ids.shape)})")
     mask = kw.get("attention_mask")
