@@ -47,16 +47,13 @@ def embedding_shape(weight: Tensor) -> tuple[int, int]:
     """(V, d) of an input-embedding table, or a ValueError where its full shape cannot be
     known (FSDP1 has flattened it: patch before wrapping)."""
     shape = full_shape(weight)
-    if len(shape) != 2 or is_fsdp1_flat(weight):
+    if is_fsdp1_flat(weight):
         raise ValueError(
-            f"the model's input embedding weight has shape {tuple(shape)}, not (V, d)"
-            + (
-                ": FSDP1 has flattened it into a shard. Patch the model before wrapping it in "
-                "FullyShardedDataParallel"
-                if is_fsdp1_flat(weight) or len(shape) == 1
-                else ""
-            )
+            f"the model's input embedding weight is an FSDP1 shard (shape {tuple(shape)}): "
+            "patch the model before wrapping it in FullyShardedDataParallel"
         )
+    if len(shape) != 2:
+        raise ValueError(f"the model's input embedding weight has shape {tuple(shape)}, not (V, d)")
     return int(shape[0]), int(shape[1])
 
 
@@ -124,7 +121,7 @@ def check_embedding_unit(model: nn.Module) -> None:
         if id(module) not in inside
         and fsdp1_wrapper(module) is None  # a wrapper reads through to its inner module
         and weight is not None
-        and any(p is weight for p in vars(module).get("_parameters", {}).values())
+        and any(p is weight for p in module._parameters.values())
     ]
     if tied:
         raise ValueError(

@@ -118,6 +118,16 @@ def _refused(rank: int, layout: str, arch: str, method: str) -> dict:
     return {"message": ""}
 
 
+def _patch_after_wrapping() -> dict:
+    """The embedding is then a flattened FSDP1 shard: no (V, d) to build an adapter for."""
+    wrapped = wrap(base_model("llama"), "blocks")
+    try:
+        dk.patch(wrapped, dk.DePTConfig(4, r=3, max_length=16))
+    except ValueError as err:
+        return {"message": str(err)}
+    return {"message": ""}
+
+
 def _worker(rank: int, store: str, out: str, tmp: str) -> None:
     init_gloo(rank, store)
     cases = {
@@ -127,6 +137,7 @@ def _worker(rank: int, store: str, out: str, tmp: str) -> None:
         for case in CASES
     }
     cases.update({name(case): (lambda case=case: _refused(rank, *case)) for case in REFUSED})
+    cases["patch-after-wrapping"] = _patch_after_wrapping
     leave(run_cases(rank, cases), out, rank)
 
 
@@ -164,3 +175,10 @@ def test_save_adapter_writes_the_whole_adapter(fsdp1_results, case):
     want = single_process(arch, method)
     fresh = dk.load_adapter(base_model(arch), tmp / name(case))
     compare(adapter_params(fresh), want["params"], "saved after the step")
+
+
+def test_patch_after_wrapping_is_refused(fsdp1_results):
+    results, _ = fsdp1_results
+    for rank in range(WORLD):
+        message = result(results, "patch-after-wrapping", rank)["message"]
+        assert "patch the model before wrapping it in FullyShardedDataParallel" in message
