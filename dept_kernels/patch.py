@@ -91,17 +91,21 @@ def new_adapter(
     # The architecture first: it names what is supported, before any attribute is read.
     layers = models.aot_sites(model)[1] if aot else models.architecture(model)
     weight = model.get_input_embeddings().weight
-    if is_dtensor(weight):
-        # FSDP2 manages the parameters present when fully_shard ran: a new adapter's would be
-        # neither sharded nor have their gradients reduced across ranks.
-        raise ValueError(
-            f"{type(model).__name__}'s parameters are already sharded (DTensor): patch the "
-            "model before fully_shard, so that FSDP2 manages the adapter's parameters too"
-        )
+    # FSDP2 manages the parameters present when fully_shard ran: a new adapter's would be
+    # neither sharded nor have their gradients reduced across ranks.
+    _check_not_fully_sharded(model, weight)
     if aot:
         d = model.config.hidden_size
         return AoTAdapter.create(config, weight, len(layers), d, generator=generator)
     return METHODS[type(config)](config, weight, generator=generator)
+
+
+def _check_not_fully_sharded(model: nn.Module, tensor: torch.Tensor) -> None:
+    if is_dtensor(tensor):
+        raise ValueError(
+            f"{type(model).__name__}'s parameters are already sharded (DTensor): patch the "
+            "model before fully_shard, so that FSDP2 manages the adapter's parameters too"
+        )
 
 
 def attach_adapter(
@@ -365,6 +369,9 @@ def _accelerate(model: nn.Module, trim_padding: bool | None = None) -> nn.Module
     base = model.base_model
     m = peft_config.num_virtual_tokens
     prompt = _tensor(encoder, "embedding")
+    # FSDP2 swaps in gathered tensors on the modules it wrapped, not on the adapter that
+    # would hold the same Parameters: the adapter would read the shards.
+    _check_not_fully_sharded(model, prompt)
     # PEFT's default for seq2seq models is 2 submodules: the encoder holds 2m rows, of which
     # its prompt tuning feeds the first m to the encoder and none to the decoder.
     submodules = getattr(peft_config, "num_transformer_submodules", None) or 1

@@ -131,14 +131,19 @@ def _case(rank: int, layout: str, arch: str, method: str, save: str | None) -> d
     return out
 
 
-def _refused(rank: int) -> dict:
-    """patch after fully_shard: the new adapter's parameters would not be managed."""
+def _refused(peft: bool) -> dict:
+    """patch after fully_shard: a new adapter's parameters would not be managed; an
+    accelerated PEFT model's adapter would read the shards of PEFT's prompt."""
     from torch.distributed.fsdp import fully_shard
 
-    model = base_model("llama")
+    if peft:
+        model = dk.unpatch(build("llama", "peft"))  # the PEFT model, unaccelerated
+        config = None
+    else:
+        model, config = base_model("llama"), dk.DePTConfig(4, r=3, max_length=16)
     fully_shard(model)
     try:
-        dk.patch(model, dk.DePTConfig(4, r=3, max_length=16))
+        dk.patch(model, config)
     except ValueError as err:
         return {"message": str(err)}
     return {"message": ""}
@@ -152,7 +157,8 @@ def _worker(rank: int, store: str, out: str, tmp: str) -> None:
         )
         for case in CASES
     }
-    cases["refused"] = lambda: _refused(rank)
+    cases["refused"] = lambda: _refused(peft=False)
+    cases["refused-peft"] = lambda: _refused(peft=True)
     leave(run_cases(rank, cases), out, rank)
 
 
@@ -191,7 +197,8 @@ def test_save_adapter_writes_the_whole_adapter(fsdp_results, case):
         compare(result(results, name(case), rank)["reloaded"], want["before"], "reloaded")
 
 
-def test_patch_after_fully_shard_is_refused(fsdp_results):
+@pytest.mark.parametrize("case", ["refused", "refused-peft"])
+def test_patch_after_fully_shard_is_refused(fsdp_results, case):
     results, _ = fsdp_results
     for rank in range(WORLD):
-        assert "patch the model before fully_shard" in result(results, "refused", rank)["message"]
+        assert "patch the model before fully_shard" in result(results, case, rank)["message"]
