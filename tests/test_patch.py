@@ -419,3 +419,22 @@ def test_generate_matches_reference(arch, num_beams):
         got = got[:, ids.shape[1] :]
     assert torch.equal(got, want)
     assert len(set(got.flatten().tolist())) > 1  # a degenerate constant output proves little
+
+
+def test_t5_question_answering_head():
+    """T5ForQuestionAnswering makes its decoder input from input_ids (shifted right), which
+    the patched forward must still see: spans equal the unpatched head on the formula's
+    encoder states."""
+    from transformers import T5ForQuestionAnswering
+
+    base, model = patched_pair("t5", "dept", cls=T5ForQuestionAnswering)
+    ids, mask, _ = batch()
+    mask[0, -3:] = 0
+    out = model(input_ids=ids, attention_mask=mask)
+    embeds = reference_embeds(model.dept_adapter, base.get_input_embeddings().weight, ids)
+    ext = ones_front(mask, model.dept_adapter.num_virtual_tokens)
+    enc = base.encoder(inputs_embeds=embeds, attention_mask=ext)
+    ref = base(input_ids=ids, attention_mask=ext, encoder_outputs=enc)
+    assert out.start_logits.shape == ids.shape
+    torch.testing.assert_close(out.start_logits, ref.start_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.end_logits, ref.end_logits, atol=1e-5, rtol=1e-5)

@@ -81,6 +81,8 @@ def install(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
         type(model if seq2seq is None else seq2seq), _SEQ2SEQ_NEEDS[: 3 + bool(seq2seq)]
     )
     hooks = _T5Hooks(adapter_of, signature(type(encoder), _STACK_NEEDS), top)
+    # T5ForQuestionAnswering makes its decoder input from input_ids, which the hook replaces.
+    hooks.decoder_from_ids = isinstance(model, T5ForQuestionAnswering)
     handles = hooks.tasks.install(model)
     handles += hooks.fused.install(encoder.embed_tokens)
     handles.append(encoder.register_forward_pre_hook(hooks.encoder_pre_hook, with_kwargs=True))
@@ -102,6 +104,7 @@ class _T5Hooks:
         self.top_args = top_args
         self.tasks = TaskIds()
         self.fused = FusedEmbedding(adapter_of)
+        self.decoder_from_ids = False
         # The cut of each open encoder / encoder-decoder call (None: untrimmed), pushed first
         # thing by its pre-hook and popped by its forward hook (which runs on errors too).
         self.stack_cuts: list[Cut | None] = []
@@ -148,6 +151,14 @@ class _T5Hooks:
         sig = self.top_args
         kw = bind(module, args, kwargs)
         if sig.get(kw, "encoder_outputs") is None:
+            no_decoder_input = kw.get("decoder_input_ids") is None
+            if (
+                self.decoder_from_ids
+                and no_decoder_input
+                and kw.get("decoder_inputs_embeds") is None
+            ):
+                # As HF's QA head would, from the caller's ids: the answer spans index them.
+                kw["decoder_input_ids"] = module._shift_right(needs_ids(kw, type(module).__name__))
             # A cache the caller asked for would hold cross-attention keys of m + s' columns.
             trim = self._trims(kw, module) and kw.get("use_cache") is not True
             cut = self._embed(kw, sig, module.encoder, type(module).__name__, trim)
