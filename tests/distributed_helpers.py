@@ -292,3 +292,14 @@ def trainer_step(model: torch.nn.Module, args) -> dict[str, dict[str, torch.Tens
         after = {n: p.detach().clone() for n, p in params.items()}
     trainer.model_wrapped.destroy()
     return {"grads": grads, "params": after}
+
+
+def check_saved(results: list[dict], saved: Path, case: str, arch: str, method: str) -> None:
+    """What `save_adapter` wrote under an engine (`saved`/after) is the whole adapter after
+    the step, loaded into a fresh unsharded model; each rank's reload into its shards (under
+    `case`) holds the values before the step."""
+    want = single_process(arch, method)
+    fresh = dk.load_adapter(base_model(arch), saved / "after")
+    compare(adapter_params(fresh), want["params"], "saved after the step")
+    for rank in range(WORLD):
+        compare(result(results, case, rank)["reloaded"], want["before"], "reloaded")

@@ -33,6 +33,7 @@ from distributed_helpers import (
     adapter_params,
     base_model,
     build,
+    check_saved,
     check_step,
     compare,
     forward,
@@ -293,9 +294,4 @@ def test_trainer_zero3_matches_single_process_trainer(ds_results, case, tmp_path
 def test_save_adapter_writes_the_whole_adapter(ds_results, case):
     results, tmp = ds_results
     _, arch, method = case
-    want = single_process(arch, method)
-    saved = tmp / name(case)
-    fresh = dk.load_adapter(base_model(arch), saved / "after")
-    compare(adapter_params(fresh), want["params"], "saved after the step")
-    for rank in range(WORLD):
-        compare(result(results, name(case), rank)["reloaded"], want["before"], "reloaded")
+    check_saved(results, tmp / name(case), name(case), arch, method)

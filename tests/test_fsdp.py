@@ -26,6 +26,7 @@ from distributed_helpers import (
     adapter_params,
     base_model,
     build,
+    check_saved,
     check_step,
     compare,
     forward,
@@ -187,14 +188,7 @@ def test_fully_shard_matches_single_process(fsdp_results, case):
 def test_save_adapter_writes_the_whole_adapter(fsdp_results, case):
     results, tmp = fsdp_results
     _, arch, method = case
-    want = single_process(arch, method)
-    saved = tmp / name(case)
-    # Loaded into a fresh, unsharded model: the file holds the whole adapter after the step.
-    fresh = dk.load_adapter(base_model(arch), saved / "after")
-    compare(adapter_params(fresh), want["params"], "saved after the step")
-    for rank in range(WORLD):
-        # Loaded back into the shards: the values before the step, on every rank.
-        compare(result(results, name(case), rank)["reloaded"], want["before"], "reloaded")
+    check_saved(results, tmp / name(case), name(case), arch, method)
 
 
 @pytest.mark.parametrize("case", ["refused", "refused-peft"])
