@@ -41,6 +41,11 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids), torch.tensor([0, 1, 1, 0])
 
 
+def name(case: tuple[str, ...]) -> str:
+    """A case's id: its parts joined (the key of its results and its pytest id)."""
+    return "-".join(case)
+
+
 def half(rank: int) -> slice:
     return slice(2 * rank, 2 * rank + 2)
 

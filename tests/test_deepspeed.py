@@ -41,6 +41,7 @@ from distributed_helpers import (
     init_gloo,
     launch,
     leave,
+    name,
     optimizer,
     patch_model,
     result,
@@ -108,10 +109,6 @@ SAVED = [
     ("zero-init", "gpt2", "stacked"),
 ]
 CASES.append(SAVED[-1])
-
-
-def name(case: tuple[str, str, str]) -> str:
-    return "-".join(case)
 
 
 def gathered(params: dict) -> dict:

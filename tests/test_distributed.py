@@ -21,6 +21,7 @@ from distributed_helpers import (
     init_gloo,
     launch,
     leave,
+    name,
     optimizer,
     result,
     run_cases,
@@ -33,10 +34,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 CASES = [("gpt2", "dept"), ("t5", "dept"), ("llama", "ept")]
-
-
-def name(case: tuple[str, str]) -> str:
-    return "-".join(case)
 
 
 def _case(rank: int, arch: str, method: str) -> dict:

@@ -34,6 +34,7 @@ from distributed_helpers import (
     init_gloo,
     launch,
     leave,
+    name,
     optimizer,
     result,
     run_cases,
@@ -74,10 +75,6 @@ CASES = [
     ("titan", "t5", "peft"),
 ]
 SAVED = [("titan", "t5", "dept"), ("titan", "gpt2", "aot-fc"), ("titan", "llama", "stacked")]
-
-
-def name(case: tuple[str, str, str]) -> str:
-    return "-".join(case)
 
 
 def blocks(model: torch.nn.Module, arch: str) -> list[torch.nn.Module]:

@@ -32,6 +32,7 @@ from distributed_helpers import (
     init_gloo,
     launch,
     leave,
+    name,
     optimizer,
     result,
     run_cases,
@@ -65,10 +66,6 @@ CASES = [
 SAVED = [("blocks", "t5", "dept")]
 # A tied embedding in a unit of its own: refused, naming FSDP1 and the fix.
 REFUSED = [("embedding", "gpt2", "dept"), ("embedding", "t5", "dept")]
-
-
-def name(case: tuple[str, str, str]) -> str:
-    return "-".join(case)
 
 
 def wrap(model: torch.nn.Module, layout: str) -> torch.nn.Module:
