@@ -215,10 +215,11 @@ class _DecoderHooks:
         self.lm_cuts.append(None)
         sig = self.model_args
         kw = bind(module, args, kwargs)
-        if cache_length(sig.get(kw, "cache")) == 0:
+        first = cache_length(sig.get(kw, "cache")) == 0
+        if first:
             self.lm_cuts[-1] = self._lm_trim(module, kw)
         labels = sig.get(kw, "labels")
-        if labels is not None and cache_length(sig.get(kw, "cache")) == 0:
+        if labels is not None and first:
             m = self.adapter_of().num_virtual_tokens
             ignore = labels.new_full((labels.shape[0], m), -100)
             sig.set(kw, "labels", torch.cat([ignore, labels], dim=1))

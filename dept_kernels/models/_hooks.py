@@ -237,12 +237,12 @@ class FusedEmbedding:
     def __init__(self, adapter_of: AdapterOf) -> None:
         self.adapter_of = adapter_of
         self.pending: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
-        self.swapped: Tensor | None = None  # the empty ids the pre-hook passed on
+        self.armed = False  # the pre-hook swapped the ids of the call it started
 
     def install(self, embedding: nn.Module) -> list[RemovableHandle]:
         return [
             # Both first: an engine's pre-hook (DeepSpeed ZeRO-3) replaces the inputs by
-            # detached aliases, which the identity test below would not recognise.
+            # detached aliases, which the identity test of `_pre_hook` would not recognise.
             embedding.register_forward_pre_hook(self._pre_hook, prepend=True),
             embedding.register_forward_hook(self._hook, prepend=True),
         ]
@@ -273,23 +273,23 @@ class FusedEmbedding:
         """Drop `entry` if the hooks left it (they did not run); True if they did leave it."""
         if self.pending and self.pending[-1] is entry:
             self.pending.pop()
-            self.swapped = None
+            self.armed = False
             return True
         return False
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         if not self.pending or not args or args[0] is not self.pending[-1][0]:
             return None
+        self.armed = True
         # int64 whatever the ids' dtype: the op, not the module's lookup, judges the ids.
-        self.swapped = torch.empty(0, dtype=torch.long, device=args[0].device)
-        return (self.swapped,)
+        return (torch.empty(0, dtype=torch.long, device=args[0].device),)
 
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         # The call whose pre-hook swapped the ids (no other call of the module can run in
-        # between); its empty ids may arrive as an engine's alias of `swapped`.
-        if self.swapped is None or not args or args[0].numel() != 0:
+        # between); its empty ids may arrive as an engine's alias of the swapped tensor.
+        if not self.armed or not args or args[0].numel() != 0:
             return None
-        self.swapped = None
+        self.armed = False
         ids, position_ids, task_ids = self.pending.pop()
         # The adapter module is called, not a method of it: engines gather its parameters
         # around its own call, as they do the embedding's.

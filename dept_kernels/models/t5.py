@@ -151,12 +151,8 @@ class _T5Hooks:
         sig = self.top_args
         kw = bind(module, args, kwargs)
         if sig.get(kw, "encoder_outputs") is None:
-            no_decoder_input = kw.get("decoder_input_ids") is None
-            if (
-                self.decoder_from_ids
-                and no_decoder_input
-                and kw.get("decoder_inputs_embeds") is None
-            ):
+            decoder_input = (kw.get("decoder_input_ids"), kw.get("decoder_inputs_embeds"))
+            if self.decoder_from_ids and all(x is None for x in decoder_input):
                 # As HF's QA head would, from the caller's ids: the answer spans index them.
                 kw["decoder_input_ids"] = module._shift_right(needs_ids(kw, type(module).__name__))
             # A cache the caller asked for would hold cross-attention keys of m + s' columns.
