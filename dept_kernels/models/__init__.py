@@ -11,6 +11,8 @@ layers AoT P-tuning biases; `install_aot` hooks them (`_aot.py`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 
 from torch import nn
@@ -64,12 +66,61 @@ def install_aot(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle
     return _aot.install(model, adapter_of, inner, layers)
 
 
+# Where a method's adapter acts: on the input embedding (the prompt methods' fused op) or on
+# the input of every transformer layer (AoT P-tuning's bias).
+SITES = ("input_embedding", "layer_input")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an adapter needs to know of a model: where its input embedding and layers are."""
+
+    model_type: str
+    inner: nn.Module  # the module taking input_ids (T5: the encoder stack)
+    embedding: nn.Module  # the input embedding module, (V, d) weight
+    layers: Sequence[nn.Module]  # where a per-layer bias goes, in order
+    hidden_size: int
+
+
+def _check_site(site: str) -> None:
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+
+
+def describe(model: nn.Module, site: str) -> ModelSpec:
+    """Where `model`'s embedding and layers are, for an adapter acting at `site`; a
+    TypeError naming the supported model types when the architecture has no entry for it."""
+    _check_site(site)
+    if site == "input_embedding":
+        architecture(model)
+    inner, layers = aot_sites(model)
+    return ModelSpec(
+        _model_type(model),
+        inner,
+        model.get_input_embeddings(),
+        layers,
+        model.config.hidden_size,
+    )
+
+
+def install(model: nn.Module, adapter_of: AdapterOf, site: str) -> list[RemovableHandle]:
+    """Register the hooks through which `model` runs the adapter `adapter_of()` at `site`."""
+    _check_site(site)
+    if site == "input_embedding":
+        return architecture(model).install(model, adapter_of)
+    return install_aot(model, adapter_of)
+
+
 __all__ = [
     "AOT_ARCHITECTURES",
     "ARCHITECTURES",
+    "SITES",
     "AdapterOf",
     "Generate",
+    "ModelSpec",
     "aot_sites",
     "architecture",
+    "describe",
+    "install",
     "install_aot",
 ]
