@@ -2,11 +2,12 @@
 
 from . import ops
 from ._backend import available_backends, current_backend, use_backend
-from .checkpoint import load_adapter, load_dept_checkpoint, save_adapter
+from .checkpoint import load_adapter, save_adapter
 from .methods import AoTConfig, DePTConfig, EPTConfig, PromptTuningConfig, equal_budget
 from .multitask import stack_adapters
+from .official import load_dept_checkpoint
 from .ops import dept_embedding, official_dept_embedding
-from .patch import adapter, fold, fuse, param_groups, patch, unpatch
+from .patch import adapter, fold, fuse, is_patched, merge, param_groups, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -22,8 +23,10 @@ __all__ = [
     "equal_budget",
     "fold",
     "fuse",
+    "is_patched",
     "load_adapter",
     "load_dept_checkpoint",
+    "merge",
     "official_dept_embedding",
     "ops",
     "param_groups",

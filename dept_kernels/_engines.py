@@ -26,7 +26,12 @@ def is_deepspeed(t: Tensor) -> bool:
 
 def is_dtensor(t: Tensor) -> bool:
     """Whether `t` is a DTensor (an FSDP2 shard, or another tensor-parallel layout)."""
-    return torch.distributed.is_available() and isinstance(t, torch.distributed.tensor.DTensor)
+    if not torch.distributed.is_available():
+        return False
+    # Imported here: `torch.distributed.tensor` is a submodule `import torch` does not load.
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def is_fsdp1_flat(t: Tensor) -> bool:

@@ -1,13 +1,12 @@
-"""Adapter files: this library's safetensors format and the official DePT checkpoint format.
+"""Adapter files: config JSON beside safetensors weights, PEFT style, for every method.
 
-`save_adapter` writes `adapter_config.json` (the method name, its config fields and
-`num_tasks`, T for a stacked adapter; for AoT also whether it is fused and the vocabulary
-size V its tables are indexed by) and
-`adapter_model.safetensors` (the adapter's parameters, or an AoT adapter's fused tables,
-PEFT style). `load_dept_checkpoint` reads what the official DePT
-code saves: `adapter_config.json` with peft_type PROMPT_TUNING_LORA and a torch-saved
-`adapter_model.bin` holding `prompt_embeddings` and, unless it was not saved,
-`prompt_encoder.lora_embedding_A` / `..._B`.
+`save_adapter` writes `adapter_config.json` (the method name, its config fields and the
+adapter's `state_fields`: `num_tasks`, T for a stacked adapter, and what else the tensors'
+names and shapes depend on, e.g. whether an AoT adapter is fused and its V) and
+`adapter_model.safetensors` (the adapter's state: parameters, or an AoT adapter's fused
+tables). Loading builds the adapter class's `skeleton` for those fields and copies the file
+into it after checking names and shapes. The official DePT code's format is read by
+`dept_kernels.official`.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import models
 from ._engines import (
     fsdp1_wrapper,
     full_shape,
@@ -33,14 +33,12 @@ from ._engines import (
     is_fsdp1_flat,
     is_sharded,
 )
-from .methods import METHODS, AoTAdapter, AoTConfig, DePTConfig, PromptAdapter
+from .methods import METHODS, Adapter, MethodConfig, method_config
 from .patch import adapter as adapter_of
-from .patch import attach_adapter, new_adapter, patch
+from .patch import attach_adapter, is_patched, patch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-OFFICIAL_WEIGHTS_NAME = "adapter_model.bin"
-_BY_METHOD = {cls.method: cls for cls in METHODS}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -61,11 +59,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     sharded = _sharded(adapter)
     with _whole(model, adapter, sharded, writeback=False) as state:
-        config = {"method": adapter.config.method, **dataclasses.asdict(adapter.config)}
-        if isinstance(adapter, AoTAdapter):
-            config["fused"] = adapter.fused
-            config["vocab_size"] = adapter.vocab
-        config["num_tasks"] = adapter.num_tasks
+        config = {
+            "method": adapter.config.method,
+            **dataclasses.asdict(adapter.config),
+            **adapter.state_fields(),
+        }
         names = list(state)
         values = full_tensors([state[n] for n in names])
         tensors = {n: t.cpu().contiguous() for n, t in zip(names, values, strict=True)}
@@ -109,129 +107,77 @@ def _whole(
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by `save_adapter`, patching `model` first if it is not patched.
 
-    A patched model must carry the same config (and, for AoT, be fused or not like the
-    file); shapes are checked before any copy. Into an adapter that an engine shards, every
-    rank loads (for FSDP1, pass the wrapped model).
+    A patched model must carry the same config and state fields (for AoT: fused or not like
+    the file; the number of tasks); shapes are checked before any copy. Into an adapter that
+    an engine shards, every rank loads (for FSDP1, pass the wrapped model).
     """
     directory = Path(directory)
-    config, fused, num_tasks, vocab = _read_config(directory)
+    config, fields = _read_config(directory)
     tensors = _load_weights(directory)
-    if getattr(model, "_dept_kernels_patch", None) is None:
-        adapter = _build(model, config, fused, num_tasks, vocab, tensors, directory)
-        return attach_adapter(model, adapter)
-    adapter = _patched_with(model, config)
-    _check_vocab(adapter, vocab, directory)
-    if getattr(adapter, "fused", False) != fused:
-        state = "a fused" if fused else "an unfused"
-        raise ValueError(
-            f"{directory} holds {state} AoT adapter but the model's adapter is "
-            f"{'fused' if adapter.fused else 'unfused'}; call dept_kernels.unpatch(model) first"
-        )
-    if adapter.num_tasks != num_tasks:
-        raise ValueError(
-            f"{directory} holds an adapter for num_tasks={num_tasks} but the model's adapter "
-            f"serves num_tasks={adapter.num_tasks}; call dept_kernels.unpatch(model) first"
-        )
+    if not is_patched(model):
+        return attach_adapter(model, _build(model, config, fields, tensors, directory))
+    adapter = patched_with(model, config)
+    ours = adapter.state_fields()
+    for name, value in fields.items():
+        # A field an older file lacks (None) is not checked.
+        if value is not None and ours.get(name) != value:
+            raise ValueError(
+                f"{directory / CONFIG_NAME} has {name}={json.dumps(value)} but the model's "
+                f"adapter has {name}={json.dumps(ours.get(name))}; call "
+                "dept_kernels.unpatch(model) first"
+            )
     sharded = _sharded(adapter)
     with _whole(model, adapter, sharded, writeback=True) as state:
         _copy_into(adapter, tensors, directory, config.method, state)
     return model
 
 
-def read_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def read_adapter(model: nn.Module, directory: str | os.PathLike) -> Adapter:
     """The adapter saved in `directory`, built for `model` but not attached to it."""
     directory = Path(directory)
-    config, fused, num_tasks, vocab = _read_config(directory)
-    return _build(model, config, fused, num_tasks, vocab, _load_weights(directory), directory)
+    config, fields = _read_config(directory)
+    return _build(model, config, fields, _load_weights(directory), directory)
 
 
-def read_config(directory: str | os.PathLike) -> object:
+def read_config(directory: str | os.PathLike) -> MethodConfig:
     """The method config saved in `directory` (e.g. `DePTConfig`, `AoTConfig`)."""
     return _read_config(Path(directory))[0]
 
 
-def _read_config(directory: Path) -> tuple[object, bool, int | None, int | None]:
-    """(config, whether the saved AoT adapter is fused, T or None, the AoT adapter's V or None)
-    from adapter_config.json."""
+def _read_config(directory: Path) -> tuple[MethodConfig, dict]:
+    """(config, the adapter's state fields) from adapter_config.json."""
     path = directory / CONFIG_NAME
-    fields = _read_json(path)
+    fields = read_json(path)
     method = fields.pop("method", None)
-    if method not in _BY_METHOD:
-        raise ValueError(f"{path}: method must be one of {sorted(_BY_METHOD)}, got {method!r}")
-    # Files written before multi-task prompt adapters have no num_tasks: one task.
-    num_tasks = fields.pop("num_tasks", None)
-    if num_tasks is not None and not _is_int(num_tasks, 1):
-        raise ValueError(f"{path}: num_tasks must be null or an int >= 1, got {num_tasks!r}")
-    fused, vocab = False, None
-    if method == AoTConfig.method:
-        fused = fields.pop("fused", False)
-        # A string such as "false" would read as true: only JSON booleans are taken.
-        if not isinstance(fused, bool):
-            raise ValueError(f"{path}: fused must be true or false, got {fused!r}")
-        # Files written before vocab_size was recorded skip its check.
-        vocab = fields.pop("vocab_size", None)
-        if vocab is not None and not _is_int(vocab, 1):
-            raise ValueError(f"{path}: vocab_size must be an int >= 1, got {vocab!r}")
     try:
-        config = _BY_METHOD[method](**fields)
+        config_cls = method_config(method)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    adapter_cls = METHODS[config_cls]
+    try:
+        state_fields = adapter_cls.read_fields(fields)
+        config = config_cls(**fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: bad {method} config: {err}") from err
-    return config, fused, num_tasks, vocab
-
-
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    return config, state_fields
 
 
 def _build(
     model: nn.Module,
-    config: object,
-    fused: bool,
-    num_tasks: int | None,
-    vocab: int | None,
+    config: MethodConfig,
+    fields: dict,
     tensors: dict[str, Tensor],
     directory: Path,
-) -> nn.Module:
-    adapter = new_adapter(model, config)
-    _check_vocab(adapter, vocab, directory)
-    if isinstance(adapter, PromptAdapter) and num_tasks is not None:
-        # The stacked shapes, from T copies of a fresh adapter; the saved values follow.
-        adapter = type(adapter).stack([adapter] * num_tasks)
-        if adapter.config != config:
-            raise ValueError(
-                f"{directory / CONFIG_NAME}: a stacked {config.method} adapter saves as "
-                f"{adapter.config.method}"
-            )
-    if not fused:
-        _copy_into(adapter, tensors, directory, config.method)
-        return adapter
-    names = [f"layers.{i}.table" for i in range(len(adapter.layers))]
-    if set(tensors) != set(names):
-        raise ValueError(
-            f"{directory / WEIGHTS_NAME} holds {sorted(tensors)}, the fused AoT adapter of "
-            f"{type(model).__name__} needs {names}"
-        )
-    tables = [tensors[n] for n in names]
-    # The config's num_tasks and the tables' leading dim must agree, or the model would
-    # serve one task where the file describes T (or the reverse).
-    for name, table in zip(names, tables, strict=True):
-        stacked = table.dim() == 3
-        if stacked != (num_tasks is not None) or (stacked and table.shape[0] != num_tasks):
-            raise ValueError(
-                f"{directory / WEIGHTS_NAME}: {name} has shape {tuple(table.shape)} but "
-                f"{CONFIG_NAME} has num_tasks={num_tasks}"
-            )
-    adapter.load_tables(tables)
+) -> Adapter:
+    """The adapter of `config` for `model` holding the file's `tensors`."""
+    cls = METHODS[type(config)]
+    spec = models.describe(model, cls.site)
+    try:
+        adapter = cls.skeleton(config, spec, fields)
+    except ValueError as err:
+        raise ValueError(f"{directory / CONFIG_NAME}: {err}") from err
+    _copy_into(adapter, tensors, directory, config.method, device=spec.embedding.weight.device)
     return adapter
-
-
-def _check_vocab(adapter: nn.Module, vocab: int | None, directory: Path) -> None:
-    """An AoT adapter saved for V rows goes only onto a model with V input ids."""
-    if vocab is not None and isinstance(adapter, AoTAdapter) and adapter.vocab != vocab:
-        raise ValueError(
-            f"{directory / CONFIG_NAME} holds an AoT adapter for a vocabulary of V={vocab}, the "
-            f"model's has V={adapter.vocab}: they were not trained on the same base model"
-        )
 
 
 def _copy_into(
@@ -240,9 +186,12 @@ def _copy_into(
     directory: Path,
     method: str,
     expected: dict[str, Tensor] | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """Copy the file's `tensors` into `adapter`'s state (`expected`, its `keep_vars` state
-    by default), checking names and shapes first; engine shards take their part."""
+    by default), checking names and shapes first; engine shards take their part. A
+    skeleton's placeholder (a meta tensor, for tables too large to allocate twice) takes the
+    file's tensor itself, moved to `device`, in the file's dtype."""
     if expected is None:
         expected = adapter.state_dict(keep_vars=True)
     if set(tensors) != set(expected):
@@ -251,10 +200,22 @@ def _copy_into(
             f"{sorted(expected)}"
         )
     for name, tensor in tensors.items():
-        _check_shape(name, tensor, expected[name])
+        try:
+            check_shape(name, tensor, expected[name])
+        except ValueError as err:
+            # The expected shapes follow from the config and its state fields (num_tasks,
+            # ...) on this model: one of them disagrees with the file's tensors.
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME}: {err}, from {CONFIG_NAME} and the model"
+            ) from None
+    placed = {n: t.to(device) for n, t in tensors.items() if expected[n].is_meta}
+    if placed:
+        adapter.load_state_dict(placed, strict=False, assign=True)
     partitioned = [t for t in expected.values() if is_deepspeed(t)]
     with torch.no_grad(), _gathered_for_writing(partitioned):
         for name, tensor in tensors.items():
+            if name in placed:
+                continue
             target = expected[name]
             if is_dtensor(target):
                 # Each rank keeps its part of the whole tensor (all ranks read the file).
@@ -278,108 +239,7 @@ def _gathered_for_writing(params: list[Tensor]) -> Iterator[None]:
         yield
 
 
-def load_dept_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an official DePT checkpoint (directory, or its adapter_model.bin) onto `model`.
-
-    Patches `model` with the matching `DePTConfig` unless it already is. A file without the
-    low-rank pair (or a config with `load_lora_embeddings` false) leaves B = 0, the official
-    init, so the delta is zero; `load_lora_embedding_B` false loads A only. A file that cannot
-    be read, holds B without A, or disagrees with its config raises before `model` changes.
-    """
-    path = Path(path)
-    directory = path if path.is_dir() else path.parent
-    weights = path if path.is_file() else directory / OFFICIAL_WEIGHTS_NAME
-    config_path = directory / CONFIG_NAME
-    fields = _read_json(config_path)
-    peft_type = fields.get("peft_type")
-    if peft_type != "PROMPT_TUNING_LORA":
-        raise ValueError(
-            f"{config_path}: peft_type must be 'PROMPT_TUNING_LORA' (official DePT), "
-            f"got {peft_type!r}"
-        )
-    missing = [
-        k for k in ("num_virtual_tokens", "r", "lora_alpha", "max_length") if k not in fields
-    ]
-    if missing:
-        raise ValueError(f"{config_path} lacks {missing}")
-    # With 2 (PEFT's seq2seq default), the file holds m rows per submodule; the official code,
-    # like PEFT's prompt tuning, feeds only the first m, to the encoder: they are the prompt.
-    submodules = fields.get("num_transformer_submodules", 1)
-    if submodules not in (1, 2) or isinstance(submodules, bool):
-        raise ValueError(
-            f"{config_path}: num_transformer_submodules={submodules!r}; the official code "
-            "saves 1 or 2"
-        )
-    d = model.get_input_embeddings().weight.shape[1]
-    token_dim = fields.get("token_dim", d)
-    if not _is_int(token_dim, 1):
-        raise ValueError(f"{config_path}: token_dim must be an int >= 1, got {token_dim!r}")
-    if token_dim != d:
-        raise ValueError(
-            f"checkpoint token_dim={token_dim} does not match the model's embedding dim d={d}"
-        )
-    try:
-        config = DePTConfig(
-            num_virtual_tokens=fields["num_virtual_tokens"],
-            r=fields["r"],
-            lora_alpha=fields["lora_alpha"],
-            max_length=fields["max_length"],
-        )
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{config_path}: bad DePT config: {err}") from err
-    state = _load_official_state(weights)
-    if "prompt_embeddings" not in state:
-        raise ValueError(f"{weights} has no 'prompt_embeddings' (keys: {sorted(state)})")
-    prompt = state["prompt_embeddings"]
-    m = fields["num_virtual_tokens"]
-    if submodules == 2 and isinstance(m, int) and prompt.dim() == 2 and len(prompt) == 2 * m:
-        prompt = prompt[:m]
-    lora_a = _find(state, "lora_embedding_A")
-    lora_b = _find(state, "lora_embedding_B")
-    if not fields.get("load_lora_embeddings", True):
-        lora_a = lora_b = None
-    elif not fields.get("load_lora_embedding_B", True):
-        lora_b = None
-    if lora_b is not None and lora_a is None:
-        # B without its A would pair with a random A: a delta nobody trained.
-        raise ValueError(
-            f"{weights} holds lora_embedding_B but no lora_embedding_A; a checkpoint carries "
-            "both low-rank factors, or A alone, or neither"
-        )
-    # Checked against the config before `model` is patched, so a bad file leaves it as it was.
-    expected = {
-        "prompt_embeddings": (config.num_virtual_tokens, d),
-        "lora_embedding_A": (config.max_length, config.r),
-        "lora_embedding_B": (config.r, d),
-    }
-    for name, tensor in (
-        ("prompt_embeddings", prompt),
-        ("lora_embedding_A", lora_a),
-        ("lora_embedding_B", lora_b),
-    ):
-        if tensor is not None and tuple(tensor.shape) != expected[name]:
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)} but {config_path} needs "
-                f"{expected[name]} (num_virtual_tokens, max_length, r and d={d})"
-            )
-    adapter = _patched_with(model, config)
-    _check_shape("prompt_embeddings", prompt, adapter.prompt)
-    if lora_a is not None:
-        _check_shape("lora_embedding_A", lora_a, adapter.lora_a)
-    if lora_b is not None:
-        _check_shape("lora_embedding_B", lora_b, adapter.lora_b)
-    with torch.no_grad():
-        adapter.prompt.copy_(prompt)
-        if lora_a is not None:
-            adapter.lora_a.copy_(lora_a)
-        if lora_b is not None:
-            adapter.lora_b.copy_(lora_b)
-        else:
-            adapter.lora_b.zero_()
-    return model
-
-
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no adapter config at {path}")
     try:
@@ -401,31 +261,11 @@ def _load_weights(directory: Path) -> dict[str, Tensor]:
     except SafetensorError as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     for name, tensor in tensors.items():
-        _check_tensor(path, name, tensor)
+        check_tensor(path, name, tensor)
     return tensors
 
 
-def _load_official_state(weights: Path) -> dict[str, Tensor]:
-    """The official checkpoint's state dict, each tensor checked (`_check_tensor`)."""
-    if not weights.is_file():
-        raise FileNotFoundError(f"no {OFFICIAL_WEIGHTS_NAME} at {weights}")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:
-        # torch.load fails on a truncated or foreign file in many ways (zip, pickle, EOF);
-        # what they share is that the file cannot be read.
-        detail = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(
-            f"{weights} is not a readable torch checkpoint: {type(err).__name__}: {detail}"
-        ) from err
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise ValueError(f"{weights} must hold a dict of named tensors, got {type(state).__name__}")
-    for name, tensor in state.items():
-        _check_tensor(weights, name, tensor)
-    return state
-
-
-def _check_tensor(path: Path, name: str, tensor: object) -> None:
+def check_tensor(path: Path, name: str, tensor: object) -> None:
     """A floating tensor of finite values: adapter parameters are never integers, and a NaN
     or inf would reach every output without an error."""
     if not isinstance(tensor, Tensor):
@@ -438,22 +278,15 @@ def _check_tensor(path: Path, name: str, tensor: object) -> None:
         raise ValueError(f"{path}: {name!r} holds non-finite values (NaN or inf)")
 
 
-def _find(state: dict[str, Tensor], suffix: str) -> Tensor | None:
-    keys = [k for k in state if k.endswith(suffix)]
-    if len(keys) > 1:
-        raise ValueError(f"several tensors end with {suffix!r}: {keys}")
-    return state[keys[0]] if keys else None
-
-
-def _check_shape(name: str, tensor: Tensor, target: Tensor) -> None:
+def check_shape(name: str, tensor: Tensor, target: Tensor) -> None:
     want = tuple(full_shape(target))  # an engine's shard has its own shape
     if tuple(tensor.shape) != want:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)} but the adapter expects {want}")
 
 
-def _patched_with(model: nn.Module, config: object) -> nn.Module:
+def patched_with(model: nn.Module, config: object) -> nn.Module:
     """The model's adapter for `config`, patching first when the model is not patched."""
-    if getattr(model, "_dept_kernels_patch", None) is None:
+    if not is_patched(model):
         patch(model, config)
     adapter = adapter_of(model)
     if adapter.config != config:

@@ -1,12 +1,11 @@
 """`stack_adapters`: one model serving T tasks, picked per sample by `task_ids` (B,).
 
 The generic part lives here: resolving models and adapter directories, checking that the
-adapters share one base model, and attaching the result. What stacking means is the adapter
-class's: a method supports multi-task serving by giving its adapter class a classmethod
-`stack(adapters) -> adapter` and reading `task_ids` in its hooks. Prompt tuning and DePT
-stack their prompts (T, m, d) and low-rank pairs (T, L, r) / (T, r, d), which
-`dept_embedding` picks per sample; EPT stacks its folded prompts as prompt tuning does; AoT
-stacks fused (T, V, d) tables.
+adapters share one base model, putting each in its inference form (`Adapter.merged`) and
+attaching the stack. What stacking means is the merged adapter class's (`Adapter.stack`):
+prompt tuning and DePT stack their prompts (T, m, d) and low-rank pairs (T, L, r) /
+(T, r, d), which `dept_embedding` picks per sample; EPT merges into prompt tuning and stacks
+as it does; AoT stacks its fused (T, V, d) tables.
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import read_adapter, read_config
-from .methods import METHODS, PromptAdapter
-from .patch import ADAPTER, accelerated, adapter, attach_adapter, replace_adapter
+from .patch import ADAPTER, accelerated, adapter, attach_adapter, is_patched, replace_adapter
 
 
 def stack_adapters(
@@ -29,8 +27,9 @@ def stack_adapters(
 
     Args:
         sources: patched models, or directories written by `save_adapter`, all with adapters
-            of one method trained on the same base model (AoT: fused adapters). A stacked
-            source contributes all its tasks.
+            of one method trained on the same base model. Each is stacked in its inference
+            form (`merge`: EPT as prompt tuning, AoT fused), the sources left as they are. A
+            stacked source contributes all its tasks.
         model: the model to serve from: unpatched (it gets patched), or patched with the
             method of the sources (its adapter is replaced). By default the first model
             among `sources`, whose adapter is replaced in place.
@@ -60,8 +59,12 @@ def stack_adapters(
                 "trained on"
             )
     for source in sources:
-        _check_stackable(source)
-    if getattr(model, "_dept_kernels_patch", None) is not None:
+        if isinstance(source, nn.Module):
+            adapter(source)  # patched, or a clear error
+            _check_not_accelerated(source)
+        else:
+            read_config(source)  # a readable config, or a clear error, before any tensor
+    if is_patched(model):
         _check_not_accelerated(model)
     adapters = []
     for i, source in enumerate(sources):
@@ -75,30 +78,19 @@ def stack_adapters(
     if len(kinds) > 1:
         names = sorted(k.__name__ for k in kinds)
         raise ValueError(f"stack_adapters needs adapters of one method, got {names}")
-    stacked = type(adapters[0]).stack(adapters)
-    if getattr(model, "_dept_kernels_patch", None) is None:
+    embedding = model.get_input_embeddings().weight
+    served = [a.merged(embedding) for a in adapters]
+    stacked = type(served[0]).stack(served)
+    if not is_patched(model):
         return attach_adapter(model, stacked)
-    # The model's hooks serve any adapter of their family (stacked EPT is prompt tuning).
+    # The model's hooks serve any adapter of their site (stacked EPT is prompt tuning).
     current = adapter(model)
-    if isinstance(current, PromptAdapter) != isinstance(stacked, PromptAdapter):
+    if current.site != stacked.site:
         raise ValueError(
             f"model is patched with a {type(current).__name__}; the stacked adapter is a "
             f"{type(stacked).__name__}"
         )
     return replace_adapter(model, stacked)
-
-
-def _check_stackable(source: nn.Module | str | os.PathLike) -> None:
-    if isinstance(source, nn.Module):
-        kind = type(adapter(source))
-        _check_not_accelerated(source)
-    else:
-        kind = METHODS[type(read_config(source))]
-    if not hasattr(kind, "stack"):
-        raise TypeError(
-            f"{kind.__name__} adapters do not stack: an adapter class serves several tasks by "
-            "defining a classmethod stack(adapters)"
-        )
 
 
 def _check_not_accelerated(model: nn.Module) -> None:

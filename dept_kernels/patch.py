@@ -1,16 +1,18 @@
-"""`patch(model, config)` / `unpatch(model)` / `param_groups(model, ...)` / `fuse(model)`.
+"""`patch(model, config)` / `unpatch(model)` / `param_groups(model, ...)` / `merge(model)`.
 
-`patch` freezes the base weights, attaches the adapter as `model.dept_adapter` and
-registers the architecture's hooks (`dept_kernels.models`), which route the input embedding
-through the fused op (prompt methods) or add AoT P-tuning's bias before every layer. With no
-config it accelerates a PEFT prompt-tuning model or a model of the official DePT code (its
-PEFT fork): the same Parameter objects move into an adapter, and the PEFT wrapper's forward
-and generate go straight to the hooked base model.
+`patch` freezes the base weights, attaches the adapter as `model.dept_adapter` (`ADAPTER`)
+and registers the hooks for the adapter's site (`dept_kernels.models.install`): the input
+embedding through the fused op (prompt methods), or a bias before every layer (AoT
+P-tuning). With no config it accelerates a PEFT model whose prompt encoder a method adopts
+(prompt tuning; the official DePT code's PROMPT_TUNING_LORA): the same Parameter objects move
+into an adapter, and the PEFT wrapper's forward and generate go straight to the hooked base
+model. Nothing here names a method: they come from the registry (`methods.METHODS`,
+`methods.PEFT_TYPES`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -18,27 +20,29 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import models
-from ._engines import check_embedding_unit, embedding_shape, full_shape, is_dtensor, is_sharded
-from .methods import (
-    METHODS,
-    AoTAdapter,
-    AoTConfig,
-    DePTConfig,
-    PromptAdapter,
-    PromptTuningConfig,
-)
+from ._engines import check_embedding_unit, full_shape, is_dtensor
+from .methods import METHODS, PEFT_TYPES, Adapter, adapter_class, group_names
+from .methods.prompt import peft_parameter
 from .models._hooks import positional_names
 
+# The attribute holding a patched model's state. Its adapter lives under ADAPTER on the
+# owner (the base model under a PEFT wrapper); the name is in every whole-model state dict
+# saved from a patched model (`dept_adapter.*` keys), so it is kept for every method.
 _STATE = "_dept_kernels_patch"
 ADAPTER = "dept_adapter"
 
 
 @dataclass
 class _PatchState:
-    owner: nn.Module  # the module holding `dept_adapter` (the base model under a PEFT wrapper)
+    owner: nn.Module  # the module holding the adapter (the base model under a PEFT wrapper)
     handles: list[RemovableHandle]
     requires_grad: dict[nn.Parameter, bool]
     overridden: tuple[str, ...] = field(default=())  # instance attributes set on the wrapper
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether `patch` (or `load_adapter`, `stack_adapters`) has patched `model`."""
+    return getattr(model, _STATE, None) is not None
 
 
 def patch(
@@ -50,8 +54,8 @@ def patch(
 ) -> nn.Module:
     """Attach an adapter to a Hugging Face model, in place.
 
-    Prompt methods patch T5 / GPT-2 / LLaMA; AoT P-tuning also BERT and RoBERTa (every
-    layer; T5: every encoder layer).
+    Prompt methods patch T5 / GPT-2 / LLaMA / Mistral; AoT P-tuning also BERT and RoBERTa
+    (every layer; T5: every encoder layer).
 
     Args:
         model: the model; with `config=None`, a PEFT prompt-tuning model or an official DePT
@@ -69,35 +73,28 @@ def patch(
         `model`, whose forward and generate now take the usual arguments (ids of length s,
         a (B, s) mask, labels) and run the m prompt rows in front, or add AoT's bias.
     """
-    if getattr(model, _STATE, None) is not None:
+    if is_patched(model):
         raise ValueError(
-            f"{type(model).__name__} is already patched with "
-            f"{_state(model).owner.dept_adapter.config}; call dept_kernels.unpatch(model) first"
+            f"{type(model).__name__} is already patched with {adapter(model).config}; call "
+            "dept_kernels.unpatch(model) first"
         )
     if config is None:
         return _accelerate(model, trim_padding)
-    adapter = new_adapter(model, config, generator=generator)
-    return attach_adapter(model, adapter, trim_padding=trim_padding)
+    new = new_adapter(model, config, generator=generator)
+    return attach_adapter(model, new, trim_padding=trim_padding)
 
 
 def new_adapter(
     model: nn.Module, config: object, *, generator: torch.Generator | None = None
-) -> nn.Module:
+) -> Adapter:
     """A freshly initialised adapter of `config` for `model`, not attached to it."""
-    if type(config) not in METHODS:
-        names = ", ".join(c.__name__ for c in METHODS)
-        raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
-    aot = isinstance(config, AoTConfig)
+    cls = adapter_class(config)
     # The architecture first: it names what is supported, before any attribute is read.
-    layers = models.aot_sites(model)[1] if aot else models.architecture(model)
-    weight = model.get_input_embeddings().weight
+    spec = models.describe(model, cls.site)
     # FSDP2 manages the parameters present when fully_shard ran: a new adapter's would be
     # neither sharded nor have their gradients reduced across ranks.
-    _check_not_fully_sharded(model, weight)
-    if aot:
-        d = model.config.hidden_size
-        return AoTAdapter.create(config, weight, len(layers), d, generator=generator)
-    return METHODS[type(config)](config, weight, generator=generator)
+    _check_not_fully_sharded(model, spec.embedding.weight)
+    return cls.create(config, spec, generator=generator)
 
 
 def _check_not_fully_sharded(model: nn.Module, tensor: torch.Tensor) -> None:
@@ -109,23 +106,19 @@ def _check_not_fully_sharded(model: nn.Module, tensor: torch.Tensor) -> None:
 
 
 def attach_adapter(
-    model: nn.Module, adapter: nn.Module, *, trim_padding: bool | None = None
+    model: nn.Module, adapter: Adapter, *, trim_padding: bool | None = None
 ) -> nn.Module:
     """Patch an unpatched `model` with a ready adapter (built by `new_adapter`, loaded from a
     checkpoint, or stacked): freeze the base weights and install the hooks. The model's
     `generate` then takes `task_ids` (B,) for a stacked adapter, as its forward does.
     `trim_padding` as in `patch`."""
     _check_adapter(adapter, model)
-    if isinstance(adapter, AoTAdapter):
-        if trim_padding:
-            raise ValueError(
-                "trim_padding applies to the prompt methods; AoT P-tuning adds its bias to "
-                "every column the model runs"
-            )
-        install = models.install_aot
-    else:
-        install = models.architecture(model).install
-    state = _attach(model, model, install, adapter, freeze=True, trim_padding=trim_padding)
+    if trim_padding and not adapter.trims_padding:
+        raise ValueError(
+            f"trim_padding applies to adapters of the input embedding; a "
+            f"{type(adapter).__name__} acts at {adapter.site!r}, on every column the model runs"
+        )
+    state = _attach(model, model, adapter, freeze=True, trim_padding=trim_padding)
     if hasattr(type(model), "generate"):
         model.__dict__["generate"] = models.Generate(model)
         state.overridden = ("generate",)
@@ -146,7 +139,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter(model: nn.Module) -> nn.Module:
+def adapter(model: nn.Module) -> Adapter:
     """The adapter of a patched model (also under a PEFT wrapper)."""
     return getattr(_state(model).owner, ADAPTER)
 
@@ -156,27 +149,61 @@ def param_groups(
     prompt_lr: float | None = None,
     lowrank_lr: float | None = None,
     weight_decay: float = 0.01,
+    **group_lrs: float,
 ) -> list[dict]:
-    """Optimizer groups: the soft prompt at `prompt_lr`, the low-rank pair (DePT) or the
-    reparameterisation (EPT, AoT) at `lowrank_lr`. Pass to `torch.optim.AdamW(...)` or build
-    the optimizer for a `Trainer` with it (`Trainer(..., optimizers=(opt, None))`). AoT has
-    no soft prompt, so it needs `lowrank_lr` only.
+    """Optimizer groups of the adapter's trainable parameters, one per named group.
+
+    Each group's learning rate is `<name>_lr` when given, else the method's default
+    (`Adapter.groups`: DePT's prompt 3e-1 and low-rank pair 1e-4, prompt tuning's 3e-1);
+    a group without either raises. `prompt_lr` is the soft prompt's, `lowrank_lr` the
+    low-rank pair's (DePT) or the reparameterisation's (EPT, AoT); another method's group
+    `x` takes `x_lr=`. A rate for a group this adapter lacks is ignored, so one training
+    script serves several methods. Pass the result to `torch.optim.AdamW(...)`, or build the
+    optimizer for a `Trainer` with it (`Trainer(..., optimizers=(opt, None))`).
 
     Only the adapter's trainable parameters are listed; a PEFT model's extra trainable
     modules (e.g. a classifier in `modules_to_save`) need their own group.
     """
+    known = group_names()
+    unknown = sorted(k for k in group_lrs if not (k.endswith("_lr") and k[:-3] in known))
+    if unknown:
+        names = ", ".join(f"{n}_lr" for n in sorted(known))
+        raise TypeError(f"param_groups got unknown arguments {unknown}; group rates are {names}")
+    lrs = {k[:-3]: v for k, v in group_lrs.items()}
+    lrs.update({n: v for n, v in (("prompt", prompt_lr), ("lowrank", lowrank_lr)) if v is not None})
     current = adapter(model)
     groups = []
-    for params, lr, name in zip(
-        current.param_groups(), (prompt_lr, lowrank_lr), ("prompt_lr", "lowrank_lr"), strict=True
-    ):
+    for name, params in current.param_groups().items():
         params = [p for p in params if p.requires_grad]
         if not params:
             continue
+        lr = lrs.get(name, type(current).groups.get(name))
         if lr is None:
-            raise ValueError(f"{type(current).__name__} has parameters that need {name}")
+            raise ValueError(
+                f"{type(current).__name__} has parameters that need {name}_lr (the method has "
+                "no default learning rate for them)"
+            )
         groups.append({"params": params, "lr": lr, "weight_decay": weight_decay})
     return groups
+
+
+def merge(
+    model: nn.Module,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Put a trained adapter in its inference form, for serving; returns `model`.
+
+    EPT becomes the plain (n, d) prompt-tuning adapter holding p'; AoT P-tuning's per-layer
+    (V, d) tables are materialised once, so each layer's bias is a gather-add
+    (`ops.aot_bias_add`); prompt tuning and DePT are served as trained (no change). `dtype`
+    and `device` place materialised tables (default: the adapter's); `device="cpu"` for a
+    model on the GPU keeps AoT tables in host memory and moves only the rows each batch
+    needs.
+    """
+    current = adapter(model)
+    merged = current.merged(model.get_input_embeddings().weight, dtype=dtype, device=device)
+    return model if merged is current else replace_adapter(model, merged)
 
 
 def fuse(
@@ -184,39 +211,36 @@ def fuse(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Materialise a trained AoT adapter's per-layer (V, d) tables once, for inference.
-
-    Afterwards each layer's bias is a gather-add (`ops.aot_bias_add`). `dtype` and `device`
-    default to the adapter's; `device="cpu"` for a model on the GPU keeps the tables in host
-    memory and moves only the rows each batch needs. Returns `model`.
-    """
+    """Deprecated: `merge(model, dtype, device)` for AoT P-tuning. Unlike `merge`, it fuses
+    the adapter object in place, as it always did."""
+    warnings.warn("dept_kernels.fuse is deprecated; use dept_kernels.merge", DeprecationWarning, 2)
     current = adapter(model)
-    if not isinstance(current, AoTAdapter):
+    if current.site != "layer_input":
         raise TypeError(
             f"fuse materialises AoT P-tuning tables; {type(current).__name__} has none "
-            "(EPT adapters fold: dept_kernels.fold)"
+            "(dept_kernels.merge puts any adapter in its inference form)"
         )
-    if is_sharded([*current.parameters(), model.get_input_embeddings().weight]):
-        # Fusing replaces the adapter's parameters by buffers, which an engine managing
-        # them (its optimizer, its shards) would not follow.
-        raise ValueError(
-            "fuse needs the whole adapter and embedding, but an engine (FSDP, DeepSpeed "
-            "ZeRO-3) shards them: save the adapter (dept_kernels.save_adapter, on every rank), "
-            "load it onto an unwrapped model and fuse there"
-        )
-    current.fuse(model.get_input_embeddings().weight, dtype=dtype, device=device)
+    if current.fused:
+        raise ValueError("the adapter is already fused")
+    merged = current.merged(model.get_input_embeddings().weight, dtype=dtype, device=device)
+    for layer, fused in zip(current.layers, merged.layers, strict=True):
+        layer.set_table(fused.table)
     return model
 
 
 def fold(model: nn.Module) -> nn.Module:
-    """Replace a trained EPT adapter by the equivalent plain (n, d) prompt-tuning adapter."""
+    """Deprecated: `merge(model)` on an EPT adapter."""
+    warnings.warn("dept_kernels.fold is deprecated; use dept_kernels.merge", DeprecationWarning, 2)
     current = adapter(model)
-    if not hasattr(current, "fold"):
-        raise TypeError(f"{type(current).__name__} has nothing to fold (EPT adapters fold)")
-    return replace_adapter(model, current.fold())
+    if not hasattr(current, "prompt_row"):
+        raise TypeError(
+            f"{type(current).__name__} has nothing to fold (EPT adapters fold; "
+            "dept_kernels.merge puts any adapter in its inference form)"
+        )
+    return merge(model)
 
 
-def replace_adapter(model: nn.Module, new: nn.Module) -> nn.Module:
+def replace_adapter(model: nn.Module, new: Adapter) -> nn.Module:
     """Swap a patched model's adapter for one its hooks serve the same way."""
     owner = _state(model).owner
     _check_adapter(new, owner, current=getattr(owner, ADAPTER))
@@ -225,34 +249,19 @@ def replace_adapter(model: nn.Module, new: nn.Module) -> nn.Module:
     return model
 
 
-def _check_adapter(adapter: object, model: nn.Module, current: nn.Module | None = None) -> None:
+def _check_adapter(adapter: object, model: nn.Module, current: Adapter | None = None) -> None:
     """`adapter` fits `model` (and, replacing `current`, the hooks installed for it)."""
-    if not isinstance(adapter, (PromptAdapter, AoTAdapter)):
+    if not isinstance(adapter, Adapter):
         raise TypeError(
-            "adapter must be a PromptAdapter or an AoTAdapter (from new_adapter, load_adapter "
-            f"or stack_adapters), got {type(adapter).__name__}"
+            "adapter must be a dept_kernels Adapter (from new_adapter, load_adapter or "
+            f"stack_adapters), got {type(adapter).__name__}"
         )
-    if current is not None and isinstance(adapter, AoTAdapter) != isinstance(current, AoTAdapter):
+    if current is not None and adapter.site != current.site:
         raise TypeError(
             f"the model's hooks serve a {type(current).__name__}, not a "
             f"{type(adapter).__name__}; unpatch it and attach the new adapter instead"
         )
-    if isinstance(adapter, AoTAdapter):
-        layers = len(models.aot_sites(model)[1])
-        got = (len(adapter.layers), adapter.layers[0].d)
-        if got != (layers, model.config.hidden_size):
-            raise ValueError(
-                f"the AoTAdapter has {got[0]} layers of width {got[1]}; the model has {layers} "
-                f"layers of width {model.config.hidden_size}"
-            )
-        return
-    d = embedding_shape(model.get_input_embeddings().weight)[1]
-    width = full_shape(adapter.prompt)[-1]  # an engine's shard has its own shape
-    if width != d:
-        raise ValueError(
-            f"the {type(adapter).__name__}'s prompt has width {width}; the model's embeddings "
-            f"have d={d}"
-        )
+    adapter.check_fits(models.describe(model, adapter.site))
 
 
 def accelerated(model: nn.Module) -> bool:
@@ -271,8 +280,7 @@ def _state(model: nn.Module) -> _PatchState:
 def _attach(
     model: nn.Module,
     owner: nn.Module,
-    install: Callable[[nn.Module, models.AdapterOf], list[RemovableHandle]],
-    adapter: nn.Module,
+    adapter: Adapter,
     *,
     freeze: bool,
     trim_padding: bool | None = None,
@@ -289,7 +297,8 @@ def _attach(
     adapter.train(owner.training)
     setattr(owner, ADAPTER, adapter)
     try:
-        handles = install(owner, models.AdapterOf(owner, ADAPTER, trim_padding))
+        adapter_of = models.AdapterOf(owner, ADAPTER, trim_padding)
+        handles = models.install(owner, adapter_of, adapter.site)
         # First of all hooks: the layout check runs before any hook reads the embedding.
         handles.append(owner.register_forward_pre_hook(_LayoutCheck(), prepend=True))
     except Exception:
@@ -338,37 +347,27 @@ def _peft_type(config: object) -> str:
     return str(getattr(peft_type, "value", peft_type))
 
 
-def _tensor(obj: object, name: str) -> nn.Parameter:
-    """A prompt-encoder attribute as its Parameter (nn.Embedding / nn.Linear give .weight)."""
-    value = getattr(obj, name, None)
-    value = getattr(value, "weight", value)
-    if not isinstance(value, nn.Parameter):
-        raise TypeError(
-            f"prompt encoder attribute {name!r} is not a Parameter or a module with one"
-        )
-    return value
-
-
 def _accelerate(model: nn.Module, trim_padding: bool | None = None) -> nn.Module:
-    """Route a PEFT prompt-tuning (or official DePT) model's forward through the fused op."""
+    """Route a PEFT model's forward through the adapter adopting its prompt encoder."""
     peft_configs = getattr(model, "peft_config", None)
     active = getattr(model, "active_adapter", "default")
     if not isinstance(peft_configs, dict) or active not in peft_configs:
         raise TypeError(
-            f"patch({type(model).__name__}) needs a config (DePTConfig, PromptTuningConfig, "
-            "EPTConfig); only PEFT prompt-tuning and official DePT models patch without one"
+            f"patch({type(model).__name__}) needs a config (one of "
+            f"{', '.join(sorted(c.__name__ for c in METHODS))}); only PEFT models of types "
+            f"{sorted(PEFT_TYPES)} patch without one"
         )
     peft_config = peft_configs[active]
     peft_type = _peft_type(peft_config)
-    if peft_type not in ("PROMPT_TUNING", "PROMPT_TUNING_LORA"):
+    if peft_type not in PEFT_TYPES:
         raise TypeError(
-            f"patch() without a config accelerates PROMPT_TUNING and PROMPT_TUNING_LORA models, "
+            f"patch() without a config accelerates {' and '.join(sorted(PEFT_TYPES))} models, "
             f"got peft_type {peft_type!r}"
         )
     encoder = model.prompt_encoder[active]
     base = model.base_model
     m = peft_config.num_virtual_tokens
-    prompt = _tensor(encoder, "embedding")
+    prompt = peft_parameter(encoder, "embedding")
     # FSDP2 swaps in gathered tensors on the modules it wrapped, not on the adapter that
     # would hold the same Parameters: the adapter would read the shards.
     _check_not_fully_sharded(model, prompt)
@@ -390,43 +389,8 @@ def _accelerate(model: nn.Module, trim_padding: bool | None = None) -> nn.Module
             f"{m} and num_transformer_submodules={submodules}; expected {m * submodules}"
         )
     weight = base.get_input_embeddings().weight
-    if peft_type == "PROMPT_TUNING":
-        new = METHODS[PromptTuningConfig](PromptTuningConfig(m), weight)
-        new.prompt = prompt
-    else:
-        lora_a, lora_b = _tensor(encoder, "lora_embedding_A"), _tensor(encoder, "lora_embedding_B")
-        config = DePTConfig(
-            num_virtual_tokens=m,
-            r=peft_config.r,
-            lora_alpha=peft_config.lora_alpha,
-            max_length=peft_config.max_length,
-        )
-        scaling = getattr(encoder, "scaling", config.scaling)
-        if abs(scaling - config.scaling) > 1e-12 * max(1.0, abs(config.scaling)):
-            raise ValueError(
-                f"prompt encoder scaling {scaling} differs from lora_alpha / sqrt(r) = "
-                f"{config.scaling}"
-            )
-        expected = {
-            "lora_embedding_A": (config.max_length, config.r),
-            "lora_embedding_B": (config.r, embedding_shape(weight)[1]),
-        }
-        for name, tensor in (("lora_embedding_A", lora_a), ("lora_embedding_B", lora_b)):
-            if tuple(full_shape(tensor)) != expected[name]:
-                raise ValueError(
-                    f"{name} has shape {tuple(full_shape(tensor))}, expected {expected[name]} from "
-                    "peft_config (max_length, r, token_dim)"
-                )
-        new = METHODS[DePTConfig](config, weight)
-        new.prompt, new.lora_a, new.lora_b = prompt, lora_a, lora_b
-    state = _attach(
-        model,
-        base,
-        models.architecture(base).install,
-        new,
-        freeze=False,
-        trim_padding=trim_padding,
-    )
+    new = PEFT_TYPES[peft_type].adopt(peft_config, encoder, weight)
+    state = _attach(model, base, new, freeze=False, trim_padding=trim_padding)
     # Objects, not bound methods or closures: a deep copy or a pickle of the model keeps them,
     # bound to the copy.
     model.__dict__["forward"] = _PeftForward(model)

@@ -1,14 +1,27 @@
-"""Config validation, initialisation and the equal-budget rule."""
+"""Config validation, initialisation, the equal-budget rule, and the method interface:
+registration, parameter groups, the merged (inference) form."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 
 import dept_kernels as dk
-from dept_kernels.methods import DePTAdapter, EPTAdapter, PromptTuningAdapter
+from dept_kernels.methods import (
+    METHODS,
+    DePTAdapter,
+    EPTAdapter,
+    MethodConfig,
+    PromptAdapter,
+    PromptTuningAdapter,
+    register_method,
+)
+from dept_kernels.methods.base import stack_tensors
 
 
 def table(v=50, d=16):
@@ -89,3 +102,189 @@ def test_ept_shapes_and_residual():
     torch.testing.assert_close(adapter.prompt_row(), adapter.prompt.float())  # W_up = 0
     plain = EPTAdapter(dk.EPTConfig(residual=False), weight)
     assert not plain.prompt_row().any()
+
+
+def test_ept_prompt_inits():
+    weight = table()
+    text = EPTAdapter(dk.EPTConfig(3, prompt_init="text", init_text=(7, 2)), weight)
+    torch.testing.assert_close(text.prompt, weight[[7]], rtol=0, atol=0)
+    vocab = EPTAdapter(dk.EPTConfig(prompt_init="vocab"), weight).prompt
+    assert (weight == vocab).all(-1).any()
+    with pytest.raises(ValueError, match="init_text"):
+        dk.EPTConfig(prompt_init="text")
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+def _gpt2(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=32,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@dataclass(frozen=True)
+class _DoubledConfig(MethodConfig):
+    """A method defined outside the library: a prompt read at twice its value."""
+
+    num_virtual_tokens: int
+
+    method: ClassVar[str] = "doubled_prompt"
+
+
+class _DoubledAdapter(PromptAdapter):
+    groups: ClassVar[dict[str, float | None]] = {"prompt": 0.5}
+
+    def __init__(self, config, weight, generator=None):
+        super().__init__()
+        self.config = config
+        self.num_virtual_tokens = config.num_virtual_tokens
+        self.prompt = torch.nn.Parameter(torch.randn(config.num_virtual_tokens, weight.shape[1]))
+
+    def op_args(self):
+        return {"prompt": 2 * self.active_prompt()}
+
+    def param_groups(self):
+        return {"prompt": [self.prompt]}
+
+    @classmethod
+    def stack(cls, adapters):
+        return adapters[0].with_parameters(prompt=stack_tensors([a.prompt for a in adapters]))
+
+
+@pytest.fixture
+def doubled_method():
+    """`_DoubledConfig` registered for one test, as a third-party method module would."""
+    register_method(_DoubledConfig, _DoubledAdapter)
+    yield
+    del METHODS[_DoubledConfig]
+
+
+def test_a_registered_method_needs_no_generic_module_change(doubled_method, tmp_path):
+    """patch, param_groups, save/load, merge and stack_adapters serve a method they never
+    name, through the Adapter interface and the registry."""
+    model = dk.patch(_gpt2(), _DoubledConfig(3))
+    adapter = dk.adapter(model)
+    assert isinstance(adapter, _DoubledAdapter)
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids=ids).logits
+    base = _gpt2()
+    embeds = torch.cat(
+        [2 * adapter.prompt.detach().expand(2, 3, 16), base.get_input_embeddings()(ids)], 1
+    )
+    torch.testing.assert_close(logits, base(inputs_embeds=embeds).logits)
+    assert dk.param_groups(model) == [{"params": [adapter.prompt], "lr": 0.5, "weight_decay": 0.01}]
+    assert dk.merge(model) is model and dk.adapter(model) is adapter
+    dk.save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config == {"method": "doubled_prompt", "num_virtual_tokens": 3, "num_tasks": None}
+    loaded = dk.load_adapter(_gpt2(), tmp_path / "a")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, logits)
+    served = dk.stack_adapters([tmp_path / "a", model], model=_gpt2())
+    out = served(input_ids=ids, task_ids=torch.tensor([1, 0])).logits
+    torch.testing.assert_close(out, logits)
+
+
+def test_register_method_refuses_bad_entries():
+    with pytest.raises(TypeError, match="MethodConfig"):
+        register_method(dict, _DoubledAdapter)
+    with pytest.raises(TypeError, match="Adapter"):
+        register_method(_DoubledConfig, torch.nn.Linear)
+
+    @dataclass(frozen=True)
+    class Clash(MethodConfig):
+        method: ClassVar[str] = "dept"
+
+    with pytest.raises(ValueError, match="'dept' is taken by DePTConfig"):
+        register_method(Clash, _DoubledAdapter)
+    assert Clash not in METHODS
+
+
+def test_param_groups_default_rates_and_names():
+    dept = dk.patch(_gpt2(), dk.DePTConfig(2, r=2))
+    assert [g["lr"] for g in dk.param_groups(dept)] == [3e-1, 1e-4]  # the paper's pair
+    assert [g["lr"] for g in dk.param_groups(dept, lowrank_lr=1e-3)] == [3e-1, 1e-3]
+    # A rate for a group the adapter lacks is ignored; an unknown name is an error.
+    pt = dk.patch(_gpt2(), dk.PromptTuningConfig(2))
+    assert [g["lr"] for g in dk.param_groups(pt, lowrank_lr=1e-3)] == [3e-1]
+    with pytest.raises(TypeError, match=r"unknown arguments \['prompt_rate'\]"):
+        dk.param_groups(pt, prompt_rate=0.1)
+    ept = dk.patch(_gpt2(), dk.EPTConfig(2))
+    with pytest.raises(ValueError, match="EPTAdapter has parameters that need prompt_lr"):
+        dk.param_groups(ept, lowrank_lr=1e-3)
+
+
+def test_merge_is_the_one_inference_form():
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    ept = dk.patch(_gpt2(), dk.EPTConfig(3, hidden=2))
+    with torch.no_grad():
+        dk.adapter(ept).w_up.normal_()
+    before = ept(input_ids=ids).logits
+    assert isinstance(dk.adapter(dk.merge(ept)), PromptTuningAdapter)
+    torch.testing.assert_close(ept(input_ids=ids).logits, before)
+    aot = dk.patch(_gpt2(), dk.AoTConfig("kron", r=2, dropout=0.0))
+    with torch.no_grad():
+        for layer in dk.adapter(aot).layers:
+            layer.w_r.normal_()
+    unfused = dk.adapter(aot)
+    before = aot(input_ids=ids).logits
+    dk.merge(aot)
+    assert dk.adapter(aot).fused and not unfused.fused  # a new module; the old one unchanged
+    torch.testing.assert_close(aot(input_ids=ids).logits, before)
+    assert dk.merge(aot) is aot  # already merged
+    dept = dk.patch(_gpt2(), dk.DePTConfig(2, r=2))
+    same = dk.adapter(dept)
+    assert dk.adapter(dk.merge(dept)) is same  # trained form is the inference form
+
+
+def test_fold_and_fuse_are_deprecated_aliases():
+    ept = dk.patch(_gpt2(), dk.EPTConfig(2))
+    with pytest.warns(DeprecationWarning, match="use dept_kernels.merge"):
+        dk.fold(ept)
+    assert isinstance(dk.adapter(ept), PromptTuningAdapter)
+    aot = dk.patch(_gpt2(), dk.AoTConfig("fc", r=2))
+    adapter = dk.adapter(aot)
+    with pytest.warns(DeprecationWarning, match="use dept_kernels.merge"):
+        dk.fuse(aot)
+    assert adapter.fused and dk.adapter(aot) is adapter  # in place, as it always was
+    with pytest.warns(DeprecationWarning, match="use merged"):
+        EPTAdapter(dk.EPTConfig(), table()).fold()
+
+
+def test_stack_adapters_merges_unfused_sources():
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    models = []
+    for seed in (0, 1):
+        model = dk.patch(_gpt2(), dk.AoTConfig("kron", r=2, dropout=0.0))
+        with torch.no_grad():
+            for layer in dk.adapter(model).layers:
+                layer.w_r.copy_(
+                    torch.randn(layer.w_r.shape, generator=torch.Generator().manual_seed(seed))
+                )
+        models.append(model)
+    singles = [m(input_ids=ids).logits for m in models]
+    served = dk.stack_adapters(models, model=_gpt2())
+    out = served(input_ids=ids, task_ids=torch.tensor([1, 0])).logits
+    torch.testing.assert_close(out[0], singles[1][0])
+    torch.testing.assert_close(out[1], singles[0][1])
+    assert not any(dk.adapter(m).fused for m in models)  # the sources are left as they are
+
+
+def test_is_patched():
+    model = _gpt2()
+    assert not dk.is_patched(model)
+    dk.patch(model, dk.PromptTuningConfig(2))
+    assert dk.is_patched(model)
+    dk.unpatch(model)
+    assert not dk.is_patched(model)

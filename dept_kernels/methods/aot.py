@@ -1,8 +1,8 @@
-"""AoT P-tuning (DESIGN.md §1, AoT): a per-layer, per-token bias before each layer.
+"""AoT P-tuning (docs/design.md §1, AoT): a per-layer, per-token bias before each layer.
 
 Before transformer layer i, `H_i += P_i[ids]` with a (V, d) table `P_i` that is trained
 through a reparameterisation (Kronecker or FC) evaluated on the batch's distinct ids only,
-and after training `fuse`d into a plain table, so that inference is a gather-add. Fused
+and after training merged (`merged`) into a plain table, so that inference is a gather-add. Fused
 adapters of several tasks `stack` into (T, V, d) tables picked per sample by `task_ids`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,13 +27,25 @@ from ..ops.aot import (
     _distinct_ids,
     checked_ids,
 )
-from .base import as_stacked, check_int, check_same_kind, check_task_ids
+from .base import (
+    Adapter,
+    MethodConfig,
+    as_stacked,
+    check_int,
+    check_same_kind,
+    check_task_ids,
+    is_int,
+    register_method,
+)
+
+if TYPE_CHECKING:
+    from ..models import ModelSpec
 
 REPARAMS = ("fc", "kron")
 
 
 @dataclass(frozen=True)
-class AoTConfig:
+class AoTConfig(MethodConfig):
     """AoT P-tuning.
 
     Args:
@@ -137,7 +149,7 @@ class AoTLayer(nn.Module):
         return self.table is not None
 
     def _fp32(self) -> dict[str, Tensor]:
-        # The rows are formed in fp32 whatever the parameters' dtype (DESIGN.md §1: fp32
+        # The rows are formed in fp32 whatever the parameters' dtype (docs/design.md §1: fp32
         # accumulation always); the casts are of the small factors, not of (B, s, d) data.
         return {name: p.float() for name, p in self._parameters.items()}
 
@@ -178,7 +190,7 @@ class AoTLayer(nn.Module):
             if self.training:
                 raise RuntimeError(
                     "a fused AoT adapter is for inference: its tables are fixed buffers. "
-                    "Call model.eval(), or train the unfused adapter and fuse afterwards"
+                    "Call model.eval(), or train the unfused adapter and merge afterwards"
                 )
             return _fused_add(hidden, input_ids, self.table, task_ids, inplace, _ids_checked)
         if task_ids is not None:
@@ -307,8 +319,13 @@ def _uniform(shape, bound, generator, dtype, device) -> Tensor:
     return out.to(dtype=dtype, device=device)
 
 
-class AoTAdapter(nn.Module):
+class AoTAdapter(Adapter):
     """One `AoTLayer` per transformer layer, in `layers`."""
+
+    site: ClassVar[str] = "layer_input"
+    # No soft prompt: every parameter is in the reparameterisation group. The AoT paper's
+    # learning rates were searched per task, so none is a default here.
+    groups: ClassVar[dict[str, float | None]] = {"lowrank": None}
 
     def __init__(self, config: AoTConfig, layers: Iterable[AoTLayer]) -> None:
         super().__init__()
@@ -317,21 +334,19 @@ class AoTAdapter(nn.Module):
 
     @classmethod
     def create(
-        cls,
-        config: AoTConfig,
-        embedding: Tensor,
-        num_layers: int,
-        d: int,
-        *,
-        generator: torch.Generator | None = None,
+        cls, config: AoTConfig, spec: ModelSpec, generator: torch.Generator | None = None
     ) -> AoTAdapter:
-        """A fresh adapter for a model whose input embedding is `embedding` (V, e).
+        """A fresh adapter for the model `spec` describes: one layer per `spec.layers`.
 
-        Parameters take the embedding's dtype and device, like the prompt methods.
+        Parameters take the input embedding's dtype and device, like the prompt methods.
         """
+        embedding = spec.embedding.weight
         vocab, embed_dim = embedding_shape(embedding)  # an engine's shard has its own shape
         kw = {"dtype": embedding.dtype, "device": embedding.device, "generator": generator}
-        return cls(config, (AoTLayer(config, vocab, embed_dim, d, **kw) for _ in range(num_layers)))
+        d = spec.hidden_size
+        return cls(
+            config, (AoTLayer(config, vocab, embed_dim, d, **kw) for _ in range(len(spec.layers)))
+        )
 
     @classmethod
     def from_tables(cls, config: AoTConfig, tables: Sequence[Tensor]) -> AoTAdapter:
@@ -353,7 +368,7 @@ class AoTAdapter(nn.Module):
         for i, other in enumerate(adapters):
             if not other.fused:
                 raise ValueError(
-                    f"adapter {i} is not fused; stack fused adapters (dept_kernels.fuse(model))"
+                    f"adapter {i} is not fused; stack fused adapters (dept_kernels.merge(model))"
                 )
             if other.config.reparam != first.config.reparam:
                 raise ValueError(
@@ -418,40 +433,82 @@ class AoTAdapter(nn.Module):
             )
         return input_ids, checked_ids(task_ids, tasks, "task_ids")
 
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """AoT has no soft prompt: every parameter is in the reparameterisation group."""
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
         if self.fused:
             raise RuntimeError(
                 "a fused AoT adapter has no trainable parameters (its tables are fixed); "
-                "train the unfused adapter, then fuse"
+                "train the unfused adapter, then merge"
             )
-        return [], [p for p in self.parameters() if p.requires_grad]
+        return {"lowrank": [p for p in self.parameters() if p.requires_grad]}
+
+    def check_fits(self, spec: ModelSpec) -> None:
+        got = (len(self.layers), self.layers[0].d)
+        if got != (len(spec.layers), spec.hidden_size):
+            raise ValueError(
+                f"the AoTAdapter has {got[0]} layers of width {got[1]}; the model has "
+                f"{len(spec.layers)} layers of width {spec.hidden_size}"
+            )
 
     @torch.no_grad()
-    def fuse(
+    def merged(
         self,
-        embedding: Tensor | None,
+        embedding: Tensor,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-    ) -> None:
-        """Materialise each layer's (V, d) table once; the reparameterisation is dropped.
+    ) -> AoTAdapter:
+        """The fused adapter: each layer's (V, d) table materialised once, the
+        reparameterisation dropped. A fused adapter is its own merged form.
 
         `dtype` and `device` default to the parameters'. `device="cpu"` for a model on the
         GPU keeps the tables in host memory: each batch then moves only the rows it needs.
-        `embedding` is the model's input table (used by the FC form).
+        `embedding` is the model's input table (read by the FC form).
         """
         if self.fused:
-            raise ValueError("the adapter is already fused")
+            return self
+        self.check_whole(embedding)
+        tables = []
         for layer in self.layers:
             ref = next(layer.parameters())
             table = layer.materialise(embedding)
-            layer.set_table(table.to(dtype=dtype or ref.dtype, device=device or ref.device))
+            tables.append(table.to(dtype=dtype or ref.dtype, device=device or ref.device))
+        return type(self).from_tables(self.config, tables)
 
-    def load_tables(self, tables: Sequence[Tensor]) -> None:
-        """Fuse with given per-layer tables (a saved fused adapter) instead of materialising."""
-        if self.fused:
-            raise ValueError("the adapter is already fused")
-        if len(tables) != len(self.layers):
-            raise ValueError(f"got {len(tables)} tables for {len(self.layers)} layers")
-        for layer, table in zip(self.layers, tables, strict=True):
-            layer.set_table(table.to(next(layer.parameters()).device))
+    def state_fields(self) -> dict[str, Any]:
+        # The Kronecker and FC shapes need not show V, and a fused adapter saves tables
+        # instead of its reparameterisation.
+        return {**super().state_fields(), "fused": self.fused, "vocab_size": self.vocab}
+
+    @classmethod
+    def read_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        read = super().read_fields(fields)
+        fused = fields.pop("fused", False)
+        # A string such as "false" would read as true: only JSON booleans are taken.
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be true or false, got {fused!r}")
+        # Files written before vocab_size was recorded skip its check.
+        vocab = fields.pop("vocab_size", None)
+        if vocab is not None and not is_int(vocab, 1):
+            raise ValueError(f"vocab_size must be an int >= 1, got {vocab!r}")
+        return {**read, "fused": fused, "vocab_size": vocab}
+
+    @classmethod
+    def skeleton(cls, config: AoTConfig, spec: ModelSpec, fields: dict[str, Any]) -> AoTAdapter:
+        adapter = cls.create(config, spec)
+        vocab, tasks = fields["vocab_size"], fields["num_tasks"]
+        if vocab is not None and vocab != adapter.vocab:
+            raise ValueError(
+                f"the AoT adapter was saved for a vocabulary of V={vocab}, the model's has "
+                f"V={adapter.vocab}: they were not trained on the same base model"
+            )
+        if not fields["fused"]:
+            if tasks is not None:
+                raise ValueError(f"num_tasks={tasks}: stacked AoT adapters are fused")
+            return adapter
+        # The tables' shapes on the meta device: the loader puts the file's tables in their
+        # place rather than allocating them twice.
+        lead = () if tasks is None else (tasks,)
+        shape = (*lead, adapter.vocab, spec.hidden_size)
+        return cls.from_tables(config, [torch.empty(shape, device="meta") for _ in adapter.layers])
+
+
+register_method(AoTConfig, AoTAdapter)

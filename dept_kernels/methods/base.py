@@ -1,61 +1,191 @@
-"""What every input-embedding adapter shares: prompt initialisation, the op call and the
-pieces of multi-task stacking."""
+"""What every method is: a frozen config dataclass, an adapter module and their registration.
+
+The generic modules (`patch`, `checkpoint`, `multitask`) handle adapters through `Adapter`
+only and find a method through `METHODS` / `method_config`, so a new method is its module:
+a config subclassing `MethodConfig`, an adapter subclassing `Adapter` (or `PromptAdapter`
+for an input-embedding method) and one `register_method(config_cls, adapter_cls)` call at
+its end (docs/design.md §5).
+"""
 
 from __future__ import annotations
 
 import abc
-import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .._engines import embedding_shape, full_shape, gathered_parameters, is_dtensor
-from ..ops import dept_embedding
-from ..ops._validate import FLOAT_DTYPES
+from .._engines import is_sharded
 
-PROMPT_INITS = ("random", "vocab", "text")
+if TYPE_CHECKING:  # the models layer sits above this one; only its record type is named
+    from ..models import ModelSpec
 
 
-def check_prompt_init(prompt_init: str, init_text: tuple[int, ...] | None) -> None:
-    """Validate the `prompt_init` / `init_text` pair of a config."""
-    if prompt_init not in PROMPT_INITS:
-        raise ValueError(f"prompt_init must be one of {PROMPT_INITS}, got {prompt_init!r}")
-    if prompt_init == "text":
-        if not init_text:
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of the method configs: frozen (hashable, comparable) dataclasses whose fields
+    are the method's hyperparameters, saved as JSON with the adapter."""
+
+    # The name a saved adapter's `adapter_config.json` records ("dept", "aot", ...).
+    method: ClassVar[str]
+
+
+class Adapter(nn.Module, abc.ABC):
+    """A method's trainable state and its computation, attached to a model by `patch`.
+
+    A subclass says where on the model it acts (`site`, one of `models.SITES`), which
+    parameter groups it trains and at which default learning rates (`groups`), how it is
+    built for a model (`create`), how several serve as one multi-task adapter (`stack`) and
+    what its inference form is (`merged`). The hooks installed for its site call it.
+    """
+
+    config: MethodConfig
+    # "input_embedding" (the fused embedding op) or "layer_input" (a bias before every layer).
+    site: ClassVar[str]
+    # Parameter group name -> default learning rate, None where the method's paper gives
+    # none (the caller must then pass `<name>_lr` to `param_groups`).
+    groups: ClassVar[dict[str, float | None]]
+    # Whether `patch(..., trim_padding=...)` applies: the columns the adapter reads must be
+    # computable from the untrimmed ones.
+    trims_padding: ClassVar[bool] = False
+
+    @classmethod
+    @abc.abstractmethod
+    def create(
+        cls, config: MethodConfig, spec: ModelSpec, generator: torch.Generator | None = None
+    ) -> Adapter:
+        """A freshly initialised adapter of `config` for the model `spec` describes."""
+
+    @abc.abstractmethod
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters by group name (the keys of `groups`)."""
+
+    @property
+    @abc.abstractmethod
+    def num_tasks(self) -> int | None:
+        """T for an adapter serving T stacked tasks (`stack`); None for a single task."""
+
+    @classmethod
+    def stack(cls, adapters: Sequence[Adapter]) -> Adapter:
+        """One adapter serving the tasks of `adapters` (of exactly this class) in order; a
+        stacked source contributes all its tasks. Defined by the classes that are an
+        inference form (`merged`): `stack_adapters` stacks merged adapters."""
+        raise TypeError(
+            f"{cls.__name__} adapters do not stack as they are: stack their merged form "
+            "(dept_kernels.stack_adapters merges them first)"
+        )
+
+    @abc.abstractmethod
+    def check_fits(self, spec: ModelSpec) -> None:
+        """Raise ValueError when the adapter's shapes do not fit the model `spec`."""
+
+    def merged(
+        self,
+        embedding: Tensor,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Adapter:
+        """The adapter's inference form (the same outputs, cheaper to serve), a new module;
+        `self` where training and inference forms are one. `embedding` is the model's (V, e)
+        input table; `dtype` and `device` place materialised tables."""
+        return self
+
+    def state_fields(self) -> dict[str, Any]:
+        """JSON fields a saved adapter records besides its config: what its tensors' names
+        and shapes depend on (`num_tasks`; for AoT whether it is fused and V)."""
+        return {"num_tasks": self.num_tasks}
+
+    @classmethod
+    def read_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """Pop and check this method's `state_fields` from a saved config's `fields`;
+        ValueError on a bad value. Missing fields read as their default (older files)."""
+        num_tasks = fields.pop("num_tasks", None)
+        if num_tasks is not None and not is_int(num_tasks, 1):
+            raise ValueError(f"num_tasks must be null or an int >= 1, got {num_tasks!r}")
+        return {"num_tasks": num_tasks}
+
+    @classmethod
+    def skeleton(cls, config: MethodConfig, spec: ModelSpec, fields: dict[str, Any]) -> Adapter:
+        """An adapter whose state has the names and shapes a file saved with `fields`
+        (`read_fields`) holds; its values are then loaded."""
+        adapter = cls.create(config, spec)
+        tasks = fields["num_tasks"]
+        if tasks is None:
+            return adapter
+        served = adapter.merged(spec.embedding.weight)
+        stacked = type(served).stack([served] * tasks)
+        if stacked.config.method != config.method:
+            raise ValueError(f"a stacked {config.method} adapter saves as {stacked.config.method}")
+        return stacked
+
+    def check_whole(self, embedding: Tensor) -> None:
+        """Refuse to build a merged form from parameters an engine shards."""
+        if is_sharded([*self.parameters(), embedding]):
+            # The new module's tensors would be shards, or buffers an engine managing the
+            # parameters (its optimizer, its shards) would not follow.
             raise ValueError(
-                "prompt_init='text' needs init_text: a non-empty sequence of token ids"
+                "merge needs the whole adapter and embedding, but an engine (FSDP, DeepSpeed "
+                "ZeRO-3) shards them: save the adapter (dept_kernels.save_adapter, on every "
+                "rank), load it onto an unwrapped model and merge there"
             )
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in init_text):
-            raise TypeError("init_text must hold int token ids (tokenize the text first)")
-        negative = [i for i in init_text if i < 0]
-        if negative:
-            raise ValueError(f"init_text holds negative token ids {negative[:5]}")
-    elif init_text is not None:
-        raise ValueError(f"init_text is only used with prompt_init='text', got {prompt_init!r}")
 
 
-def as_token_ids(init_text: object) -> tuple | None:
-    """A config's `init_text` as a tuple (configs are frozen and hashable), or None."""
-    if init_text is None:
-        return None
-    # A str is iterable too, but as characters: the text must be tokenized first.
-    if isinstance(init_text, (str, bytes)) or not isinstance(init_text, Iterable):
-        raise TypeError(
-            f"init_text must be a sequence of int token ids (tokenize the text first), got "
-            f"{type(init_text).__name__}"
+# Config class -> adapter class, filled by `register_method` as each method module loads.
+METHODS: dict[type[MethodConfig], type[Adapter]] = {}
+# PEFT `peft_type` -> the adapter class that adopts such a model's prompt encoder
+# (`adopt(peft_config, encoder, weight)`), for `patch(peft_model)` without a config.
+PEFT_TYPES: dict[str, type[Adapter]] = {}
+
+
+def register_method(
+    config_cls: type[MethodConfig],
+    adapter_cls: type[Adapter],
+    *,
+    peft_types: Sequence[str] = (),
+) -> None:
+    """Make a method known to `patch`, `checkpoint` and `multitask`; `peft_types` name the
+    PEFT models whose prompt encoder the adapter class adopts (`adapter_cls.adopt`)."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
+        raise TypeError(f"config_cls must subclass MethodConfig, got {config_cls!r}")
+    if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, Adapter)):
+        raise TypeError(f"adapter_cls must subclass Adapter, got {adapter_cls!r}")
+    taken = {c.method: c for c in METHODS}
+    if config_cls.method in taken and taken[config_cls.method] is not config_cls:
+        raise ValueError(
+            f"method name {config_cls.method!r} is taken by {taken[config_cls.method].__name__}"
         )
-    return tuple(init_text)
+    for peft_type in peft_types:
+        if not callable(getattr(adapter_cls, "adopt", None)):
+            raise TypeError(f"{adapter_cls.__name__} needs a classmethod adopt for {peft_type}")
+        PEFT_TYPES[peft_type] = adapter_cls
+    METHODS[config_cls] = adapter_cls
 
 
-def check_embedding(weight: Tensor) -> None:
-    """The model's input embedding table, which `dept_embedding` reads: refused at patch
-    time in a dtype the op does not take, rather than at the first forward."""
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"the model's input embedding is {weight.dtype}; prompt adapters run on float32, "
-            "float16 and bfloat16 models (convert the model first, e.g. model.float())"
-        )
+def method_config(name: str) -> type[MethodConfig]:
+    """The config class of the method saved as `name`; ValueError naming the known ones."""
+    by_name = {c.method: c for c in METHODS}
+    if name not in by_name:
+        raise ValueError(f"method must be one of {sorted(by_name)}, got {name!r}")
+    return by_name[name]
+
+
+def adapter_class(config: object) -> type[Adapter]:
+    """The adapter class of a config instance; TypeError naming the known configs."""
+    if type(config) not in METHODS:
+        names = ", ".join(sorted(c.__name__ for c in METHODS))
+        raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
+    return METHODS[type(config)]
+
+
+def group_names() -> set[str]:
+    """Every parameter group name a registered method trains."""
+    return {name for cls in METHODS.values() for name in cls.groups}
+
+
+def is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def check_int(name: str, value: object, minimum: int) -> None:
@@ -63,38 +193,6 @@ def check_int(name: str, value: object, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def init_prompt(
-    rows: int,
-    weight: Tensor,
-    prompt_init: str,
-    init_text: tuple[int, ...] | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Initial (rows, d) prompt in `weight`'s dtype and device.
-
-    "random": uniform [-0.5, 0.5] (Lester et al.); "vocab": rows of `weight` at uniformly
-    sampled ids; "text": rows of `weight` at `init_text`, repeated then trimmed to `rows`
-    (the official DePT TEXT init). A table sharded by an engine (DeepSpeed ZeRO-3, FSDP2) is
-    gathered for the rows, which every rank must then call for.
-    """
-    vocab, d = embedding_shape(weight)
-    if prompt_init == "random":
-        out = torch.empty(rows, d, dtype=torch.float32)
-        return out.uniform_(-0.5, 0.5, generator=generator).to(weight.device, weight.dtype)
-    if prompt_init == "vocab":
-        ids = torch.randint(0, vocab, (rows,), generator=generator)
-    else:
-        bad = [i for i in init_text if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"init_text ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        reps = -(-rows // len(init_text))
-        ids = torch.tensor((list(init_text) * reps)[:rows], dtype=torch.long)
-    with gathered_parameters([weight]):
-        # A DTensor's rows need its full table (a collective); ZeRO-3's are whole here.
-        table = weight.detach().full_tensor() if is_dtensor(weight) else weight.detach()
-        return table[ids.to(table.device)].clone()
 
 
 def check_task_ids(num_tasks: int | None, task_ids: Tensor | None) -> None:
@@ -125,94 +223,6 @@ def check_same_kind(cls: type, adapters: Sequence[nn.Module]) -> None:
                 f"adapter {i} is a {type(other).__name__}; {cls.__name__}.stack stacks "
                 f"{cls.__name__}s"
             )
-
-
-def check_same_base(index: int, name: str, got: Tensor, want: Tensor) -> None:
-    """Adapter `index`'s parameter `name` has adapter 0's per-task shape.
-
-    Called once the configs agree, so a difference is a base model's: its width d, or its
-    vocabulary V (token-mode rows).
-    """
-    got_shape, want_shape = tuple(as_stacked(got).shape[1:]), tuple(as_stacked(want).shape[1:])
-    if got_shape != want_shape:
-        raise ValueError(
-            f"adapter {index}'s {name} has shape {got_shape} per task, adapter 0's {want_shape}: "
-            "they were not trained on the same base model"
-        )
-
-
-class PromptAdapter(nn.Module, abc.ABC):
-    """An adapter that rewrites the input embedding through `dept_kernels.ops.dept_embedding`.
-
-    Subclasses give `op_args()`: the op's keyword arguments (prompt, lora_a, lora_b, scaling,
-    index), and `param_groups()`: (soft prompt parameters, reparameterisation parameters).
-    A stacked adapter (`stack`) holds its parameters with a leading task dim T, the prompt
-    as (T, m, d), and its `embed` takes `task_ids` (B,).
-    """
-
-    num_virtual_tokens: int
-    prompt: nn.Parameter
-    # Whether `position_ids` choose the low-rank rows (DePT in position mode).
-    uses_position_rows: bool = False
-
-    @abc.abstractmethod
-    def op_args(self) -> dict:
-        """Keyword arguments of `dept_embedding` besides ids, table and position_ids."""
-
-    @abc.abstractmethod
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(soft prompt parameters, low-rank / reparameterisation parameters)."""
-
-    def active_prompt(self) -> Tensor:
-        """The prompt rows the op reads, (m, d) or (T, m, d): the first m. A PEFT seq2seq
-        prompt encoder holds m rows per transformer submodule (`num_transformer_submodules=2`,
-        PEFT's default), and PEFT's prompt tuning feeds only the first m, to the encoder."""
-        prompt = self.prompt
-        m = self.num_virtual_tokens
-        return prompt if prompt.shape[-2] == m else prompt[..., :m, :]
-
-    @property
-    def num_tasks(self) -> int | None:
-        """T for a stacked adapter (prompt (T, m, d)); None for a single-task adapter."""
-        shape = full_shape(self.prompt)  # an engine's shard has its own shape
-        return shape[0] if len(shape) == 3 else None
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        weight: Tensor,
-        position_ids: Tensor | None = None,
-        task_ids: Tensor | None = None,
-    ) -> Tensor:
-        """(B, s) ids and the (V, d) table -> (B, m + s, d) input embeddings.
-
-        `task_ids` (B,) in [0, T) pick each sample's task of a stacked adapter; they are
-        required there and refused otherwise. The hooks call the adapter as a module (not a
-        method of it) so that engines gathering parameters around a module's call (DeepSpeed
-        ZeRO-3) gather the adapter's.
-        """
-        check_task_ids(self.num_tasks, task_ids)
-        # The model may have changed dtype since patching (model.double()): say so in its
-        # terms rather than in the op's.
-        check_embedding(weight)
-        if not self.uses_position_rows:
-            position_ids = None
-        return dept_embedding(
-            input_ids, weight, position_ids=position_ids, task_ids=task_ids, **self.op_args()
-        )
-
-    @torch.no_grad()
-    def with_parameters(self, config: object | None = None, **params: Tensor) -> PromptAdapter:
-        """A new adapter like this one holding `params` (e.g. stacked per task), and `config`
-        when given, in place of its own."""
-        # A copy keeps every attribute the subclass's constructor derived from its config;
-        # the parameters it duplicates are small and are replaced right away.
-        new = copy.deepcopy(self)
-        if config is not None:
-            new.config = config
-        for name, value in params.items():
-            setattr(new, name, nn.Parameter(value))
-        return new
 
 
 def stack_tensors(tensors: Sequence[Tensor]) -> Tensor:

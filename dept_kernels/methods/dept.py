@@ -18,23 +18,21 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._engines import embedding_shape
+from .._engines import embedding_shape, full_shape
 from ..ops.dept_embedding import INDEX_MODES
-from .base import (
+from .base import MethodConfig, check_int, check_same_kind, register_method, stack_tensors
+from .prompt import (
     PromptAdapter,
-    as_token_ids,
     check_embedding,
-    check_int,
-    check_prompt_init,
+    check_prompt_fields,
     check_same_base,
-    check_same_kind,
     init_prompt,
-    stack_tensors,
+    peft_parameter,
 )
 
 
 @dataclass(frozen=True)
-class DePTConfig:
+class DePTConfig(MethodConfig):
     """DePT with an (m, d) prompt, rank r and max_length L (rows of A in position mode)."""
 
     num_virtual_tokens: int
@@ -48,7 +46,9 @@ class DePTConfig:
     method: ClassVar[str] = "dept"
 
     def __post_init__(self) -> None:
-        check_int("num_virtual_tokens", self.num_virtual_tokens, 0)
+        # m = 0 is the low-rank update alone, which the equal-budget rule reaches at its
+        # largest rank; r = 0 is prompt tuning.
+        check_prompt_fields(self, minimum_tokens=0)
         check_int("r", self.r, 0)
         check_int("max_length", self.max_length, 1)
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
@@ -58,8 +58,6 @@ class DePTConfig:
             raise ValueError(f"lora_alpha must be finite, got {self.lora_alpha}")
         if self.index not in INDEX_MODES:
             raise ValueError(f"index must be one of {INDEX_MODES}, got {self.index!r}")
-        object.__setattr__(self, "init_text", as_token_ids(self.init_text))
-        check_prompt_init(self.prompt_init, self.init_text)
 
     @property
     def scaling(self) -> float:
@@ -110,6 +108,9 @@ class DePTAdapter(PromptAdapter):
     Init (official code): A Kaiming-uniform with a = sqrt(5), B zeros, so the delta starts at 0.
     """
 
+    # The paper's two learning rates: alpha_1 for the prompt, alpha_2 for the pair.
+    groups: ClassVar[dict[str, float | None]] = {"prompt": 3e-1, "lowrank": 1e-4}
+
     def __init__(
         self, config: DePTConfig, weight: Tensor, generator: torch.Generator | None = None
     ) -> None:
@@ -142,8 +143,41 @@ class DePTAdapter(PromptAdapter):
             "index": self.config.index,
         }
 
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        return [self.prompt], [self.lora_a, self.lora_b]
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"prompt": [self.prompt], "lowrank": [self.lora_a, self.lora_b]}
+
+    @classmethod
+    def adopt(cls, peft_config: object, encoder: nn.Module, weight: Tensor) -> DePTAdapter:
+        """An adapter holding the official DePT code's prompt encoder Parameters (its PEFT
+        fork's PROMPT_TUNING_LORA: `embedding`, `lora_embedding_A`, `lora_embedding_B`)."""
+        config = DePTConfig(
+            num_virtual_tokens=peft_config.num_virtual_tokens,
+            r=peft_config.r,
+            lora_alpha=peft_config.lora_alpha,
+            max_length=peft_config.max_length,
+        )
+        scaling = getattr(encoder, "scaling", config.scaling)
+        if abs(scaling - config.scaling) > 1e-12 * max(1.0, abs(config.scaling)):
+            raise ValueError(
+                f"prompt encoder scaling {scaling} differs from lora_alpha / sqrt(r) = "
+                f"{config.scaling}"
+            )
+        expected = {
+            "lora_embedding_A": (config.max_length, config.r),
+            "lora_embedding_B": (config.r, embedding_shape(weight)[1]),
+        }
+        found = {name: peft_parameter(encoder, name) for name in expected}
+        for name, tensor in found.items():
+            # Shapes from the engine where it partitions the parameters (DeepSpeed ZeRO-3).
+            if tuple(full_shape(tensor)) != expected[name]:
+                raise ValueError(
+                    f"{name} has shape {tuple(full_shape(tensor))}, expected {expected[name]} "
+                    "from peft_config (max_length, r, token_dim)"
+                )
+        adapter = cls(config, weight)
+        adapter.prompt = peft_parameter(encoder, "embedding")
+        adapter.lora_a, adapter.lora_b = found["lora_embedding_A"], found["lora_embedding_B"]
+        return adapter
 
     @classmethod
     def stack(cls, adapters: Sequence[DePTAdapter]) -> DePTAdapter:
@@ -186,3 +220,6 @@ class DePTAdapter(PromptAdapter):
             lora_a=stack_tensors([a.lora_a for a in adapters]),
             lora_b=stack_tensors(lora_b),
         )
+
+
+register_method(DePTConfig, DePTAdapter, peft_types=("PROMPT_TUNING_LORA",))

@@ -9,21 +9,19 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import (
+from .base import MethodConfig, check_same_kind, register_method, stack_tensors
+from .prompt import (
     PromptAdapter,
-    as_token_ids,
     check_embedding,
-    check_int,
-    check_prompt_init,
+    check_prompt_fields,
     check_same_base,
-    check_same_kind,
     init_prompt,
-    stack_tensors,
+    peft_parameter,
 )
 
 
 @dataclass(frozen=True)
-class PromptTuningConfig:
+class PromptTuningConfig(MethodConfig):
     """Prompt tuning with `num_virtual_tokens` soft tokens.
 
     prompt_init: "random" (uniform [-0.5, 0.5]), "vocab" (sampled embedding rows) or "text"
@@ -37,13 +35,15 @@ class PromptTuningConfig:
     method: ClassVar[str] = "prompt_tuning"
 
     def __post_init__(self) -> None:
-        check_int("num_virtual_tokens", self.num_virtual_tokens, 1)
-        object.__setattr__(self, "init_text", as_token_ids(self.init_text))
-        check_prompt_init(self.prompt_init, self.init_text)
+        # At least one row: a prompt-tuning adapter without one would have nothing to train.
+        check_prompt_fields(self, minimum_tokens=1)
 
 
 class PromptTuningAdapter(PromptAdapter):
     """Parameter `prompt` (l, d), or (T, l, d) stacked over tasks (`stack`)."""
+
+    # Lester et al. 2021 train the prompt at 0.3.
+    groups: ClassVar[dict[str, float | None]] = {"prompt": 3e-1}
 
     def __init__(
         self, config: PromptTuningConfig, weight: Tensor, generator: torch.Generator | None = None
@@ -61,8 +61,15 @@ class PromptTuningAdapter(PromptAdapter):
     def op_args(self) -> dict:
         return {"prompt": self.active_prompt()}
 
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        return [self.prompt], []
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"prompt": [self.prompt]}
+
+    @classmethod
+    def adopt(cls, peft_config: object, encoder: nn.Module, weight: Tensor) -> PromptTuningAdapter:
+        """An adapter holding a PEFT prompt-tuning encoder's own Parameter (`embedding`)."""
+        adapter = cls(PromptTuningConfig(peft_config.num_virtual_tokens), weight)
+        adapter.prompt = peft_parameter(encoder, "embedding")
+        return adapter
 
     @classmethod
     def stack(cls, adapters: Sequence[PromptTuningAdapter]) -> PromptTuningAdapter:
@@ -81,3 +88,6 @@ class PromptTuningAdapter(PromptAdapter):
                 )
             check_same_base(i, "prompt", other.prompt, first.prompt)
         return first.with_parameters(prompt=stack_tensors([a.prompt for a in adapters]))
+
+
+register_method(PromptTuningConfig, PromptTuningAdapter, peft_types=("PROMPT_TUNING",))

@@ -1,0 +1,215 @@
+"""What the input-embedding (prompt) methods share: prompt initialisation, the fused op call,
+the model fit check and the pieces of multi-task stacking."""
+
+from __future__ import annotations
+
+import abc
+import copy
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .._engines import embedding_shape, full_shape, gathered_parameters, is_dtensor
+from ..ops import dept_embedding
+from ..ops._validate import FLOAT_DTYPES
+from .base import Adapter, MethodConfig, as_stacked, check_int, check_task_ids
+
+if TYPE_CHECKING:
+    from ..models import ModelSpec
+
+PROMPT_INITS = ("random", "vocab", "text")
+
+
+def check_prompt_fields(config: MethodConfig, minimum_tokens: int) -> None:
+    """Validate a prompt config's `num_virtual_tokens` (>= `minimum_tokens`) and its
+    `prompt_init` / `init_text` pair, storing `init_text` as a tuple (configs are frozen and
+    hashable)."""
+    check_int("num_virtual_tokens", config.num_virtual_tokens, minimum_tokens)
+    object.__setattr__(config, "init_text", as_token_ids(config.init_text))
+    prompt_init, init_text = config.prompt_init, config.init_text
+    if prompt_init not in PROMPT_INITS:
+        raise ValueError(f"prompt_init must be one of {PROMPT_INITS}, got {prompt_init!r}")
+    if prompt_init == "text":
+        if not init_text:
+            raise ValueError(
+                "prompt_init='text' needs init_text: a non-empty sequence of token ids"
+            )
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in init_text):
+            raise TypeError("init_text must hold int token ids (tokenize the text first)")
+        negative = [i for i in init_text if i < 0]
+        if negative:
+            raise ValueError(f"init_text holds negative token ids {negative[:5]}")
+    elif init_text is not None:
+        raise ValueError(f"init_text is only used with prompt_init='text', got {prompt_init!r}")
+
+
+def as_token_ids(init_text: object) -> tuple | None:
+    """A config's `init_text` as a tuple, or None."""
+    if init_text is None:
+        return None
+    # A str is iterable too, but as characters: the text must be tokenized first.
+    if isinstance(init_text, (str, bytes)) or not isinstance(init_text, Iterable):
+        raise TypeError(
+            f"init_text must be a sequence of int token ids (tokenize the text first), got "
+            f"{type(init_text).__name__}"
+        )
+    return tuple(init_text)
+
+
+def check_embedding(weight: Tensor) -> None:
+    """The model's input embedding table, which `dept_embedding` reads: refused at patch
+    time in a dtype the op does not take, rather than at the first forward."""
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"the model's input embedding is {weight.dtype}; prompt adapters run on float32, "
+            "float16 and bfloat16 models (convert the model first, e.g. model.float())"
+        )
+
+
+def init_prompt(
+    rows: int,
+    weight: Tensor,
+    prompt_init: str,
+    init_text: tuple[int, ...] | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Initial (rows, d) prompt in `weight`'s dtype and device.
+
+    "random": uniform [-0.5, 0.5] (Lester et al.); "vocab": rows of `weight` at uniformly
+    sampled ids; "text": rows of `weight` at `init_text`, repeated then trimmed to `rows`
+    (the official DePT TEXT init). A table sharded by an engine (DeepSpeed ZeRO-3, FSDP2) is
+    gathered for the rows, which every rank must then call for.
+    """
+    vocab, d = embedding_shape(weight)
+    if prompt_init == "random":
+        out = torch.empty(rows, d, dtype=torch.float32)
+        return out.uniform_(-0.5, 0.5, generator=generator).to(weight.device, weight.dtype)
+    if prompt_init == "vocab":
+        ids = torch.randint(0, vocab, (rows,), generator=generator)
+    else:
+        bad = [i for i in init_text if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"init_text ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        reps = -(-rows // len(init_text))
+        ids = torch.tensor((list(init_text) * reps)[:rows], dtype=torch.long)
+    with gathered_parameters([weight]):
+        # A DTensor's rows need its full table (a collective); ZeRO-3's are whole here.
+        table = weight.detach().full_tensor() if is_dtensor(weight) else weight.detach()
+        return table[ids.to(table.device)].clone()
+
+
+def peft_parameter(encoder: nn.Module, name: str) -> nn.Parameter:
+    """A PEFT prompt encoder's attribute as its Parameter (nn.Embedding and nn.Linear hold
+    theirs in `.weight`), which the adopting adapter shares, not copies."""
+    value = getattr(encoder, name, None)
+    value = getattr(value, "weight", value)
+    if not isinstance(value, nn.Parameter):
+        raise TypeError(
+            f"prompt encoder attribute {name!r} is not a Parameter or a module with one"
+        )
+    return value
+
+
+def check_same_base(index: int, name: str, got: Tensor, want: Tensor) -> None:
+    """Adapter `index`'s parameter `name` has adapter 0's per-task shape.
+
+    Called once the configs agree, so a difference is a base model's: its width d, or its
+    vocabulary V (token-mode rows).
+    """
+    got_shape, want_shape = tuple(as_stacked(got).shape[1:]), tuple(as_stacked(want).shape[1:])
+    if got_shape != want_shape:
+        raise ValueError(
+            f"adapter {index}'s {name} has shape {got_shape} per task, adapter 0's {want_shape}: "
+            "they were not trained on the same base model"
+        )
+
+
+class PromptAdapter(Adapter):
+    """An adapter that rewrites the input embedding through `dept_kernels.ops.dept_embedding`.
+
+    Subclasses are built from `(config, weight, generator)`, `weight` being the model's
+    (V, d) input table, and give `op_args()`: the op's keyword arguments (prompt, lora_a,
+    lora_b, scaling, index). A stacked adapter (`stack`) holds its parameters with a leading
+    task dim T, the prompt as (T, m, d), and takes `task_ids` (B,).
+    """
+
+    site: ClassVar[str] = "input_embedding"
+    trims_padding: ClassVar[bool] = True
+    num_virtual_tokens: int
+    prompt: nn.Parameter
+    # Whether `position_ids` choose the low-rank rows (DePT in position mode).
+    uses_position_rows: bool = False
+
+    @classmethod
+    def create(
+        cls, config: MethodConfig, spec: ModelSpec, generator: torch.Generator | None = None
+    ) -> PromptAdapter:
+        return cls(config, spec.embedding.weight, generator=generator)
+
+    @abc.abstractmethod
+    def op_args(self) -> dict:
+        """Keyword arguments of `dept_embedding` besides ids, table and position_ids."""
+
+    def active_prompt(self) -> Tensor:
+        """The prompt rows the op reads, (m, d) or (T, m, d): the first m. A PEFT seq2seq
+        prompt encoder holds m rows per transformer submodule (`num_transformer_submodules=2`,
+        PEFT's default), and PEFT's prompt tuning feeds only the first m, to the encoder."""
+        prompt = self.prompt
+        m = self.num_virtual_tokens
+        return prompt if prompt.shape[-2] == m else prompt[..., :m, :]
+
+    @property
+    def num_tasks(self) -> int | None:
+        """T for a stacked adapter (prompt (T, m, d)); None for a single-task adapter."""
+        shape = full_shape(self.prompt)  # an engine's shard has its own shape
+        return shape[0] if len(shape) == 3 else None
+
+    def check_fits(self, spec: ModelSpec) -> None:
+        d = embedding_shape(spec.embedding.weight)[1]
+        width = full_shape(self.prompt)[-1]  # an engine's shard has its own shape
+        if width != d:
+            raise ValueError(
+                f"the {type(self).__name__}'s prompt has width {width}; the model's embeddings "
+                f"have d={d}"
+            )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        weight: Tensor,
+        position_ids: Tensor | None = None,
+        task_ids: Tensor | None = None,
+    ) -> Tensor:
+        """(B, s) ids and the (V, d) table -> (B, m + s, d) input embeddings.
+
+        `task_ids` (B,) in [0, T) pick each sample's task of a stacked adapter; they are
+        required there and refused otherwise. The hooks call the adapter as a module (not a
+        method of it) so that engines gathering parameters around a module's call (DeepSpeed
+        ZeRO-3) gather the adapter's.
+        """
+        check_task_ids(self.num_tasks, task_ids)
+        # The model may have changed dtype since patching (model.double()): say so in its
+        # terms rather than in the op's.
+        check_embedding(weight)
+        if not self.uses_position_rows:
+            position_ids = None
+        return dept_embedding(
+            input_ids, weight, position_ids=position_ids, task_ids=task_ids, **self.op_args()
+        )
+
+    @torch.no_grad()
+    def with_parameters(
+        self, config: MethodConfig | None = None, **params: Tensor
+    ) -> PromptAdapter:
+        """A new adapter like this one holding `params` (e.g. stacked per task), and `config`
+        when given, in place of its own."""
+        # A copy keeps every attribute the subclass's constructor derived from its config;
+        # the parameters it duplicates are small and are replaced right away.
+        new = copy.deepcopy(self)
+        if config is not None:
+            new.config = config
+        for name, value in params.items():
+            setattr(new, name, nn.Parameter(value))
+        return new
