@@ -19,7 +19,7 @@ from test_patch_aot import randomize
 
 import dept_kernels as dk
 
-ARCHS = ("t5", "gpt2", "llama")
+ARCHS = ("t5", "gpt2", "llama", "mistral")
 CONFIGS = {
     "dept": dk.DePTConfig(num_virtual_tokens=4, r=3, max_length=16),
     "pt": dk.PromptTuningConfig(num_virtual_tokens=4),

@@ -22,7 +22,7 @@ from test_patch import (
 
 import dept_kernels as dk
 
-ARCHS = ("t5", "gpt2", "llama")
+ARCHS = ("t5", "gpt2", "llama", "mistral")
 METHODS = ("dept", "pt", "ept")
 CPU_BACKENDS = [b for b in BACKENDS if b != "triton"]  # the interpreter is too slow here
 

@@ -32,6 +32,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaForSequenceClassification,
     LlamaModel,
+    MistralForSequenceClassification,
+    MistralModel,
     T5EncoderModel,
     T5ForSequenceClassification,
 )
@@ -39,7 +41,7 @@ from transformers import (
 import dept_kernels as dk
 from dept_kernels.methods import DePTAdapter, PromptTuningAdapter
 
-ARCHS = ("t5", "gpt2", "llama")
+ARCHS = ("t5", "gpt2", "llama", "mistral")
 METHODS = ("dept", "pt", "ept")
 TASK_IDS = torch.tensor([1, 0, 2, 1])
 CLOSE = {"atol": 1e-5, "rtol": 1e-5}
@@ -131,6 +133,8 @@ def test_mixed_batch_on_every_backend(backend):
         ("llama", LlamaForSequenceClassification),
         ("t5", T5EncoderModel),
         ("llama", LlamaModel),
+        ("mistral", MistralForSequenceClassification),
+        ("mistral", MistralModel),
     ],
 )
 def test_heads_and_base_models(arch, cls):
@@ -142,7 +146,7 @@ def test_heads_and_base_models(arch, cls):
         ids[:, -1] = EOS  # T5 pools the decoder state at the last <eos>
     else:
         ids[0, 5:], mask[0, 5:] = PAD, 0  # right padding: the head pools token 4 of row 0
-    key = "last_hidden_state" if cls in (T5EncoderModel, LlamaModel) else "logits"
+    key = "last_hidden_state" if cls in (T5EncoderModel, LlamaModel, MistralModel) else "logits"
     mixed = served(input_ids=ids, attention_mask=mask, task_ids=TASK_IDS)[key]
     for t, single in enumerate(singles):
         rows = TASK_IDS.eq(t)
@@ -156,6 +160,7 @@ def test_heads_and_base_models(arch, cls):
         ("t5", "dept", 1),
         ("gpt2", "dept", 1),
         ("llama", "dept", 1),
+        ("mistral", "dept", 1),
         ("gpt2", "pt", 3),
         ("t5", "ept", 3),
     ],

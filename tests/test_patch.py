@@ -1,6 +1,6 @@
 """patch / unpatch on small random-weight T5, GPT-2 and LLaMA models.
 
-The reference builds `inputs_embeds` from the formulas in DESIGN.md §1 with plain torch ops
+The reference builds `inputs_embeds` from the formulas in docs/design.md §1 with plain torch ops
 on the adapter's own parameters and runs an unpatched copy of the model with the mask,
 labels and positions shifted by hand. Helpers here are shared by the other test_patch* files.
 """
@@ -19,6 +19,9 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    MistralConfig,
+    MistralForCausalLM,
+    MistralForSequenceClassification,
     T5Config,
     T5EncoderModel,
     T5ForConditionalGeneration,
@@ -31,7 +34,7 @@ transformers.logging.set_verbosity_error()
 
 VOCAB = 128
 PAD, EOS = 0, 1
-ARCHS = ("t5", "gpt2", "llama")
+ARCHS = ("t5", "gpt2", "llama", "mistral")
 METHODS = ("dept", "pt", "ept")
 
 
@@ -48,6 +51,13 @@ def tiny_config(arch: str):
             embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD, bos_token_id=EOS,
             eos_token_id=EOS, attn_implementation="eager", initializer_range=0.2,
         )  # fmt: skip
+    if arch == "mistral":  # the window spans every test's batch; test_models_table narrows it
+        return MistralConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            sliding_window=64, pad_token_id=PAD, bos_token_id=EOS, eos_token_id=EOS,
+            attn_implementation="eager", initializer_range=0.2,
+        )  # fmt: skip
     return LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -56,11 +66,17 @@ def tiny_config(arch: str):
     )  # fmt: skip
 
 
-LM_CLASSES = {"t5": T5ForConditionalGeneration, "gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}
+LM_CLASSES = {
+    "t5": T5ForConditionalGeneration,
+    "gpt2": GPT2LMHeadModel,
+    "llama": LlamaForCausalLM,
+    "mistral": MistralForCausalLM,
+}
 CLS_CLASSES = {
     "t5": T5ForSequenceClassification,
     "gpt2": GPT2ForSequenceClassification,
     "llama": LlamaForSequenceClassification,
+    "mistral": MistralForSequenceClassification,
 }
 
 
@@ -283,7 +299,7 @@ def test_t5_right_padding_longest_equals_max_length():
         torch.testing.assert_close(short[i, : m + n], full[i, : m + n], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
 def test_left_padding_through_position_ids(arch):
     """A left-padded row with position_ids = rank among real tokens equals the row alone."""
     _, model = patched_pair(arch, "dept")

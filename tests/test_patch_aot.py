@@ -1,7 +1,7 @@
 """AoT P-tuning through patch(): a bias before every layer of GPT-2, LLaMA, BERT and RoBERTa
 and every encoder layer of T5; fuse, multi-task stacking, adapters on disk.
 
-The reference is written from DESIGN.md §1 alone: the full (V, d) tables are materialised
+The reference is written from docs/design.md §1 alone: the full (V, d) tables are materialised
 by the formulas from the adapter's own parameters (`torch.kron` for the Kronecker form) and
 added as `P_i[ids]` by plain forward pre-hooks on the unpatched model's layers.
 """
@@ -23,6 +23,7 @@ from transformers import (
     BertModel,
     GPT2LMHeadModel,
     LlamaForCausalLM,
+    MistralForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
@@ -33,9 +34,9 @@ import dept_kernels as dk
 from dept_kernels.methods.aot import fetch_rows
 from dept_kernels.ops import reference_aot_bias_add
 
-ARCHS = ("gpt2", "llama", "t5", "bert", "roberta")
+ARCHS = ("gpt2", "llama", "mistral", "t5", "bert", "roberta")
 REPARAMS = ("kron", "fc")
-GENERATORS = ("gpt2", "llama", "t5")
+GENERATORS = ("gpt2", "llama", "mistral", "t5")
 
 
 def encoder_config(arch: str):
@@ -51,6 +52,7 @@ def encoder_config(arch: str):
 CLASSES = {
     "gpt2": GPT2LMHeadModel,
     "llama": LlamaForCausalLM,
+    "mistral": MistralForCausalLM,
     "t5": T5ForConditionalGeneration,
     "bert": BertForSequenceClassification,
     "roberta": RobertaForSequenceClassification,
@@ -68,7 +70,7 @@ def sites(model, arch):
     if arch == "gpt2":
         inner = model.transformer
         return inner, inner.h
-    if arch == "llama":
+    if arch in ("llama", "mistral"):
         return model.model, model.model.layers
     if arch == "t5":
         return model.encoder, model.encoder.block
@@ -86,7 +88,7 @@ def randomize(adapter, seed: int = 1) -> None:
 
 
 def formula_tables(adapter, embedding) -> list[torch.Tensor]:
-    """Each layer's full (V, d) table from DESIGN.md §1, in fp32, differentiable."""
+    """Each layer's full (V, d) table from docs/design.md §1, in fp32, differentiable."""
     vocab = embedding.shape[0]
     tables = []
     for layer in adapter.layers:

@@ -18,7 +18,7 @@ import dept_kernels as dk
 
 def peft_prompt_tuning(arch: str, submodules: int | None = 1):
     """A PEFT prompt-tuning model; `submodules=None` keeps PEFT's default (2 for T5)."""
-    task = {"t5": "SEQ_2_SEQ_LM", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}[arch]
+    task = "SEQ_2_SEQ_LM" if arch == "t5" else "CAUSAL_LM"
     config = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=6)
     if arch == "t5" and submodules is not None:
         config.num_transformer_submodules = submodules
@@ -45,8 +45,8 @@ def _call(arch, model, ids, mask, labels):
     return model(input_ids=ids, attention_mask=mask, **kwargs)
 
 
-PEFT_CASES = [("gpt2", 1), ("llama", 1), ("t5", 1), ("t5", None)]
-PEFT_IDS = ["gpt2", "llama", "t5-1-submodule", "t5-peft-default"]
+PEFT_CASES = [("gpt2", 1), ("llama", 1), ("mistral", 1), ("t5", 1), ("t5", None)]
+PEFT_IDS = ["gpt2", "llama", "mistral", "t5-1-submodule", "t5-peft-default"]
 
 
 @pytest.mark.parametrize(("arch", "submodules"), PEFT_CASES, ids=PEFT_IDS)

@@ -30,6 +30,8 @@ from transformers import (
     GPT2Model,
     LlamaForSequenceClassification,
     LlamaModel,
+    MistralForSequenceClassification,
+    MistralModel,
     T5EncoderModel,
     T5ForSequenceClassification,
 )
@@ -54,8 +56,9 @@ CLS = {
     "t5": T5ForSequenceClassification,
     "gpt2": GPT2ForSequenceClassification,
     "llama": LlamaForSequenceClassification,
+    "mistral": MistralForSequenceClassification,
 }
-BASE = {"gpt2": GPT2Model, "llama": LlamaModel}
+BASE = {"gpt2": GPT2Model, "llama": LlamaModel, "mistral": MistralModel}
 # (arch, head): "lm" the LM head (T5: encoder-decoder), "cls" the sequence-classification
 # head, "enc" T5EncoderModel, "base" the decoder-only base model.
 HEADS = [
@@ -68,6 +71,9 @@ HEADS = [
     ("llama", "lm"),
     ("llama", "cls"),
     ("llama", "base"),
+    ("mistral", "lm"),
+    ("mistral", "cls"),
+    ("mistral", "base"),
 ]
 PADDINGS = ("right", "left", "unpadded", "mask-none")
 
@@ -192,7 +198,7 @@ def test_trimmed_equals_untrimmed(arch, head, method, padding):
     assert_same(arch, head, padding, untrimmed, model, got, want)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
 @pytest.mark.parametrize("head", ["lm", "cls"])
 def test_left_padding_with_position_ids(arch, head):
     """Given positions (each token's rank among the real ones) are cut with the ids."""
@@ -217,7 +223,7 @@ def test_left_padding_with_position_ids(arch, head):
             close(p.grad, ref, name)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
 def test_decoder_lm_is_opt_in(arch):
     """By default an LM head's per-position outputs are the untrimmed ones, all of them."""
     untrimmed, model = pair(arch, "lm", "pt")
@@ -228,7 +234,7 @@ def test_decoder_lm_is_opt_in(arch):
     torch.testing.assert_close(got, untrimmed(input_ids=ids, attention_mask=mask).logits)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
 def test_lm_labels_on_padding_keep_their_columns(arch):
     """Labels that are not -100 on padding columns count in the loss: those stay."""
     untrimmed, model = pair(arch, "lm", "dept", trim=True)
@@ -242,7 +248,7 @@ def test_lm_labels_on_padding_keep_their_columns(arch):
     close(got, want)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
 def test_cls_pools_where_hf_pools(arch):
     """HF's head pools the last id that is not the pad id: columns that hold other ids under
     a zero mask, or an all-padding row (pooled at column 0), keep the columns it reads."""
@@ -314,7 +320,7 @@ def test_t5_generate_runs_the_encoder_trimmed(num_beams):
     assert len(set(got.flatten().tolist())) > 1
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
 def test_decoder_generate_with_trim_on(arch):
     """Generation never trims (the KV cache spans the caller's columns): same tokens."""
     untrimmed, model = pair(arch, "lm", "dept", trim=True)

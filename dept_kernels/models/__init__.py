@@ -1,74 +1,25 @@
-"""One module per Hugging Face architecture: where the embedding lives and how masks,
-positions and labels shift when m prompt rows go in front, and where AoT's layers are.
+"""Where a Hugging Face model's embedding and layers are, and the hooks through which it
+runs an adapter: the seam the methods use (`describe`, `install`).
 
-A prompt-method module has `MODEL_TYPE` (the HF `config.model_type`) and
-`install(model, adapter_of) -> list[RemovableHandle]`, which registers the hooks that route
-the input embedding through the adapter (`adapter_of()`, an `AdapterOf`, returns the model's
-current adapter) and `task_ids` to it (`TaskIds`).
-Every module has `aot_sites(model) -> (inner, layers)`: the module taking `input_ids` and the
-layers AoT P-tuning biases; `install_aot` hooks them (`_aot.py`).
+Every architecture registers one `Architecture` per `config.model_type` beside its code
+(`_registry.py`): the decoder-only models as rows of one table (`decoders.py`), T5
+(`t5.py`), BERT and RoBERTa (`bert.py`, AoT only). An entry locates the module taking
+`input_ids` and its layers, which every site reads, and installs the prompt methods' hooks
+(site "input_embedding"); AoT P-tuning's hooks ("layer_input") are shared (`_aot.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import _aot, bert, gpt2, llama, t5
+# The architecture modules register their entries on import.
+from . import _aot, bert, decoders, t5  # noqa: F401
 from ._hooks import AdapterOf, Generate
-
-ARCHITECTURES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (t5, gpt2, llama)}
-AOT_ARCHITECTURES: dict[str, ModuleType] = {
-    **ARCHITECTURES,
-    **dict.fromkeys(bert.MODEL_TYPES, bert),
-}
-
-
-def _model_type(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "model_type", None)
-
-
-def architecture(model: nn.Module) -> ModuleType:
-    """The prompt methods' architecture module for `model`, or a TypeError naming what is
-    supported."""
-    model_type = _model_type(model)
-    if model_type not in ARCHITECTURES:
-        raise TypeError(
-            f"unsupported model {type(model).__name__} (model_type={model_type!r}); supported "
-            f"model types: {sorted(ARCHITECTURES)} (AoTConfig also: {sorted(bert.MODEL_TYPES)})"
-        )
-    return ARCHITECTURES[model_type]
-
-
-def aot_sites(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """(module taking input_ids, its layers) for AoT P-tuning, or a TypeError."""
-    model_type = _model_type(model)
-    if model_type not in AOT_ARCHITECTURES:
-        raise TypeError(
-            f"unsupported model {type(model).__name__} (model_type={model_type!r}) for AoT "
-            f"P-tuning; supported model types: {sorted(AOT_ARCHITECTURES)}"
-        )
-    return AOT_ARCHITECTURES[model_type].aot_sites(model)
-
-
-def install_aot(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
-    """Register AoT P-tuning's hooks on `model` (see `_aot.py`)."""
-    inner, layers = aot_sites(model)
-    if len(adapter_of().layers) != len(layers):
-        raise ValueError(
-            f"the AoT adapter has {len(adapter_of().layers)} layers, "
-            f"{type(model).__name__} has {len(layers)}"
-        )
-    return _aot.install(model, adapter_of, inner, layers)
-
-
-# Where a method's adapter acts: on the input embedding (the prompt methods' fused op) or on
-# the input of every transformer layer (AoT P-tuning's bias).
-SITES = ("input_embedding", "layer_input")
+from ._registry import SITES, Architecture, check_site, lookup, model_type
 
 
 @dataclass(frozen=True)
@@ -82,20 +33,12 @@ class ModelSpec:
     hidden_size: int
 
 
-def _check_site(site: str) -> None:
-    if site not in SITES:
-        raise ValueError(f"site must be one of {SITES}, got {site!r}")
-
-
 def describe(model: nn.Module, site: str) -> ModelSpec:
     """Where `model`'s embedding and layers are, for an adapter acting at `site`; a
     TypeError naming the supported model types when the architecture has no entry for it."""
-    _check_site(site)
-    if site == "input_embedding":
-        architecture(model)
-    inner, layers = aot_sites(model)
+    inner, layers = lookup(model, site).locate(model)
     return ModelSpec(
-        _model_type(model),
+        model_type(model),
         inner,
         model.get_input_embeddings(),
         layers,
@@ -103,17 +46,53 @@ def describe(model: nn.Module, site: str) -> ModelSpec:
     )
 
 
+def _install_prompt(
+    arch: Architecture, model: nn.Module, adapter_of: AdapterOf
+) -> list[RemovableHandle]:
+    return arch.install(model, adapter_of)
+
+
+def _install_layer_bias(
+    arch: Architecture, model: nn.Module, adapter_of: AdapterOf
+) -> list[RemovableHandle]:
+    inner, layers = arch.locate(model)
+    if len(adapter_of().layers) != len(layers):
+        raise ValueError(
+            f"the AoT adapter has {len(adapter_of().layers)} layers, "
+            f"{type(model).__name__} has {len(layers)}"
+        )
+    return _aot.install(model, adapter_of, inner, layers)
+
+
+_INSTALLERS: dict[str, Callable[..., list[RemovableHandle]]] = {
+    "input_embedding": _install_prompt,
+    "layer_input": _install_layer_bias,
+}
+
+
 def install(model: nn.Module, adapter_of: AdapterOf, site: str) -> list[RemovableHandle]:
     """Register the hooks through which `model` runs the adapter `adapter_of()` at `site`."""
-    _check_site(site)
-    if site == "input_embedding":
-        return architecture(model).install(model, adapter_of)
-    return install_aot(model, adapter_of)
+    check_site(site)
+    return _INSTALLERS[site](lookup(model, site), model, adapter_of)
+
+
+# Internal helpers of the site-specific calls that predate `describe` / `install`.
+def architecture(model: nn.Module) -> Architecture:
+    """`model`'s entry for the prompt methods (its `.install(model, adapter_of)`)."""
+    return lookup(model, "input_embedding")
+
+
+def aot_sites(model: nn.Module) -> tuple[nn.Module, Sequence[nn.Module]]:
+    """(module taking input_ids, its layers) for AoT P-tuning, or a TypeError."""
+    return lookup(model, "layer_input").locate(model)
+
+
+def install_aot(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
+    """Register AoT P-tuning's hooks on `model` (see `_aot.py`)."""
+    return install(model, adapter_of, "layer_input")
 
 
 __all__ = [
-    "AOT_ARCHITECTURES",
-    "ARCHITECTURES",
     "SITES",
     "AdapterOf",
     "Generate",

@@ -1,6 +1,7 @@
-"""Decoder-only models (GPT-2, LLaMA): what they share once the inner model is located.
+"""Decoder-only models (the rows of `decoders.DECODERS`): their hooks, once the inner model
+is located.
 
-The inner transformer (`GPT2Model`, `LlamaModel`) gets a pre-hook. On a first forward (a
+The inner transformer (`GPT2Model`, `LlamaModel`, ...) gets a pre-hook. On a first forward (a
 cache holding no tokens, or none) it embeds the ids through the adapter, inside the call of
 the embedding module (`FusedEmbedding`), so the m prompt rows come first, prepends m ones
 to the mask, and moves given positions behind the prompt (`cat([0..m-1], position_ids + m)`);
@@ -25,7 +26,10 @@ LM heads and base models, whose per-position logits and hidden states come back 
 (zeros in the cut columns); there a column is cut only if its labels are -100 in every row,
 and a leading cut keeps the column whose logits predict the first kept label. Never while
 generating, nor with a cache passed or `use_cache=True` (the cache would hold the trimmed
-columns); a trimmed call otherwise returns no cache.
+columns); a trimmed call otherwise returns no cache. With a sliding attention window
+(`window`), leading columns are cut only when the prompt and the tokens fit in the window:
+the window counts columns, so a cut would bring the prompt within reach of tokens that the
+untrimmed call keeps out of it.
 """
 
 from __future__ import annotations
@@ -58,9 +62,14 @@ _MODEL_WANTS = ("input_ids", "attention_mask", "position_ids", "cache_position")
 
 
 def install(
-    model: nn.Module, inner: nn.Module, adapter_of: AdapterOf, head: str
+    model: nn.Module,
+    inner: nn.Module,
+    adapter_of: AdapterOf,
+    head: str,
+    window: str | None = None,
 ) -> list[RemovableHandle]:
-    """Hook `inner` (and `model` for its labels or pooling). head: "lm", "cls" or "base".
+    """Hook `inner` (and `model` for its labels or pooling). head: "lm", "cls" or "base";
+    window: the config field of a sliding attention window, if the model has one.
 
     "lm": labels get m leading -100s (logits keep the prompt rows, as in PEFT).
     "cls": the prompt rows are cut from the inner output, so the head pools over the
@@ -73,7 +82,7 @@ def install(
     # Checked before any hook is registered: a missing argument fails the patch, whole.
     inner_args = signature(type(inner), _INNER_NEEDS, _INNER_WANTS)
     model_args = signature(type(model), ("labels", "cache"), _MODEL_WANTS) if head == "lm" else None
-    hooks = _DecoderHooks(adapter_of, inner_args, model_args, head)
+    hooks = _DecoderHooks(adapter_of, inner_args, model_args, head, window)
     handles = hooks.tasks.install(model)
     handles += hooks.fused.install(inner.get_input_embeddings())
     handles.append(inner.register_forward_pre_hook(hooks.inner_pre_hook, with_kwargs=True))
@@ -86,11 +95,17 @@ def install(
 
 
 class _DecoderHooks:
-    def __init__(self, adapter_of: AdapterOf, inner_args, model_args, head: str) -> None:
+    # A class default: hooks pickled before sliding windows were handled read None.
+    window: str | None = None
+
+    def __init__(
+        self, adapter_of: AdapterOf, inner_args, model_args, head: str, window: str | None
+    ) -> None:
         self.adapter_of = adapter_of
         self.inner_args = inner_args
         self.model_args = model_args
         self.head = head
+        self.window = window
         self.tasks = TaskIds()
         self.fused = FusedEmbedding(adapter_of)
         # Per open call, pushed first thing by the pre-hook and popped by the forward hook
@@ -107,6 +122,12 @@ class _DecoderHooks:
         if sig.get(kw, "cache") is not None or kw.get("use_cache") is True:
             return False
         return generation(self.tasks.model) is None and call_keeps_shapes(kw, module.config)
+
+    def _leading(self, config: object, columns: int) -> bool:
+        """Whether a trim may cut leading columns of a first forward of `columns` columns,
+        the prompt's included (module docstring: a sliding window counts columns)."""
+        size = getattr(config, self.window, None) if self.window is not None else None
+        return size is None or columns <= size
 
     def _cut(
         self, kw: dict, sig, ids: Tensor, rows: Tensor | None, cut: Cut
@@ -144,12 +165,13 @@ class _DecoderHooks:
             rows = row_ids(positions, ids)
             if self.head != "lm" and self._trims(kw, module, sig):
                 pad_id = _pad_token_id(self.tasks.model)
+                leading = self._leading(module.config, m + ids.shape[1])
                 if self.head == "base":
-                    cut = padding_cut(sig.get(kw, "attention_mask"), leading=True)
+                    cut = padding_cut(sig.get(kw, "attention_mask"), leading=leading)
                 elif pad_id is not None:
                     # HF pools at the last id that is not pad_token_id (its -1 without one).
                     cut = padding_cut(
-                        sig.get(kw, "attention_mask"), leading=True, ids=ids, pad_token_id=pad_id
+                        sig.get(kw, "attention_mask"), leading=leading, ids=ids, pad_token_id=pad_id
                     )
                 if cut is not None:
                     ids, rows = self._cut(kw, sig, ids, rows, cut)
@@ -239,7 +261,9 @@ class _DecoderHooks:
         keep = kw.get("logits_to_keep", 0)
         if not isinstance(keep, int) or keep != 0:
             return None  # logits of the last k columns: those of the trimmed batch differ
-        cut = padding_cut(mask, leading=True, labels=labels)
+        m = self.adapter_of().num_virtual_tokens
+        leading = self._leading(module.config, m + ids.shape[1])
+        cut = padding_cut(mask, leading=leading, labels=labels)
         if cut is None:
             return None
         rows = row_ids(sig.get(kw, "position_ids"), ids)
@@ -253,6 +277,35 @@ class _DecoderHooks:
     def logits_hook(self, module: nn.Module, args: tuple, output) -> None:
         if self.lm_cuts:
             restore_outputs(output, self.lm_cuts.pop(), ("logits", "hidden_states"))
+
+
+class PositionLimit:
+    """Refuses a forward whose prompt rows and tokens need more positions than a learned
+    position table has (`config.<field>` rows): HF would raise a bare IndexError."""
+
+    def __init__(self, adapter_of: AdapterOf, name: str, field: str, inner: nn.Module) -> None:
+        self.adapter_of = adapter_of
+        self.name = name  # the architecture, as messages spell it
+        self.field = field
+        self.limit = getattr(inner.config, field)
+        self.args = signature(type(inner), ("input_ids", "cache"))
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kw = bind(module, args, kwargs)
+        ids = self.args.get(kw, "input_ids")
+        if ids is None or ids.dim() != 2:
+            return
+        past = cache_length(self.args.get(kw, "cache"))
+        m = self.adapter_of().num_virtual_tokens
+        needed = past + ids.shape[1] + (m if past == 0 else 0)
+        if needed > self.limit:
+            cached = f", after {past} cached," if past else ""
+            raise ValueError(
+                f"the prompt's {m} rows and {ids.shape[1]} tokens{cached} need {needed} "
+                f"positions, but {self.name}'s position table (config.{self.field}) has "
+                f"{self.limit}: the soft prompt pushes the sequence past it; keep inputs to "
+                f"{self.limit - m} tokens or fewer"
+            )
 
 
 def _pad_token_id(model: nn.Module) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._hooks import find_inner
+from ._registry import Architecture, register
 
 MODEL_TYPES = ("bert", "roberta")
 
@@ -19,3 +20,7 @@ def aot_sites(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
 
     inner = find_inner(model, (BertModel, RobertaModel))
     return inner, inner.encoder.layer
+
+
+for _model_type in MODEL_TYPES:
+    register(Architecture(_model_type, aot_sites))

@@ -46,8 +46,8 @@ from ._hooks import (
     row_ids,
     signature,
 )
+from ._registry import Architecture, register
 
-MODEL_TYPE = "t5"
 _STACK_NEEDS = ("input_ids", "attention_mask", "inputs_embeds")
 _SEQ2SEQ_NEEDS = (*_STACK_NEEDS, "encoder_outputs")
 # Per-column outputs of the encoder stack and of the encoder-decoder, restored after a trim.
@@ -193,3 +193,6 @@ def aot_sites(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
     if not encoders:
         raise TypeError(f"T5 support needs a T5 encoder stack inside {type(model).__name__}")
     return encoders[0], [block.layer[0] for block in encoders[0].block]
+
+
+register(Architecture("t5", aot_sites, install))
