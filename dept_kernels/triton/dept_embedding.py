@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _backend
+from . import interpreting
 
 __all__ = [
     "aot_variants",
@@ -524,7 +524,7 @@ def forward(
         lora_a, lora_b = _factors(lora_a, lora_b)
         factor_dtype, rank, max_len = lora_a.dtype, lora_a.shape[-1], lora_a.shape[-2]
     meta = forward_constexprs(weight.dtype, factor_dtype, rows_mode=rows is not None, tasks=tasks)
-    if factor_dtype == torch.bfloat16 and _backend.triton_interpreting():
+    if factor_dtype == torch.bfloat16 and interpreting():
         # The interpreter multiplies bf16 tiles as their raw uint16 bits (triton 3.x
         # `create_dot`); the fp32 path computes the same exact products with the fp32
         # accumulation of the tensor cores.

@@ -9,7 +9,8 @@ import torch
 from helpers import DEVICE, assert_close
 
 import dept_kernels
-from dept_kernels.ops import dept_embedding, official_dept_embedding, reference_dept_embedding
+from dept_kernels.ops import dept_embedding
+from dept_kernels.testing import official_dept_embedding, reference_dept_embedding
 
 
 @dataclasses.dataclass(frozen=True)
