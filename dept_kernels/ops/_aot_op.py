@@ -60,10 +60,10 @@ def _aot_bias_add_op(
     backend: str | None,
     checked: bool,
 ) -> Tensor:
-    kernels = backends.load(backends.resolved(backend, hidden.device))
+    backend = backends.resolved(backend, hidden.device)
     rows = _table_rows(input_ids, table, task_ids, checked)
     flat = table.reshape(-1, table.shape[-1])
-    return kernels.gather_add(hidden, rows, flat, torch.empty_like(hidden))
+    return backends.load(backend).gather_add(hidden, rows, flat, torch.empty_like(hidden))
 
 
 @_aot_bias_add_op.register_fake
@@ -80,11 +80,11 @@ def _aot_bias_add_inplace_op(
     backend: str | None,
     checked: bool,
 ) -> None:
-    kernels = backends.load(backends.resolved(backend, hidden.device))
+    backend = backends.resolved(backend, hidden.device)
     # Copies taken before the range check, so the ids checked are the ids the kernel reads.
     input_ids, table, task_ids = (_unaliased(hidden, x) for x in (input_ids, table, task_ids))
     rows = _table_rows(input_ids, table, task_ids, checked)
-    kernels.gather_add(hidden, rows, table.reshape(-1, table.shape[-1]), hidden)
+    backends.load(backend).gather_add(hidden, rows, table.reshape(-1, table.shape[-1]), hidden)
 
 
 @_aot_bias_add_inplace_op.register_fake

@@ -110,7 +110,7 @@ def _dept_embedding_op(
     backend: str | None,
 ) -> Tensor:
     check_values(input_ids, weight, lora_a, position_ids, index)
-    kernels = backends.load(backends.resolved(backend, weight.device))
+    backend = backends.resolved(backend, weight.device)
     rows = lowrank_rows(input_ids, lora_a, position_ids, index)
     if lora_a is not None and lora_a.shape[-1] == 0:
         # r = 0: the delta is empty and the kernels run plain prompt tuning; the factors
@@ -127,7 +127,8 @@ def _dept_embedding_op(
             # Sorted once here, so the kernels can walk the batch task by task and form each
             # low-rank tile once per task present rather than once per sample.
             batch_order = torch.argsort(task_ids, stable=True)
-    return kernels.forward(
+    # Loaded (built on first use) only now, after every check passed.
+    return backends.load(backend).forward(
         input_ids, weight, prompt, lora_a, lora_b, rows, scaling, task_ids, batch_order
     )
 
