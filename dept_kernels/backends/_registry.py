@@ -110,8 +110,13 @@ def register_backend(
     """
     if name in _entries:
         raise ValueError(f"backend {name!r} is already registered")
-    if devices is None or callable(devices):
-        device_fn = devices
+    if devices is None:
+        device_fn = None
+    elif callable(devices):
+        dynamic = devices
+
+        def device_fn() -> tuple[str, ...]:
+            return tuple(dynamic())
     else:
         fixed = tuple(devices)
 
@@ -120,7 +125,7 @@ def register_backend(
 
     _entries[name] = _Entry(
         name,
-        None if device_fn is None else lambda: tuple(device_fn()),
+        device_fn,
         loader,
         probe or (lambda: None),
         fallback,
