@@ -18,7 +18,8 @@ import torch
 from _common import DEVICE, library_backends, peak_extra_bytes, saved_bytes, sync, with_backend
 
 from dept_kernels.bench import SHAPES, make_problem
-from dept_kernels.ops import dept_embedding, official_dept_embedding
+from dept_kernels.ops import dept_embedding
+from dept_kernels.testing import official_dept_embedding
 
 # LLaMA-2-7B dims move 75 MB per forward in fp32 and dominate a 2-core run for little
 # extra information; they are measured on GPU machines only.

@@ -1,13 +1,14 @@
 """dept_kernels: fused kernels for prompt-based parameter-efficient fine-tuning."""
 
 from . import ops
-from ._backend import available_backends, current_backend, use_backend
+from .backends import available_backends, current_backend, set_backend, use_backend
 from .checkpoint import load_adapter, save_adapter
 from .methods import AoTConfig, DePTConfig, EPTConfig, PromptTuningConfig, equal_budget
 from .multitask import stack_adapters
 from .official import load_dept_checkpoint
-from .ops import dept_embedding, official_dept_embedding
+from .ops import dept_embedding
 from .patch import adapter, fold, fuse, is_patched, merge, param_groups, patch, unpatch
+from .testing import official_dept_embedding
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "param_groups",
     "patch",
     "save_adapter",
+    "set_backend",
     "stack_adapters",
     "unpatch",
     "use_backend",

@@ -1,21 +1,15 @@
-"""Build and load the C++ extensions, on first use (never at import of `dept_kernels`).
+"""Build and load C++ extensions: the machinery only, with no knowledge of backends.
 
-The cpu extension is every `.cpp` file in `csrc/cpu`, compiled into one module. It is
-taken, in order, from:
-1. `dept_kernels._cpu_ext`, built ahead of time by `DEPT_KERNELS_BUILD_EXT=1 pip install .`,
-   if it was built from the same sources (a stale in-tree build is skipped);
-2. a just-in-time ninja build through `torch.utils.cpp_extension.load`, cached on disk in
-   torch's extension directory (`TORCH_EXTENSIONS_DIR`) under a name that carries a hash of
-   the sources and of the host CPU, so edits rebuild and a shared cache never serves code
-   compiled for another CPU (see `load_or_build` for how the cache is trusted);
-3. failing both, `cpu_ops_or_reference` warns once, naming the cause, and returns the eager
-   torch backend.
+`load_or_build` builds an extension just in time with ninja (`torch.utils.cpp_extension.load`)
+and caches it on disk in torch's extension directory (`TORCH_EXTENSIONS_DIR`), trusted only
+through a manifest of checksums; `import_prebuilt` imports a module built ahead of time by
+setup.py. Nothing here runs at import of `dept_kernels`: the backends that use it
+(`dept_kernels.backends`) call it on first use.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib
 import importlib.util
@@ -23,13 +17,11 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -43,23 +35,6 @@ BUILD_LOCK = "dept_kernels_build.lock"
 TORCH_LOCK = "lock"
 # Build outputs, removed before a rebuild that cannot trust them.
 _OUTPUT_SUFFIXES = (".so", ".pyd", ".o", ".obj", ".ninja_log", ".ninja_deps")
-
-_T = TypeVar("_T")
-
-
-def _once(fn: Callable[[], _T]) -> Callable[[], _T]:
-    """`functools.cache` of a function without arguments, computed once even when threads
-    race for it (two threads must not both build, or both warn); keeps `cache_clear`."""
-    lock = threading.Lock()
-    cached = functools.cache(fn)
-
-    @functools.wraps(fn)
-    def wrapper() -> _T:
-        with lock:
-            return cached()
-
-    wrapper.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
-    return wrapper
 
 
 class Unavailable(Exception):
@@ -83,7 +58,7 @@ def source_hash(sources: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _host_cpu_tag() -> str:
+def host_cpu_tag() -> str:
     """Short hash of the host CPU's model and ISA flags: the JIT build uses -march=native."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -94,10 +69,11 @@ def _host_cpu_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _import_prebuilt(expected_hash: str | None) -> ModuleType | None:
-    """The ahead-of-time module, if installed and built from the sources at hand."""
+def import_prebuilt(name: str, expected_hash: str | None) -> ModuleType | None:
+    """The module `name` built ahead of time, if installed and built from the sources at hand
+    (its SOURCE_HASH is `expected_hash`; None accepts any)."""
     try:
-        module = importlib.import_module("dept_kernels._cpu_ext")
+        module = importlib.import_module(name)
     except ImportError:
         return None
     if expected_hash is not None and expected_hash != module.SOURCE_HASH:
@@ -147,6 +123,18 @@ def _file_ok(build_dir: Path, manifest: dict, filename: str) -> bool:
         )
     except OSError:
         return False
+
+
+def cached_build_present(name: str, **options) -> bool:
+    """Whether a verified build of `name` with `options` is in the cache (builds nothing;
+    torch creates the empty cache directory if it is missing)."""
+    from torch.utils import cpp_extension
+
+    try:
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except OSError:
+        return False
+    return _verified_module_path(build_dir, name, _build_key(name, options)) is not None
 
 
 def _verified_module_path(build_dir: Path, name: str, key: str) -> Path | None:
@@ -352,102 +340,3 @@ def _prepare_rebuild(
             stacklevel=4,
         )
     _discard_untrusted(build_dir, name, key)
-
-
-# --------------------------------------------------------------------------- cpu extension
-
-
-def cpu_extension_name(digest: str) -> str:
-    """Name (and cache directory) of the JIT-built cpu module of sources with `digest`."""
-    return f"dept_kernels_cpu_{digest}_{_host_cpu_tag()}"
-
-
-def _jit_build(sources: list[Path], digest: str) -> ModuleType:
-    # -march=native is right here because the module is built on, and cached for, the
-    # machine that runs it (the cache name carries the host CPU tag); wheels from setup.py
-    # must stay portable and do without it.
-    cflags = ["-O3", "-march=native", "-fopenmp", f"-DDEPT_KERNELS_SOURCE_HASH={digest}"]
-    return load_or_build(
-        cpu_extension_name(digest),
-        sources,
-        "C++ cpu kernels",
-        extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
-    )
-
-
-def cpu_sources() -> tuple[list[Path], list[Path]]:
-    """(compiled .cpp files, headers they include) of the cpu extension; empty without csrc."""
-    csrc = csrc_dir()
-    if csrc is None:
-        return [], []
-    return sorted((csrc / "cpu").glob("*.cpp")), sorted((csrc / "common").glob("*.h"))
-
-
-@_once
-def _cpu_extension() -> tuple[ModuleType | None, str]:
-    """(module, "") or (None, why there is none and what to do). Tried once per process."""
-    sources, headers = cpu_sources()
-    digest = source_hash(sources + headers) if sources else None
-    module = _import_prebuilt(digest)
-    if module is not None:
-        return module, ""
-    if digest is None:
-        return None, "The C++ sources (csrc/cpu) are not installed and no prebuilt module exists."
-    try:
-        return _jit_build(sources, digest), ""
-    except Unavailable as error:
-        return None, f"{str(error)[0].upper()}{str(error)[1:]}."
-    except Exception as error:  # any build failure (no compiler, bad flags) means: fall back
-        lines = str(error).strip().splitlines()
-        detail = "\n".join(lines[-20:])  # the compiler's own error is at the end
-        return None, (
-            "Building it failed. Install a C++ compiler and ninja, or build ahead of time "
-            f"(DEPT_KERNELS_BUILD_EXT=1 pip install .). {type(error).__name__}: {detail}"
-        )
-
-
-def cpu_extension_available() -> bool:
-    """Whether the C++ cpu backend can run here (builds or loads it on the first call)."""
-    return _cpu_extension()[0] is not None
-
-
-def cpu_extension() -> ModuleType:
-    """The compiled cpu module; RuntimeError with the build failure if there is none."""
-    module, reason = _cpu_extension()
-    if module is None:
-        raise RuntimeError(f"the dept_kernels C++ cpu extension is unavailable: {reason}")
-    return module
-
-
-@_once
-def cpu_ops_or_reference() -> ModuleType:
-    """The `cpu` backend's ops module, or the eager torch backend (warning once) without it."""
-    if cpu_extension_available():
-        from . import _cpu
-
-        return _cpu
-    from .ops import _torch_impl
-
-    warnings.warn(
-        "dept_kernels: the C++ cpu backend could not be built or loaded, so the 'cpu' backend "
-        f"runs the slower eager torch implementation instead (same results). "
-        f"{_cpu_extension()[1]}",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    return _torch_impl
-
-
-def cuda_extension_available() -> bool:
-    """Whether the CUDA C++ backend can run here (builds or loads it on the first call)."""
-    from . import _cuda
-
-    return _cuda.available()
-
-
-def cuda_ops() -> ModuleType:
-    """The `cuda` backend's ops module; RuntimeError with the reason when it cannot run."""
-    from . import _cuda
-
-    return _cuda.ops()

@@ -9,7 +9,7 @@
 3. `csrc/cuda/bindings.cpp`, the one torch-aware file, is syntax-checked with the host
    compiler against torch's headers: the CPU wheel lacks only CUDA torch's generated
    `c10/cuda/impl/cuda_cmake_macros.h`, which an empty stand-in replaces for the check
-   (it only sets build macros). Linking it needs CUDA torch and happens in `_cuda` on GPUs.
+   (it only sets build macros). Linking it needs CUDA torch and happens in `backends._cuda` on GPUs.
 
 Prints one line per kernel and target (name, target, registers, spill bytes, ok/FAILED) and
 a summary; exits non-zero on any failure, or when nvcc or triton is missing unless
@@ -119,7 +119,7 @@ def _parse_ptxas(log: str, source: str) -> list[KernelResult]:
 def _nvcc_one(nvcc: str, source: Path, cc: int, workdir: Path) -> list[KernelResult]:
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-    from ._cuda import NVCC_FLAGS
+    from .backends._cuda import NVCC_FLAGS
 
     # The JIT build's flags: torch's (no implicit half / bfloat16 operators) plus ours.
     cmd = [nvcc, "-c", *COMMON_NVCC_FLAGS, *NVCC_FLAGS, "-Xptxas", "-v"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import _backend
+from . import backends
 from .bench import SHAPES, Shape, make_problem, median_time
 from .ops import dept_embedding
 
@@ -104,11 +104,9 @@ def _time_backend(
     backend: str, kw: dict, grad: torch.Tensor, m: int, repeats: int
 ) -> tuple[float, float]:
     """Median seconds of the forward and of the backward reduction on `backend`."""
-    from .ops import _segments
-
-    with _backend.use_backend(backend), torch.no_grad():
+    with backends.use_backend(backend), torch.no_grad():
         fwd = median_time(lambda: dept_embedding(**kw), repeats, "cuda")
-    impl = _segments.impl(backend)
+    impl = backends.load(backend)
     red = median_time(lambda: impl.reduce(grad, m, None, None), repeats, "cuda")
     return fwd, red
 
@@ -129,7 +127,7 @@ def bandwidth_table(shapes: list[str], dtypes: list[torch.dtype], repeats: int) 
             red_bytes = reduce_min_bytes(shape, dtype)
             grad = torch.randn_like(out)
             for backend in ("triton", "cuda"):
-                if backend not in _backend.available_backends():
+                if backend not in backends.available_backends():
                     continue
                 fwd, red = _time_backend(backend, kw, grad, shape.m, repeats)
                 rows.append(

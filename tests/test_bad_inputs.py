@@ -25,20 +25,22 @@ from safetensors.torch import load_file, save_file
 from test_patch import VOCAB, make_config, randomize, tiny_config, tiny_model
 
 import dept_kernels as dk
+from dept_kernels import backends
 from dept_kernels.methods import AoTAdapter, DePTAdapter, PromptTuningAdapter
 from dept_kernels.ops import (
-    _segments,
     aot_bias_add,
     aot_fc_bias,
     aot_kron_bias,
     dept_embedding,
     fc_rows,
     kron_rows,
+)
+from dept_kernels.patch import attach_adapter, new_adapter, replace_adapter
+from dept_kernels.testing import (
     official_dept_embedding,
     reference_aot_bias_add,
     reference_dept_embedding,
 )
-from dept_kernels.patch import attach_adapter, new_adapter, replace_adapter
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "dept_official" / "cola"
 V, D, L, R, M, T = 20, 12, 6, 3, 2, 3
@@ -2000,7 +2002,7 @@ def _no_kernel(backend: str):
 def test_bad_input_raises_a_clear_error(call, exc, match, kernels, tmp_path, monkeypatch):
     if not kernels:
         # The checks must run before a kernel touches memory: the kernels are cut off.
-        monkeypatch.setattr(_segments, "impl", _no_kernel)
+        monkeypatch.setattr(backends, "load", _no_kernel)
     with pytest.raises(exc, match=match):
         call(tmp_path)
 

@@ -12,35 +12,48 @@ import torch
 from torch.utils import cpp_extension
 
 import dept_kernels
-from dept_kernels import _build, _cpu
-from dept_kernels.ops import _torch_impl, reference_dept_embedding
+from dept_kernels import _build, backends
+from dept_kernels.backends import _cpu, _registry
+from dept_kernels.backends._extension import CompiledBackend
+from dept_kernels.testing import reference_dept_embedding
 
 
 @pytest.fixture
 def fresh_build_state():
-    """Forget the cached build outcome before and after the test."""
-    _build._cpu_extension.cache_clear()
-    _build.cpu_ops_or_reference.cache_clear()
+    """Forget the loaded backends and the probes' answers before and after the test."""
+    _registry.forget_loaded()
+    _cpu._probe.cache_clear()
     yield
-    _build._cpu_extension.cache_clear()
-    _build.cpu_ops_or_reference.cache_clear()
+    _registry.forget_loaded()
+    _cpu._probe.cache_clear()
 
 
 def test_extension_builds_and_loads():
-    assert _build.cpu_extension_available()
-    module = _build.cpu_extension()
-    sources, headers = _build.cpu_sources()
+    kernels = backends.load("cpu")
+    assert isinstance(kernels, CompiledBackend)
+    sources, headers = _cpu.sources()
     assert headers, "the shared binding header is part of the build"
-    assert _build.source_hash(sources + headers) == module.SOURCE_HASH
-    assert _build.cpu_ops_or_reference() is _cpu
+    assert _build.source_hash(sources + headers) == kernels.module.SOURCE_HASH
     assert "cpu" in dept_kernels.available_backends()
+
+
+def test_listing_builds_nothing(fresh_build_state, monkeypatch):
+    """`available_backends` decides from cheap facts: it never builds or loads a backend."""
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("available_backends built an extension")
+
+    monkeypatch.setattr(_build, "load_or_build", no_build)
+    monkeypatch.setattr(_build, "import_prebuilt", no_build)
+    assert "cpu" in dept_kernels.available_backends()
+    assert not _registry._loaded
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_cuda_backend_refuses_clearly_without_a_gpu():
-    assert not _build.cuda_extension_available()
-    with pytest.raises(RuntimeError, match="CUDA extension is unavailable"):
-        _build.cuda_ops()
+    assert "cuda" not in dept_kernels.available_backends()
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is unavailable: (No CUDA|Torch is)"):
+        backends.load("cuda")
 
 
 def _break_with_raising_loader(monkeypatch, tmp_path):
@@ -61,7 +74,7 @@ def _break_with_bogus_compiler(monkeypatch, tmp_path):
 def test_failed_build_warns_once_and_falls_back(
     break_build, fresh_build_state, monkeypatch, tmp_path
 ):
-    monkeypatch.setattr(_build, "_import_prebuilt", lambda expected_hash: None)
+    monkeypatch.setattr(_build, "import_prebuilt", lambda name, expected_hash: None)
     break_build(monkeypatch, tmp_path)
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (3, 6))
@@ -70,11 +83,11 @@ def test_failed_build_warns_once_and_falls_back(
     lora_a, lora_b = torch.randn(8, 4), torch.randn(4, 24)
     with warnings.catch_warnings(record=True) as caught, dept_kernels.use_backend("cpu"):
         warnings.simplefilter("always")
-        ops = _build.cpu_ops_or_reference()
+        ops = backends.load("cpu")
         out = dept_kernels.dept_embedding(ids, weight, prompt, lora_a, lora_b, scaling=0.5)
         again = dept_kernels.dept_embedding(ids, weight, prompt, lora_a, lora_b, scaling=0.5)
-    assert ops is _torch_impl
-    assert not _build.cpu_extension_available()
+    assert ops is backends.load("torch")
+    assert "cpu" in _registry._failed
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1, messages
     assert "could not be built" in messages[0]
@@ -95,10 +108,10 @@ import sys, warnings
 warnings.simplefilter("always")
 import torch
 from dept_kernels import _build
-_build._import_prebuilt = lambda expected_hash: None  # the JIT cache, even where installed
+_build.import_prebuilt = lambda name, expected_hash: None  # the JIT cache, even where installed
 import dept_kernels
-ops = _build.cpu_ops_or_reference()
-print("OPS", ops.__name__)
+ops = dept_kernels.backends.load("cpu")
+print("OPS", "compiled" if hasattr(ops, "module") else ops.__name__)
 torch.manual_seed(0)
 ids, weight, prompt = torch.randint(0, 50, (3, 6)), torch.randn(50, 24), torch.randn(2, 24)
 lora_a, lora_b = torch.randn(8, 4), torch.randn(4, 24)
@@ -118,10 +131,11 @@ AS_USER = (
 @pytest.fixture(scope="module")
 def built_cache():
     """(build directory, module name) of a verified JIT build of the cpu extension."""
-    sources, headers = _build.cpu_sources()
+    sources, headers = _cpu.sources()
     digest = _build.source_hash(sources + headers)
-    _build._jit_build(sources, digest)  # a build on first use, else the verified load
-    name = _build.cpu_extension_name(digest)
+    name = _cpu.extension_name(digest)
+    # A build on first use, else the verified load.
+    _build.load_or_build(name, sources, "C++ cpu kernels", **_cpu.jit_options(digest))
     return Path(cpp_extension._get_build_directory(name, verbose=False)), name
 
 
@@ -165,7 +179,7 @@ def test_stale_build_lock_does_not_hang_the_first_cpu_op(built_cache, tmp_path):
     build_dir = _cache_copy(built_cache, tmp_path)
     (build_dir / _build.TORCH_LOCK).touch()
     result = _run_child(build_dir.parent, timeout=120)
-    assert "OPS dept_kernels._cpu" in result.stdout and "OK" in result.stdout
+    assert "OPS compiled" in result.stdout and "OK" in result.stdout
 
 
 def test_stale_build_lock_of_an_interrupted_build_is_removed_and_the_build_completed(
@@ -178,7 +192,7 @@ def test_stale_build_lock_of_an_interrupted_build_is_removed_and_the_build_compl
     module.write_bytes(module.read_bytes()[: module.stat().st_size // 3])
     (build_dir / _build.TORCH_LOCK).touch()
     result = _run_child(build_dir.parent)
-    assert "OPS dept_kernels._cpu" in result.stdout and "OK" in result.stdout
+    assert "OPS compiled" in result.stdout and "OK" in result.stdout
     assert result.stderr.count("removed a stale build lock") == 1, result.stderr
     assert "building the C++ cpu kernels" in result.stderr
     assert not (build_dir / _build.TORCH_LOCK).exists()
@@ -192,7 +206,7 @@ def test_truncated_cached_module_is_rebuilt_not_loaded(built_cache, tmp_path):
     size = module.stat().st_size
     module.write_bytes(module.read_bytes()[: size // 2])
     result = _run_child(build_dir.parent)
-    assert "OPS dept_kernels._cpu" in result.stdout and "OK" in result.stdout
+    assert "OPS compiled" in result.stdout and "OK" in result.stdout
     assert result.stderr.count("fails its checksum") == 1, result.stderr
     assert "building the C++ cpu kernels" in result.stderr
     assert module.stat().st_size == size
@@ -208,7 +222,7 @@ def test_read_only_cache_with_a_valid_build_is_loaded(built_cache, tmp_path):
     _make_read_only(tmp_path / "extensions")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in build_dir.iterdir())
     result = _run_child(build_dir.parent, read_only=True, timeout=120)
-    assert "OPS dept_kernels._cpu" in result.stdout and "OK" in result.stdout
+    assert "OPS compiled" in result.stdout and "OK" in result.stdout
     assert "Warning" not in result.stderr and "building" not in result.stderr, result.stderr
     assert sorted((p.name, p.stat().st_mtime_ns) for p in build_dir.iterdir()) == before
 
@@ -221,7 +235,7 @@ def test_read_only_cache_without_a_valid_build_warns_with_the_real_cause(built_c
     module.write_bytes(module.read_bytes()[:4096])
     _make_read_only(tmp_path / "extensions")
     result = _run_child(build_dir.parent, read_only=True, timeout=120)
-    assert "OPS dept_kernels.ops._torch_impl" in result.stdout and "OK" in result.stdout
+    assert "OPS dept_kernels.backends._torch" in result.stdout and "OK" in result.stdout
     assert result.stderr.count("could not be built or loaded") == 1, result.stderr
     assert "is not writable" in result.stderr and "TORCH_EXTENSIONS_DIR" in result.stderr
     assert "compiler" not in result.stderr
@@ -232,16 +246,16 @@ def test_build_lock_held_by_a_live_process_is_waited_for_with_a_deadline(
 ):
     """Another live process building: wait for it, but not forever."""
     fcntl = pytest.importorskip("fcntl")
-    monkeypatch.setattr(_build, "_import_prebuilt", lambda expected_hash: None)
+    monkeypatch.setattr(_build, "import_prebuilt", lambda name, expected_hash: None)
     monkeypatch.setattr(_build, "LOCK_WAIT_S", 0.5)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    sources, headers = _build.cpu_sources()
-    build_dir = tmp_path / _build.cpu_extension_name(_build.source_hash(sources + headers))
+    sources, headers = _cpu.sources()
+    build_dir = tmp_path / _cpu.extension_name(_build.source_hash(sources + headers))
     build_dir.mkdir()
     with open(build_dir / _build.BUILD_LOCK, "w") as holder:
         holder.write("4242")
         holder.flush()
         fcntl.flock(holder, fcntl.LOCK_EX)
-        module, reason = _build._cpu_extension()
-    assert module is None
-    assert "Another process (pid 4242) has been building the kernels" in reason
+        with pytest.raises(backends.BackendUnavailable) as refused:
+            _registry.entry("cpu").loader()
+    assert "Another process (pid 4242) has been building the kernels" in str(refused.value)

@@ -180,7 +180,7 @@ def tol(dtype):
 BACKENDS = [
     b
     for b in dk.available_backends()
-    if b in ("torch", "cpu") or (b == "triton" and dk._backend.triton_interpreting())
+    if b in ("torch", "cpu") or (b == "triton" and dk.backends.triton_interpreting())
 ]
 # The triton interpreter is slow: fp32 DePT only.
 CASES = [

@@ -32,7 +32,7 @@ from transformers import (
 
 import dept_kernels as dk
 from dept_kernels.methods.aot import fetch_rows
-from dept_kernels.ops import reference_aot_bias_add
+from dept_kernels.testing import reference_aot_bias_add
 
 ARCHS = ("gpt2", "llama", "mistral", "t5", "bert", "roberta")
 REPARAMS = ("kron", "fc")

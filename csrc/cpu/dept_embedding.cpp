@@ -1,5 +1,5 @@
 // Fused DePT input embedding, CPU backend. The contract (shapes, dtypes, semantics) is
-// `dept_kernels/ops/_torch_impl.py`; the Python layer validates every input before calling
+// `dept_kernels/backends/_torch.py`; the Python layer validates every input before calling
 // in here, so the checks below are only a last line of defence.
 //
 // Forward, one pass over memory: every output row is written once, straight from its
@@ -98,57 +98,66 @@ inline void add_row(T* __restrict out, const T* __restrict e, const float* __res
   }
 }
 
-// Per-task parameters (`tasks` non-null): prompt (T, m, d), a (T, L, r), b (T, r, d), all
-// contiguous; `order` lists the samples grouped by task. Without tasks, T = 1 and task 0.
+// The forward's arguments and its steps. Per-task parameters (`tasks` non-null): prompt
+// (T, m, d), a (T, L, r), b (T, r, d), all contiguous; `order` lists the samples grouped by
+// task. Without tasks, T = 1 and task 0.
 template <typename T>
-void forward_kernel(
-    const int64_t* ids,
-    const T* weight,
-    int64_t weight_stride,
-    const T* prompt,
-    const float* lora_a,
-    const float* lora_b,
-    const int64_t* rows,
-    const int64_t* tasks,
-    const int64_t* order,
-    float scaling,
-    int64_t batch,
-    int64_t seq,
-    int64_t m,
-    int64_t d,
-    int64_t r,
-    int64_t max_len,
-    bool lowrank,
-    T* out) {
-  const int64_t out_seq = m + seq;
-  const size_t row_bytes = static_cast<size_t>(d) * sizeof(T);
-  const auto task_of = [&](int64_t b) -> int64_t { return tasks == nullptr ? 0 : tasks[b]; };
+struct Forward {
+  const int64_t* ids;
+  const T* weight;
+  int64_t weight_stride;
+  const T* prompt;
+  const float* lora_a;
+  const float* lora_b;
+  const int64_t* rows;
+  const int64_t* tasks;
+  const int64_t* order;
+  float scaling;
+  int64_t batch, seq, m, d, r, max_len;
+  bool lowrank;
+  T* out;
 
-  if (m > 0) {
+  int64_t task_of(int64_t b) const { return tasks == nullptr ? 0 : tasks[b]; }
+  // Output row q of sample b: prompt rows q < m, then token rows q = m + t.
+  T* out_row(int64_t b, int64_t q) const { return out + (b * (m + seq) + q) * d; }
+  // Embedding row of token n = b * seq + t.
+  const T* embedding(int64_t n) const { return weight + ids[n] * weight_stride; }
+  size_t row_bytes() const { return static_cast<size_t>(d) * sizeof(T); }
+
+  void run() const {
+    if (m > 0) write_prompts();
+    if (!lowrank) {
+      write_embeddings();
+    } else if (rows == nullptr) {
+      write_position_deltas();
+    } else {
+      write_row_deltas();
+    }
+  }
+
+  void write_prompts() const {
     at::parallel_for(0, batch * m, grain_for(d), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / m;
         const int64_t p = i % m;
-        std::memcpy(out + (b * out_seq + p) * d, prompt + (task_of(b) * m + p) * d, row_bytes);
+        std::memcpy(out_row(b, p), prompt + (task_of(b) * m + p) * d, row_bytes());
       }
     });
   }
 
-  if (!lowrank) {
+  // No low-rank delta: the token rows are copies of their embedding rows.
+  void write_embeddings() const {
     at::parallel_for(0, batch * seq, grain_for(d), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        const int64_t b = n / seq;
-        const int64_t t = n % seq;
-        std::memcpy(out + (b * out_seq + m + t) * d, weight + ids[n] * weight_stride, row_bytes);
+        std::memcpy(out_row(n / seq, m + n % seq), embedding(n), row_bytes());
       }
     });
-    return;
   }
 
-  if (rows == nullptr) {
-    // Parallel over positions: each thread's chunk forms the delta of its positions, two at
-    // a time, and applies it to all B tokens at those positions. The batch is walked in task
-    // order, so the delta is formed once per (DePT) task present.
+  // Row = position. Parallel over positions: each thread's chunk forms the delta of its
+  // positions, two at a time, and applies it to all B tokens at those positions. The batch
+  // is walked in task order, so the delta is formed once per (DePT) task present.
+  void write_position_deltas() const {
     at::parallel_for(0, seq, grain_for(batch * d), [&](int64_t begin, int64_t end) {
       std::vector<float> delta(kBlockRows * d);
       for (int64_t t0 = begin; t0 < end; t0 += kBlockRows) {
@@ -158,46 +167,48 @@ void forward_kernel(
           const int64_t b = order == nullptr ? i : order[i];
           const int64_t task = task_of(b);
           if (task != cached) {
-            const float* a = lora_a + (task * max_len + t0) * r;
-            const float* bt = lora_b + task * r * d;
-            if (rows_here == kBlockRows) {
-              lowrank_rows<kBlockRows>(a, bt, r, d, scaling, delta.data());
-            } else {
-              lowrank_rows<1>(a, bt, r, d, scaling, delta.data());
-            }
+            form_delta(task, t0, rows_here, delta.data());
             cached = task;
           }
           for (int64_t p = 0; p < rows_here; ++p) {
             const int64_t t = t0 + p;
-            add_row(out + (b * out_seq + m + t) * d, weight + ids[b * seq + t] * weight_stride,
-                    delta.data() + p * d, d);
+            add_row(out_row(b, m + t), embedding(b * seq + t), delta.data() + p * d, d);
           }
         }
       }
     });
-    return;
   }
 
   // Arbitrary rows (left padding, token mode): one delta per token, except that a run of
   // tokens sharing a (task, row) (padding, repeated ids) reuses the one just formed.
-  at::parallel_for(0, batch * seq, grain_for(d), [&](int64_t begin, int64_t end) {
-    std::vector<float> delta(d);
-    int64_t cached_row = -1, cached_task = -1;
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t b = n / seq;
-      const int64_t t = n % seq;
-      const int64_t row = rows[n];
-      const int64_t task = task_of(b);
-      if (row != cached_row || task != cached_task) {
-        lowrank_rows<1>(lora_a + (task * max_len + row) * r, lora_b + task * r * d, r, d, scaling,
-                        delta.data());
-        cached_row = row;
-        cached_task = task;
+  void write_row_deltas() const {
+    at::parallel_for(0, batch * seq, grain_for(d), [&](int64_t begin, int64_t end) {
+      std::vector<float> delta(d);
+      int64_t cached_row = -1, cached_task = -1;
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t b = n / seq;
+        const int64_t task = task_of(b);
+        if (rows[n] != cached_row || task != cached_task) {
+          form_delta(task, rows[n], 1, delta.data());
+          cached_row = rows[n];
+          cached_task = task;
+        }
+        add_row(out_row(b, m + n % seq), embedding(n), delta.data(), d);
       }
-      add_row(out + (b * out_seq + m + t) * d, weight + ids[n] * weight_stride, delta.data(), d);
+    });
+  }
+
+  // delta (count, d) = scaling * lora_a[task, row : row + count] @ lora_b[task], count <= 2.
+  void form_delta(int64_t task, int64_t row, int64_t count, float* delta) const {
+    const float* a = lora_a + (task * max_len + row) * r;
+    const float* b = lora_b + task * r * d;
+    if (count == kBlockRows) {
+      lowrank_rows<kBlockRows>(a, b, r, d, scaling, delta);
+    } else {
+      lowrank_rows<1>(a, b, r, d, scaling, delta);
     }
-  });
-}
+  }
+};
 
 // acc[0, W) = sum over the tokens `src(i)`, i in [0, count), of their columns [0, W).
 template <int64_t W, typename T, typename Src>
@@ -338,13 +349,25 @@ at::Tensor forward(
   using dept_kernels::ptr_or_null;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "dept_embedding_forward", [&] {
-        forward_kernel<scalar_t>(
-            t.ids.data_ptr<int64_t>(), weight.data_ptr<scalar_t>(), weight.stride(0),
-            ptr_or_null<scalar_t>(t.prompt), ptr_or_null<float>(t.lora_a),
-            ptr_or_null<float>(t.lora_b), ptr_or_null<int64_t>(t.rows),
-            ptr_or_null<int64_t>(t.task_ids), ptr_or_null<int64_t>(t.batch_order),
-            static_cast<float>(scaling), t.batch, t.seq, t.m, t.d, t.r, t.max_len,
-            t.lora_a.defined() && t.r > 0, out.data_ptr<scalar_t>());
+        const Forward<scalar_t> step{t.ids.data_ptr<int64_t>(),
+                                     weight.data_ptr<scalar_t>(),
+                                     weight.stride(0),
+                                     ptr_or_null<scalar_t>(t.prompt),
+                                     ptr_or_null<float>(t.lora_a),
+                                     ptr_or_null<float>(t.lora_b),
+                                     ptr_or_null<int64_t>(t.rows),
+                                     ptr_or_null<int64_t>(t.task_ids),
+                                     ptr_or_null<int64_t>(t.batch_order),
+                                     static_cast<float>(scaling),
+                                     t.batch,
+                                     t.seq,
+                                     t.m,
+                                     t.d,
+                                     t.r,
+                                     t.max_len,
+                                     t.lora_a.defined() && t.r > 0,
+                                     out.data_ptr<scalar_t>()};
+        step.run();
       });
   return out;
 }
@@ -417,7 +440,7 @@ at::Tensor gather_add(
 #define DEPT_KERNELS_STR(x) DEPT_KERNELS_STR_(x)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "DePT fused embedding, CPU kernels (see dept_kernels/_cpu.py)";
+  module.doc() = "DePT fused embedding, CPU kernels (see dept_kernels/backends/_cpu.py)";
   module.attr("SOURCE_HASH") = DEPT_KERNELS_STR(DEPT_KERNELS_SOURCE_HASH);
   module.def("forward", &forward,
              "(B, m + s, d) fused prompt + embedding + low-rank delta, optionally per task");

@@ -1,5 +1,5 @@
 // AoT P-tuning gather-add: out[n] = hidden[n] + table[rows[n]], added in fp32. The contract is
-// `gather_add` in dept_kernels/ops/_torch_impl.py; bindings.cpp prepares the arguments.
+// `gather_add` in dept_kernels/backends/_torch.py; bindings.cpp prepares the arguments.
 
 #include "common.cuh"
 

@@ -2,7 +2,7 @@
 // normalises the small tensors (ids, rows, prompt, low-rank factors: O(B*s + m*d + L*r + r*d)),
 // allocates outputs, and calls the raw-pointer launchers of launchers.h on the current
 // stream. The big tensors (weight, hidden, grad_out, out) are used in place, never copied.
-// The contract is dept_kernels/ops/_torch_impl.py; the Python layer validates values.
+// The contract is dept_kernels/backends/_torch.py; the Python layer validates values.
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -51,7 +51,7 @@ at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& weight,
   auto out = at::empty({t.batch, t.m + t.seq, t.d}, weight.options());
   if (out.numel() == 0) return out;
   using dept_kernels::ptr_or_null;
-  dept_kernels::ForwardArgs args{};
+  dept_kernels::ForwardParams args{};
   args.ids = t.ids.data_ptr<int64_t>();
   args.weight = weight.data_ptr();
   args.weight_stride = weight.stride(0);
@@ -150,7 +150,7 @@ at::Tensor gather_add(const at::Tensor& hidden, const at::Tensor& rows, const at
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "DePT / AoT kernels, CUDA backend (see dept_kernels/_cuda.py)";
+  module.doc() = "DePT / AoT kernels, CUDA backend (see dept_kernels/backends/_cuda.py)";
   module.def("forward", &forward,
              "(B, m + s, d) fused prompt + embedding + low-rank delta, optionally per task");
   module.def("reduce", &reduce, "fp32 batch / segment sums of the token rows of grad_out");

@@ -1,29 +1,10 @@
 // Fused DePT input embedding (forward) and the deterministic segmented sum of its backward.
-// The contract is dept_kernels/ops/_torch_impl.py; bindings.cpp prepares the arguments.
+// The contract is dept_kernels/backends/_torch.py; bindings.cpp prepares the arguments.
 
 #include "common.cuh"
 
 namespace dept_kernels {
 namespace {
-
-// Per-task parameters (tasks non-null) are stacked: prompt (T, m, d), lora_a (T, L, r),
-// lora_b (T, r, d); without tasks every sample reads task 0.
-struct ForwardParams {
-  const int64_t* ids;
-  const void* weight;
-  int64_t weight_stride;
-  const void* prompt;
-  const float* lora_a;
-  const float* lora_b;
-  const int64_t* rows;
-  const int64_t* tasks;  // (batch,) or null
-  const int64_t* order;  // (batch,) samples grouped by task, with tasks
-  float scaling;
-  int64_t batch, seq, m, d, r;
-  int64_t lora_rows;    // L
-  int64_t batch_chunk;  // batch positions per block along grid z (shared-delta kernel)
-  void* out;
-};
 
 // delta[i] = sum over k of a_i[k] * lora_b[k, c : c + VEC], rows i with a null `a_i` zero;
 // then delta *= scaling (the reference's order: the product first, then the scale).
@@ -94,8 +75,8 @@ struct ForwardSharedDelta {
       token[i] = valid[i] && q >= p.m;
     }
     // Batch position i holds sample order[i] with tasks, else sample i.
-    const auto sample = [&](int64_t i) { return p.order != nullptr ? p.order[i] : i; };
-    const auto task_of = [&](int64_t b) -> int64_t { return p.tasks != nullptr ? p.tasks[b] : 0; };
+    const auto sample = [&](int64_t i) { return p.batch_order != nullptr ? p.batch_order[i] : i; };
+    const auto task_of = [&](int64_t b) -> int64_t { return p.task_ids != nullptr ? p.task_ids[b] : 0; };
     const auto form_delta = [&](int64_t k, float(&delta)[kRowsPerThread][VEC]) {
       const float* a[kRowsPerThread];
 #pragma unroll
@@ -184,12 +165,12 @@ struct ForwardPerRow {
     const int64_t width = p.m + p.seq;
     const int64_t row_in_tile = int64_t(thread.y) * kRowsPerThread;
     int64_t n0, end, task = 0;  // this thread's rows are n0 + i < end, of task `task`
-    if (p.tasks != nullptr) {
+    if (p.task_ids != nullptr) {
       const int64_t tiles = (width + kRowTile - 1) / kRowTile;
       const int64_t b = int64_t(block.x) / tiles;
       n0 = b * width + (int64_t(block.x) - b * tiles) * kRowTile + row_in_tile;
       end = (b + 1) * width;
-      task = p.tasks[b];
+      task = p.task_ids[b];
     } else {
       n0 = int64_t(block.x) * kRowTile + row_in_tile;
       end = p.batch * width;
@@ -359,11 +340,10 @@ int sm_count() {
 }
 
 template <typename T, int VEC>
-cudaError_t launch_forward(const ForwardParams& base, cudaStream_t stream) {
-  ForwardParams p = base;
+cudaError_t launch_forward(ForwardParams p, cudaStream_t stream) {
   const int64_t width = p.m + p.seq;
   const int64_t col_tiles = ceil_div(p.d, kLanes * VEC);
-  const int64_t row_tiles = p.tasks != nullptr ? p.batch * ceil_div(width, kRowTile)
+  const int64_t row_tiles = p.task_ids != nullptr ? p.batch * ceil_div(width, kRowTile)
                                                : ceil_div(p.batch * width, kRowTile);
   if (p.lora_a == nullptr || p.r == 0) {
     return launch<ForwardPerRow<T, VEC, false>>(row_tiles, col_tiles, 1, p, stream);
@@ -396,27 +376,11 @@ cudaError_t launch_segment_sum(const SegmentParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t dept_forward(const ForwardArgs& a, cudaStream_t stream) {
+cudaError_t dept_forward(const ForwardParams& a, cudaStream_t stream) {
   if (a.batch == 0 || a.d == 0 || a.m + a.seq == 0) return cudaSuccess;
-  ForwardParams p{};
-  p.ids = a.ids;
-  p.weight = a.weight;
-  p.weight_stride = a.weight_stride;
-  p.prompt = a.prompt;
-  p.lora_a = a.lora_a;
-  p.lora_b = a.lora_b;
-  p.rows = a.rows;
-  p.tasks = a.task_ids;
-  p.order = a.task_ids != nullptr ? a.batch_order : nullptr;
-  p.scaling = a.scaling;
-  p.batch = a.batch;
-  p.seq = a.seq;
-  p.m = a.m;
-  p.d = a.d;
-  p.r = a.r;
-  p.lora_rows = a.lora_rows;
-  p.batch_chunk = a.batch;
-  p.out = a.out;
+  ForwardParams p = a;
+  if (p.task_ids == nullptr) p.batch_order = nullptr;
+  p.batch_chunk = p.batch;
   const bool lowrank = a.lora_a != nullptr && a.r > 0;
   return dispatch_float(a.dtype, [&](auto tag) {
     using T = decltype(tag);

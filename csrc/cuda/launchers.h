@@ -17,7 +17,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // out[b, :m] = prompt; out[b, m + t] = weight[ids[b, t]] + scaling * lora_a[row(b, t)] @ lora_b.
 // With `task_ids` the parameters are stacked per task and sample b reads task_ids[b]'s slice.
-struct ForwardArgs {
+// One struct from the binding to the kernels (as flash-attention's params): the caller fills
+// the arguments, `dept_forward` the launch fields below them.
+struct ForwardParams {
   const int64_t* ids;     // (batch, seq)
   const void* weight;     // (V, d) of `dtype`, rows `weight_stride` elements apart
   int64_t weight_stride;
@@ -32,9 +34,11 @@ struct ForwardArgs {
   int64_t lora_rows;      // L: rows of lora_a per task
   DType dtype;
   void* out;              // (batch, m + seq, d) contiguous, of `dtype`
+  // Launch fields, set by dept_forward.
+  int64_t batch_chunk;    // batch positions per block along grid z (shared-delta kernel)
 };
 
-cudaError_t dept_forward(const ForwardArgs& args, cudaStream_t stream);
+cudaError_t dept_forward(const ForwardParams& params, cudaStream_t stream);
 
 // out[u] = sum over j in [offsets[u], offsets[u + 1]) of grad[src_rows[j]], in fp32, in the
 // order of j. Deterministic: a fixed split of the tokens into chunks, no atomics.

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .. import fuse, patch
 from ..methods import AoTConfig, DePTConfig, PromptTuningConfig, equal_budget
-from ..ops import official_dept_embedding
+from ..testing import official_dept_embedding
 
 MAX_LENGTH = 256
 PAD, EOS = 0, 1

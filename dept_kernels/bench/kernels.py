@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import _backend
-from ..ops import dept_embedding, official_dept_embedding, reference_dept_embedding
+from .. import backends
+from ..ops import dept_embedding
+from ..testing import official_dept_embedding, reference_dept_embedding
 from ._timing import interleaved_medians
 
 
@@ -96,7 +97,7 @@ def _with_backend(fn: Callable, backend: str | None) -> Callable:
         return fn
 
     def run(**kw):
-        with _backend.use_backend(backend):
+        with backends.use_backend(backend):
             return fn(**kw)
 
     return run
@@ -111,10 +112,10 @@ def run(shape: Shape, dtype: torch.dtype, device: str, repeats: int, compile_: b
     if compile_:
         impls["official (torch.compile)"] = torch.compile(official_dept_embedding)
     errors = {}
-    backends = [b for b in _backend.available_backends() if b != "cuda" or device == "cuda"]
-    backends = [b for b in backends if device == "cuda" or b != "triton"]
-    for name in backends:
-        with _backend.use_backend(name):
+    names = [b for b in backends.available_backends() if b != "cuda" or device == "cuda"]
+    names = [b for b in names if device == "cuda" or b != "triton"]
+    for name in names:
+        with backends.use_backend(name):
             errors[name] = max_error(kw, grad_out)
         impls[f"dept_kernels[{name}]"] = _with_backend(dept_embedding, name)
 

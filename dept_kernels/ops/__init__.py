@@ -1,23 +1,26 @@
-"""Op contracts: validation, dispatch to a backend, autograd."""
+"""The ops: per op, the public API and its checks (`dept_embedding`, `aot`), the custom op
+with its autograd (`_*_op`), and the gradients (`_grads`). Kernels come from
+`dept_kernels.backends`."""
 
-from .aot import (
-    aot_bias_add,
-    aot_fc_bias,
-    aot_kron_bias,
-    fc_rows,
-    kron_rows,
-    reference_aot_bias_add,
-)
-from .dept_embedding import dept_embedding, official_dept_embedding, reference_dept_embedding
+import warnings
 
-__all__ = [
-    "aot_bias_add",
-    "aot_fc_bias",
-    "aot_kron_bias",
-    "dept_embedding",
-    "fc_rows",
-    "kron_rows",
-    "official_dept_embedding",
-    "reference_aot_bias_add",
-    "reference_dept_embedding",
-]
+from .aot import aot_bias_add, aot_fc_bias, aot_kron_bias, fc_rows, kron_rows
+from .dept_embedding import dept_embedding
+
+__all__ = ["aot_bias_add", "aot_fc_bias", "aot_kron_bias", "dept_embedding", "fc_rows", "kron_rows"]
+
+# Moved to `dept_kernels.testing`; importable from here for one release.
+_MOVED = ("official_dept_embedding", "reference_aot_bias_add", "reference_dept_embedding")
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(
+            f"dept_kernels.ops.{name} moved to dept_kernels.testing.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from .. import testing
+
+        return getattr(testing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""AoT P-tuning (DESIGN.md §1, AoT): a per-token bias added before a transformer layer.
+"""AoT P-tuning (docs/design.md §1, AoT): a per-token bias added before a transformer layer.
 
     out[b, t] = hidden[b, t] + P[ids[b, t]]                         (B, s, d)
 
@@ -11,22 +11,21 @@ evaluated only on the batch's distinct ids, never on all V rows:
 
 The (U, d) rows are formed with small differentiable torch ops; the (B, s, d) work, the
 gather-add forward and its segmented-sum backward, is one custom op with a kernel per
-backend. Dropout follows the paper (on `P_x` for Kronecker, on `E[x]` for FC) and acts
-per distinct id: all occurrences of a token in a batch share one mask, which is what
-evaluating on distinct ids means. It draws from torch's generator, so it is reproducible
+backend (`_aot_op`); this module holds the public functions and their checks. Dropout
+follows the paper (on `P_x` for Kronecker, on `E[x]` for FC) and acts per distinct id: all
+occurrences of a token in a batch share one mask, which is what evaluating on distinct ids
+means. It draws from torch's generator, so it is reproducible
 under `torch.manual_seed` and identical on every backend.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend
-from . import _segments
+from .. import backends
+from . import _aot_op  # noqa: F401  registers the custom ops called below
 from . import _validate as v
 
 __all__ = [
@@ -36,7 +35,6 @@ __all__ = [
     "aot_kron_bias",
     "fc_rows",
     "kron_rows",
-    "reference_aot_bias_add",
 ]
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
@@ -83,7 +81,7 @@ def _aot_bias_add(
     if task_ids is not None:
         task_ids = task_ids.contiguous()
     table = table if table.is_contiguous() else table.contiguous()
-    backend = _backend.resolve_later(hidden.device)
+    backend = backends.resolve_later(hidden.device)
     ids = input_ids.contiguous()
     if inplace:
         if torch.is_grad_enabled() and (hidden.requires_grad or table.requires_grad):
@@ -133,130 +131,6 @@ def _check_hidden(hidden: Tensor, input_ids: Tensor) -> None:
         )
 
 
-def _shares_memory(a: Tensor, b: Tensor) -> bool:
-    """Whether `a` and `b` may overlap in memory: one storage and intersecting byte spans
-    (conservative: interleaved views that touch no common element count too)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-
-    def span(x: Tensor) -> tuple[int, int]:
-        last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
-        return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
-
-    (a_start, a_end), (b_start, b_end) = span(a), span(b)
-    return a_start < b_end and b_start < a_end
-
-
-def _unaliased(hidden: Tensor, x: Tensor | None) -> Tensor | None:
-    """`x`, or a copy of it if it shares memory with `hidden`: the in-place kernels write
-    `hidden` while they read `x`, so they would read rows (or ids) already overwritten."""
-    if x is not None and _shares_memory(hidden, x):
-        return x.clone()
-    return x
-
-
-def _table_rows(input_ids: Tensor, table: Tensor, task_ids: Tensor | None, checked: bool) -> Tensor:
-    """Row of the flattened (T*V, d) table for every token, range-checked unless `checked`."""
-    vocab = table.shape[-2]
-    if not checked:
-        v.check_range("input_ids", input_ids, vocab)
-        if task_ids is not None:
-            v.check_range("task_ids", task_ids, table.shape[0])
-    if task_ids is None:
-        return input_ids
-    return task_ids.long()[:, None] * vocab + input_ids.long()
-
-
-@torch.library.custom_op("dept_kernels::aot_bias_add", mutates_args=())
-def _aot_bias_add_op(
-    hidden: Tensor,
-    input_ids: Tensor,
-    table: Tensor,
-    task_ids: Tensor | None,
-    backend: str | None,
-    checked: bool,
-) -> Tensor:
-    backend = _backend.resolved(backend, hidden.device)
-    rows = _table_rows(input_ids, table, task_ids, checked)
-    flat = table.reshape(-1, table.shape[-1])
-    return _segments.impl(backend).gather_add(hidden, rows, flat, torch.empty_like(hidden))
-
-
-@_aot_bias_add_op.register_fake
-def _(hidden, input_ids, table, task_ids, backend, checked):
-    return torch.empty_like(hidden)
-
-
-@torch.library.custom_op("dept_kernels::aot_bias_add_", mutates_args=("hidden",))
-def _aot_bias_add_inplace_op(
-    hidden: Tensor,
-    input_ids: Tensor,
-    table: Tensor,
-    task_ids: Tensor | None,
-    backend: str | None,
-    checked: bool,
-) -> None:
-    backend = _backend.resolved(backend, hidden.device)
-    # Copies taken before the range check, so the ids checked are the ids the kernel reads.
-    input_ids, table, task_ids = (_unaliased(hidden, x) for x in (input_ids, table, task_ids))
-    rows = _table_rows(input_ids, table, task_ids, checked)
-    _segments.impl(backend).gather_add(hidden, rows, table.reshape(-1, table.shape[-1]), hidden)
-
-
-@_aot_bias_add_inplace_op.register_fake
-def _(hidden, input_ids, table, task_ids, backend, checked):
-    return None
-
-
-@torch.library.custom_op("dept_kernels::aot_bias_add_backward", mutates_args=())
-def _aot_bias_add_backward_op(
-    grad_out: Tensor,
-    input_ids: Tensor,
-    task_ids: Tensor | None,
-    table_shape: list[int],
-    table_dtype: torch.dtype,
-    backend: str | None,
-) -> Tensor:
-    """Gradient of the table: per-row sums of `grad_out`, deterministic."""
-    backend = _backend.resolved(backend, grad_out.device)
-    d = table_shape[-1]
-    vocab = table_shape[-2]
-    rows = input_ids if task_ids is None else task_ids.long()[:, None] * vocab + input_ids.long()
-    used, sums = _segments.row_sums(grad_out.contiguous(), 0, rows, backend)
-    grad = grad_out.new_zeros(math.prod(table_shape[:-1]), d, dtype=table_dtype)
-    grad[used] = sums.to(table_dtype)
-    return grad.reshape(table_shape)
-
-
-@_aot_bias_add_backward_op.register_fake
-def _(grad_out, input_ids, task_ids, table_shape, table_dtype, backend):
-    return grad_out.new_empty(table_shape, dtype=table_dtype)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    _hidden, input_ids, table, task_ids, backend, _checked = inputs
-    ctx.save_for_backward(input_ids, task_ids)
-    ctx.table_shape = list(table.shape)
-    ctx.table_dtype = table.dtype
-    ctx.backend = backend
-
-
-def _backward(ctx, grad_out):
-    input_ids, task_ids = ctx.saved_tensors
-    d_table = None
-    if ctx.needs_input_grad[2]:
-        d_table = torch.ops.dept_kernels.aot_bias_add_backward(
-            grad_out, input_ids, task_ids, ctx.table_shape, ctx.table_dtype, ctx.backend
-        )
-    # The bias is added, so the hidden state's gradient passes through unchanged.
-    return grad_out if ctx.needs_input_grad[0] else None, None, d_table, None, None, None
-
-
-_aot_bias_add_op.register_autograd(_backward, setup_context=_setup_context)
-
-
 # --------------------------------------------------------------------------- reparameterisations
 
 
@@ -273,17 +147,6 @@ def checked_ids(ids: Tensor, upper: int, name: str) -> Tensor:
     return ids
 
 
-@torch.library.custom_op("dept_kernels::checked_ids", mutates_args=())
-def _checked_ids_op(ids: Tensor, upper: int, name: str) -> Tensor:
-    v.check_range(name, ids, upper)
-    return ids.clone()
-
-
-@_checked_ids_op.register_fake
-def _(ids, upper, name):
-    return torch.empty_like(ids)
-
-
 def distinct_ids(ids: Tensor, upper: int, name: str = "input_ids") -> tuple[Tensor, Tensor]:
     """`(used, inverse)`: the sorted distinct ids (U,) of `ids`, range-checked against
     [0, upper), and each element's index into them (same shape as `ids`, int64).
@@ -297,20 +160,6 @@ def distinct_ids(ids: Tensor, upper: int, name: str = "input_ids") -> tuple[Tens
 def _distinct_ids(ids: Tensor, upper: int, name: str, checked: bool) -> tuple[Tensor, Tensor]:
     """`distinct_ids`, skipping the range check where the library's caller has done it."""
     return torch.ops.dept_kernels.distinct_ids(ids, upper, name, checked)
-
-
-@torch.library.custom_op("dept_kernels::distinct_ids", mutates_args=())
-def _distinct_ids_op(ids: Tensor, upper: int, name: str, checked: bool) -> tuple[Tensor, Tensor]:
-    if not checked:
-        v.check_range(name, ids, upper)
-    used, inverse = torch.unique(ids, return_inverse=True)
-    return used, inverse
-
-
-@_distinct_ids_op.register_fake
-def _(ids, upper, name, checked):
-    count = torch.library.get_ctx().new_dynamic_size()
-    return ids.new_empty(count), ids.new_empty(ids.shape, dtype=torch.int64)
 
 
 def kron_rows(ids: Tensor, w_l: Tensor, w_m: Tensor, w_r: Tensor) -> Tensor:
@@ -483,20 +332,3 @@ def _aot_fc_bias(
     rows = _fc_rows(used, embedding, w1, b1, w2, b2, activation, dropout_p)
     # inverse < U by construction
     return _aot_bias_add(hidden, inverse, rows, None, inplace=False, ids_checked=True)
-
-
-def reference_aot_bias_add(
-    hidden: Tensor, input_ids: Tensor, table: Tensor, *, task_ids: Tensor | None = None
-) -> Tensor:
-    """The formula in plain differentiable PyTorch, fp32 accumulation: the test oracle."""
-    _check_table_args(hidden, input_ids, table, task_ids)
-    input_ids = checked_ids(input_ids, table.shape[-2], "input_ids")
-    if task_ids is not None:
-        task_ids = checked_ids(task_ids, table.shape[0], "task_ids")
-    table = table.float()  # so the table's gradient is summed in fp32 too
-    if task_ids is not None:
-        table = table[task_ids.long()]  # (B, V, d)
-        bias = torch.gather(table, 1, input_ids.long()[:, :, None].expand(-1, -1, table.shape[-1]))
-    else:
-        bias = F.embedding(input_ids.long(), table)
-    return (hidden.float() + bias).to(hidden.dtype)

@@ -1,4 +1,4 @@
-"""Triton kernel of the AoT gather-add `out = hidden + table[rows]` (DESIGN.md §1, AoT).
+"""Triton kernel of the AoT gather-add `out = hidden + table[rows]` (docs/design.md §1, AoT).
 
 One program per token tile × column tile; the fp32 sum is rounded once into `out`, which
 may be `hidden` itself (in-place inference). Its backward is the segmented sum of

@@ -1,4 +1,4 @@
-"""Triton kernels of `dept_kernels.ops.dept_embedding` (DESIGN.md §2).
+"""Triton kernels of `dept_kernels.ops.dept_embedding` (docs/design.md §2).
 
 Forward, position mode (row(b, t) = t): a program owns a tile of positions × a tile of
 columns and a chunk of the batch. It forms the low-rank tile `scaling * A[t-tile] @ B[:,
@@ -15,7 +15,7 @@ work is (distinct tasks)·s·r·d (times the few chunks); the rows kernel tiles 
 one sample at a time instead of the flattened batch, so every tile has one task and one
 `B[task]` for its tl.dot (at the price of masked lanes in the last tile of short samples).
 
-Reduce (the backward of every gather, see `dept_kernels.ops._segments`): the batch sum of
+Reduce (the backward of every gather, see `dept_kernels.ops._grads`): the batch sum of
 the token rows of `grad_out` per position, or per segment of tokens sharing a row; each
 output tile is summed by one program in a fixed order, so the result is deterministic
 without atomics.
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _backend
+from . import interpreting
 
 __all__ = [
     "aot_variants",
@@ -186,6 +186,109 @@ def _lowrank_tile(
     return acc
 
 
+@triton.jit
+def _store_token_tiles(
+    ids_ptr,
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    task_ptr,
+    order_ptr,
+    out_ptr,
+    t0,
+    col0,
+    i0,
+    i1,
+    seq_len,
+    m,
+    d,
+    rank,
+    max_len,
+    stride_w,
+    scaling,
+    HAS_LORA: tl.constexpr,
+    HAS_TASKS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Token rows of positions [t0, t0 + BLOCK_T) of the samples at batch positions [i0, i1):
+    the embedding rows plus the low-rank tile, formed once (again per task change)."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    cols = col0 + tl.arange(0, BLOCK_D)
+    t_mask = t < seq_len
+    col_mask = cols < d
+    mask = t_mask[:, None] & col_mask[None, :]
+    # Batch position i holds sample order[i] with tasks (grouped by task), else i.
+    b = tl.cast(i0, tl.int64)
+    if HAS_TASKS:
+        b = tl.load(order_ptr + b)
+    if HAS_LORA:
+        if HAS_TASKS:
+            # Formed in the loop, whenever the task changes; -1 is no task.
+            task = tl.full((), -1, tl.int64)
+            delta = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        else:
+            delta = scaling * _lowrank_tile(
+                a_ptr,
+                b_ptr,
+                t.to(tl.int64),
+                t_mask,
+                cols,
+                col_mask,
+                rank,
+                d,
+                BLOCK_T,
+                BLOCK_D,
+                BLOCK_R,
+                DOT_FP32,
+            )
+    ids = tl.load(ids_ptr + b * seq_len + t, mask=t_mask, other=0)
+    for i in range(i0, i1):
+        # The next element's ids load while this one's rows do: the id -> row dependency
+        # would otherwise cost two memory latencies per step. (The last step reloads its
+        # own ids rather than branch.)
+        b_next = tl.minimum(tl.cast(i, tl.int64) + 1, i1 - 1)
+        if HAS_TASKS:
+            b_next = tl.load(order_ptr + b_next)
+        ids_next = tl.load(ids_ptr + b_next * seq_len + t, mask=t_mask, other=0)
+        if HAS_LORA and HAS_TASKS:
+            task_b = tl.load(task_ptr + b)
+            if task_b != task:
+                # Unpipelined: inside the batch loop, pipeline buffers would add to the
+                # loop's live registers (sm_90 fp32: 181 rather than 96 per thread), and
+                # the tile is formed only at task changes, so its latency matters little.
+                delta = scaling * _lowrank_tile(
+                    a_ptr + task_b * max_len * rank,
+                    b_ptr + task_b * rank * d,
+                    t.to(tl.int64),
+                    t_mask,
+                    cols,
+                    col_mask,
+                    rank,
+                    d,
+                    BLOCK_T,
+                    BLOCK_D,
+                    BLOCK_R,
+                    DOT_FP32,
+                    1,
+                )
+                task = task_b
+        emb = tl.load(w_ptr + ids.to(tl.int64)[:, None] * stride_w + cols[None, :], mask=mask)
+        emb = emb.to(tl.float32)
+        if HAS_LORA:
+            emb += delta
+        rows = b * (m + seq_len) + m + t
+        tl.store(
+            out_ptr + rows[:, None] * d + cols[None, :],
+            emb.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
+        ids = ids_next
+        b = b_next
+
+
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def _fwd_position_kernel(
     ids_ptr,
@@ -240,78 +343,104 @@ def _fwd_position_kernel(
             BLOCK_D,
         )
     else:
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = col0 + tl.arange(0, BLOCK_D)
-        t_mask = t < seq_len
-        col_mask = cols < d
-        mask = t_mask[:, None] & col_mask[None, :]
-        # Batch position i holds sample order[i] with tasks (grouped by task), else i.
-        b = tl.cast(i0, tl.int64)
-        if HAS_TASKS:
-            b = tl.load(order_ptr + b)
-        if HAS_LORA:
-            if HAS_TASKS:
-                # Formed in the loop, whenever the task changes; -1 is no task.
-                task = tl.full((), -1, tl.int64)
-                delta = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-            else:
-                delta = scaling * _lowrank_tile(
-                    a_ptr,
-                    b_ptr,
-                    t.to(tl.int64),
-                    t_mask,
-                    cols,
-                    col_mask,
-                    rank,
-                    d,
-                    BLOCK_T,
-                    BLOCK_D,
-                    BLOCK_R,
-                    DOT_FP32,
-                )
-        ids = tl.load(ids_ptr + b * seq_len + t, mask=t_mask, other=0)
-        for i in range(i0, i1):
-            # The next element's ids load while this one's rows do: the id -> row dependency
-            # would otherwise cost two memory latencies per step. (The last step reloads its
-            # own ids rather than branch.)
-            b_next = tl.minimum(tl.cast(i, tl.int64) + 1, i1 - 1)
-            if HAS_TASKS:
-                b_next = tl.load(order_ptr + b_next)
-            ids_next = tl.load(ids_ptr + b_next * seq_len + t, mask=t_mask, other=0)
-            if HAS_LORA and HAS_TASKS:
-                task_b = tl.load(task_ptr + b)
-                if task_b != task:
-                    # Unpipelined: inside the batch loop, pipeline buffers would add to the
-                    # loop's live registers (sm_90 fp32: 181 rather than 96 per thread), and
-                    # the tile is formed only at task changes, so its latency matters little.
-                    delta = scaling * _lowrank_tile(
-                        a_ptr + task_b * max_len * rank,
-                        b_ptr + task_b * rank * d,
-                        t.to(tl.int64),
-                        t_mask,
-                        cols,
-                        col_mask,
-                        rank,
-                        d,
-                        BLOCK_T,
-                        BLOCK_D,
-                        BLOCK_R,
-                        DOT_FP32,
-                        1,
-                    )
-                    task = task_b
-            emb = tl.load(w_ptr + ids.to(tl.int64)[:, None] * stride_w + cols[None, :], mask=mask)
-            emb = emb.to(tl.float32)
-            if HAS_LORA:
-                emb += delta
-            rows = b * (m + seq_len) + m + t
-            tl.store(
-                out_ptr + rows[:, None] * d + cols[None, :],
-                emb.to(out_ptr.dtype.element_ty),
-                mask=mask,
-            )
-            ids = ids_next
-            b = b_next
+        _store_token_tiles(
+            ids_ptr,
+            w_ptr,
+            a_ptr,
+            b_ptr,
+            task_ptr,
+            order_ptr,
+            out_ptr,
+            pid_t * BLOCK_T,
+            col0,
+            i0,
+            i1,
+            seq_len,
+            m,
+            d,
+            rank,
+            max_len,
+            stride_w,
+            scaling,
+            HAS_LORA,
+            HAS_TASKS,
+            DOT_FP32,
+            BLOCK_T,
+            BLOCK_D,
+            BLOCK_R,
+        )
+
+
+@triton.jit
+def _store_rows_tile(
+    ids_ptr,
+    rows_ptr,
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    task_ptr,
+    out_ptr,
+    tile,
+    col0,
+    batch,
+    seq_len,
+    m,
+    d,
+    rank,
+    max_len,
+    stride_w,
+    scaling,
+    HAS_TASKS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Token tile `tile` (of one sample with HAS_TASKS, else of the flattened batch): the
+    embedding rows plus each token's gathered low-rank row."""
+    n_tok = batch * seq_len
+    n_t = tl.cdiv(seq_len, BLOCK_T)
+    cols = col0 + tl.arange(0, BLOCK_D)
+    col_mask = cols < d
+    if HAS_TASKS:
+        # A tile of one sample's tokens: one task, so one B[task] for the whole tile.
+        b = tile // n_t
+        t = (tile % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
+        n = b.to(tl.int64) * seq_len + t
+        n_mask = t < seq_len
+        task = tl.load(task_ptr + b)
+        a_task = a_ptr + task * max_len * rank
+        b_task = b_ptr + task * rank * d
+    else:
+        n = tile.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        n_mask = n < n_tok
+        a_task = a_ptr
+        b_task = b_ptr
+    mask = n_mask[:, None] & col_mask[None, :]
+    ids = tl.load(ids_ptr + n, mask=n_mask, other=0).to(tl.int64)
+    a_rows = tl.load(rows_ptr + n, mask=n_mask, other=0).to(tl.int64)
+    delta = _lowrank_tile(
+        a_task,
+        b_task,
+        a_rows,
+        n_mask,
+        cols,
+        col_mask,
+        rank,
+        d,
+        BLOCK_T,
+        BLOCK_D,
+        BLOCK_R,
+        DOT_FP32,
+    )
+    emb = tl.load(w_ptr + ids[:, None] * stride_w + cols[None, :], mask=mask)
+    emb = emb.to(tl.float32) + scaling * delta
+    out_rows = (n // seq_len) * (m + seq_len) + m + n % seq_len
+    tl.store(
+        out_ptr + out_rows[:, None] * d + cols[None, :],
+        emb.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -372,46 +501,29 @@ def _fwd_rows_kernel(
             BLOCK_D,
         )
     else:
-        cols = col0 + tl.arange(0, BLOCK_D)
-        col_mask = cols < d
-        if HAS_TASKS:
-            # A tile of one sample's tokens: one task, so one B[task] for the whole tile.
-            b = pid // n_t
-            t = (pid % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
-            n = b.to(tl.int64) * seq_len + t
-            n_mask = t < seq_len
-            task = tl.load(task_ptr + b)
-            a_task = a_ptr + task * max_len * rank
-            b_task = b_ptr + task * rank * d
-        else:
-            n = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-            n_mask = n < n_tok
-            a_task = a_ptr
-            b_task = b_ptr
-        mask = n_mask[:, None] & col_mask[None, :]
-        ids = tl.load(ids_ptr + n, mask=n_mask, other=0).to(tl.int64)
-        a_rows = tl.load(rows_ptr + n, mask=n_mask, other=0).to(tl.int64)
-        delta = _lowrank_tile(
-            a_task,
-            b_task,
-            a_rows,
-            n_mask,
-            cols,
-            col_mask,
-            rank,
+        _store_rows_tile(
+            ids_ptr,
+            rows_ptr,
+            w_ptr,
+            a_ptr,
+            b_ptr,
+            task_ptr,
+            out_ptr,
+            pid,
+            col0,
+            batch,
+            seq_len,
+            m,
             d,
+            rank,
+            max_len,
+            stride_w,
+            scaling,
+            HAS_TASKS,
+            DOT_FP32,
             BLOCK_T,
             BLOCK_D,
             BLOCK_R,
-            DOT_FP32,
-        )
-        emb = tl.load(w_ptr + ids[:, None] * stride_w + cols[None, :], mask=mask)
-        emb = emb.to(tl.float32) + scaling * delta
-        out_rows = (n // seq_len) * (m + seq_len) + m + n % seq_len
-        tl.store(
-            out_ptr + out_rows[:, None] * d + cols[None, :],
-            emb.to(out_ptr.dtype.element_ty),
-            mask=mask,
         )
 
 
@@ -508,15 +620,7 @@ def forward(
     if not tasks:
         # Never read; an index tensor keeps the variants to the listed pointer dtypes.
         task_ids = batch_order = input_ids
-    if prompt is None:
-        # Never read (there are no prompt programs); any pointer of a listed dtype will do.
-        prompt, stride_pt, stride_p = weight, 0, 0
-    else:
-        if prompt.stride(-1) != 1:
-            prompt = prompt.contiguous()
-        # A stride-0 broadcast (EPT, per task or shared) is read in place.
-        stride_pt = prompt.stride(0) if tasks else 0
-        stride_p = prompt.stride(-2)
+    prompt, stride_pt, stride_p = _prompt_operand(prompt, weight, tasks)
     if lora_a is None:
         factor_dtype, rank, max_len = None, 0, 0
         lora_a = lora_b = weight
@@ -524,11 +628,12 @@ def forward(
         lora_a, lora_b = _factors(lora_a, lora_b)
         factor_dtype, rank, max_len = lora_a.dtype, lora_a.shape[-1], lora_a.shape[-2]
     meta = forward_constexprs(weight.dtype, factor_dtype, rows_mode=rows is not None, tasks=tasks)
-    if factor_dtype == torch.bfloat16 and _backend.triton_interpreting():
+    if factor_dtype == torch.bfloat16 and interpreting():
         # The interpreter multiplies bf16 tiles as their raw uint16 bits (triton 3.x
         # `create_dot`); the fp32 path computes the same exact products with the fp32
         # accumulation of the tensor cores.
         meta["DOT_FP32"] = True
+    sizes = (batch, seq_len, m, d, rank, max_len, weight.stride(0), stride_pt, stride_p)
     n_d = triton.cdiv(d, meta["BLOCK_D"])
     n_prompt = triton.cdiv(m, BLOCK_T)
     if rows is None:
@@ -536,28 +641,9 @@ def forward(
         n_chunks = min(batch, triton.cdiv(TARGET_PROGRAMS, (n_t + n_prompt) * n_d))
         batch_chunk = triton.cdiv(batch, n_chunks)
         grid = (n_t + n_prompt, n_d, triton.cdiv(batch, batch_chunk))
+        pointers = (input_ids, weight, prompt, lora_a, lora_b, task_ids, batch_order, out)
         _fwd_position_kernel[grid](
-            input_ids,
-            weight,
-            prompt,
-            lora_a,
-            lora_b,
-            task_ids,
-            batch_order,
-            out,
-            batch,
-            seq_len,
-            m,
-            d,
-            rank,
-            max_len,
-            weight.stride(0),
-            stride_pt,
-            stride_p,
-            batch_chunk,
-            scaling,
-            **meta,
-            **COMPILE_OPTIONS,
+            *pointers, *sizes, batch_chunk, scaling, **meta, **COMPILE_OPTIONS
         )
     else:
         if rows.dtype != input_ids.dtype:
@@ -568,29 +654,22 @@ def forward(
         else:
             n_tok_tiles = triton.cdiv(batch * seq_len, BLOCK_T)
         grid = (n_tok_tiles + n_prompt * batch, n_d)
-        _fwd_rows_kernel[grid](
-            input_ids,
-            rows,
-            weight,
-            prompt,
-            lora_a,
-            lora_b,
-            task_ids,
-            out,
-            batch,
-            seq_len,
-            m,
-            d,
-            rank,
-            max_len,
-            weight.stride(0),
-            stride_pt,
-            stride_p,
-            scaling,
-            **meta,
-            **COMPILE_OPTIONS,
-        )
+        pointers = (input_ids, rows, weight, prompt, lora_a, lora_b, task_ids, out)
+        _fwd_rows_kernel[grid](*pointers, *sizes, scaling, **meta, **COMPILE_OPTIONS)
     return out
+
+
+def _prompt_operand(prompt: Tensor | None, weight: Tensor, tasks: bool) -> tuple[Tensor, int, int]:
+    """(prompt, task stride, row stride) as the kernels read the prompt.
+
+    A stride-0 broadcast (EPT, per task or shared) is read in place. Without a prompt there
+    are no prompt programs, so any pointer of a listed dtype will do.
+    """
+    if prompt is None:
+        return weight, 0, 0
+    if prompt.stride(-1) != 1:
+        prompt = prompt.contiguous()
+    return prompt, prompt.stride(0) if tasks else 0, prompt.stride(-2)
 
 
 def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | None) -> Tensor:

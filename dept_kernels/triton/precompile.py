@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from .. import _backend
+from . import interpreting
 
 __all__ = ["CompileResult", "Variant", "compile_all", "covering", "variants"]
 
@@ -189,7 +189,7 @@ def compile_all(
     """
     ccs = tuple(ccs)
     items = variants() if items is None else list(items)
-    if _backend.triton_interpreting():
+    if interpreting():
         return _compile_in_child(ccs, items)
     jobs = [(v, cc) for cc in ccs for v in items]
     workers = workers or os.cpu_count() or 1

@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
   for (int i = 3; i < argc; ++i) n.push_back(std::atoll(argv[i]));
   if (op == "forward") {
     // dtype batch seq m d r weight_stride has_lora has_rows shift scaling*1e6 has_tasks L
-    dept_kernels::ForwardArgs a{};
+    dept_kernels::ForwardParams a{};
     const int code = static_cast<int>(n[0]);
     a.dtype = static_cast<DType>(code);
     a.batch = n[1], a.seq = n[2], a.m = n[3], a.d = n[4], a.r = n[5], a.weight_stride = n[6];

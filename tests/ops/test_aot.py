@@ -12,8 +12,8 @@ from dept_kernels.ops import (
     aot_kron_bias,
     fc_rows,
     kron_rows,
-    reference_aot_bias_add,
 )
+from dept_kernels.testing import reference_aot_bias_add
 
 DTYPES = [
     (torch.float32, torch.float32),

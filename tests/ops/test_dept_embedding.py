@@ -9,7 +9,8 @@ import torch
 from helpers import DEVICE, assert_close
 
 import dept_kernels
-from dept_kernels.ops import dept_embedding, official_dept_embedding, reference_dept_embedding
+from dept_kernels.ops import dept_embedding
+from dept_kernels.testing import official_dept_embedding, reference_dept_embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,3 +388,15 @@ def test_one_column_weight_with_any_last_stride(backend):
     assert_close(out, ref, torch.float32)
     for g, rg in zip(grads, ref_grads, strict=True):
         assert_close(g, rg, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "name", ["official_dept_embedding", "reference_aot_bias_add", "reference_dept_embedding"]
+)
+def test_oracles_moved_to_testing_stay_importable_from_ops(name):
+    import dept_kernels.ops
+    import dept_kernels.testing
+
+    with pytest.warns(DeprecationWarning, match=f"moved to dept_kernels.testing.{name}"):
+        moved = getattr(dept_kernels.ops, name)
+    assert moved is getattr(dept_kernels.testing, name)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import DEVICE
 
-from dept_kernels.ops import _segments, dept_embedding
+from dept_kernels import backends
+from dept_kernels.ops import dept_embedding
 
 V, D, L, R, M, T = 20, 12, 6, 3, 2, 3
 
@@ -176,7 +177,7 @@ def test_checks_run_before_any_kernel(backend, monkeypatch):
     def fail(_backend):
         raise AssertionError("a kernel was reached with bad input")
 
-    monkeypatch.setattr(_segments, "impl", fail)
+    monkeypatch.setattr(backends, "load", fail)
     with pytest.raises(IndexError):
         dept_embedding(**good(input_ids=torch.tensor([[V]])))
     with pytest.raises(IndexError, match="task_ids"):
@@ -198,7 +199,7 @@ def test_position_ids_are_checked_before_any_kernel(backend, monkeypatch):
     def fail(_backend):
         raise AssertionError("a kernel was reached with bad input")
 
-    monkeypatch.setattr(_segments, "impl", fail)
+    monkeypatch.setattr(backends, "load", fail)
     ids = torch.tensor([[0, L]], device=DEVICE)
     for positions in (ids, ids.clone()):
         with pytest.raises(IndexError, match="position_ids holds id"):

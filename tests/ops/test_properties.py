@@ -14,12 +14,8 @@ from hypothesis import strategies as st
 from test_dept_embedding import DTYPES, Case, make_inputs, run
 
 import dept_kernels
-from dept_kernels.ops import (
-    aot_bias_add,
-    dept_embedding,
-    reference_aot_bias_add,
-    reference_dept_embedding,
-)
+from dept_kernels.ops import aot_bias_add, dept_embedding
+from dept_kernels.testing import reference_aot_bias_add, reference_dept_embedding
 
 SETTINGS = settings(
     max_examples=300,

@@ -5,7 +5,8 @@ import torch
 from helpers import DEVICE, assert_close
 
 import dept_kernels
-from dept_kernels.ops import dept_embedding, reference_dept_embedding
+from dept_kernels.ops import dept_embedding
+from dept_kernels.testing import reference_dept_embedding
 
 pytest.importorskip("triton")
 if "triton" not in dept_kernels.available_backends():

@@ -1,0 +1,164 @@
+"""The custom ops behind the AoT ops: the gather-add (out of place and in place), its
+backward, and the id helpers `checked_ids` / `distinct_ids` traced by torch.compile.
+
+The gather-add checks the ids' range (unless the library's caller did) and runs the selected
+backend's `gather_add`; the backward is a segmented sum (`_grads.aot_table_grad`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from . import _grads
+from . import _validate as v
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether `a` and `b` may overlap in memory: one storage and intersecting byte spans
+    (conservative: interleaved views that touch no common element count too)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(x: Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
+        return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
+
+    (a_start, a_end), (b_start, b_end) = span(a), span(b)
+    return a_start < b_end and b_start < a_end
+
+
+def _unaliased(hidden: Tensor, x: Tensor | None) -> Tensor | None:
+    """`x`, or a copy of it if it shares memory with `hidden`: the in-place kernels write
+    `hidden` while they read `x`, so they would read rows (or ids) already overwritten."""
+    if x is not None and _shares_memory(hidden, x):
+        return x.clone()
+    return x
+
+
+def _table_rows(input_ids: Tensor, table: Tensor, task_ids: Tensor | None, checked: bool) -> Tensor:
+    """Row of the flattened (T*V, d) table for every token, range-checked unless `checked`."""
+    vocab = table.shape[-2]
+    if not checked:
+        v.check_range("input_ids", input_ids, vocab)
+        if task_ids is not None:
+            v.check_range("task_ids", task_ids, table.shape[0])
+    if task_ids is None:
+        return input_ids
+    return task_ids.long()[:, None] * vocab + input_ids.long()
+
+
+@torch.library.custom_op("dept_kernels::aot_bias_add", mutates_args=())
+def _aot_bias_add_op(
+    hidden: Tensor,
+    input_ids: Tensor,
+    table: Tensor,
+    task_ids: Tensor | None,
+    backend: str | None,
+    checked: bool,
+) -> Tensor:
+    backend = backends.resolved(backend, hidden.device)
+    rows = _table_rows(input_ids, table, task_ids, checked)
+    flat = table.reshape(-1, table.shape[-1])
+    return backends.load(backend).gather_add(hidden, rows, flat, torch.empty_like(hidden))
+
+
+@_aot_bias_add_op.register_fake
+def _(hidden, input_ids, table, task_ids, backend, checked):
+    return torch.empty_like(hidden)
+
+
+@torch.library.custom_op("dept_kernels::aot_bias_add_", mutates_args=("hidden",))
+def _aot_bias_add_inplace_op(
+    hidden: Tensor,
+    input_ids: Tensor,
+    table: Tensor,
+    task_ids: Tensor | None,
+    backend: str | None,
+    checked: bool,
+) -> None:
+    backend = backends.resolved(backend, hidden.device)
+    # Copies taken before the range check, so the ids checked are the ids the kernel reads.
+    input_ids, table, task_ids = (_unaliased(hidden, x) for x in (input_ids, table, task_ids))
+    rows = _table_rows(input_ids, table, task_ids, checked)
+    backends.load(backend).gather_add(hidden, rows, table.reshape(-1, table.shape[-1]), hidden)
+
+
+@_aot_bias_add_inplace_op.register_fake
+def _(hidden, input_ids, table, task_ids, backend, checked):
+    return None
+
+
+@torch.library.custom_op("dept_kernels::aot_bias_add_backward", mutates_args=())
+def _aot_bias_add_backward_op(
+    grad_out: Tensor,
+    input_ids: Tensor,
+    task_ids: Tensor | None,
+    table_shape: list[int],
+    table_dtype: torch.dtype,
+    backend: str | None,
+) -> Tensor:
+    """Gradient of the table: per-row sums of `grad_out`, deterministic."""
+    return _grads.aot_table_grad(
+        grad_out,
+        input_ids,
+        task_ids,
+        table_shape,
+        table_dtype,
+        backends.resolved(backend, grad_out.device),
+    )
+
+
+@_aot_bias_add_backward_op.register_fake
+def _(grad_out, input_ids, task_ids, table_shape, table_dtype, backend):
+    return grad_out.new_empty(table_shape, dtype=table_dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _hidden, input_ids, table, task_ids, backend, _checked = inputs
+    ctx.save_for_backward(input_ids, task_ids)
+    ctx.table_shape = list(table.shape)
+    ctx.table_dtype = table.dtype
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    input_ids, task_ids = ctx.saved_tensors
+    d_table = None
+    if ctx.needs_input_grad[2]:
+        d_table = torch.ops.dept_kernels.aot_bias_add_backward(
+            grad_out, input_ids, task_ids, ctx.table_shape, ctx.table_dtype, ctx.backend
+        )
+    # The bias is added, so the hidden state's gradient passes through unchanged.
+    return grad_out if ctx.needs_input_grad[0] else None, None, d_table, None, None, None
+
+
+_aot_bias_add_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("dept_kernels::checked_ids", mutates_args=())
+def _checked_ids_op(ids: Tensor, upper: int, name: str) -> Tensor:
+    v.check_range(name, ids, upper)
+    return ids.clone()
+
+
+@_checked_ids_op.register_fake
+def _(ids, upper, name):
+    return torch.empty_like(ids)
+
+
+@torch.library.custom_op("dept_kernels::distinct_ids", mutates_args=())
+def _distinct_ids_op(ids: Tensor, upper: int, name: str, checked: bool) -> tuple[Tensor, Tensor]:
+    if not checked:
+        v.check_range(name, ids, upper)
+    used, inverse = torch.unique(ids, return_inverse=True)
+    return used, inverse
+
+
+@_distinct_ids_op.register_fake
+def _(ids, upper, name, checked):
+    count = torch.library.get_ctx().new_dynamic_size()
+    return ids.new_empty(count), ids.new_empty(ids.shape, dtype=torch.int64)
