@@ -33,3 +33,13 @@ def backend(request):
     """Every backend that runs on this machine, selected for the duration of a test."""
     with dept_kernels.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: a tiny model gains nothing from more, and on a loaded machine
+    their spinning makes each step tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,8 +21,8 @@ import pytest
 import torch
 import transformers
 from helpers import DEVICE, assert_close
+from helpers.models import VOCAB, make_config, randomize, tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
-from test_patch import VOCAB, make_config, randomize, tiny_config, tiny_model
 
 import dept_kernels as dk
 from dept_kernels.methods import AoTAdapter, DePTAdapter, PromptTuningAdapter

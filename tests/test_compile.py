@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DEVICE, assert_close
-from test_patch import VOCAB, tiny_model
-from test_patch_aot import randomize
+from helpers.aot import randomize
+from helpers.models import VOCAB, tiny_model
 
 import dept_kernels as dk
 

@@ -28,7 +28,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_helpers import (
+from helpers.distributed import (
     WORLD,
     adapter_params,
     base_model,
@@ -49,7 +49,7 @@ from distributed_helpers import (
     single_process,
     trainer_step,
 )
-from test_patch import LM_CLASSES
+from helpers.models import LM_CLASSES
 
 import dept_kernels as dk
 

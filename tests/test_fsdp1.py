@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_helpers import (
+from helpers.distributed import (
     WORLD,
     adapter_params,
     base_model,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_patch import VOCAB, make_config, tiny_model
+from helpers.models import VOCAB, make_config, tiny_model
 
 import dept_kernels as dk
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_helpers import WORLD, base_model, launch, leave
+from helpers.distributed import WORLD, base_model, launch, leave
 
 import dept_kernels as dk
 

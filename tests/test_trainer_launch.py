@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_helpers import (
+from helpers.distributed import (
     WORLD,
     adapter_params,
     build,

@@ -23,11 +23,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_close
-from test_patch import LM_CLASSES, make_config, tiny_config, tiny_model
 
 import dept_kernels as dk
 from dept_kernels.patch import attach_adapter, new_adapter
+
+from . import assert_close
+from .models import LM_CLASSES, make_config, tiny_config, tiny_model
 
 WORLD = 2
 # Learning rates of the one AdamW step (weight decay: param_groups' 0.01).
