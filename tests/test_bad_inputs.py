@@ -1,9 +1,9 @@
-"""Catalogue of bad inputs for every public function (issue 7, "Reliability").
+"""The one catalogue of bad inputs, for every public function.
 
 Each row of `CATALOGUE` is a bad input, the call that receives it, the exception it must
 raise and a pattern its message must match: the argument and the problem. The calls run
 with every kernel replaced by a failure, so a check that comes after a kernel has touched
-memory fails the row. Valid inputs that are easy to get wrong (non-contiguous, empty,
+memory fails the row; the `dept_embedding` rows run again under every backend here. Valid inputs that are easy to get wrong (non-contiguous, empty,
 mixed dtypes) have their own tables: they must work and agree with the plain case.
 """
 
@@ -190,6 +190,12 @@ OP_CASES = [
         ValueError,
         r"sequence length s=7 > max_length L=6",
     ),
+    bad(
+        "dept/int16_ids",
+        lambda _: dept_embedding(**op_args(input_ids=ids([[0, 1]], torch.int16))),
+        TypeError,
+        r"input_ids must be int64 or int32, got torch\.int16",
+    ),
     # dept_embedding: shapes.
     bad(
         "dept/prompt_width",
@@ -277,6 +283,14 @@ OP_CASES = [
         lambda _: dept_embedding(**op_args(weight=randn(V, D, dtype=torch.float64))),
         TypeError,
         r"weight must be float32, float16 or bfloat16, got torch\.float64",
+    ),
+    bad(
+        "dept/int_weight",
+        lambda _: dept_embedding(
+            **op_args(weight=torch.zeros(V, D, dtype=torch.long, device=DEVICE))
+        ),
+        TypeError,
+        r"weight must be float32, float16 or bfloat16, got torch\.int64",
     ),
     bad(
         "dept/int_lora_a",
@@ -380,7 +394,7 @@ OP_CASES = [
         "dept/task_ids_with_unstacked_params",
         lambda _: dept_embedding(**op_args(task_ids=ids([0, 1]))),
         ValueError,
-        r"with task_ids, prompt must be stacked per task",
+        r"with task_ids, prompt must be stacked per task .*\(2, 12\)",
     ),
     bad(
         "dept/stacked_params_without_task_ids",
@@ -392,7 +406,69 @@ OP_CASES = [
         "dept/task_count_mismatch",
         lambda _: dept_embedding(**stacked_args(prompt=randn(T + 1, M, D))),
         ValueError,
-        r"task count mismatch .*prompt has T=4, lora_a has T=3",
+        r"task count mismatch .*prompt has T=4, lora_a has T=3, lora_b has T=3",
+    ),
+    bad(
+        "dept/task_ids_without_params",
+        lambda _: dept_embedding(
+            **op_args(prompt=None, lora_a=None, lora_b=None, task_ids=ids([0, 1]))
+        ),
+        ValueError,
+        r"task_ids needs parameters stacked per task",
+    ),
+    bad(
+        "dept/stacked_lora_without_task_ids",
+        lambda _: dept_embedding(**op_args(lora_a=randn(T, L, R), lora_b=randn(T, R, D))),
+        ValueError,
+        r"lora_a has shape .* need task_ids",
+    ),
+    bad(
+        "dept/one_factor_not_stacked",
+        lambda _: dept_embedding(**stacked_args(lora_b=randn(R, D))),
+        ValueError,
+        r"with task_ids, lora_b must be stacked",
+    ),
+    bad(
+        "dept/stacked_rank_mismatch",
+        lambda _: dept_embedding(**stacked_args(lora_b=randn(T, R + 1, D))),
+        ValueError,
+        r"rank mismatch",
+    ),
+    bad(
+        "dept/stacked_token_mode_rows",
+        lambda _: dept_embedding(**stacked_args(index="token")),
+        ValueError,
+        r"one row per vocabulary entry",
+    ),
+    # One tensor passed as both input_ids and position_ids is position mode: its values are
+    # rows of lora_a and must lie below L, though they are valid token ids (< V).
+    bad(
+        "dept/position_ids_same_tensor_as_input_ids",
+        lambda _: dept_embedding(
+            **op_args(input_ids=(x := ids([[1, L + 3], [0, 2]])), position_ids=x)
+        ),
+        IndexError,
+        rf"position_ids holds id {L + 3}, out of range \[0, {L}\)",
+    ),
+    bad(
+        "dept/position_ids_same_tensor_as_input_ids_with_tasks",
+        lambda _: dept_embedding(
+            **stacked_args(input_ids=(x := ids([[1, L + 3], [0, 2]])), position_ids=x)
+        ),
+        IndexError,
+        rf"position_ids holds id {L + 3}, out of range \[0, {L}\)",
+    ),
+    bad(
+        "dept/position_ids_clone_of_input_ids",
+        lambda _: dept_embedding(**op_args(input_ids=(x := ids([[0, L]])), position_ids=x.clone())),
+        IndexError,
+        r"position_ids holds id",
+    ),
+    bad(
+        "dept/negative_position_ids_from_input_ids",
+        lambda _: dept_embedding(**op_args(input_ids=(x := ids([[0, L]])), position_ids=x - 1)),
+        IndexError,
+        r"position_ids holds a negative id",
     ),
     # official_dept_embedding (the benchmarks' baseline) and the reference formula.
     bad(
@@ -2003,6 +2079,23 @@ def test_bad_input_raises_a_clear_error(call, exc, match, kernels, tmp_path, mon
         monkeypatch.setattr(_segments, "impl", _no_kernel)
     with pytest.raises(exc, match=match):
         call(tmp_path)
+
+
+DEPT_OP_CASES = [row for row in OP_CASES if row.id.startswith("dept/")]
+
+
+def test_dept_embedding_checks_on_every_backend(backend, tmp_path, monkeypatch):
+    """The `dept_embedding` rows under each backend here: its checks do not depend on the
+    backend selected, and all run before that backend's kernels."""
+    monkeypatch.setattr(_segments, "impl", _no_kernel)
+    for row in DEPT_OP_CASES:
+        call, exc, match, _ = row.values
+        try:
+            with pytest.raises(exc, match=match):
+                call(tmp_path)
+        except BaseException as e:
+            e.add_note(f"catalogue row {row.id} on backend {backend}")
+            raise
 
 
 # --------------------------------------------------------------------------- valid inputs
