@@ -3,8 +3,9 @@
 Each row of `CATALOGUE` is a bad input, the call that receives it, the exception it must
 raise and a pattern its message must match: the argument and the problem. The calls run
 with every kernel replaced by a failure, so a check that comes after a kernel has touched
-memory fails the row; the `dept_embedding` rows run again under every backend here. Valid inputs that are easy to get wrong (non-contiguous, empty,
-mixed dtypes) have their own tables: they must work and agree with the plain case.
+memory fails the row; the `dept_embedding` rows run again under every backend here. Valid
+inputs that are easy to get wrong (non-contiguous, empty, mixed dtypes) have their own
+tables: they must work and agree with the plain case.
 """
 
 from __future__ import annotations
