@@ -5,7 +5,7 @@ ZeRO-3 partitions every parameter (`stage3_param_persistence_threshold: 0`: even
 models' are split) and gathers a module's own parameters around its call, so the hooks run
 the fused op inside the call of the input embedding and call the adapter as a module.
 Cases, each comparing the gathered adapter gradients and the parameters after one AdamW
-step (`dk.param_groups`) with one process on the whole batch (tests/distributed_helpers.py):
+step (`dk.param_groups`) with one process on the whole batch (tests/helpers/distributed.py):
 - "initialize": `deepspeed.initialize(model=patched model, optimizer=AdamW(...))` for T5,
   GPT-2 and LLaMA with DePT, PT, EPT, AoT (Kronecker and FC factors; fused tables in eval),
   a stacked multi-task adapter and an accelerated PEFT model;

@@ -3,7 +3,7 @@
 Each rank holds half of a batch of equal-length samples, so DDP's average of the ranks'
 mean losses is the mean loss of the whole batch: every rank's adapter gradients, and its
 parameters after one AdamW step, must equal those of one process on the whole batch. One
-launch of the process group runs every case (tests/distributed_helpers.py).
+launch of the process group runs every case (tests/helpers/distributed.py).
 """
 
 from __future__ import annotations

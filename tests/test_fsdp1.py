@@ -11,7 +11,7 @@ needs):
   the other modules, and the unpatched model fails as well; the patched one raises a
   ValueError naming FSDP1 and the fix (keep the embedding in the root unit).
 Each case compares the gathered adapter gradients and the parameters after one AdamW step
-with one process on the whole batch (tests/distributed_helpers.py); save_adapter on the
+with one process on the whole batch (tests/helpers/distributed.py); save_adapter on the
 wrapped model writes the whole adapter from rank 0.
 """
 

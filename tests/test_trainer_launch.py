@@ -5,7 +5,7 @@
 the CPU), so a multi-process CPU run comes from `notebook_launcher` (or `--multi_gpu`).
 Each rank's Trainer takes its half of the 4-sample batch; its optimizer is AdamW over
 `dk.param_groups`. The gradients the step reads and the parameters after it must equal
-those of the Trainer in one process on the whole batch (tests/distributed_helpers.py).
+those of the Trainer in one process on the whole batch (tests/helpers/distributed.py).
 The launcher runs in a spawned driver process of its own session, killed with its ranks if
 they pass the deadline.
 """
