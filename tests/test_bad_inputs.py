@@ -21,14 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, cut_off_kernels
 from helpers.models import VOCAB, make_config, randomize, tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
 
 import dept_kernels as dk
 from dept_kernels.methods import AoTAdapter, DePTAdapter, PromptTuningAdapter
 from dept_kernels.ops import (
-    _segments,
     aot_bias_add,
     aot_fc_bias,
     aot_kron_bias,
@@ -2069,15 +2068,11 @@ CATALOGUE = [
 ]
 
 
-def _no_kernel(backend: str):
-    raise AssertionError(f"a {backend} kernel was reached with bad input")
-
-
 @pytest.mark.parametrize(("call", "exc", "match", "kernels"), CATALOGUE)
 def test_bad_input_raises_a_clear_error(call, exc, match, kernels, tmp_path, monkeypatch):
     if not kernels:
         # The checks must run before a kernel touches memory: the kernels are cut off.
-        monkeypatch.setattr(_segments, "impl", _no_kernel)
+        cut_off_kernels(monkeypatch)
     with pytest.raises(exc, match=match):
         call(tmp_path)
 
@@ -2088,7 +2083,7 @@ DEPT_OP_CASES = [row for row in OP_CASES if row.id.startswith("dept/")]
 def test_dept_embedding_checks_on_every_backend(backend, tmp_path, monkeypatch):
     """The `dept_embedding` rows under each backend here: its checks do not depend on the
     backend selected, and all run before that backend's kernels."""
-    monkeypatch.setattr(_segments, "impl", _no_kernel)
+    cut_off_kernels(monkeypatch)
     for row in DEPT_OP_CASES:
         call, exc, match, _ = row.values
         try:

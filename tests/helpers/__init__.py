@@ -6,11 +6,21 @@ DePT stand-ins), `hooks` (patch-hook state and checkpoint wrapping), `distribute
 engine tests' launch and comparison). Tolerances live in `dept_kernels.testing.compare`.
 """
 
+import pytest
 import torch
 
+from dept_kernels.ops import _segments
 from dept_kernels.testing.compare import TOLERANCES, assert_close
 
-__all__ = ["DEVICE", "TOLERANCES", "assert_close", "randint", "randn", "tensor"]
+__all__ = [
+    "DEVICE",
+    "TOLERANCES",
+    "assert_close",
+    "cut_off_kernels",
+    "randint",
+    "randn",
+    "tensor",
+]
 
 # Tests run on the GPU where there is one (the triton and cuda backends compiled), else on
 # the CPU (the cpu backend, and triton under its interpreter).
@@ -28,3 +38,13 @@ def randint(high: int, *shape: int, gen: torch.Generator | None = None) -> torch
 
 def tensor(data, **kw) -> torch.Tensor:
     return torch.tensor(data, device=DEVICE, **kw)
+
+
+def _no_kernel(backend: str):
+    raise AssertionError(f"a {backend} kernel was reached with bad input")
+
+
+def cut_off_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replace every backend's kernels by a failure (for the test's duration), at the one
+    point the ops dispatch through: a check that runs after a kernel fails the test."""
+    monkeypatch.setattr(_segments, "impl", _no_kernel)
