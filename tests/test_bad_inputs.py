@@ -2235,7 +2235,7 @@ def test_empty_batch_of_the_reparameterised_aot_ops_and_the_official_formula(bac
     assert out.shape == (0, M + L, D)
 
 
-# Parameters need not share the table's dtype (DESIGN.md §1: fp32 accumulation, output in
+# Parameters need not share the table's dtype (docs/design.md §1: fp32 accumulation, output in
 # the table's dtype), so these mixes are valid.
 MIXED = [
     ("dept/half_lora", op_args(lora_a=randn(L, R).half(), lora_b=randn(R, D).half()), None),

@@ -1,4 +1,4 @@
-"""`torch.compile(fullgraph=True)` of a patched model's train step (issue 7).
+"""`torch.compile(fullgraph=True)` of a patched model's train step.
 
 The step is forward and loss under `torch.compile(fullgraph=True)` (a graph break raises),
 then `loss.backward()`, which runs the backward graph AOTAutograd compiled with it. Loss

@@ -1,4 +1,4 @@
-"""Errors at the model seam name the model's terms (issue: unclear errors).
+"""Errors at the model seam name the model's terms.
 
 - GPT-2's learned position table has n_positions rows; the prompt's m rows use m of them.
 - A model converted after patching (model.double()) is named as such, not as the op's table.

@@ -1,4 +1,4 @@
-"""Patched models in the training modes users switch on (issue 7, "Reliability").
+"""Patched models in the training modes users switch on.
 
 - Gradient checkpointing as HF offers it (`activation_checkpointing_enable`, formerly
   `gradient_checkpointing_enable`), reentrant or not, and torch's `checkpoint_wrapper`
@@ -357,9 +357,9 @@ def test_no_grad_inference_aot(arch, fused):
 
 
 def dropout_reference(base: nn.Module, arch: str, adapter, p: float) -> None:
-    """Hooks on the unpatched model adding P_i[ids] with AoT's dropout as DESIGN.md states it:
-    one mask per distinct id (sorted, as `torch.unique` gives them), drawn from torch's
-    generator, on P_x (Kronecker) or on E[x] (FC), layer after layer."""
+    """Hooks on the unpatched model adding P_i[ids] with AoT's dropout as docs/design.md §1
+    states it: one mask per distinct id (sorted, as `torch.unique` gives them), drawn from
+    torch's generator, on P_x (Kronecker) or on E[x] (FC), layer after layer."""
     inner, layers = aot.sites(base, arch)
     embedding = base.get_input_embeddings().weight.detach().float()
     seen = {}

@@ -1,4 +1,4 @@
-"""Padding trim (issue 13): a patched model cuts the columns that the attention mask marks
+"""Padding trim: a patched model cuts the columns that the attention mask marks
 padding in every row before the fused op, and gives what the untrimmed model gives.
 
 Each case runs two copies of one patched model with the same adapter values: one patched
