@@ -17,15 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-from helpers import DEVICE
+from helpers import BACKENDS
 
 import dept_kernels
-
-# The backends that take tensors on the test device: the C++ cpu backend takes CPU tensors
-# only, the cuda backend CUDA tensors only.
-BACKENDS = [
-    b for b in dept_kernels.available_backends() if b != ("cuda" if DEVICE == "cpu" else "cpu")
-]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -9,10 +9,12 @@ engine tests' launch and comparison). Tolerances live in `dept_kernels.testing.c
 import pytest
 import torch
 
+import dept_kernels
 from dept_kernels.ops import _segments
 from dept_kernels.testing.compare import TOLERANCES, assert_close
 
 __all__ = [
+    "BACKENDS",
     "DEVICE",
     "TOLERANCES",
     "assert_close",
@@ -25,6 +27,12 @@ __all__ = [
 # Tests run on the GPU where there is one (the triton and cuda backends compiled), else on
 # the CPU (the cpu backend, and triton under its interpreter).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# The backends that take tensors on the test device: the C++ cpu backend takes CPU tensors
+# only, the cuda backend CUDA tensors only.
+BACKENDS = [
+    b for b in dept_kernels.available_backends() if b != ("cuda" if DEVICE == "cpu" else "cpu")
+]
 
 
 def randn(*shape: int, gen: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
