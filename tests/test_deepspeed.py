@@ -27,8 +27,8 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from helpers.distributed import (
+    NEEDS_GLOO,
     WORLD,
     adapter_params,
     base_model,
@@ -61,10 +61,7 @@ pytestmark = [
         reason="deepspeed is not installed (pip install 'dept-kernels[distributed]', with "
         "DS_BUILD_OPS=0 on a machine without CUDA)",
     ),
-    pytest.mark.skipif(
-        not (dist.is_available() and dist.is_gloo_available()),
-        reason="torch.distributed was built without the gloo backend",
-    ),
+    NEEDS_GLOO,
 ]
 
 ZERO3 = {"stage": 3, "stage3_param_persistence_threshold": 0}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from helpers.distributed import (
+    NEEDS_GLOO,
     WORLD,
     adapter_params,
     build,
@@ -28,10 +28,7 @@ from helpers.distributed import (
     single_process,
 )
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()),
-    reason="torch.distributed was built without the gloo backend",
-)
+pytestmark = NEEDS_GLOO
 
 CASES = [("gpt2", "dept"), ("t5", "dept"), ("llama", "ept")]
 

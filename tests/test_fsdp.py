@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers.distributed import (
+    NEEDS_GLOO,
     WORLD,
     adapter_params,
     base_model,
@@ -51,10 +52,7 @@ pytestmark = [
         not HAS_FULLY_SHARD,
         reason=f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)",
     ),
-    pytest.mark.skipif(
-        HAS_FULLY_SHARD and not dist.is_gloo_available(),
-        reason="torch.distributed was built without the gloo backend",
-    ),
+    NEEDS_GLOO,
 ]
 
 CASES = [

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers.distributed import (
+    NEEDS_GLOO,
     WORLD,
     adapter_params,
     base_model,
@@ -48,10 +49,7 @@ pytestmark = [
         not HAS_FSDP1,
         reason=f"torch {torch.__version__} has no torch.distributed.fsdp.FullyShardedDataParallel",
     ),
-    pytest.mark.skipif(
-        HAS_FSDP1 and not dist.is_gloo_available(),
-        reason="torch.distributed was built without the gloo backend",
-    ),
+    NEEDS_GLOO,
 ]
 
 CASES = [

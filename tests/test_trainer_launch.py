@@ -20,8 +20,8 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 from helpers.distributed import (
+    NEEDS_GLOO,
     WORLD,
     adapter_params,
     build,
@@ -31,10 +31,7 @@ from helpers.distributed import (
 
 ARCHS = ("t5", "gpt2", "llama")
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()),
-    reason="torch.distributed was built without the gloo backend",
-)
+pytestmark = NEEDS_GLOO
 
 
 def trainer_args(output_dir: str, batch_size: int) -> dict:

@@ -31,6 +31,11 @@ from . import assert_close
 from .models import LM_CLASSES, make_config, tiny_config, tiny_model
 
 WORLD = 2
+# The ranks talk over gloo (CPU); every engine test module carries this mark.
+NEEDS_GLOO = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed was built without the gloo backend",
+)
 # Learning rates of the one AdamW step (weight decay: param_groups' 0.01).
 PROMPT_LR, LOWRANK_LR = 0.3, 1e-2
 
