@@ -25,6 +25,7 @@ from transformers import (
 )
 
 import dept_kernels as dk
+from dept_kernels.testing.compare import MODEL_TOLERANCES
 
 transformers.logging.set_verbosity_error()
 
@@ -155,8 +156,9 @@ def grads(adapter):
     return {n: p.grad.clone() for n, p in adapter.named_parameters()}
 
 
-def tol(dtype):
-    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    """`atol` and `rtol` for a whole model's outputs in `dtype`."""
+    return MODEL_TOLERANCES[dtype]
 
 
 # The models here live on the CPU: the backends that take CPU tensors.
@@ -182,6 +184,8 @@ def formula_embeds(arch, base, row_adapters, ids, mask):
 
 
 def reference_generate(arch, base, row_adapters, ids, mask, **kwargs):
+    """`generate` of the unpatched model fed each row's formula embeds and the mask with m
+    ones in front."""
     m = row_adapters[0].num_virtual_tokens
     embeds = formula_embeds(arch, base, row_adapters, ids, mask)
     ext = None if mask is None else ones_front(mask, m)
