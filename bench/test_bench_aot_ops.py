@@ -37,7 +37,7 @@ Inputs: ids from a Zipf law with exponent 1 over the vocabulary (so the count of
 ids per batch is realistic: about 45% of the tokens at these sizes); random weights with
 unit-scale rows. Before timing, every implementation's output (and, for forward+backward,
 its gradients) is checked once against the official formula evaluated in fp32, with the
-test suite's per-dtype tolerance (`tests/helpers.py`), so a wrong kernel posts no time
+per-dtype tolerance (`dept_kernels.testing.compare`), so a wrong kernel posts no time
 (the official formula's bf16 gradients get 4x that: torch sums the table gradient in bf16).
 
 Shapes are named after the models whose dims (and vocabulary) they take: T5 small / base /
@@ -58,53 +58,21 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from _common import (
-    DEVICE,
-    FULL,
-    assert_close,
-    library_backends,
-    peak_extra_bytes,
-    per_token_fc,
-    per_token_gather_add,
-    per_token_kron,
-    saved_bytes,
-    sync,
-    with_backend,
-    zipf_ids,
-)
 from torch import Tensor
 
 import dept_kernels
+from dept_kernels.bench.baselines import per_token_fc, per_token_gather_add, per_token_kron
+from dept_kernels.bench.memory import peak_extra_bytes, saved_bytes
+from dept_kernels.bench.shapes import AOT_SHAPES, zipf_ids
+from dept_kernels.bench.suite import DEVICE, FULL, library_backends, sync, with_backend
 from dept_kernels.ops import aot_bias_add, aot_fc_bias, aot_kron_bias
+from dept_kernels.testing.compare import assert_close
 
 KRON_R = 32
 FC_R = 64
 
 
-@dataclass(frozen=True)
-class Shape:
-    """An AoT problem: a (batch, seq, d) hidden state and a vocabulary of V ids."""
-
-    name: str
-    batch: int
-    seq: int
-    d: int
-    vocab: int
-
-
-SHAPES = {
-    s.name: s
-    for s in [
-        Shape("t5-small", 16, 256, 512, 32128),
-        Shape("t5-base", 16, 256, 768, 32128),
-        Shape("t5-large", 16, 256, 1024, 32128),
-        Shape("gpt2", 8, 512, 768, 50257),
-        Shape("gpt2-medium", 8, 512, 1024, 50257),
-        Shape("gpt2-large", 8, 512, 1280, 50257),
-        Shape("llama-2-7b", 8, 512, 4096, 32000),
-    ]
-}
-SHAPE_NAMES = list(SHAPES) if DEVICE == "cuda" or FULL else ["t5-base", "gpt2"]
+SHAPE_NAMES = list(AOT_SHAPES) if DEVICE == "cuda" or FULL else ["t5-base", "gpt2"]
 DTYPES = ["float32", "bfloat16"]
 PASSES = ["forward", "forward+backward"]
 
@@ -146,7 +114,7 @@ class Problem:
 @functools.lru_cache(maxsize=1)  # the cases run grouped by (op, shape, dtype)
 def problem(op: str, shape_name: str, dtype_name: str) -> Problem:
     """Zipf ids (B, s), hidden (B, s, d) and the op's weights on DEVICE; the reference."""
-    shape = SHAPES[shape_name]
+    shape = AOT_SHAPES[shape_name]
     dtype = getattr(torch, dtype_name)
     b, s, d, v = shape.batch, shape.seq, shape.d, shape.vocab
     gen = torch.Generator().manual_seed(0)
@@ -217,13 +185,13 @@ def check(
     if passes == "forward":
         with torch.no_grad():
             out = fn(*p.args)
-        assert_close(out, p.expected, dtype, "output")
+        assert_close(out, p.expected, dtype, what="output")
         return
     out = fn(*p.args)
-    assert_close(out.detach(), p.expected, dtype, "output")
+    assert_close(out.detach(), p.expected, dtype, what="output")
     grads = torch.autograd.grad(out, p.wrt, p.grad_out)
     for i, (g, e) in enumerate(zip(grads, p.expected_grads, strict=True)):
-        assert_close(g, e, dtype, f"gradient of input {i}", slack=grad_slack)
+        assert_close(g, e, dtype, slack=grad_slack, what=f"gradient of input {i}")
 
 
 @pytest.mark.parametrize(("op", "shape", "dtype", "passes", "impl"), CASES)
@@ -245,7 +213,7 @@ def test_aot_op(benchmark, op: str, shape: str, dtype: str, passes: str, impl: s
         # library sums in fp32 and is held to the test suite's tolerance.
         slack = 4.0 if impl.startswith("official") and dtype != "float32" else 1.0
         check(fn, p, passes, getattr(torch, dtype), slack)  # also compiles official-compile
-        benchmark.extra_info["saved_for_backward_bytes"] = saved_bytes(fn, *p.args)
+        benchmark.extra_info["saved_for_backward_bytes"] = saved_bytes(lambda: fn(*p.args))[1]
         if passes == "forward":
 
             def step() -> None:
@@ -261,5 +229,5 @@ def test_aot_op(benchmark, op: str, shape: str, dtype: str, passes: str, impl: s
 
     # The check above was the warm-up (allocator, thread pool, compiled graphs); the copy
     # floor needs none.
-    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(step)
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(step, DEVICE)
     benchmark(step)

@@ -15,9 +15,10 @@ import functools
 
 import pytest
 import torch
-from _common import DEVICE, library_backends, peak_extra_bytes, saved_bytes, sync, with_backend
 
 from dept_kernels.bench import SHAPES, make_problem
+from dept_kernels.bench.memory import peak_extra_bytes, saved_bytes
+from dept_kernels.bench.suite import DEVICE, library_backends, sync, with_backend
 from dept_kernels.ops import dept_embedding
 from dept_kernels.testing import official_dept_embedding
 
@@ -64,7 +65,7 @@ def test_dept_embedding(benchmark, shape, dtype, passes, impl):
 
     else:
         fn = implementation(impl)
-        benchmark.extra_info["saved_for_backward_bytes"] = saved_bytes(fn, **kw)
+        benchmark.extra_info["saved_for_backward_bytes"] = saved_bytes(lambda: fn(**kw))[1]
         grad_out = torch.randn_like(out)
         if passes == "forward":
 
@@ -80,5 +81,5 @@ def test_dept_embedding(benchmark, shape, dtype, passes, impl):
                 sync()
 
     step()  # compiles, and warms caches, before the allocation count
-    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(step)
+    benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(step, DEVICE)
     benchmark.pedantic(step, rounds=15, iterations=1, warmup_rounds=2)

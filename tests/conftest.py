@@ -17,15 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-from helpers import DEVICE
+from helpers import BACKENDS
 
 import dept_kernels
-
-# The backends that take tensors on the test device: the C++ cpu backend takes CPU tensors
-# only, the cuda backend CUDA tensors only.
-BACKENDS = [
-    b for b in dept_kernels.available_backends() if b != ("cuda" if DEVICE == "cpu" else "cpu")
-]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -33,3 +27,13 @@ def backend(request):
     """Every backend that runs on this machine, selected for the duration of a test."""
     with dept_kernels.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: a tiny model gains nothing from more, and on a loaded machine
+    their spinning makes each step tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

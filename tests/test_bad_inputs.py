@@ -1,10 +1,11 @@
-"""Catalogue of bad inputs for every public function (issue 7, "Reliability").
+"""The one catalogue of bad inputs, for every public function.
 
 Each row of `CATALOGUE` is a bad input, the call that receives it, the exception it must
 raise and a pattern its message must match: the argument and the problem. The calls run
 with every kernel replaced by a failure, so a check that comes after a kernel has touched
-memory fails the row. Valid inputs that are easy to get wrong (non-contiguous, empty,
-mixed dtypes) have their own tables: they must work and agree with the plain case.
+memory fails the row; the `dept_embedding` rows run again under every backend here. Valid
+inputs that are easy to get wrong (non-contiguous, empty, mixed dtypes) have their own
+tables: they must work and agree with the plain case.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, cut_off_kernels
+from helpers.models import VOCAB, make_config, randomize, tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
-from test_patch import VOCAB, make_config, randomize, tiny_config, tiny_model
 
 import dept_kernels as dk
-from dept_kernels import backends
 from dept_kernels.methods import AoTAdapter, DePTAdapter, PromptTuningAdapter
 from dept_kernels.ops import (
     aot_bias_add,
@@ -192,6 +192,12 @@ OP_CASES = [
         ValueError,
         r"sequence length s=7 > max_length L=6",
     ),
+    bad(
+        "dept/int16_ids",
+        lambda _: dept_embedding(**op_args(input_ids=ids([[0, 1]], torch.int16))),
+        TypeError,
+        r"input_ids must be int64 or int32, got torch\.int16",
+    ),
     # dept_embedding: shapes.
     bad(
         "dept/prompt_width",
@@ -279,6 +285,14 @@ OP_CASES = [
         lambda _: dept_embedding(**op_args(weight=randn(V, D, dtype=torch.float64))),
         TypeError,
         r"weight must be float32, float16 or bfloat16, got torch\.float64",
+    ),
+    bad(
+        "dept/int_weight",
+        lambda _: dept_embedding(
+            **op_args(weight=torch.zeros(V, D, dtype=torch.long, device=DEVICE))
+        ),
+        TypeError,
+        r"weight must be float32, float16 or bfloat16, got torch\.int64",
     ),
     bad(
         "dept/int_lora_a",
@@ -382,7 +396,7 @@ OP_CASES = [
         "dept/task_ids_with_unstacked_params",
         lambda _: dept_embedding(**op_args(task_ids=ids([0, 1]))),
         ValueError,
-        r"with task_ids, prompt must be stacked per task",
+        r"with task_ids, prompt must be stacked per task .*\(2, 12\)",
     ),
     bad(
         "dept/stacked_params_without_task_ids",
@@ -394,7 +408,69 @@ OP_CASES = [
         "dept/task_count_mismatch",
         lambda _: dept_embedding(**stacked_args(prompt=randn(T + 1, M, D))),
         ValueError,
-        r"task count mismatch .*prompt has T=4, lora_a has T=3",
+        r"task count mismatch .*prompt has T=4, lora_a has T=3, lora_b has T=3",
+    ),
+    bad(
+        "dept/task_ids_without_params",
+        lambda _: dept_embedding(
+            **op_args(prompt=None, lora_a=None, lora_b=None, task_ids=ids([0, 1]))
+        ),
+        ValueError,
+        r"task_ids needs parameters stacked per task",
+    ),
+    bad(
+        "dept/stacked_lora_without_task_ids",
+        lambda _: dept_embedding(**op_args(lora_a=randn(T, L, R), lora_b=randn(T, R, D))),
+        ValueError,
+        r"lora_a has shape .* need task_ids",
+    ),
+    bad(
+        "dept/one_factor_not_stacked",
+        lambda _: dept_embedding(**stacked_args(lora_b=randn(R, D))),
+        ValueError,
+        r"with task_ids, lora_b must be stacked",
+    ),
+    bad(
+        "dept/stacked_rank_mismatch",
+        lambda _: dept_embedding(**stacked_args(lora_b=randn(T, R + 1, D))),
+        ValueError,
+        r"rank mismatch",
+    ),
+    bad(
+        "dept/stacked_token_mode_rows",
+        lambda _: dept_embedding(**stacked_args(index="token")),
+        ValueError,
+        r"one row per vocabulary entry",
+    ),
+    # One tensor passed as both input_ids and position_ids is position mode: its values are
+    # rows of lora_a and must lie below L, though they are valid token ids (< V).
+    bad(
+        "dept/position_ids_same_tensor_as_input_ids",
+        lambda _: dept_embedding(
+            **op_args(input_ids=(x := ids([[1, L + 3], [0, 2]])), position_ids=x)
+        ),
+        IndexError,
+        rf"position_ids holds id {L + 3}, out of range \[0, {L}\)",
+    ),
+    bad(
+        "dept/position_ids_same_tensor_as_input_ids_with_tasks",
+        lambda _: dept_embedding(
+            **stacked_args(input_ids=(x := ids([[1, L + 3], [0, 2]])), position_ids=x)
+        ),
+        IndexError,
+        rf"position_ids holds id {L + 3}, out of range \[0, {L}\)",
+    ),
+    bad(
+        "dept/position_ids_clone_of_input_ids",
+        lambda _: dept_embedding(**op_args(input_ids=(x := ids([[0, L]])), position_ids=x.clone())),
+        IndexError,
+        r"position_ids holds id",
+    ),
+    bad(
+        "dept/negative_position_ids_from_input_ids",
+        lambda _: dept_embedding(**op_args(input_ids=(x := ids([[0, L]])), position_ids=x - 1)),
+        IndexError,
+        r"position_ids holds a negative id",
     ),
     # official_dept_embedding (the benchmarks' baseline) and the reference formula.
     bad(
@@ -1328,10 +1404,16 @@ PATCH_CASES = [
         r"is not patched",
     ),
     bad(
-        "param_groups/dept_without_lowrank_lr",
-        lambda _: dk.param_groups(prompt_model(), 0.3),
+        "param_groups/ept_without_lowrank_lr",
+        lambda _: dk.param_groups(dk.patch(gpt2(), dk.EPTConfig(2)), 0.3),
         ValueError,
-        r"DePTAdapter has parameters that need lowrank_lr",
+        r"EPTAdapter has parameters that need lowrank_lr \(the method has no default",
+    ),
+    bad(
+        "param_groups/unknown_group",
+        lambda _: dk.param_groups(prompt_model(), promt_lr=0.3),
+        TypeError,
+        r"unknown arguments \['promt_lr'\]; group rates are lowrank_lr, prompt_lr",
     ),
     bad(
         "param_groups/fused_aot",
@@ -1344,6 +1426,13 @@ PATCH_CASES = [
         lambda _: dk.fold(prompt_model()),
         TypeError,
         r"DePTAdapter has nothing to fold",
+    ),
+    bad("merge/unpatched", lambda _: dk.merge(gpt2()), ValueError, r"is not patched"),
+    bad(
+        "merge/int_dtype",
+        lambda _: dk.merge(aot_model(), dtype=torch.int64),
+        TypeError,
+        r"table must be float32, float16 or bfloat16, got torch\.int64",
     ),
     bad("fuse/not_aot", lambda _: dk.fuse(prompt_model()), TypeError, r"fuse materialises AoT"),
     bad("fuse/twice", fused_twice, ValueError, r"the adapter is already fused"),
@@ -1461,10 +1550,10 @@ STACK_CASES = [
         r"adapter 1 has num_virtual_tokens=2, adapter 0 has 5: stacked prompts share one length",
     ),
     bad(
-        "stack/aot_not_fused",
-        lambda _: dk.stack_adapters([aot_model()]),
+        "AoTAdapter.stack/not_fused",
+        lambda _: AoTAdapter.stack([aot_model(fused=True).dept_adapter, aot_model().dept_adapter]),
         ValueError,
-        r"adapter 0 is not fused",
+        r"adapter 1 is not fused",
     ),
     bad(
         "stack/aot_reparams_differ",
@@ -1504,7 +1593,7 @@ STACK_CASES = [
         "stack/aot_directory_onto_wider_model",
         lambda tmp: dk.stack_adapters([save(tmp, aot_model(fused=True))], model=gpt2(n_embd=48)),
         ValueError,
-        r"table has shape \(128, 32\); the layer needs \(V, d\) = \(128, 48\)",
+        r"layers\.0\.table has shape \(128, 32\) but the adapter expects \(128, 48\)",
     ),
     bad(
         "DePTAdapter.stack/nothing",
@@ -1741,7 +1830,7 @@ FILE_CASES = [
         "load/fused_file_onto_unfused_model",
         lambda tmp: load(edited(tmp, aot_model(fused=True)), aot_model()),
         ValueError,
-        r"holds a fused AoT adapter but the model's adapter is unfused",
+        r"has fused=true but the model's adapter has fused=false; call dept_kernels\.unpatch",
     ),
     bad(
         "load/aot_more_layers",
@@ -1753,14 +1842,14 @@ FILE_CASES = [
         "load/fused_aot_more_layers",
         lambda tmp: load(edited(tmp, aot_model(fused=True)), gpt2(n_layer=3)),
         ValueError,
-        r"the fused AoT adapter of GPT2LMHeadModel needs \[.*'layers\.2\.table'\]",
+        r"the aot adapter needs \[.*'layers\.2\.table'\]",
     ),
     bad(
         # V = 128 and 129 give the same Kronecker heights (11 x 12): only V tells them apart.
         "load/aot_other_vocabulary",
         lambda tmp: load(edited(tmp, aot_model()), gpt2(vocab_size=VOCAB + 1)),
         ValueError,
-        r"an AoT adapter for a vocabulary of V=128, the model's has V=129",
+        r"saved for a vocabulary of V=128, the model's has V=129",
     ),
     bad(
         "load/fused_aot_other_vocabulary",
@@ -1774,13 +1863,14 @@ FILE_CASES = [
             edited(tmp, aot_model(fused=True), config=without("vocab_size")), gpt2(n_embd=48)
         ),
         ValueError,
-        r"table has shape \(128, 32\); the layer needs \(V, d\) = \(128, 48\)",
+        r"layers\.0\.table has shape \(128, 32\) but the adapter expects \(128, 48\)",
     ),
     bad(
         "load/fused_aot_num_tasks_without_stacked_tables",
         lambda tmp: load(edited(tmp, aot_model(fused=True), config=setting(num_tasks=2))),
         ValueError,
-        r"layers\.0\.table has shape \(128, 32\) but adapter_config\.json has num_tasks=2",
+        r"layers\.0\.table has shape \(128, 32\) but the adapter expects \(2, 128, 32\), "
+        r"from adapter_config\.json",
     ),
     bad(
         "load/fused_aot_int_tables",
@@ -1994,17 +2084,30 @@ CATALOGUE = [
 ]
 
 
-def _no_kernel(backend: str):
-    raise AssertionError(f"a {backend} kernel was reached with bad input")
-
-
 @pytest.mark.parametrize(("call", "exc", "match", "kernels"), CATALOGUE)
 def test_bad_input_raises_a_clear_error(call, exc, match, kernels, tmp_path, monkeypatch):
     if not kernels:
         # The checks must run before a kernel touches memory: the kernels are cut off.
-        monkeypatch.setattr(backends, "load", _no_kernel)
+        cut_off_kernels(monkeypatch)
     with pytest.raises(exc, match=match):
         call(tmp_path)
+
+
+DEPT_OP_CASES = [row for row in OP_CASES if row.id.startswith("dept/")]
+
+
+def test_dept_embedding_checks_on_every_backend(backend, tmp_path, monkeypatch):
+    """The `dept_embedding` rows under each backend here: its checks do not depend on the
+    backend selected, and all run before that backend's kernels."""
+    cut_off_kernels(monkeypatch)
+    for row in DEPT_OP_CASES:
+        call, exc, match, _ = row.values
+        try:
+            with pytest.raises(exc, match=match):
+                call(tmp_path)
+        except BaseException as e:
+            e.add_note(f"catalogue row {row.id} on backend {backend}")
+            raise
 
 
 # --------------------------------------------------------------------------- valid inputs
@@ -2148,7 +2251,7 @@ def test_empty_batch_of_the_reparameterised_aot_ops_and_the_official_formula(bac
     assert out.shape == (0, M + L, D)
 
 
-# Parameters need not share the table's dtype (DESIGN.md §1: fp32 accumulation, output in
+# Parameters need not share the table's dtype (docs/design.md §1: fp32 accumulation, output in
 # the table's dtype), so these mixes are valid.
 MIXED = [
     ("dept/half_lora", op_args(lora_a=randn(L, R).half(), lora_b=randn(R, D).half()), None),
@@ -2191,9 +2294,7 @@ def test_non_contiguous_ids_through_a_patched_model(make):
 
 
 def _unpatched(model) -> bool:
-    return getattr(model, "_dept_kernels_patch", None) is None and not hasattr(
-        model, "dept_adapter"
-    )
+    return not dk.is_patched(model) and not hasattr(model, "dept_adapter")
 
 
 def test_a_failed_load_leaves_the_model_unpatched(tmp_path):

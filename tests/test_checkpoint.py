@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_patch import batch, make_config, patched_pair, tiny_model
+from helpers.models import batch, make_config, patched_pair, tiny_model
 from transformers import T5Config, T5ForConditionalGeneration
 
 import dept_kernels as dk

@@ -1,4 +1,4 @@
-"""`torch.compile(fullgraph=True)` of a patched model's train step (issue 7).
+"""`torch.compile(fullgraph=True)` of a patched model's train step.
 
 The step is forward and loss under `torch.compile(fullgraph=True)` (a graph break raises),
 then `loss.backward()`, which runs the backward graph AOTAutograd compiled with it. Loss
@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DEVICE, assert_close
-from test_patch import VOCAB, tiny_model
-from test_patch_aot import randomize
+from helpers.aot import randomize
+from helpers.models import VOCAB, tiny_model
 
 import dept_kernels as dk
 

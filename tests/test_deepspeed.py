@@ -5,7 +5,7 @@ ZeRO-3 partitions every parameter (`stage3_param_persistence_threshold: 0`: even
 models' are split) and gathers a module's own parameters around its call, so the hooks run
 the fused op inside the call of the input embedding and call the adapter as a module.
 Cases, each comparing the gathered adapter gradients and the parameters after one AdamW
-step (`dk.param_groups`) with one process on the whole batch (tests/distributed_helpers.py):
+step (`dk.param_groups`) with one process on the whole batch (tests/helpers/distributed.py):
 - "initialize": `deepspeed.initialize(model=patched model, optimizer=AdamW(...))` for T5,
   GPT-2 and LLaMA with DePT, PT, EPT, AoT (Kronecker and FC factors; fused tables in eval),
   a stacked multi-task adapter and an accelerated PEFT model;
@@ -27,8 +27,8 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-from distributed_helpers import (
+from helpers.distributed import (
+    NEEDS_GLOO,
     WORLD,
     adapter_params,
     base_model,
@@ -49,7 +49,7 @@ from distributed_helpers import (
     single_process,
     trainer_step,
 )
-from test_patch import LM_CLASSES
+from helpers.models import LM_CLASSES
 
 import dept_kernels as dk
 
@@ -61,10 +61,7 @@ pytestmark = [
         reason="deepspeed is not installed (pip install 'dept-kernels[distributed]', with "
         "DS_BUILD_OPS=0 on a machine without CUDA)",
     ),
-    pytest.mark.skipif(
-        not (dist.is_available() and dist.is_gloo_available()),
-        reason="torch.distributed was built without the gloo backend",
-    ),
+    NEEDS_GLOO,
 ]
 
 ZERO3 = {"stage": 3, "stage3_param_persistence_threshold": 0}

@@ -3,15 +3,15 @@
 Each rank holds half of a batch of equal-length samples, so DDP's average of the ranks'
 mean losses is the mean loss of the whole batch: every rank's adapter gradients, and its
 parameters after one AdamW step, must equal those of one process on the whole batch. One
-launch of the process group runs every case (tests/distributed_helpers.py).
+launch of the process group runs every case (tests/helpers/distributed.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from distributed_helpers import (
+from helpers.distributed import (
+    NEEDS_GLOO,
     WORLD,
     adapter_params,
     build,
@@ -28,10 +28,7 @@ from distributed_helpers import (
     single_process,
 )
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()),
-    reason="torch.distributed was built without the gloo backend",
-)
+pytestmark = NEEDS_GLOO
 
 CASES = [("gpt2", "dept"), ("t5", "dept"), ("llama", "ept")]
 

@@ -10,7 +10,7 @@ Layouts:
 The adapter (in the root unit) is a DTensor shard between calls, gathered around its own
 call, which the hooks make inside the embedding's. Each case compares the gathered adapter
 gradients and the parameters after one AdamW step with one process on the whole batch (see
-tests/distributed_helpers.py), for DePT, PT, EPT, AoT (Kronecker and FC factors, and fused
+tests/helpers/distributed.py), for DePT, PT, EPT, AoT (Kronecker and FC factors, and fused
 tables in eval), a stacked multi-task adapter and an accelerated PEFT model. save_adapter
 on every rank writes the whole adapter from rank 0, which loads back into the shards and
 into a fresh model.
@@ -21,7 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_helpers import (
+from helpers.distributed import (
+    NEEDS_GLOO,
     WORLD,
     adapter_params,
     base_model,
@@ -51,10 +52,7 @@ pytestmark = [
         not HAS_FULLY_SHARD,
         reason=f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)",
     ),
-    pytest.mark.skipif(
-        HAS_FULLY_SHARD and not dist.is_gloo_available(),
-        reason="torch.distributed was built without the gloo backend",
-    ),
+    NEEDS_GLOO,
 ]
 
 CASES = [

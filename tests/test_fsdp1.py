@@ -11,7 +11,7 @@ needs):
   the other modules, and the unpatched model fails as well; the patched one raises a
   ValueError naming FSDP1 and the fix (keep the embedding in the root unit).
 Each case compares the gathered adapter gradients and the parameters after one AdamW step
-with one process on the whole batch (tests/distributed_helpers.py); save_adapter on the
+with one process on the whole batch (tests/helpers/distributed.py); save_adapter on the
 wrapped model writes the whole adapter from rank 0.
 """
 
@@ -20,7 +20,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_helpers import (
+from helpers.distributed import (
+    NEEDS_GLOO,
     WORLD,
     adapter_params,
     base_model,
@@ -48,10 +49,7 @@ pytestmark = [
         not HAS_FSDP1,
         reason=f"torch {torch.__version__} has no torch.distributed.fsdp.FullyShardedDataParallel",
     ),
-    pytest.mark.skipif(
-        HAS_FSDP1 and not dist.is_gloo_available(),
-        reason="torch.distributed was built without the gloo backend",
-    ),
+    NEEDS_GLOO,
 ]
 
 CASES = [

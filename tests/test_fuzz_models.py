@@ -10,15 +10,15 @@ import threading
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_patch import (
+from helpers.models import (
     BACKENDS,
     PAD,
     VOCAB,
     patched_pair,
     reference_forward,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dept_kernels as dk
 

@@ -15,14 +15,13 @@ import inspect
 import pytest
 import torch
 import transformers
-from test_patch import (
+from helpers.models import (
     PAD,
     VOCAB,
     batch,
     make_config,
-    ones_front,
     randomize,
-    reference_embeds,
+    reference_generate,
     tiny_model,
 )
 
@@ -49,27 +48,6 @@ def patched(arch: str, method: str, max_length: int = 16):
         tasks.append(task)
     adapters = [copy.deepcopy(t.dept_adapter) for t in tasks]
     return base, dk.stack_adapters(tasks), [adapters[int(t)] for t in TASK_IDS]
-
-
-def formula_embeds(arch, base, row_adapters, ids, mask):
-    """Row b: [P; E[ids] + delta] of row b's adapter. Decoder-only models give left-padded
-    tokens their rank among real tokens as position, which picks the low-rank row."""
-    weight = base.get_input_embeddings().weight
-    rows = None
-    if arch != "t5" and mask is not None:
-        rows = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = []
-    for b, adapter in enumerate(row_adapters):
-        pos = None if rows is None else rows[b : b + 1]
-        out.append(reference_embeds(adapter, weight, ids[b : b + 1], pos))
-    return torch.cat(out)
-
-
-def reference_generate(arch, base, row_adapters, ids, mask, **kwargs):
-    m = row_adapters[0].num_virtual_tokens
-    embeds = formula_embeds(arch, base, row_adapters, ids, mask)
-    ext = None if mask is None else ones_front(mask, m)
-    return base.generate(inputs_embeds=embeds, attention_mask=ext, **kwargs)
 
 
 def generate_inputs(arch: str, padded: bool, s: int = 7):

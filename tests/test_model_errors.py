@@ -1,4 +1,4 @@
-"""Errors at the model seam name the model's terms (issue: unclear errors).
+"""Errors at the model seam name the model's terms.
 
 - GPT-2's learned position table has n_positions rows; the prompt's m rows use m of them.
 - A model converted after patching (model.double()) is named as such, not as the op's table.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_patch import VOCAB, make_config, tiny_model
+from helpers.models import VOCAB, make_config, tiny_model
 
 import dept_kernels as dk
 

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import transformers
-from test_patch import (
+from helpers.models import (
     PAD,
     VOCAB,
     make_config,

@@ -14,18 +14,18 @@ import json
 import peft
 import pytest
 import torch
-from test_generate import reference_generate
-from test_patch import (
+from helpers.aot import formula_tables, hook_reference
+from helpers.models import (
     BACKENDS,
     EOS,
     PAD,
     batch,
     make_config,
     randomize,
+    reference_generate,
     tiny_config,
     tiny_model,
 )
-from test_patch_aot import formula_tables, hook_reference
 from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,

@@ -1,4 +1,4 @@
-"""1,000 training steps of a patched tiny model leave nothing behind (issue 7).
+"""1,000 training steps of a patched tiny model leave nothing behind.
 
 After a warm-up (optimizer state, allocator pools, lazily built caches), the process's
 resident memory (/proc/self/statm) and the number of live tensors (`gc`) must not grow over
@@ -14,10 +14,9 @@ import os
 from pathlib import Path
 
 import pytest
-import test_patch as tp
-import test_patch_aot as ta
 import torch
-from test_training_modes import assert_hook_state_empty, wrap_layers
+from helpers import aot, models
+from helpers.hooks import assert_hook_state_empty, wrap_layers
 
 import dept_kernels as dk
 
@@ -41,26 +40,16 @@ def live_tensors() -> int:
     return sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model gains nothing from intra-op threads, and on a loaded machine their
-    spinning makes each step tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def patched(case: str) -> torch.nn.Module:
     """A tiny GPT-2 patched for `case`, in training mode."""
-    base = tp.tiny_model("gpt2")
+    base = models.tiny_model("gpt2")
     if case == "dept":
-        model = dk.patch(copy.deepcopy(base), tp.make_config("dept", max_length=16))
-        tp.randomize(model.dept_adapter)
+        model = dk.patch(copy.deepcopy(base), models.make_config("dept", max_length=16))
+        models.randomize(model.dept_adapter)
     else:
         reparam = case.split("-")[1]
         model = dk.patch(copy.deepcopy(base), dk.AoTConfig(reparam, r=4))
-        ta.randomize(model.dept_adapter)
+        aot.randomize(model.dept_adapter)
         if case.endswith("checkpointed"):
             wrap_layers(model, reentrant=False)
     return model.train()
@@ -74,7 +63,7 @@ def test_training_steps_do_not_grow_memory(case):
     model = patched(case)
     opt = torch.optim.AdamW(model.dept_adapter.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(2, tp.VOCAB, (4, 16), generator=gen) for _ in range(8)]
+    batches = [torch.randint(2, models.VOCAB, (4, 16), generator=gen) for _ in range(8)]
 
     def step(i: int) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)

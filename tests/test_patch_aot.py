@@ -1,9 +1,10 @@
 """AoT P-tuning through patch(): a bias before every layer of GPT-2, LLaMA, BERT and RoBERTa
 and every encoder layer of T5; fuse, multi-task stacking, adapters on disk.
 
-The reference is written from docs/design.md §1 alone: the full (V, d) tables are materialised
-by the formulas from the adapter's own parameters (`torch.kron` for the Kronecker form) and
-added as `P_i[ids]` by plain forward pre-hooks on the unpatched model's layers.
+The reference (helpers.aot) is written from docs/design.md §1 alone: the full (V, d) tables
+are materialised by the formulas from the adapter's own parameters (`torch.kron` for the
+Kronecker form) and added as `P_i[ids]` by plain forward pre-hooks on the unpatched model's
+layers.
 """
 
 from __future__ import annotations
@@ -13,152 +14,31 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
-from helpers import TOLERANCES
-from test_patch import BACKENDS, PAD, VOCAB, tiny_config
+from helpers.aot import (
+    ARCHS,
+    GENERATORS,
+    REPARAMS,
+    assert_close,
+    batch,
+    formula_tables,
+    hook_reference,
+    patched_pair,
+    randomize,
+    run,
+    scalar,
+    tiny_model,
+)
+from helpers.models import BACKENDS, VOCAB, tiny_config
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     BertModel,
     GPT2LMHeadModel,
-    LlamaForCausalLM,
-    MistralForCausalLM,
-    RobertaConfig,
-    RobertaForSequenceClassification,
     RobertaModel,
-    T5ForConditionalGeneration,
 )
 
 import dept_kernels as dk
 from dept_kernels.methods.aot import fetch_rows
 from dept_kernels.testing import reference_aot_bias_add
-
-ARCHS = ("gpt2", "llama", "mistral", "t5", "bert", "roberta")
-REPARAMS = ("kron", "fc")
-GENERATORS = ("gpt2", "llama", "mistral", "t5")
-
-
-def encoder_config(arch: str):
-    cls = BertConfig if arch == "bert" else RobertaConfig
-    return cls(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, pad_token_id=PAD if arch == "bert" else 1,
-        num_labels=3, attn_implementation="eager", initializer_range=0.2,
-    )  # fmt: skip
-
-
-CLASSES = {
-    "gpt2": GPT2LMHeadModel,
-    "llama": LlamaForCausalLM,
-    "mistral": MistralForCausalLM,
-    "t5": T5ForConditionalGeneration,
-    "bert": BertForSequenceClassification,
-    "roberta": RobertaForSequenceClassification,
-}
-
-
-def tiny_model(arch: str, dtype=torch.float32, cls=None):
-    torch.manual_seed(0)
-    config = encoder_config(arch) if arch in ("bert", "roberta") else tiny_config(arch)
-    return (cls or CLASSES[arch])(config).to(dtype).eval()
-
-
-def sites(model, arch):
-    """(module receiving input_ids, the layers the bias goes before): named by hand here."""
-    if arch == "gpt2":
-        inner = model.transformer
-        return inner, inner.h
-    if arch in ("llama", "mistral"):
-        return model.model, model.model.layers
-    if arch == "t5":
-        return model.encoder, model.encoder.block
-    inner = model if isinstance(model, (BertModel, RobertaModel)) else getattr(model, arch)
-    return inner, inner.encoder.layer
-
-
-def randomize(adapter, seed: int = 1) -> None:
-    """Non-zero W_R / W_2 / b_2 (they start at zero), so each layer's bias is not zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            if name.rsplit(".", 1)[-1] in ("w_r", "w2", "b2", "b1"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-
-
-def formula_tables(adapter, embedding) -> list[torch.Tensor]:
-    """Each layer's full (V, d) table from docs/design.md §1, in fp32, differentiable."""
-    vocab = embedding.shape[0]
-    tables = []
-    for layer in adapter.layers:
-        if adapter.config.reparam == "kron":
-            kron = torch.kron(layer.w_l.float(), layer.w_m.float())  # (a*b, r*r)
-            tables.append((kron @ layer.w_r.float())[:vocab])
-        else:
-            h = F.relu(embedding.detach().float() @ layer.w1.float() + layer.b1.float())
-            tables.append(h @ layer.w2.float() + layer.b2.float())
-    return tables
-
-
-def hook_reference(model, arch, tables, task_ids=None) -> list:
-    """Register `H_i += P_i[ids]` (or `P_i[task, ids]`) on an unpatched model's layers."""
-    inner, layers = sites(model, arch)
-    seen = {}
-
-    def record(module, args, kwargs):
-        seen["ids"] = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
-
-    def add(i):
-        def hook(module, args, kwargs):
-            hidden = args[0]
-            ids = seen["ids"]
-            table = tables[i] if task_ids is None else tables[i][task_ids[:, None], ids]
-            bias = table[ids] if task_ids is None else table
-            return ((hidden.float() + bias.float()).to(hidden.dtype), *args[1:]), kwargs
-
-        return hook
-
-    handles = [inner.register_forward_pre_hook(record, with_kwargs=True)]
-    handles += [
-        layer.register_forward_pre_hook(add(i), with_kwargs=True) for i, layer in enumerate(layers)
-    ]
-    return handles
-
-
-def patched_pair(arch, reparam, dtype=torch.float32, cls=None, seed=1):
-    base = tiny_model(arch, dtype, cls)
-    model = dk.patch(copy.deepcopy(base), dk.AoTConfig(reparam, r=4))
-    randomize(model.dept_adapter, seed)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    return base, model
-
-
-def batch(seed=0, b=3, s=9):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(2, VOCAB, (b, s), generator=gen)
-
-
-def run(arch, model, ids):
-    """Logits of one forward (T5 with decoder labels)."""
-    if arch == "t5":
-        return model(input_ids=ids, labels=ids[:, :5].contiguous()).logits
-    return model(input_ids=ids).logits
-
-
-def scalar(logits):
-    gen = torch.Generator().manual_seed(7)
-    return (logits.float() * torch.randn(logits.shape, generator=gen)).sum()
-
-
-def assert_close(actual, expected, dtype, scale_tol=2.0):
-    """Two units of the dtype's tolerance: a half-precision table rounds each bias row once
-    more than the fp32 formula does before the fp32 add."""
-    tol = TOLERANCES[dtype] * scale_tol
-    scale = max(1.0, expected.float().abs().max().item())
-    torch.testing.assert_close(actual.float(), expected.float(), atol=tol * scale, rtol=tol)
-
 
 # The triton interpreter is slow: fp32 GPT-2 only.
 CASES = [
@@ -473,8 +353,8 @@ def test_errors_are_clear(tmp_path):
         model(input_ids=torch.full((1, 3), VOCAB))
     with pytest.raises(ValueError, match="stack_adapters"):
         model(input_ids=ids, task_ids=torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="not fused"):
-        dk.stack_adapters([model])
+    with pytest.raises(ValueError, match="not fused"):  # stack_adapters merges it first
+        type(model.dept_adapter).stack([model.dept_adapter])
     dk.fuse(model)
     with pytest.raises(ValueError, match="already fused"):
         dk.fuse(model)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_patch import VOCAB, patched_pair, reference_forward
+from helpers.models import VOCAB, patched_pair, reference_forward
 
 import dept_kernels as dk
 
@@ -21,16 +21,8 @@ def synthetic_batch(gen: torch.Generator, b: int = 16, s: int = 8):
     return ids, torch.ones(b, s, dtype=torch.long), labels
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops: intra-op threads only contend (10x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_dept_training_matches_reference_and_converges(one_thread):
+@pytest.mark.usefixtures("one_thread")
+def test_dept_training_matches_reference_and_converges():
     base, model = patched_pair("t5", "dept")
     with torch.no_grad():
         model.dept_adapter.lora_b.zero_()  # the real init: the delta starts at zero

@@ -9,7 +9,7 @@ import copy
 import peft
 import pytest
 import torch
-from test_patch import batch, make_config, ones_front, randomize, reference_embeds, tiny_model
+from helpers.models import batch, make_config, ones_front, randomize, reference_embeds, tiny_model
 
 import dept_kernels as dk
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.models import tiny_config
 
 import dept_kernels
 
@@ -36,8 +37,6 @@ def python_blocks() -> list[str]:
 
 def _tiny_from_pretrained(cls, *args, **kwargs):
     """`from_pretrained` without downloads: a tiny random model of the same architecture."""
-    from test_patch import tiny_config
-
     torch.manual_seed(0)
     return cls(tiny_config(cls.config_class.model_type)).eval()
 

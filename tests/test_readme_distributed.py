@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_helpers import WORLD, base_model, launch, leave
+from helpers.distributed import NEEDS_GLOO, WORLD, base_model, launch, leave
 
 import dept_kernels as dk
 
@@ -37,10 +37,7 @@ def arch_of(block: str) -> str:
     return next(arch for name, arch in ARCHS.items() if name in block)
 
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()),
-    reason="torch.distributed was built without the gloo backend",
-)
+pytestmark = NEEDS_GLOO
 
 
 def _worker(rank: int, store: str, out: str, models: str, ports: list[int], tmp: str) -> None:

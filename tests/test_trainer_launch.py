@@ -5,7 +5,7 @@
 the CPU), so a multi-process CPU run comes from `notebook_launcher` (or `--multi_gpu`).
 Each rank's Trainer takes its half of the 4-sample batch; its optimizer is AdamW over
 `dk.param_groups`. The gradients the step reads and the parameters after it must equal
-those of the Trainer in one process on the whole batch (tests/distributed_helpers.py).
+those of the Trainer in one process on the whole batch (tests/helpers/distributed.py).
 The launcher runs in a spawned driver process of its own session, killed with its ranks if
 they pass the deadline.
 """
@@ -20,8 +20,8 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
-from distributed_helpers import (
+from helpers.distributed import (
+    NEEDS_GLOO,
     WORLD,
     adapter_params,
     build,
@@ -31,10 +31,7 @@ from distributed_helpers import (
 
 ARCHS = ("t5", "gpt2", "llama")
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()),
-    reason="torch.distributed was built without the gloo backend",
-)
+pytestmark = NEEDS_GLOO
 
 
 def trainer_args(output_dir: str, batch_size: int) -> dict:

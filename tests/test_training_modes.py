@@ -1,4 +1,4 @@
-"""Patched models in the training modes users switch on (issue 7, "Reliability").
+"""Patched models in the training modes users switch on.
 
 - Gradient checkpointing as HF offers it (`activation_checkpointing_enable`, formerly
   `gradient_checkpointing_enable`), reentrant or not, and torch's `checkpoint_wrapper`
@@ -12,25 +12,17 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
-import test_patch as tp
-import test_patch_aot as ta
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import aot, assert_close, models
+from helpers.hooks import assert_hook_state_empty, wrap_layers
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointImpl,
-    apply_activation_checkpointing,
-    checkpoint_wrapper,
-)
 from torch.utils.checkpoint import checkpoint
 
 import dept_kernels as dk
 from dept_kernels.models import aot_sites
-from dept_kernels.models._aot import _AoTHooks
 
 FP32 = torch.float32
 BF16 = torch.bfloat16
@@ -38,31 +30,6 @@ AOT_ARCHS = ("t5", "gpt2", "llama", "bert")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def hook_objects(model: nn.Module) -> list[object]:
-    """The objects behind the forward hooks a patch registered (bound methods, partials)."""
-    found = {}
-    for module in model.modules():
-        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
-            func = hook.func if isinstance(hook, functools.partial) else hook
-            owner = getattr(func, "__self__", None)
-            if owner is not None and type(owner).__module__.startswith("dept_kernels"):
-                found[id(owner)] = owner
-    return list(found.values())
-
-
-def assert_hook_state_empty(model: nn.Module) -> None:
-    """No hook holds a finished call's tensors: task ids, AoT ids, checkpointing records."""
-    owners = hook_objects(model)
-    assert owners, "no patch hooks found"
-    for owner in owners:
-        tasks = getattr(owner, "tasks", owner)
-        assert getattr(tasks, "outer", None) is None, type(owner).__name__
-        if isinstance(owner, _AoTHooks):
-            assert owner.ids is None and owner.embedding is None and owner.task_ids is None
-            assert len(owner.records) == 0, f"{len(owner.records)} checkpointing records left"
-        assert not getattr(owner, "prepended", None), "a trimmed prompt length was left"
 
 
 def enable_hf_checkpointing(model: nn.Module, reentrant: bool) -> None:
@@ -76,23 +43,6 @@ def enable_hf_checkpointing(model: nn.Module, reentrant: bool) -> None:
         # A reentrant checkpoint passes gradients only to inputs that require them: HF 5 makes
         # the embedding output require grad itself, older versions leave it to the user.
         model.enable_input_require_grads()
-
-
-def wrap_layers(model: nn.Module, reentrant: bool) -> None:
-    """torch's `checkpoint_wrapper` around each AoT layer: the layer's `__call__`, hooks
-    included, runs again in backward, as transformers < 5 checkpoints layers."""
-    layers = set(aot_sites(model)[1])
-    impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
-    apply_activation_checkpointing(
-        model,
-        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=impl),
-        check_fn=lambda module: module in layers,
-    )
-    # A recomputed layer would append to the KV cache a second time; HF's own checkpointing
-    # turns the cache off for the same reason.
-    model.config.use_cache = False
-    if reentrant:
-        model.enable_input_require_grads()  # as in enable_hf_checkpointing
 
 
 def count_calls(modules) -> list[int]:
@@ -129,7 +79,7 @@ def prompt_step(
     with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
         out = model(input_ids=ids, attention_mask=mask, labels=labels if arch == "t5" else ids)
     out.loss.backward()
-    return out.loss.detach(), tp.grads(model.dept_adapter)
+    return out.loss.detach(), models.grads(model.dept_adapter)
 
 
 def aot_step(
@@ -138,16 +88,16 @@ def aot_step(
     """One AoT training step; the seed fixes the adapter's dropout (0.1 by default)."""
     torch.manual_seed(seed)
     with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-        loss = ta.scalar(ta.run(arch, model, ids))
+        loss = aot.scalar(aot.run(arch, model, ids))
     loss.backward()
-    return loss.detach(), tp.grads(model.dept_adapter)
+    return loss.detach(), models.grads(model.dept_adapter)
 
 
 def aot_pair(arch: str, reparam: str, dropout: float = 0.1):
     """(frozen unpatched base, patched copy with non-zero adapter values)."""
-    base = ta.tiny_model(arch)
+    base = aot.tiny_model(arch)
     model = dk.patch(copy.deepcopy(base), dk.AoTConfig(reparam, r=4, dropout=dropout))
-    ta.randomize(model.dept_adapter)
+    aot.randomize(model.dept_adapter)
     for p in base.parameters():
         p.requires_grad_(False)
     return base, model
@@ -155,7 +105,7 @@ def aot_pair(arch: str, reparam: str, dropout: float = 0.1):
 
 # --------------------------------------------------------------------------- checkpointing
 
-PROMPT_CASES = [(arch, "dept") for arch in tp.ARCHS] + [("gpt2", "pt"), ("t5", "ept")]
+PROMPT_CASES = [(arch, "dept") for arch in models.ARCHS] + [("gpt2", "pt"), ("t5", "ept")]
 
 
 def check_hf_checkpointing(model: nn.Module, step, reentrant: bool) -> None:
@@ -175,23 +125,23 @@ def check_hf_checkpointing(model: nn.Module, step, reentrant: bool) -> None:
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
 @pytest.mark.parametrize(("arch", "method"), PROMPT_CASES)
 def test_hf_checkpointing_prompt_methods(arch, method, reentrant):
-    _, model = tp.patched_pair(arch, method)
-    inputs = tp.batch()
+    _, model = models.patched_pair(arch, method)
+    inputs = models.batch()
     check_hf_checkpointing(model, lambda m: prompt_step(arch, m, inputs), reentrant)
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
-@pytest.mark.parametrize("reparam", ta.REPARAMS)
+@pytest.mark.parametrize("reparam", aot.REPARAMS)
 @pytest.mark.parametrize("arch", AOT_ARCHS)
 def test_hf_checkpointing_aot(arch, reparam, reentrant):
     """With the adapter's dropout on: the checkpoint restores the RNG for the recomputation."""
     _, model = aot_pair(arch, reparam)
-    ids = ta.batch()
+    ids = aot.batch()
     check_hf_checkpointing(model, lambda m: aot_step(arch, m, ids), reentrant)
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
-@pytest.mark.parametrize("reparam", ta.REPARAMS)
+@pytest.mark.parametrize("reparam", aot.REPARAMS)
 @pytest.mark.parametrize("arch", AOT_ARCHS)
 def test_layer_checkpointing_reruns_aot_hooks(arch, reparam, reentrant):
     """The layer hooks run again in backward, after the forward ended, and find the ids the
@@ -201,7 +151,7 @@ def test_layer_checkpointing_reruns_aot_hooks(arch, reparam, reentrant):
     plain = copy.deepcopy(model)
     wrap_layers(model, reentrant)
     biases = count_calls(model.dept_adapter.layers)
-    ids = ta.batch()
+    ids = aot.batch()
     got = aot_step(arch, model, ids)
     assert biases[0] == 2 * len(model.dept_adapter.layers), "the hooks were not re-run"
     compare_steps(got, aot_step(arch, plain, ids))
@@ -216,14 +166,14 @@ def test_interleaved_forwards_recompute_with_their_own_ids(reentrant):
     model.train()
     plain = copy.deepcopy(model)
     wrap_layers(model, reentrant)
-    first, second = ta.batch(seed=0), ta.batch(seed=1)
+    first, second = aot.batch(seed=0), aot.batch(seed=1)
     torch.manual_seed(3)
-    loss_1 = ta.scalar(ta.run("gpt2", model, first))
+    loss_1 = aot.scalar(aot.run("gpt2", model, first))
     torch.manual_seed(4)
-    loss_2 = ta.scalar(ta.run("gpt2", model, second))
+    loss_2 = aot.scalar(aot.run("gpt2", model, second))
     loss_2.backward()
     loss_1.backward()
-    got = tp.grads(model.dept_adapter)
+    got = models.grads(model.dept_adapter)
     aot_step("gpt2", plain, first, seed=3)
     want_loss, want = aot_step("gpt2", plain, second, seed=4)  # gradients accumulate
     compare_steps((loss_2.detach(), got), (want_loss, want))
@@ -239,13 +189,15 @@ def test_checkpoint_around_the_whole_model(layers_too):
     plain = copy.deepcopy(model)
     if layers_too:
         wrap_layers(model, reentrant=False)
-    ids = ta.batch()
+    ids = aot.batch()
     biases = count_calls(model.dept_adapter.layers)
     torch.manual_seed(3)
-    loss = checkpoint(lambda ids: ta.scalar(ta.run("llama", model, ids)), ids, use_reentrant=False)
+    loss = checkpoint(
+        lambda ids: aot.scalar(aot.run("llama", model, ids)), ids, use_reentrant=False
+    )
     loss.backward()
     assert biases[0] >= 2 * len(model.dept_adapter.layers), "nothing was recomputed"
-    compare_steps((loss.detach(), tp.grads(model.dept_adapter)), aot_step("llama", plain, ids))
+    compare_steps((loss.detach(), models.grads(model.dept_adapter)), aot_step("llama", plain, ids))
     assert_hook_state_empty(model)
 
 
@@ -256,7 +208,7 @@ def test_recomputation_on_a_copied_input_raises():
     model.train()
     wrap_layers(model, reentrant=False)
     with torch.autograd.graph.save_on_cpu(pin_memory=True):
-        loss = ta.scalar(ta.run("gpt2", model, ta.batch()))
+        loss = aot.scalar(aot.run("gpt2", model, aot.batch()))
         with pytest.raises(RuntimeError, match="no training forward of this model recorded"):
             loss.backward()
 
@@ -269,8 +221,8 @@ def test_one_input_tensor_in_two_live_forwards_raises():
     wrap_layers(model, reentrant=False)
     shared = torch.randn(3, 9, 32)
     model.model.embed_tokens.register_forward_hook(lambda module, args, out: shared)
-    loss_1 = ta.scalar(ta.run("llama", model, ta.batch(seed=0)))
-    ta.scalar(ta.run("llama", model, ta.batch(seed=1)))
+    loss_1 = aot.scalar(aot.run("llama", model, aot.batch(seed=0)))
+    aot.scalar(aot.run("llama", model, aot.batch(seed=1)))
     with pytest.raises(RuntimeError, match="2 live forwards passed to it"):
         loss_1.backward()
 
@@ -291,12 +243,12 @@ def test_t5_blocks_called_through_forward_keep_the_bias():
     blocks' hooks: the bias sits before each block's first sublayer, whose hooks still run."""
     base, model = aot_pair("t5", "kron")
     model.eval()
-    ids = ta.batch()
+    ids = aot.batch()
     with torch.no_grad():
-        expected = ta.run("t5", model, ids)
+        expected = aot.run("t5", model, ids)
         forward_only(model.encoder.block)
-        got = ta.run("t5", model, ids)
-        unbiased = ta.run("t5", base.eval(), ids)
+        got = aot.run("t5", model, ids)
+        unbiased = aot.run("t5", base.eval(), ids)
     assert not torch.allclose(expected, unbiased), "the bias is zero: the check is vacuous"
     assert_close(got, expected, torch.float32)
 
@@ -307,61 +259,64 @@ def test_layer_called_through_forward_raises():
     _, model = aot_pair("gpt2", "kron")
     forward_only(model.transformer.h)
     with pytest.raises(RuntimeError, match="ran 0 of its 2 AoT layer hooks"):
-        ta.run("gpt2", model, ta.batch())
+        aot.run("gpt2", model, aot.batch())
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_layer_called_outside_a_forward_raises(training):
     _, model = aot_pair("gpt2", "kron")
     model.train(training)
-    ta.run("gpt2", model, ta.batch())
+    aot.run("gpt2", model, aot.batch())
     with pytest.raises(RuntimeError, match="ran outside a forward"):
         model.transformer.h[0](torch.randn(3, 9, 32))
 
 
 # --------------------------------------------------------------------------- bf16 autocast
 
-AUTOCAST_PROMPT_CASES = [(arch, "dept") for arch in tp.ARCHS] + [("llama", "pt"), ("gpt2", "ept")]
+AUTOCAST_PROMPT_CASES = [(arch, "dept") for arch in models.ARCHS] + [
+    ("llama", "pt"),
+    ("gpt2", "ept"),
+]
 
 
 @pytest.mark.parametrize(("arch", "method"), AUTOCAST_PROMPT_CASES)
 def test_bf16_autocast_prompt_methods(arch, method):
-    base, model = tp.patched_pair(arch, method)
+    base, model = models.patched_pair(arch, method)
     model.train()
-    inputs = tp.batch()
+    inputs = models.batch()
     fp32_loss, _ = prompt_step(arch, copy.deepcopy(model), inputs)
     loss, grads = prompt_step(arch, model, inputs, autocast=BF16)
     model.dept_adapter.zero_grad()
     ids, mask, labels = inputs
     with torch.autocast("cpu", dtype=BF16):
-        ref = tp.reference_forward(arch, base.train(), model.dept_adapter, ids, mask, labels)
+        ref = models.reference_forward(arch, base.train(), model.dept_adapter, ids, mask, labels)
     ref.loss.backward()
     # Autocast is in effect: an fp32 step repeats bit for bit, this one moved.
     assert loss != fp32_loss
     assert_close(loss, ref.loss.detach(), BF16)
-    for name, grad in tp.grads(model.dept_adapter).items():
+    for name, grad in models.grads(model.dept_adapter).items():
         assert grad.abs().sum() > 0, name
         assert_close(grads[name], grad, BF16)
 
 
-@pytest.mark.parametrize("reparam", ta.REPARAMS)
+@pytest.mark.parametrize("reparam", aot.REPARAMS)
 @pytest.mark.parametrize("arch", AOT_ARCHS)
 def test_bf16_autocast_aot(arch, reparam):
     base, model = aot_pair(arch, reparam, dropout=0.0)
     model.train()
-    ids = ta.batch()
+    ids = aot.batch()
     fp32_loss, _ = aot_step(arch, copy.deepcopy(model), ids)
     loss, grads = aot_step(arch, model, ids, autocast=BF16)
     model.dept_adapter.zero_grad()
     base.train()
     with torch.autocast("cpu", dtype=BF16):
-        tables = ta.formula_tables(model.dept_adapter, base.get_input_embeddings().weight)
-        ta.hook_reference(base, arch, tables)
-        ref = ta.scalar(ta.run(arch, base, ids))
+        tables = aot.formula_tables(model.dept_adapter, base.get_input_embeddings().weight)
+        aot.hook_reference(base, arch, tables)
+        ref = aot.scalar(aot.run(arch, base, ids))
     ref.backward()
     assert loss != fp32_loss
     assert_close(loss, ref.detach(), BF16)
-    for name, grad in tp.grads(model.dept_adapter).items():
+    for name, grad in models.grads(model.dept_adapter).items():
         assert grad.abs().sum() > 0, name
         assert_close(grads[name], grad, BF16)
 
@@ -369,16 +324,16 @@ def test_bf16_autocast_aot(arch, reparam):
 # --------------------------------------------------------------------------- no_grad, eval/train
 
 
-@pytest.mark.parametrize("arch", tp.ARCHS)
+@pytest.mark.parametrize("arch", models.ARCHS)
 def test_no_grad_inference_dept(arch):
-    base, model = tp.patched_pair(arch, "dept")
-    ids, mask, labels = tp.batch()
+    base, model = models.patched_pair(arch, "dept")
+    ids, mask, labels = models.batch()
     kw = {"input_ids": ids, "attention_mask": mask, "labels": labels if arch == "t5" else ids}
     with torch.no_grad():
         out = model(**kw).logits
     assert not out.requires_grad
     with torch.no_grad():
-        ref = tp.reference_forward(arch, base, model.dept_adapter, ids, mask, labels).logits
+        ref = models.reference_forward(arch, base, model.dept_adapter, ids, mask, labels).logits
     assert_close(out, ref, FP32)
     assert_close(out, model(**kw).logits.detach(), FP32)
     assert_hook_state_empty(model)
@@ -388,24 +343,24 @@ def test_no_grad_inference_dept(arch):
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_no_grad_inference_aot(arch, fused):
     base, model = aot_pair(arch, "kron")
-    tables = ta.formula_tables(model.dept_adapter, base.get_input_embeddings().weight)
+    tables = aot.formula_tables(model.dept_adapter, base.get_input_embeddings().weight)
     if fused:
         dk.fuse(model)
-    ids = ta.batch()
+    ids = aot.batch()
     with torch.no_grad():
-        out = ta.run(arch, model, ids)
+        out = aot.run(arch, model, ids)
     assert not out.requires_grad
-    ta.hook_reference(base, arch, [t.detach() for t in tables])
+    aot.hook_reference(base, arch, [t.detach() for t in tables])
     with torch.no_grad():
-        assert_close(out, ta.run(arch, base, ids), FP32)
+        assert_close(out, aot.run(arch, base, ids), FP32)
     assert_hook_state_empty(model)
 
 
 def dropout_reference(base: nn.Module, arch: str, adapter, p: float) -> None:
-    """Hooks on the unpatched model adding P_i[ids] with AoT's dropout as DESIGN.md states it:
-    one mask per distinct id (sorted, as `torch.unique` gives them), drawn from torch's
-    generator, on P_x (Kronecker) or on E[x] (FC), layer after layer."""
-    inner, layers = ta.sites(base, arch)
+    """Hooks on the unpatched model adding P_i[ids] with AoT's dropout as docs/design.md §1
+    states it: one mask per distinct id (sorted, as `torch.unique` gives them), drawn from
+    torch's generator, on P_x (Kronecker) or on E[x] (FC), layer after layer."""
+    inner, layers = aot.sites(base, arch)
     embedding = base.get_input_embeddings().weight.detach().float()
     seen = {}
 
@@ -430,33 +385,33 @@ def dropout_reference(base: nn.Module, arch: str, adapter, p: float) -> None:
         site.register_forward_pre_hook(add(layer), with_kwargs=True)
 
 
-@pytest.mark.parametrize("reparam", ta.REPARAMS)
+@pytest.mark.parametrize("reparam", aot.REPARAMS)
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_dropout_follows_eval_and_train(arch, reparam):
     p = 0.3
     base, model = aot_pair(arch, reparam, dropout=p)
-    ids = ta.batch()
-    tables = ta.formula_tables(model.dept_adapter, base.get_input_embeddings().weight)
+    ids = aot.batch()
+    tables = aot.formula_tables(model.dept_adapter, base.get_input_embeddings().weight)
     with torch.no_grad():
-        plain = ta.run(arch, base, ids)
-        handles = ta.hook_reference(base, arch, [t.detach() for t in tables])
-        formula = ta.run(arch, base, ids)
+        plain = aot.run(arch, base, ids)
+        handles = aot.hook_reference(base, arch, [t.detach() for t in tables])
+        formula = aot.run(arch, base, ids)
         for handle in handles:
             handle.remove()
         dropout_reference(base.train(), arch, model.dept_adapter, p)
         torch.manual_seed(5)
-        seeded = ta.run(arch, base, ids)
+        seeded = aot.run(arch, base, ids)
 
         model.eval()
         torch.manual_seed(5)
-        evaluated = ta.run(arch, model, ids)
+        evaluated = aot.run(arch, model, ids)
         torch.manual_seed(6)
-        again = ta.run(arch, model, ids)
+        again = aot.run(arch, model, ids)
         model.train()
         torch.manual_seed(5)
-        trained = ta.run(arch, model, ids)
+        trained = aot.run(arch, model, ids)
         model.eval()
-        back = ta.run(arch, model, ids)
+        back = aot.run(arch, model, ids)
     assert (formula - plain).abs().max() > 0.1 * formula.abs().max()  # the bias matters
     assert_close(evaluated, formula, FP32)
     torch.testing.assert_close(again, evaluated, atol=0, rtol=0)  # eval draws nothing

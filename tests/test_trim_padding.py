@@ -1,4 +1,4 @@
-"""Padding trim (issue 13): a patched model cuts the columns that the attention mask marks
+"""Padding trim: a patched model cuts the columns that the attention mask marks
 padding in every row before the fused op, and gives what the untrimmed model gives.
 
 Each case runs two copies of one patched model with the same adapter values: one patched
@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from test_patch import (
+from helpers.models import (
     EOS,
     PAD,
     VOCAB,
@@ -23,7 +23,7 @@ from test_patch import (
     randomize,
     tiny_model,
 )
-from test_patch_peft import OfficialDePTStandIn, peft_prompt_tuning
+from helpers.peft_models import OfficialDePTStandIn, peft_prompt_tuning
 from torch import Tensor
 from transformers import (
     GPT2ForSequenceClassification,

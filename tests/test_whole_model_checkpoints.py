@@ -11,7 +11,7 @@ import pickle
 import peft
 import pytest
 import torch
-from test_patch import batch, make_config, randomize, tiny_model
+from helpers.models import batch, make_config, randomize, tiny_model
 
 import dept_kernels as dk
 

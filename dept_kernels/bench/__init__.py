@@ -1,6 +1,25 @@
-"""Benchmarks: `python -m dept_kernels.bench` is the main job (see `__main__`)."""
+"""Benchmarks: `python -m dept_kernels.bench` is the main job (see `__main__`); the
+pytest-benchmark suites in `bench/` are thin front-ends over the modules here.
 
-from ._timing import interleaved_medians, median_time
-from .kernels import SHAPES, Shape, make_problem
+- `shapes`: the problem sizes (one `Shape`) and the id distribution;
+- `_timing`: medians, interquartile ranges and round-robin orders;
+- `memory`: bytes saved for backward and peak extra allocation;
+- `baselines`: the official AoT formulas; `suite`: the front-ends' device and backends;
+- `kernels`, `end_to_end`: the main job's two parts.
+"""
 
-__all__ = ["SHAPES", "Shape", "interleaved_medians", "make_problem", "median_time"]
+from ._timing import interleaved_medians, median_iqr, median_time, rotation
+from .kernels import make_problem
+from .shapes import AOT_SHAPES, SHAPES, Shape, zipf_ids
+
+__all__ = [
+    "AOT_SHAPES",
+    "SHAPES",
+    "Shape",
+    "interleaved_medians",
+    "make_problem",
+    "median_iqr",
+    "median_time",
+    "rotation",
+    "zipf_ids",
+]

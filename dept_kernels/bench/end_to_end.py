@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from .. import fuse, patch
 from ..methods import AoTConfig, DePTConfig, PromptTuningConfig, equal_budget
 from ..testing import official_dept_embedding
+from ._timing import median_iqr, rotation, sync
+from .memory import saved_bytes
 
 MAX_LENGTH = 256
 PAD, EOS = 0, 1
@@ -167,19 +169,6 @@ class OfficialDePT(nn.Module):
         return self.base_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
 
 
-def saved_bytes(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
-    total = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, total
-
-
 @dataclass
 class Setup:
     """One row of the table: a loss per batch and the parameters AdamW trains."""
@@ -200,8 +189,7 @@ def train_setups(setups: list[Setup], batches: list[Batch], warmup: int, progres
     memory: list[list[int]] = [[] for _ in setups]
     peaks = [0] * len(setups)
     for i, batch in enumerate(batches):
-        order = list(range(len(setups)))
-        for k in order[i % len(order) :] + order[: i % len(order)]:
+        for k in rotation(range(len(setups)), i):
             setup, optimizer = setups[k], optimizers[k]
             if cuda:
                 torch.cuda.synchronize()
@@ -222,13 +210,12 @@ def train_setups(setups: list[Setup], batches: list[Batch], warmup: int, progres
     tokens = statistics.mean(b.real_tokens for b in batches[warmup:])
     rows = []
     for k, setup in enumerate(setups):
-        step = statistics.median(times[k])
-        quartiles = statistics.quantiles(times[k], n=4) if len(times[k]) > 1 else [step] * 3
+        step, iqr = median_iqr(times[k])
         rows.append(
             {
                 "setup": setup.name,
                 "seconds_per_step": step,
-                "iqr_seconds": quartiles[2] - quartiles[0],
+                "iqr_seconds": iqr,
                 "real_tokens_per_second": tokens / step,
                 "saved_for_backward_MiB": statistics.mean(memory[k]) / 2**20,
                 "cuda_peak_MiB": peaks[k] / 2**20 if cuda else None,
@@ -290,17 +277,16 @@ def aot_inference(base: nn.Module, batches: list[Batch], rounds: int, progress) 
         layer.w2.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
     fuse(aot)
     times: dict[str, list[float]] = {"unpatched": [], "AoT fused": []}
-    cuda = batches[0].input_ids.is_cuda
+    device = batches[0].input_ids.device
+    # Alternated, the fused forward first in the first round.
+    models = [("AoT fused", aot), ("unpatched", plain)]
     for i in range(rounds):
         batch = batches[i % len(batches)]
-        order = [("unpatched", plain), ("AoT fused", aot)]
-        for name, model in order if i % 2 else order[::-1]:
-            if cuda:
-                torch.cuda.synchronize()
+        for name, model in rotation(models, i):
+            sync(device)
             start = time.perf_counter()
             model(**vars(batch))
-            if cuda:
-                torch.cuda.synchronize()
+            sync(device)
             if i:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
         progress.update(1)

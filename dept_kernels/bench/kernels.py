@@ -14,7 +14,7 @@ import argparse
 import json
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
@@ -22,33 +22,7 @@ from .. import backends
 from ..ops import dept_embedding
 from ..testing import official_dept_embedding, reference_dept_embedding
 from ._timing import interleaved_medians
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A DePT input-embedding problem named after the model it comes from."""
-
-    name: str
-    batch: int
-    seq: int
-    d: int
-    vocab: int
-    m: int
-    r: int
-    max_length: int
-
-
-# m, r: the paper's equal-budget choice for a 100-token prompt at max_length L.
-SHAPES = {
-    s.name: s
-    for s in [
-        Shape("t5-small", 16, 256, 512, 32128, 40, 45, 256),
-        Shape("t5-base", 16, 256, 768, 32128, 40, 45, 256),
-        Shape("t5-large", 16, 256, 1024, 32128, 40, 45, 256),
-        Shape("gpt2", 8, 512, 768, 50257, 60, 40, 512),
-        Shape("llama-2-7b", 8, 512, 4096, 32000, 60, 40, 512),
-    ]
-}
+from .shapes import SHAPES, Shape
 
 
 def make_problem(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) -> dict:

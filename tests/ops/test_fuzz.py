@@ -23,8 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS
-from helpers import DEVICE, TOLERANCES, assert_close
+from helpers import BACKENDS, DEVICE, TOLERANCES, assert_close
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 

@@ -7,11 +7,10 @@ output and gradients against the differentiable reference.
 from __future__ import annotations
 
 import torch
-from conftest import BACKENDS
-from helpers import DEVICE, assert_close
+from helpers import BACKENDS, DEVICE, assert_close
+from helpers.ops import DTYPES, Case, make_inputs, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_dept_embedding import DTYPES, Case, make_inputs, run
 
 import dept_kernels
 from dept_kernels.ops import aot_bias_add, dept_embedding

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS
-from helpers import DEVICE, assert_close
-from test_dept_embedding import MIXED, Case, make_inputs, run
+from helpers import BACKENDS, DEVICE, assert_close
+from helpers.ops import MIXED, Case, make_inputs, run
 
 import dept_kernels
 from dept_kernels.ops import aot_bias_add, aot_fc_bias, aot_kron_bias, dept_embedding

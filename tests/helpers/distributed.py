@@ -23,13 +23,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_close
-from test_patch import LM_CLASSES, make_config, tiny_config, tiny_model
 
 import dept_kernels as dk
 from dept_kernels.patch import attach_adapter, new_adapter
 
+from . import assert_close
+from .models import LM_CLASSES, make_config, tiny_config, tiny_model
+
 WORLD = 2
+# The ranks talk over gloo (CPU); every engine test module carries this mark.
+NEEDS_GLOO = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed was built without the gloo backend",
+)
 # Learning rates of the one AdamW step (weight decay: param_groups' 0.01).
 PROMPT_LR, LOWRANK_LR = 0.3, 1e-2
 
