@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import dept_kernels as dk
-from dept_kernels.models import aot_sites
+from dept_kernels.models import describe
 
 FP32 = torch.float32
 BF16 = torch.bfloat16
@@ -114,7 +114,7 @@ def check_hf_checkpointing(model: nn.Module, step, reentrant: bool) -> None:
     model.train()
     plain = copy.deepcopy(model)
     enable_hf_checkpointing(model, reentrant)
-    layers = aot_sites(model)[1]
+    layers = describe(model, "layer_input").layers
     calls = count_calls(first_leaf(layer) for layer in layers)
     got = step(model)
     assert calls[0] == 2 * len(layers), "the layers were not recomputed: no checkpointing"

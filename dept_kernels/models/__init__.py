@@ -76,30 +76,11 @@ def install(model: nn.Module, adapter_of: AdapterOf, site: str) -> list[Removabl
     return _INSTALLERS[site](lookup(model, site), model, adapter_of)
 
 
-# Internal helpers of the site-specific calls that predate `describe` / `install`.
-def architecture(model: nn.Module) -> Architecture:
-    """`model`'s entry for the prompt methods (its `.install(model, adapter_of)`)."""
-    return lookup(model, "input_embedding")
-
-
-def aot_sites(model: nn.Module) -> tuple[nn.Module, Sequence[nn.Module]]:
-    """(module taking input_ids, its layers) for AoT P-tuning, or a TypeError."""
-    return lookup(model, "layer_input").locate(model)
-
-
-def install_aot(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
-    """Register AoT P-tuning's hooks on `model` (see `_aot.py`)."""
-    return install(model, adapter_of, "layer_input")
-
-
 __all__ = [
     "SITES",
     "AdapterOf",
     "Generate",
     "ModelSpec",
-    "aot_sites",
-    "architecture",
     "describe",
     "install",
-    "install_aot",
 ]

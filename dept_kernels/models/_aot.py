@@ -1,6 +1,6 @@
 """AoT P-tuning's hooks, shared by every architecture: a bias before each layer.
 
-The architecture module names two sites (`aot_sites`): the module that receives
+The architecture's entry locates two sites (`Architecture.locate`): the module that receives
 `input_ids` (the base model, or T5's encoder stack) and its layers. A pre-hook on the first
 records the batch's ids and the task ids; a pre-hook on layer i adds `P_i[ids]` to the
 layer's input hidden state. With the KV cache each step's forward carries only its new ids,

@@ -11,7 +11,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
-from dept_kernels.models import aot_sites
+from dept_kernels.models import describe
 from dept_kernels.models._aot import _AoTHooks
 
 
@@ -43,7 +43,7 @@ def assert_hook_state_empty(model: nn.Module) -> None:
 def wrap_layers(model: nn.Module, reentrant: bool) -> None:
     """torch's `checkpoint_wrapper` around each AoT layer: the layer's `__call__`, hooks
     included, runs again in backward, as transformers < 5 checkpoints layers."""
-    layers = set(aot_sites(model)[1])
+    layers = set(describe(model, "layer_input").layers)
     impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
     apply_activation_checkpointing(
         model,
