@@ -33,6 +33,17 @@ M = 4  # DePT's prompt rows (make_config("dept"))
 S = 12
 
 
+def assert_matches_reference(base, model, ids):
+    """The patched model's logits equal the unpatched one's on the formula's embeddings;
+    returns them."""
+    mask = torch.ones_like(ids)
+    embeds = reference_embeds(model.dept_adapter, base.get_input_embeddings().weight, ids)
+    want = base(inputs_embeds=embeds, attention_mask=ones_front(mask, M)).logits
+    got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    return got
+
+
 def windowed(cls=transformers.MistralForCausalLM, trim_padding=None):
     """(unpatched tiny Mistral with a 4-column window, patched DePT copy)."""
     torch.manual_seed(0)
@@ -51,15 +62,11 @@ def tokens(b: int = 2, s: int = S) -> torch.Tensor:
 def test_window_spans_the_prompt_as_in_the_reference():
     base, model = windowed()
     ids = tokens()
-    mask = torch.ones_like(ids)
-    embeds = reference_embeds(model.dept_adapter, base.get_input_embeddings().weight, ids)
-    want = base(inputs_embeds=embeds, attention_mask=ones_front(mask, M)).logits
-    got = model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got = assert_matches_reference(base, model, ids)
     # Another prompt changes the first token, not the last, which lies out of its reach.
     with torch.no_grad():
         model.dept_adapter.prompt.add_(1.0)
-    moved = model(input_ids=ids, attention_mask=mask).logits
+    moved = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert not torch.allclose(moved[:, M], got[:, M])
     torch.testing.assert_close(moved[:, -1], got[:, -1], atol=1e-5, rtol=1e-5)
 
@@ -136,8 +143,4 @@ def test_a_new_decoder_is_one_row(monkeypatch):
     model = dk.patch(copy.deepcopy(base), make_config("dept"))
     randomize(model.dept_adapter)
     ids = tokens()
-    mask = torch.ones_like(ids)
-    embeds = reference_embeds(model.dept_adapter, base.get_input_embeddings().weight, ids)
-    want = base(inputs_embeds=embeds, attention_mask=ones_front(mask, M)).logits
-    got = model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_matches_reference(base, model, ids)

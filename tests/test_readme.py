@@ -48,7 +48,7 @@ def tiny_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(_tiny_from_pretrained))
     monkeypatch.chdir(tmp_path)
     yield
-    dept_kernels.use_backend(None)
+    dept_kernels.set_backend(None)  # the README block sets the process default
 
 
 @pytest.mark.parametrize("index", range(len(python_blocks())))
