@@ -49,7 +49,7 @@ def with_aot(reparam: str, fused: bool) -> torch.nn.Module:
         for name, p in model.dept_adapter.named_parameters():
             if name.endswith(("w_r", "w2", "b2")):
                 p.normal_(0, 0.02)
-    return dk.fuse(model) if fused else model
+    return dk.merge(model) if fused else model
 
 
 INFERENCE = {

@@ -831,7 +831,7 @@ def prompt_model(arch: str = "gpt2", method: str = "dept", max_length: int = 8):
 
 def aot_model(reparam: str = "kron", fused: bool = False, model=None):
     model = dk.patch(gpt2() if model is None else model, dk.AoTConfig(reparam, r=2))
-    return dk.fuse(model) if fused else model
+    return dk.merge(model) if fused else model
 
 
 def served_prompts(method: str = "pt", tasks: int = 3):

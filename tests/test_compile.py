@@ -15,11 +15,10 @@ import pytest
 import torch
 from helpers import DEVICE, assert_close
 from helpers.aot import randomize
-from helpers.models import VOCAB, tiny_model
+from helpers.models import ARCHS, VOCAB, tiny_model
 
 import dept_kernels as dk
 
-ARCHS = ("t5", "gpt2", "llama", "mistral")
 CONFIGS = {
     "dept": dk.DePTConfig(num_virtual_tokens=4, r=3, max_length=16),
     "pt": dk.PromptTuningConfig(num_virtual_tokens=4),
@@ -123,7 +122,7 @@ def test_compiled_stacked_adapter_with_task_ids(method):
         dk.patch(task, CONFIGS[method], generator=torch.Generator().manual_seed(seed))
         if method.startswith("aot"):
             randomize(task.dept_adapter, seed=seed + 1)
-            dk.fuse(task)
+            dk.merge(task)
         tasks.append(task)
     model = dk.stack_adapters(tasks)
     model.loss_type = "ForCausalLM"

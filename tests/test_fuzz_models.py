@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 from helpers.models import (
+    ARCHS,
     BACKENDS,
     PAD,
     VOCAB,
@@ -22,7 +23,6 @@ from hypothesis import strategies as st
 
 import dept_kernels as dk
 
-ARCHS = ("t5", "gpt2", "llama", "mistral")
 METHODS = ("dept", "pt", "ept")
 CPU_BACKENDS = [b for b in BACKENDS if b != "triton"]  # the interpreter is too slow here
 

@@ -16,6 +16,8 @@ import pytest
 import torch
 import transformers
 from helpers.models import (
+    ARCHS,
+    DECODERS,
     PAD,
     VOCAB,
     batch,
@@ -27,7 +29,6 @@ from helpers.models import (
 
 import dept_kernels as dk
 
-ARCHS = ("t5", "gpt2", "llama", "mistral")
 METHODS = ("dept", "pt", "ept", "stacked")
 TASK_IDS = torch.tensor([1, 0, 1])
 
@@ -95,7 +96,7 @@ def test_generate_equals_formula(arch, method, use_cache, padded, num_beams):
 
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("arch", DECODERS)
 def test_generation_past_max_length(arch, use_cache):
     """DePT's A has max_length rows: a generation may run past them (new tokens take no
     delta), with or without the cache, and still equals the formula."""

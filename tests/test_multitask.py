@@ -16,7 +16,11 @@ import pytest
 import torch
 from helpers.aot import formula_tables, hook_reference
 from helpers.models import (
+    ARCHS,
     BACKENDS,
+    BASE_CLASSES,
+    CLS_CLASSES,
+    DECODERS,
     EOS,
     PAD,
     batch,
@@ -28,20 +32,13 @@ from helpers.models import (
 )
 from transformers import (
     GPT2Config,
-    GPT2ForSequenceClassification,
     GPT2LMHeadModel,
-    LlamaForSequenceClassification,
-    LlamaModel,
-    MistralForSequenceClassification,
-    MistralModel,
     T5EncoderModel,
-    T5ForSequenceClassification,
 )
 
 import dept_kernels as dk
 from dept_kernels.methods import DePTAdapter, PromptTuningAdapter
 
-ARCHS = ("t5", "gpt2", "llama", "mistral")
 METHODS = ("dept", "pt", "ept")
 TASK_IDS = torch.tensor([1, 0, 2, 1])
 CLOSE = {"atol": 1e-5, "rtol": 1e-5}
@@ -128,13 +125,9 @@ def test_mixed_batch_on_every_backend(backend):
 @pytest.mark.parametrize(
     ("arch", "cls"),
     [
-        ("t5", T5ForSequenceClassification),
-        ("gpt2", GPT2ForSequenceClassification),
-        ("llama", LlamaForSequenceClassification),
+        *CLS_CLASSES.items(),
         ("t5", T5EncoderModel),
-        ("llama", LlamaModel),
-        ("mistral", MistralForSequenceClassification),
-        ("mistral", MistralModel),
+        *BASE_CLASSES.items(),
     ],
 )
 def test_heads_and_base_models(arch, cls):
@@ -146,7 +139,8 @@ def test_heads_and_base_models(arch, cls):
         ids[:, -1] = EOS  # T5 pools the decoder state at the last <eos>
     else:
         ids[0, 5:], mask[0, 5:] = PAD, 0  # right padding: the head pools token 4 of row 0
-    key = "last_hidden_state" if cls in (T5EncoderModel, LlamaModel, MistralModel) else "logits"
+    bases = (T5EncoderModel, *BASE_CLASSES.values())
+    key = "last_hidden_state" if cls in bases else "logits"
     mixed = served(input_ids=ids, attention_mask=mask, task_ids=TASK_IDS)[key]
     for t, single in enumerate(singles):
         rows = TASK_IDS.eq(t)
@@ -158,9 +152,7 @@ def test_heads_and_base_models(arch, cls):
     ("arch", "method", "num_beams"),
     [
         ("t5", "dept", 1),
-        ("gpt2", "dept", 1),
-        ("llama", "dept", 1),
-        ("mistral", "dept", 1),
+        *[(arch, "dept", 1) for arch in DECODERS],
         ("gpt2", "pt", 3),
         ("t5", "ept", 3),
     ],

@@ -14,6 +14,7 @@ from helpers.models import (
     ARCHS,
     BACKENDS,
     CLS_CLASSES,
+    DECODERS,
     EOS,
     METHODS,
     PAD,
@@ -150,7 +151,7 @@ def test_t5_right_padding_longest_equals_max_length():
         torch.testing.assert_close(short[i, : m + n], full[i, : m + n], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("arch", DECODERS)
 def test_left_padding_through_position_ids(arch):
     """A left-padded row with position_ids = rank among real tokens equals the row alone."""
     _, model = patched_pair(arch, "dept")
@@ -184,16 +185,15 @@ def test_unpatch_restores_model(arch):
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, **kwargs).logits, before)
 
 
-def test_ept_fold_gives_same_outputs():
+def test_ept_merge_gives_same_outputs():
     _, model = patched_pair("gpt2", "ept")
     ids, mask, _ = batch()
     before = model(input_ids=ids, attention_mask=mask).logits
-    folded = dk.fold(model).dept_adapter
-    assert isinstance(folded, dk.methods.PromptTuningAdapter)
-    assert folded.prompt.shape == (3, 32)
+    merged = dk.merge(model).dept_adapter
+    assert isinstance(merged, dk.methods.PromptTuningAdapter)
+    assert merged.prompt.shape == (3, 32)
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before)
-    with pytest.raises(TypeError, match="nothing to fold"):
-        dk.fold(model)
+    assert dk.merge(model).dept_adapter is merged  # prompt tuning is its own inference form
 
 
 def test_ept_prompt_is_a_stride0_broadcast():

@@ -74,10 +74,11 @@ def test_matches_reference_before_and_after_fuse(arch, reparam, dtype, backend):
         assert p.grad.abs().sum() > 0, name
         assert_close(got[name], p.grad, dtype)
 
-    dk.fuse(model)
-    assert adapter.fused and not list(adapter.parameters())
-    assert adapter.layers[0].table.shape == (VOCAB, 32)
-    assert adapter.layers[0].table.dtype == dtype
+    merged = dk.merge(model).dept_adapter
+    assert merged.fused and not list(merged.parameters())
+    assert not adapter.fused  # a new module: the trained one is left as it was
+    assert merged.layers[0].table.shape == (VOCAB, 32)
+    assert merged.layers[0].table.dtype == dtype
     with dk.use_backend(backend):
         fused = run(arch, model, ids)
         with torch.no_grad():  # the in-place gather-add
@@ -104,7 +105,7 @@ def test_base_encoder_models(cls):
 def test_hidden_states_are_not_overwritten_in_place():
     base, model = patched_pair("llama", "kron")
     ids = batch()
-    dk.fuse(model)
+    dk.merge(model)
     tables = [layer.table for layer in model.dept_adapter.layers]
     hook_reference(base, "llama", tables)
     with torch.no_grad():
@@ -147,7 +148,7 @@ def test_generate_matches_reference(arch, reparam):
     want = base.generate(input_ids=ids, **kwargs)
     assert len(set(want[:, -6:].flatten().tolist())) > 1  # a constant output proves little
     assert torch.equal(model.generate(input_ids=ids, **kwargs), want)
-    dk.fuse(model)
+    dk.merge(model)
     assert torch.equal(model.generate(input_ids=ids, **kwargs), want)
 
 
@@ -161,7 +162,7 @@ def task_models(arch, reparam="kron", tasks=3, cls=None):
     for t in range(tasks):
         model = dk.patch(copy.deepcopy(base), dk.AoTConfig(reparam, r=4))
         randomize(model.dept_adapter, seed=10 + t)
-        models.append(dk.fuse(model))
+        models.append(dk.merge(model))
     return base, models
 
 
@@ -260,7 +261,7 @@ def test_fuse_to_host_memory_on_a_cpu_model():
     _, model = patched_pair("gpt2", "fc")
     ids = batch()
     before = model(input_ids=ids).logits
-    dk.fuse(model, dtype=torch.bfloat16, device="cpu")
+    dk.merge(model, dtype=torch.bfloat16, device="cpu")
     table = model.dept_adapter.layers[0].table
     assert table.device.type == "cpu" and table.dtype == torch.bfloat16
     with torch.no_grad():
@@ -275,7 +276,7 @@ def test_fuse_to_host_memory_on_a_cpu_model():
 def test_save_load_roundtrip(tmp_path, reparam, fused):
     _, model = patched_pair("roberta", reparam)
     if fused:
-        dk.fuse(model)
+        dk.merge(model)
     dk.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["method"] == "aot" and config["reparam"] == reparam
@@ -290,7 +291,7 @@ def test_save_load_roundtrip(tmp_path, reparam, fused):
     dk.load_adapter(fresh, tmp_path)  # an already patched model in the same state
     other = dk.patch(tiny_model("roberta"), dk.AoTConfig(reparam, r=4))
     if not fused:
-        dk.fuse(other)
+        dk.merge(other)
     with pytest.raises(ValueError, match="unpatch"):
         dk.load_adapter(other, tmp_path)
 
@@ -323,7 +324,7 @@ def test_unpatch_restores_model():
     ids = batch()
     before = run("t5", model, ids)
     modules = list(model.modules())
-    dk.fuse(dk.patch(model, dk.AoTConfig("fc", r=4)))
+    dk.merge(dk.patch(model, dk.AoTConfig("fc", r=4)))
     dk.unpatch(model)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in modules)
     torch.testing.assert_close(run("t5", model, ids), before)
@@ -355,8 +356,8 @@ def test_errors_are_clear(tmp_path):
         model(input_ids=ids, task_ids=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="not fused"):  # stack_adapters merges it first
         type(model.dept_adapter).stack([model.dept_adapter])
-    dk.fuse(model)
-    with pytest.raises(ValueError, match="already fused"):
+    dk.merge(model)
+    with pytest.raises(ValueError, match="already fused"), pytest.warns(DeprecationWarning):
         dk.fuse(model)
     model.train()
     with pytest.raises(RuntimeError, match="for inference"):
@@ -384,7 +385,7 @@ def test_errors_are_clear(tmp_path):
     for change in ({"vocab_size": VOCAB + 1}, {"n_layer": 3}, {"n_embd": 48}):
         torch.manual_seed(0)
         other = GPT2LMHeadModel(transformers.GPT2Config(**{**small.to_dict(), **change}))
-        dk.fuse(dk.patch(other.eval(), dk.AoTConfig("kron", r=4)))
+        dk.merge(dk.patch(other.eval(), dk.AoTConfig("kron", r=4)))
         with pytest.raises(ValueError, match="base model"):
             dk.stack_adapters([kron, other])
     drifted = task_models("gpt2", reparam="kron", tasks=1)[1][0]
@@ -399,11 +400,11 @@ def test_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="pass model="):
         dk.stack_adapters([tmp_path / "kron"])
     # Adapters of one method stack (tests/test_multitask.py has the prompt methods'), and
-    # fuse is AoT's.
+    # the deprecated fuse is AoT's.
     prompt = dk.patch(tiny_model("gpt2"), dk.PromptTuningConfig(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="one method"):
         dk.stack_adapters([kron, prompt])
-    with pytest.raises(TypeError, match="fuse materialises AoT"):
+    with pytest.raises(TypeError, match="fuse materialises AoT"), pytest.warns(DeprecationWarning):
         dk.fuse(prompt)
     with pytest.raises(ValueError, match="at least one"):
         dk.stack_adapters([])
@@ -421,7 +422,7 @@ def test_ids_are_range_checked_once_per_forward(monkeypatch, fused):
     model = dk.patch(tiny_model("gpt2"), dk.AoTConfig("kron", r=4))
     randomize(model.dept_adapter)
     if fused:
-        dk.fuse(model)
+        dk.merge(model)
     model.eval()
     checked = []
     real = _validate.check_range

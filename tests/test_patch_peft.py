@@ -8,7 +8,7 @@ import inspect
 import peft
 import pytest
 import torch
-from helpers.models import PAD, batch, tiny_model
+from helpers.models import DECODERS, PAD, batch, tiny_model
 from helpers.peft_models import OfficialDePTStandIn, peft_prompt_tuning
 
 import dept_kernels as dk
@@ -19,8 +19,8 @@ def _call(arch, model, ids, mask, labels):
     return model(input_ids=ids, attention_mask=mask, **kwargs)
 
 
-PEFT_CASES = [("gpt2", 1), ("llama", 1), ("mistral", 1), ("t5", 1), ("t5", None)]
-PEFT_IDS = ["gpt2", "llama", "mistral", "t5-1-submodule", "t5-peft-default"]
+PEFT_CASES = [*[(arch, 1) for arch in DECODERS], ("t5", 1), ("t5", None)]
+PEFT_IDS = [*DECODERS, "t5-1-submodule", "t5-peft-default"]
 
 
 @pytest.mark.parametrize(("arch", "submodules"), PEFT_CASES, ids=PEFT_IDS)

@@ -345,7 +345,7 @@ def test_no_grad_inference_aot(arch, fused):
     base, model = aot_pair(arch, "kron")
     tables = aot.formula_tables(model.dept_adapter, base.get_input_embeddings().weight)
     if fused:
-        dk.fuse(model)
+        dk.merge(model)
     ids = aot.batch()
     with torch.no_grad():
         out = aot.run(arch, model, ids)

@@ -15,6 +15,9 @@ import copy
 import pytest
 import torch
 from helpers.models import (
+    BASE_CLASSES,
+    CLS_CLASSES,
+    DECODERS,
     EOS,
     PAD,
     VOCAB,
@@ -25,16 +28,7 @@ from helpers.models import (
 )
 from helpers.peft_models import OfficialDePTStandIn, peft_prompt_tuning
 from torch import Tensor
-from transformers import (
-    GPT2ForSequenceClassification,
-    GPT2Model,
-    LlamaForSequenceClassification,
-    LlamaModel,
-    MistralForSequenceClassification,
-    MistralModel,
-    T5EncoderModel,
-    T5ForSequenceClassification,
-)
+from transformers import T5EncoderModel
 
 import dept_kernels as dk
 from dept_kernels.models import t5 as t5_hooks
@@ -52,28 +46,15 @@ def close(actual: Tensor, expected: Tensor, name: str = "") -> None:
 S = 12
 LENGTHS = (7, 5, 3)  # the longest row has 7 tokens: 5 of the 12 columns are padding
 
-CLS = {
-    "t5": T5ForSequenceClassification,
-    "gpt2": GPT2ForSequenceClassification,
-    "llama": LlamaForSequenceClassification,
-    "mistral": MistralForSequenceClassification,
-}
-BASE = {"gpt2": GPT2Model, "llama": LlamaModel, "mistral": MistralModel}
+CLS = CLS_CLASSES
+BASE = BASE_CLASSES
 # (arch, head): "lm" the LM head (T5: encoder-decoder), "cls" the sequence-classification
 # head, "enc" T5EncoderModel, "base" the decoder-only base model.
 HEADS = [
     ("t5", "lm"),
     ("t5", "cls"),
     ("t5", "enc"),
-    ("gpt2", "lm"),
-    ("gpt2", "cls"),
-    ("gpt2", "base"),
-    ("llama", "lm"),
-    ("llama", "cls"),
-    ("llama", "base"),
-    ("mistral", "lm"),
-    ("mistral", "cls"),
-    ("mistral", "base"),
+    *[(arch, head) for arch in DECODERS for head in ("lm", "cls", "base")],
 ]
 PADDINGS = ("right", "left", "unpadded", "mask-none")
 
@@ -198,7 +179,7 @@ def test_trimmed_equals_untrimmed(arch, head, method, padding):
     assert_same(arch, head, padding, untrimmed, model, got, want)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("arch", DECODERS)
 @pytest.mark.parametrize("head", ["lm", "cls"])
 def test_left_padding_with_position_ids(arch, head):
     """Given positions (each token's rank among the real ones) are cut with the ids."""
@@ -223,7 +204,7 @@ def test_left_padding_with_position_ids(arch, head):
             close(p.grad, ref, name)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("arch", DECODERS)
 def test_decoder_lm_is_opt_in(arch):
     """By default an LM head's per-position outputs are the untrimmed ones, all of them."""
     untrimmed, model = pair(arch, "lm", "pt")
@@ -234,7 +215,7 @@ def test_decoder_lm_is_opt_in(arch):
     torch.testing.assert_close(got, untrimmed(input_ids=ids, attention_mask=mask).logits)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("arch", DECODERS)
 def test_lm_labels_on_padding_keep_their_columns(arch):
     """Labels that are not -100 on padding columns count in the loss: those stay."""
     untrimmed, model = pair(arch, "lm", "dept", trim=True)
@@ -248,7 +229,7 @@ def test_lm_labels_on_padding_keep_their_columns(arch):
     close(got, want)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("arch", DECODERS)
 def test_cls_pools_where_hf_pools(arch):
     """HF's head pools the last id that is not the pad id: columns that hold other ids under
     a zero mask, or an all-padding row (pooled at column 0), keep the columns it reads."""
@@ -320,7 +301,7 @@ def test_t5_generate_runs_the_encoder_trimmed(num_beams):
     assert len(set(got.flatten().tolist())) > 1
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("arch", DECODERS)
 def test_decoder_generate_with_trim_on(arch):
     """Generation never trims (the KV cache spans the caller's columns): same tokens."""
     untrimmed, model = pair(arch, "lm", "dept", trim=True)

@@ -14,9 +14,6 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
-    GPT2LMHeadModel,
-    LlamaForCausalLM,
-    MistralForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
@@ -26,11 +23,11 @@ from transformers import (
 import dept_kernels as dk
 from dept_kernels.testing import compare
 
-from .models import PAD, VOCAB, tiny_config
+from .models import ARCH_TABLE, DECODERS, LM_CLASSES, PAD, VOCAB, tiny_config
 
-ARCHS = ("gpt2", "llama", "mistral", "t5", "bert", "roberta")
+ARCHS = (*DECODERS, "t5", "bert", "roberta")
 REPARAMS = ("kron", "fc")
-GENERATORS = ("gpt2", "llama", "mistral", "t5")
+GENERATORS = (*DECODERS, "t5")
 
 
 def encoder_config(arch: str):
@@ -44,9 +41,7 @@ def encoder_config(arch: str):
 
 
 CLASSES = {
-    "gpt2": GPT2LMHeadModel,
-    "llama": LlamaForCausalLM,
-    "mistral": MistralForCausalLM,
+    **{arch: LM_CLASSES[arch] for arch in DECODERS},
     "t5": T5ForConditionalGeneration,
     "bert": BertForSequenceClassification,
     "roberta": RobertaForSequenceClassification,
@@ -61,11 +56,9 @@ def tiny_model(arch: str, dtype=torch.float32, cls=None):
 
 def sites(model, arch):
     """(module receiving input_ids, the layers the bias goes before): named by hand here."""
-    if arch == "gpt2":
-        inner = model.transformer
-        return inner, inner.h
-    if arch in ("llama", "mistral"):
-        return model.model, model.model.layers
+    if arch in DECODERS:
+        inner = model.base_model
+        return inner, getattr(inner, ARCH_TABLE[arch].layers)
     if arch == "t5":
         return model.encoder, model.encoder.block
     inner = model if isinstance(model, (BertModel, RobertaModel)) else getattr(model, arch)

@@ -117,7 +117,7 @@ def patch_model(model: torch.nn.Module, method: str) -> torch.nn.Module:
     dk.patch(model, config_of(method), generator=torch.Generator().manual_seed(1))
     randomize(model.dept_adapter)
     if method == "aot-fused":
-        return dk.fuse(model).eval()
+        return dk.merge(model).eval()
     return model.train()
 
 

@@ -1,5 +1,6 @@
-"""Tiny random-weight T5, GPT-2 and LLaMA models with DePT, prompt tuning and EPT, their
-batches, and the reference forward written from docs/design.md §1.
+"""Tiny random-weight models of every architecture the tests run (`ARCH_TABLE`: T5, GPT-2,
+LLaMA, Mistral) with DePT, prompt tuning and EPT, their batches, and the reference forward
+written from docs/design.md §1.
 
 The reference builds `inputs_embeds` from the formulas with plain torch ops on the adapter's
 own parameters and runs an unpatched copy of the model with the mask, labels and positions
@@ -9,6 +10,7 @@ shifted by hand.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -16,12 +18,16 @@ from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
+    GPT2Model,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaModel,
     MistralConfig,
     MistralForCausalLM,
     MistralForSequenceClassification,
+    MistralModel,
+    PretrainedConfig,
     T5Config,
     T5ForConditionalGeneration,
     T5ForSequenceClassification,
@@ -34,50 +40,69 @@ transformers.logging.set_verbosity_error()
 
 VOCAB = 128
 PAD, EOS = 0, 1
-ARCHS = ("t5", "gpt2", "llama", "mistral")
 METHODS = ("dept", "pt", "ept")
 
 
-def tiny_config(arch: str):
-    if arch == "t5":
-        return T5Config(
+@dataclass(frozen=True)
+class Arch:
+    """One architecture the tests run: its tiny config and its classes.
+
+    `base` is the decoder-only base model (None for T5); `layers` names the base model's
+    list of blocks, where the AoT reference adds its bias (written here by hand, not read
+    from the library's table)."""
+
+    config: PretrainedConfig
+    lm: type
+    cls: type
+    base: type | None = None
+    layers: str = "layers"
+
+
+_LLAMA_DIMS = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    pad_token_id=PAD, bos_token_id=EOS, eos_token_id=EOS, attn_implementation="eager",
+    initializer_range=0.2,
+)  # fmt: skip
+
+# Every test that runs over architectures reads this table: a new one is one row.
+ARCH_TABLE = {
+    "t5": Arch(
+        T5Config(
             vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
             dropout_rate=0.0, decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS,
             attn_implementation="eager",
-        )  # fmt: skip
-    if arch == "gpt2":
-        return GPT2Config(
+        ),
+        T5ForConditionalGeneration,
+        T5ForSequenceClassification,
+    ),
+    "gpt2": Arch(
+        GPT2Config(
             vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
             embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD, bos_token_id=EOS,
             eos_token_id=EOS, attn_implementation="eager", initializer_range=0.2,
-        )  # fmt: skip
-    if arch == "mistral":  # the window spans every test's batch; test_models_table narrows it
-        return MistralConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            sliding_window=64, pad_token_id=PAD, bos_token_id=EOS, eos_token_id=EOS,
-            attn_implementation="eager", initializer_range=0.2,
-        )  # fmt: skip
-    return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=PAD, bos_token_id=EOS, eos_token_id=EOS, attn_implementation="eager",
-        initializer_range=0.2,
-    )  # fmt: skip
+        ),
+        GPT2LMHeadModel, GPT2ForSequenceClassification, GPT2Model, layers="h",
+    ),
+    "llama": Arch(
+        LlamaConfig(**_LLAMA_DIMS), LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+    ),
+    # The window spans every test's batch; test_models_table narrows it.
+    "mistral": Arch(
+        MistralConfig(**_LLAMA_DIMS, sliding_window=64),
+        MistralForCausalLM, MistralForSequenceClassification, MistralModel,
+    ),
+}  # fmt: skip
+ARCHS = tuple(ARCH_TABLE)
+DECODERS = tuple(a for a, t in ARCH_TABLE.items() if t.base is not None)
+LM_CLASSES = {a: t.lm for a, t in ARCH_TABLE.items()}
+CLS_CLASSES = {a: t.cls for a, t in ARCH_TABLE.items()}
+BASE_CLASSES = {a: ARCH_TABLE[a].base for a in DECODERS}
 
 
-LM_CLASSES = {
-    "t5": T5ForConditionalGeneration,
-    "gpt2": GPT2LMHeadModel,
-    "llama": LlamaForCausalLM,
-    "mistral": MistralForCausalLM,
-}
-CLS_CLASSES = {
-    "t5": T5ForSequenceClassification,
-    "gpt2": GPT2ForSequenceClassification,
-    "llama": LlamaForSequenceClassification,
-    "mistral": MistralForSequenceClassification,
-}
+def tiny_config(arch: str) -> PretrainedConfig:
+    """A fresh copy of `arch`'s tiny config (a test may edit its own)."""
+    return copy.deepcopy(ARCH_TABLE[arch].config)
 
 
 def tiny_model(arch: str, cls=None, dtype=torch.float32, seed: int = 0):
