@@ -115,7 +115,7 @@ def attach_adapter(
     _check_adapter(adapter, model)
     if trim_padding and not adapter.trims_padding:
         raise ValueError(
-            f"trim_padding applies to adapters of the input embedding; a "
+            "trim_padding applies to the prompt methods (adapters of the input embedding); "
             f"{type(adapter).__name__} acts at {adapter.site!r}, on every column the model runs"
         )
     state = _attach(model, model, adapter, freeze=True, trim_padding=trim_padding)
