@@ -23,6 +23,7 @@ from ..ops import dept_embedding
 from ..testing import official_dept_embedding, reference_dept_embedding
 from ._timing import interleaved_medians
 from .shapes import SHAPES, Shape
+from .suite import with_backend
 
 
 def make_problem(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
@@ -66,17 +67,6 @@ def max_error(kw: dict, grad_out: torch.Tensor) -> tuple[float, float]:
     return out_err, grad_err
 
 
-def _with_backend(fn: Callable, backend: str | None) -> Callable:
-    if backend is None:
-        return fn
-
-    def run(**kw):
-        with backends.use_backend(backend):
-            return fn(**kw)
-
-    return run
-
-
 def run(shape: Shape, dtype: torch.dtype, device: str, repeats: int, compile_: bool) -> dict:
     kw = make_problem(shape, dtype, device)
     with torch.no_grad():
@@ -91,7 +81,7 @@ def run(shape: Shape, dtype: torch.dtype, device: str, repeats: int, compile_: b
     for name in names:
         with backends.use_backend(name):
             errors[name] = max_error(kw, grad_out)
-        impls[f"dept_kernels[{name}]"] = _with_backend(dept_embedding, name)
+        impls[f"dept_kernels[{name}]"] = with_backend(dept_embedding, name)
 
     def no_grad(fn: Callable) -> Callable[[], object]:
         def call():
