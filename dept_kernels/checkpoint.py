@@ -19,8 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import models
@@ -33,12 +32,10 @@ from ._engines import (
     is_fsdp1_flat,
     is_sharded,
 )
+from ._files import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_json
 from .methods import METHODS, Adapter, MethodConfig, method_config
 from .patch import adapter as adapter_of
 from .patch import attach_adapter, is_patched, patch
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -113,7 +110,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """
     directory = Path(directory)
     config, fields = _read_config(directory)
-    tensors = _load_weights(directory)
+    tensors = load_weights(directory)
     if not is_patched(model):
         return attach_adapter(model, _build(model, config, fields, tensors, directory))
     adapter = patched_with(model, config)
@@ -136,7 +133,7 @@ def read_adapter(model: nn.Module, directory: str | os.PathLike) -> Adapter:
     """The adapter saved in `directory`, built for `model` but not attached to it."""
     directory = Path(directory)
     config, fields = _read_config(directory)
-    return _build(model, config, fields, _load_weights(directory), directory)
+    return _build(model, config, fields, load_weights(directory), directory)
 
 
 def read_config(directory: str | os.PathLike) -> MethodConfig:
@@ -237,45 +234,6 @@ def _gathered_for_writing(params: list[Tensor]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
         yield
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapter config at {path}")
-    try:
-        fields = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(fields, dict):
-        raise ValueError(f"{path} must hold a JSON object, got a {type(fields).__name__}")
-    return fields
-
-
-def _load_weights(directory: Path) -> dict[str, Tensor]:
-    """The tensors of `directory`'s safetensors file, each checked (`_check_tensor`)."""
-    path = directory / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapter weights at {path}")
-    try:
-        tensors = load_file(str(path))
-    except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-    for name, tensor in tensors.items():
-        check_tensor(path, name, tensor)
-    return tensors
-
-
-def check_tensor(path: Path, name: str, tensor: object) -> None:
-    """A floating tensor of finite values: adapter parameters are never integers, and a NaN
-    or inf would reach every output without an error."""
-    if not isinstance(tensor, Tensor):
-        raise ValueError(f"{path}: {name!r} is a {type(tensor).__name__}, not a tensor")
-    if not tensor.is_floating_point():
-        raise ValueError(
-            f"{path}: {name!r} has dtype {tensor.dtype}; adapter parameters are floating point"
-        )
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{path}: {name!r} holds non-finite values (NaN or inf)")
 
 
 def check_shape(name: str, tensor: Tensor, target: Tensor) -> None:

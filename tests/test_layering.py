@@ -18,7 +18,7 @@ PACKAGE = Path(dept_kernels.__file__).resolve().parent
 # Lowest first; a module may import its own layer and the ones below it. The first matching
 # prefix names a module's layer.
 LAYERS = [
-    ("engines", ("dept_kernels._engines",)),
+    ("engines", ("dept_kernels._engines", "dept_kernels._files")),
     ("build", ("dept_kernels._build",)),
     ("kernels", ("dept_kernels.triton", "dept_kernels.backends")),
     ("ops", ("dept_kernels.ops",)),

@@ -22,13 +22,16 @@ from .._engines import embedding_shape, full_shape
 from ..ops.dept_embedding import INDEX_MODES
 from .base import MethodConfig, check_int, check_same_kind, register_method, stack_tensors
 from .prompt import (
+    TRANSFER_INIT,
     PromptAdapter,
     check_embedding,
     check_prompt_fields,
     check_same_base,
+    check_source,
     init_prompt,
     peft_parameter,
 )
+from .transfer import read_source
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class DePTConfig(MethodConfig):
     index: str = "position"
     prompt_init: str = "random"
     init_text: tuple[int, ...] | None = None
+    # prompt_init="adapter": the source-task adapter (a save_adapter directory of DePT or
+    # prompt tuning, or an official DePT checkpoint) whose prompt and low-rank pair start
+    # training, the paper's few-shot transfer.
+    init_from: str | None = None
 
     method: ClassVar[str] = "dept"
 
@@ -121,18 +128,32 @@ class DePTAdapter(PromptAdapter):
         self.uses_position_rows = config.index == "position"
         vocab, d = embedding_shape(weight)  # an engine's shard has its own shape
         rows = config.max_length if config.index == "position" else vocab
-        self.prompt = nn.Parameter(
-            init_prompt(
+        source = None
+        if config.prompt_init == TRANSFER_INIT:
+            source = read_source(config.init_from, d, DePTConfig)
+            check_source("num_virtual_tokens", source.num_virtual_tokens, config, source)
+            if config.index != "position":
+                raise ValueError("prompt_init='adapter' initialises position-mode DePT only")
+            if source.lora_a is not None:
+                check_source("r", source.r, config, source)
+                check_source("max_length", source.max_length, config, source)
+            prompt = source.prompt
+        else:
+            prompt = init_prompt(
                 config.num_virtual_tokens, weight, config.prompt_init, config.init_text, generator
             )
-        )
+        self.prompt = nn.Parameter(prompt.to(weight.device, weight.dtype))
         lora_a = torch.empty(rows, config.r, dtype=torch.float32)
         if config.r:
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
+        lora_b = torch.zeros(config.r, d, dtype=torch.float32)
+        # A source without the pair (prompt tuning; an official file saved without it) leaves
+        # the official init, B = 0: the transfer is the prompt's.
+        if source is not None and source.lora_a is not None:
+            lora_a = source.lora_a
+            lora_b = source.lora_b if source.lora_b is not None else lora_b
         self.lora_a = nn.Parameter(lora_a.to(weight.device, weight.dtype))
-        self.lora_b = nn.Parameter(
-            torch.zeros(config.r, d, dtype=weight.dtype, device=weight.device)
-        )
+        self.lora_b = nn.Parameter(lora_b.to(weight.device, weight.dtype))
 
     def op_args(self) -> dict:
         return {

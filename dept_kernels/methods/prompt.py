@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
+import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -20,17 +22,31 @@ if TYPE_CHECKING:
     from ..models import ModelSpec
 
 PROMPT_INITS = ("random", "vocab", "text")
+# "adapter": from a source-task adapter (`init_from`), for the configs with that field.
+TRANSFER_INIT = "adapter"
 
 
 def check_prompt_fields(config: MethodConfig, minimum_tokens: int) -> None:
-    """Validate a prompt config's `num_virtual_tokens` (>= `minimum_tokens`) and its
-    `prompt_init` / `init_text` pair, storing `init_text` as a tuple (configs are frozen and
-    hashable)."""
+    """Validate a prompt config's `num_virtual_tokens` (>= `minimum_tokens`), its
+    `prompt_init` / `init_text` pair and, where the config has it, `init_from`, storing
+    `init_text` as a tuple and `init_from` as a str (configs are frozen and hashable)."""
     check_int("num_virtual_tokens", config.num_virtual_tokens, minimum_tokens)
     object.__setattr__(config, "init_text", as_token_ids(config.init_text))
     prompt_init, init_text = config.prompt_init, config.init_text
-    if prompt_init not in PROMPT_INITS:
-        raise ValueError(f"prompt_init must be one of {PROMPT_INITS}, got {prompt_init!r}")
+    inits = PROMPT_INITS
+    if hasattr(config, "init_from"):
+        inits = (*PROMPT_INITS, TRANSFER_INIT)
+        init_from = config.init_from
+        if init_from is not None and not isinstance(init_from, (str, os.PathLike)):
+            raise TypeError(f"init_from must be a path, got {type(init_from).__name__}")
+        if (prompt_init == TRANSFER_INIT) != (init_from is not None):
+            raise ValueError(
+                "prompt_init='adapter' and init_from (a saved adapter directory or an official "
+                "DePT checkpoint) go together"
+            )
+        object.__setattr__(config, "init_from", None if init_from is None else str(init_from))
+    if prompt_init not in inits:
+        raise ValueError(f"prompt_init must be one of {inits}, got {prompt_init!r}")
     if prompt_init == "text":
         if not init_text:
             raise ValueError(
@@ -56,6 +72,17 @@ def as_token_ids(init_text: object) -> tuple | None:
             f"{type(init_text).__name__}"
         )
     return tuple(init_text)
+
+
+def check_source(name: str, value: object, config: MethodConfig, source: object) -> None:
+    """The source adapter's `name` (m, r, max_length) equals the config's: transfer copies
+    its tensors, whose shapes they fix."""
+    want = getattr(config, name)
+    if value != want:
+        raise ValueError(
+            f"init_from: the source adapter {source.path} has {name}={value}, the config "
+            f"{want}: a transferred adapter keeps the source's {name}"
+        )
 
 
 def check_embedding(weight: Tensor) -> None:
@@ -147,6 +174,17 @@ class PromptAdapter(Adapter):
         cls, config: MethodConfig, spec: ModelSpec, generator: torch.Generator | None = None
     ) -> PromptAdapter:
         return cls(config, spec.embedding.weight, generator=generator)
+
+    @classmethod
+    def skeleton(cls, config: MethodConfig, spec: ModelSpec, fields: dict[str, Any]) -> Adapter:
+        if getattr(config, "prompt_init", None) != TRANSFER_INIT:
+            return super().skeleton(config, spec, fields)
+        # The file's values replace the initial ones: the source adapter is not read (it may
+        # be gone by now); the config keeps where the adapter started from.
+        shapes = dataclasses.replace(config, prompt_init="random", init_from=None)
+        adapter = super().skeleton(shapes, spec, fields)
+        adapter.config = config
+        return adapter
 
     @abc.abstractmethod
     def op_args(self) -> dict:

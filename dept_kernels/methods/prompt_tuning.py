@@ -9,28 +9,37 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._engines import embedding_shape
 from .base import MethodConfig, check_same_kind, register_method, stack_tensors
+from .dept import DePTConfig
 from .prompt import (
+    TRANSFER_INIT,
     PromptAdapter,
     check_embedding,
     check_prompt_fields,
     check_same_base,
+    check_source,
     init_prompt,
     peft_parameter,
 )
+from .transfer import read_source
 
 
 @dataclass(frozen=True)
 class PromptTuningConfig(MethodConfig):
     """Prompt tuning with `num_virtual_tokens` soft tokens.
 
-    prompt_init: "random" (uniform [-0.5, 0.5]), "vocab" (sampled embedding rows) or "text"
-    (the embedding rows of `init_text`, a sequence of token ids, repeated/trimmed).
+    prompt_init: "random" (uniform [-0.5, 0.5]), "vocab" (sampled embedding rows), "text"
+    (the embedding rows of `init_text`, a sequence of token ids, repeated/trimmed) or
+    "adapter" (transfer: the prompt of the source-task adapter at `init_from`, a
+    `save_adapter` directory of prompt tuning or DePT, or an official DePT checkpoint, with
+    the same number of rows).
     """
 
     num_virtual_tokens: int
     prompt_init: str = "random"
     init_text: tuple[int, ...] | None = None
+    init_from: str | None = None
 
     method: ClassVar[str] = "prompt_tuning"
 
@@ -52,11 +61,15 @@ class PromptTuningAdapter(PromptAdapter):
         check_embedding(weight)
         self.config = config
         self.num_virtual_tokens = config.num_virtual_tokens
-        self.prompt = nn.Parameter(
-            init_prompt(
+        if config.prompt_init == TRANSFER_INIT:
+            source = read_source(config.init_from, embedding_shape(weight)[1], DePTConfig)
+            check_source("num_virtual_tokens", source.num_virtual_tokens, config, source)
+            prompt = source.prompt.to(weight.device, weight.dtype)
+        else:
+            prompt = init_prompt(
                 config.num_virtual_tokens, weight, config.prompt_init, config.init_text, generator
             )
-        )
+        self.prompt = nn.Parameter(prompt)
 
     def op_args(self) -> dict:
         return {"prompt": self.active_prompt()}
