@@ -99,6 +99,18 @@ def test_base_encoder_models(arch):
     torch.testing.assert_close(out, base(input_ids=ids).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head", ["DebertaV2ForMultipleChoice", "DebertaV2ForTokenClassification"])
+def test_deberta_v2_other_heads(head):
+    """Heads beyond sequence classification reach the same base model; multiple choice
+    passes (B, C, s) ids, which the layers see as (B*C, s)."""
+    base, model = patched_pair("deberta-v2", "fc", cls=getattr(transformers, head))
+    ids = batch(b=6).view(2, 3, 9) if head.endswith("MultipleChoice") else batch()
+    out = model(input_ids=ids).logits
+    tables = formula_tables(model.dept_adapter, base.get_input_embeddings().weight)
+    hook_reference(base, "deberta-v2", [t.detach() for t in tables])
+    assert_close(out, base(input_ids=ids).logits, torch.float32)
+
+
 DEBERTA_V2_VARIANTS = {
     "xlarge": {},  # the tiny config's defaults: relative attention, the convolution
     "no-conv": {"conv_kernel_size": 0},
