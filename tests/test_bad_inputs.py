@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from helpers import DEVICE, assert_close, cut_off_kernels
+from helpers import DEVICE, aot, assert_close, cut_off_kernels
 from helpers.models import VOCAB, make_config, randomize, tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
 
@@ -1068,6 +1068,18 @@ MODEL_CASES = [
         ValueError,
         r"input_ids .*(empty|B=0)",
     ),
+    bad(
+        "aot_model/deberta_v2_inputs_embeds_only",
+        lambda _: aot_model(model=deberta_v2())(inputs_embeds=torch.zeros(1, 3, 32)),
+        ValueError,
+        r"the AoT-patched DebertaV2Model needs input_ids",
+    ),
+    bad(
+        "aot_model/deberta_v2_id_out_of_range",
+        lambda _: forward(aot_model("fc", model=deberta_v2()), tokens().fill_(VOCAB)),
+        IndexError,
+        r"input_ids holds id 128, out of range \[0, 128\)",
+    ),
 ]
 
 # A model serving stacked adapters: task_ids (B,) in [0, T), required.
@@ -1340,6 +1352,10 @@ def bert() -> transformers.BertModel:
     return transformers.BertModel(config).eval()
 
 
+def deberta_v2(**changes) -> torch.nn.Module:
+    return aot.tiny_model("deberta-v2", **changes)
+
+
 def patched_twice(_):
     model = prompt_model()
     dk.patch(model, make_config("pt"))
@@ -1368,6 +1384,12 @@ PATCH_CASES = [
         lambda _: dk.patch(bert(), make_config("dept")),
         TypeError,
         r"model_type='bert'.*AoTConfig also",
+    ),
+    bad(
+        "patch/deberta_v2_with_a_prompt_method",
+        lambda _: dk.patch(deberta_v2(), make_config("pt")),
+        TypeError,
+        r"model_type='deberta-v2'.*AoTConfig also: \[.*'deberta-v2'",
     ),
     bad(
         "patch/config_a_dict",
@@ -1835,6 +1857,14 @@ FILE_CASES = [
     bad(
         "load/aot_more_layers",
         lambda tmp: load(edited(tmp, aot_model()), gpt2(n_layer=3)),
+        ValueError,
+        r"the aot adapter needs \[.*'layers\.2\.w_l'",
+    ),
+    bad(
+        "load/aot_deberta_v2_more_layers",
+        lambda tmp: load(
+            edited(tmp, aot_model(model=deberta_v2())), deberta_v2(num_hidden_layers=3)
+        ),
         ValueError,
         r"the aot adapter needs \[.*'layers\.2\.w_l'",
     ),

@@ -1,5 +1,6 @@
-"""AoT P-tuning through patch(): a bias before every layer of GPT-2, LLaMA, BERT and RoBERTa
-and every encoder layer of T5; fuse, multi-task stacking, adapters on disk.
+"""AoT P-tuning through patch(): a bias before every layer of the decoder-only models, BERT,
+RoBERTa and DeBERTa-v2 and every encoder layer of T5; fuse, multi-task stacking, adapters on
+disk.
 
 The reference (helpers.aot) is written from docs/design.md §1 alone: the full (V, d) tables
 are materialised by the formulas from the adapter's own parameters (`torch.kron` for the
@@ -17,6 +18,7 @@ import torch
 import transformers
 from helpers.aot import (
     ARCHS,
+    ENCODER_BASES,
     GENERATORS,
     REPARAMS,
     assert_close,
@@ -30,11 +32,7 @@ from helpers.aot import (
     tiny_model,
 )
 from helpers.models import BACKENDS, VOCAB, tiny_config
-from transformers import (
-    BertModel,
-    GPT2LMHeadModel,
-    RobertaModel,
-)
+from transformers import BertModel, DebertaV2Model, GPT2LMHeadModel
 
 import dept_kernels as dk
 from dept_kernels.methods.aot import fetch_rows
@@ -89,17 +87,69 @@ def test_matches_reference_before_and_after_fuse(arch, reparam, dtype, backend):
         h.remove()
 
 
-@pytest.mark.parametrize("cls", [BertModel, RobertaModel])
-def test_base_encoder_models(cls):
+@pytest.mark.parametrize("arch", ENCODER_BASES)
+def test_base_encoder_models(arch):
     """Models whose base is the model itself (one hook site receives ids and task_ids)."""
-    arch = "bert" if cls is BertModel else "roberta"
-    base, model = patched_pair(arch, "fc", cls=cls)
+    base, model = patched_pair(arch, "fc", cls=ENCODER_BASES[arch][0])
     ids = batch()
     out = model(input_ids=ids).last_hidden_state
     hook_reference(
         base, arch, formula_tables(model.dept_adapter, base.embeddings.word_embeddings.weight)
     )
     torch.testing.assert_close(out, base(input_ids=ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["DebertaV2ForMultipleChoice", "DebertaV2ForTokenClassification"])
+def test_deberta_v2_other_heads(head):
+    """Heads beyond sequence classification reach the same base model; multiple choice
+    passes (B, C, s) ids, which the layers see as (B*C, s)."""
+    base, model = patched_pair("deberta-v2", "fc", cls=getattr(transformers, head))
+    ids = batch(b=6).view(2, 3, 9) if head.endswith("MultipleChoice") else batch()
+    out = model(input_ids=ids).logits
+    tables = formula_tables(model.dept_adapter, base.get_input_embeddings().weight)
+    hook_reference(base, "deberta-v2", [t.detach() for t in tables])
+    assert_close(out, base(input_ids=ids).logits, torch.float32)
+
+
+DEBERTA_V2_VARIANTS = {
+    "xlarge": {},  # the tiny config's defaults: relative attention, the convolution
+    "no-conv": {"conv_kernel_size": 0},
+    "absolute-positions": {"relative_attention": False, "position_biased_input": True},
+    "embed-proj": {"embedding_size": 16},  # E (V, 16) projected to d = 32 (FC reads E)
+}
+
+
+@pytest.mark.parametrize("reparam", REPARAMS)
+@pytest.mark.parametrize("changes", DEBERTA_V2_VARIANTS.values(), ids=DEBERTA_V2_VARIANTS)
+def test_deberta_v2_encoder_variants(changes, reparam):
+    """DeBERTa-v2's encoder options keep the bias before each layer: a padded batch, every
+    hidden state, the convolution after layer 0 reading the embedding output without layer
+    0's bias (as the reference hooks leave it), trained and fused, with and without grad."""
+    base = tiny_model("deberta-v2", **changes)
+    model = dk.patch(copy.deepcopy(base), dk.AoTConfig(reparam, r=4))
+    randomize(model.dept_adapter)
+    ids = batch(b=4)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = mask[3, 4:] = 0
+    kw = {"input_ids": ids, "attention_mask": mask, "output_hidden_states": True}
+    adapter = model.dept_adapter
+    got = model(**kw)
+    scalar(got.logits).backward()
+    grads = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    adapter.zero_grad()
+    hook_reference(base, "deberta-v2", formula_tables(adapter, base.get_input_embeddings().weight))
+    want = base(**kw)
+    scalar(want.logits).backward()
+    outputs = zip((got.logits, *got.hidden_states), (want.logits, *want.hidden_states), strict=True)
+    for g, w in outputs:
+        assert_close(g, w, torch.float32)
+    for name, p in adapter.named_parameters():
+        assert p.grad.abs().sum() > 0, name
+        assert_close(grads[name], p.grad, torch.float32)
+    dk.merge(model)
+    with torch.no_grad():  # the in-place gather-add, but before layer 0
+        fused = model(input_ids=ids, attention_mask=mask).logits
+    assert_close(fused, want.logits, torch.float32)
 
 
 def test_hidden_states_are_not_overwritten_in_place():
@@ -167,7 +217,15 @@ def task_models(arch, reparam="kron", tasks=3, cls=None):
 
 
 @pytest.mark.parametrize(
-    ("arch", "cls"), [("gpt2", None), ("t5", None), ("bert", None), ("bert", BertModel)]
+    ("arch", "cls"),
+    [
+        ("gpt2", None),
+        ("t5", None),
+        ("bert", None),
+        ("bert", BertModel),
+        ("deberta-v2", None),
+        ("deberta-v2", DebertaV2Model),
+    ],
 )
 def test_mixed_task_batch_equals_per_task_runs(arch, cls):
     base, models = task_models(arch, cls=cls)
@@ -177,7 +235,7 @@ def test_mixed_task_batch_equals_per_task_runs(arch, cls):
     assert served.dept_adapter.layers[0].table.shape == (3, VOCAB, 32)
     ids = batch(b=5)
     task_ids = torch.tensor([2, 0, 1, 2, 0])
-    key = "last_hidden_state" if cls is BertModel else "logits"
+    key = "logits" if cls is None else "last_hidden_state"
     kw = {"labels": ids[:, :5].contiguous()} if arch == "t5" else {}
     with torch.no_grad():
         mixed = served(input_ids=ids, task_ids=task_ids, **kw)[key]
@@ -187,7 +245,7 @@ def test_mixed_task_batch_equals_per_task_runs(arch, cls):
             torch.testing.assert_close(mixed[rows], alone, atol=1e-5, rtol=1e-5)
     # The reference hooks on the base model agree with the stacked tables too.
     stacked = [layer.table for layer in served.dept_adapter.layers]
-    hook_reference(base, arch if cls is None else "bert", stacked, task_ids)
+    hook_reference(base, arch, stacked, task_ids)
     with torch.no_grad():
         torch.testing.assert_close(base(input_ids=ids, **kw)[key], mixed, atol=1e-5, rtol=1e-5)
 
@@ -257,8 +315,9 @@ def test_fetch_rows_moves_only_the_needed_rows():
         fetch_rows(table, ids, torch.tensor([0, 1, 2, 3]), "cpu")
 
 
-def test_fuse_to_host_memory_on_a_cpu_model():
-    _, model = patched_pair("gpt2", "fc")
+@pytest.mark.parametrize("arch", ["gpt2", "deberta-v2"])
+def test_fuse_to_host_memory_on_a_cpu_model(arch):
+    _, model = patched_pair(arch, "fc")
     ids = batch()
     before = model(input_ids=ids).logits
     dk.merge(model, dtype=torch.bfloat16, device="cpu")
@@ -273,15 +332,16 @@ def test_fuse_to_host_memory_on_a_cpu_model():
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("reparam", REPARAMS)
-def test_save_load_roundtrip(tmp_path, reparam, fused):
-    _, model = patched_pair("roberta", reparam)
+@pytest.mark.parametrize("arch", ["roberta", "deberta-v2"])
+def test_save_load_roundtrip(tmp_path, arch, reparam, fused):
+    _, model = patched_pair(arch, reparam)
     if fused:
         dk.merge(model)
     dk.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["method"] == "aot" and config["reparam"] == reparam
     assert config["fused"] is fused and config["num_tasks"] is None
-    fresh = dk.load_adapter(tiny_model("roberta"), tmp_path)
+    fresh = dk.load_adapter(tiny_model(arch), tmp_path)
     assert fresh.dept_adapter.fused is fused
     ids = batch()
     with torch.no_grad():
@@ -289,7 +349,7 @@ def test_save_load_roundtrip(tmp_path, reparam, fused):
     for name, p in model.dept_adapter.state_dict().items():
         assert torch.equal(fresh.dept_adapter.state_dict()[name], p), name
     dk.load_adapter(fresh, tmp_path)  # an already patched model in the same state
-    other = dk.patch(tiny_model("roberta"), dk.AoTConfig(reparam, r=4))
+    other = dk.patch(tiny_model(arch), dk.AoTConfig(reparam, r=4))
     if not fused:
         dk.merge(other)
     with pytest.raises(ValueError, match="unpatch"):
@@ -299,8 +359,9 @@ def test_save_load_roundtrip(tmp_path, reparam, fused):
 # --------------------------------------------------------------------------- training
 
 
-def test_param_groups_hold_the_reparameterisation():
-    _, model = patched_pair("bert", "kron")
+@pytest.mark.parametrize("arch", ["bert", "deberta-v2"])
+def test_param_groups_hold_the_reparameterisation(arch):
+    _, model = patched_pair(arch, "kron")
     adapter = model.dept_adapter
     groups = dk.param_groups(model, lowrank_lr=1e-3)
     assert len(groups) == 1 and groups[0]["lr"] == 1e-3
@@ -408,9 +469,10 @@ def test_errors_are_clear(tmp_path):
         dk.fuse(prompt)
     with pytest.raises(ValueError, match="at least one"):
         dk.stack_adapters([])
-    # A prompt method still names what it supports for BERT.
-    with pytest.raises(TypeError, match="AoTConfig also"):
-        dk.patch(tiny_model("bert"), dk.PromptTuningConfig(num_virtual_tokens=2))
+    # A prompt method still names what it supports for the encoder-only models.
+    for arch in ("bert", "deberta-v2"):
+        with pytest.raises(TypeError, match=r"AoTConfig also: \[.*'deberta-v2'"):
+            dk.patch(tiny_model(arch), dk.PromptTuningConfig(num_virtual_tokens=2))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.aot import ENCODER_CONFIGS, encoder_config
 from helpers.models import tiny_config
 
 import dept_kernels
@@ -38,7 +39,9 @@ def python_blocks() -> list[str]:
 def _tiny_from_pretrained(cls, *args, **kwargs):
     """`from_pretrained` without downloads: a tiny random model of the same architecture."""
     torch.manual_seed(0)
-    return cls(tiny_config(cls.config_class.model_type)).eval()
+    model_type = cls.config_class.model_type
+    tiny = encoder_config if model_type in ENCODER_CONFIGS else tiny_config
+    return cls(tiny(model_type)).eval()
 
 
 @pytest.fixture

@@ -3,9 +3,10 @@ runs an adapter: the seam the methods use (`describe`, `install`).
 
 Every architecture registers one `Architecture` per `config.model_type` beside its code
 (`_registry.py`): the decoder-only models as rows of one table (`decoders.py`), T5
-(`t5.py`), BERT and RoBERTa (`bert.py`, AoT only). An entry locates the module taking
-`input_ids` and its layers, which every site reads, and installs the prompt methods' hooks
-(site "input_embedding"); AoT P-tuning's hooks ("layer_input") are shared (`_aot.py`).
+(`t5.py`), BERT, RoBERTa and DeBERTa-v2 (`encoders.py`, AoT only). An entry locates the
+module taking `input_ids` and its layers, which every site reads, and installs the prompt
+methods' hooks (site "input_embedding"); AoT P-tuning's hooks ("layer_input") are shared
+(`_aot.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 # The architecture modules register their entries on import.
-from . import _aot, bert, decoders, t5  # noqa: F401
+from . import _aot, decoders, encoders, t5  # noqa: F401
 from ._hooks import AdapterOf, Generate
 from ._registry import SITES, Architecture, check_site, lookup, model_type
 
@@ -61,7 +62,7 @@ def _install_layer_bias(
             f"the AoT adapter has {len(adapter_of().layers)} layers, "
             f"{type(model).__name__} has {len(layers)}"
         )
-    return _aot.install(model, adapter_of, inner, layers)
+    return _aot.install(model, adapter_of, inner, layers, arch.reread)
 
 
 _INSTALLERS: dict[str, Callable[..., list[RemovableHandle]]] = {

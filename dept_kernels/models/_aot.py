@@ -42,10 +42,16 @@ from ._hooks import AdapterOf, TaskIds, bind
 
 
 def install(
-    model: nn.Module, adapter_of: AdapterOf, inner: nn.Module, layers: Sequence[nn.Module]
+    model: nn.Module,
+    adapter_of: AdapterOf,
+    inner: nn.Module,
+    layers: Sequence[nn.Module],
+    reread: Sequence[int] = (),
 ) -> list[RemovableHandle]:
-    """Hook `model`, `inner` (the module taking input_ids) and each of its `layers`."""
-    hooks = _AoTHooks(adapter_of, type(inner).__name__, len(layers))
+    """Hook `model`, `inner` (the module taking input_ids) and each of its `layers`; the
+    layers at indices `reread` have inputs the model reads again after them (never added to
+    in place)."""
+    hooks = _AoTHooks(adapter_of, type(inner).__name__, len(layers), reread)
     handles = hooks.tasks.install(model)
     handles += [
         inner.register_forward_pre_hook(hooks.inner_pre_hook, with_kwargs=True),
@@ -128,10 +134,13 @@ def _forget(entries: dict, key: tuple, ref: weakref.ref) -> None:
 class _AoTHooks:
     """The hooks, and what the layer hooks need from the forward that is running."""
 
-    def __init__(self, adapter_of: AdapterOf, inner_name: str, num_layers: int) -> None:
+    def __init__(
+        self, adapter_of: AdapterOf, inner_name: str, num_layers: int, reread: Sequence[int]
+    ) -> None:
         self.adapter_of = adapter_of
         self.inner_name = inner_name
         self.num_layers = num_layers
+        self.reread = frozenset(reread)
         self.tasks = TaskIds()
         # The running forward's checked ids and task ids, the layers' inputs (for the FC
         # form, set once E's rows are read) and, for the FC form, the embedding module.
@@ -175,7 +184,8 @@ class _AoTHooks:
         else:
             self.embedding, self.inputs = None, _Inputs(self.ids, None, self.task_ids)
         # In place is safe without autograd unless hidden states are being recorded: each
-        # layer's input is then otherwise a fresh tensor that only the layer reads.
+        # layer's input is then otherwise a fresh tensor that only the layer reads (but for
+        # the architecture's `reread` layers).
         config = module.config
         records = kw.get("output_hidden_states") or getattr(config, "output_hidden_states", False)
         self.inplace = not torch.is_grad_enabled() and not records
@@ -231,7 +241,7 @@ class _AoTHooks:
         else:
             inputs = self._eager_inputs(index, module, hidden)
             inplace = self.inplace and inputs is self.inputs
-        inplace = inplace and hidden.is_contiguous()
+        inplace = inplace and hidden.is_contiguous() and index not in self.reread
         # The ids were range-checked once for the whole forward (`check_batch`).
         out = self.adapter_of().layers[index](
             hidden,

@@ -26,12 +26,15 @@ class Architecture:
     `locate(model) -> (inner, layers)`: the module taking `input_ids` (T5: the encoder
     stack) and the layers a per-layer bias goes before, in order; every site reads it.
     `install(model, adapter_of)`: the hooks for the "input_embedding" site (the prompt
-    methods); None where only "layer_input" is wired (BERT, RoBERTa).
+    methods); None where only "layer_input" is wired (BERT, RoBERTa, DeBERTa-v2).
+    `reread`: the indices of the layers whose input the model reads again after the layer
+    has run (DeBERTa-v2's convolution reads layer 0's); AoT adds their bias out of place.
     """
 
     model_type: str
     locate: Callable[[nn.Module], tuple[nn.Module, Sequence[nn.Module]]]
     install: Callable[[nn.Module, AdapterOf], list[RemovableHandle]] | None = None
+    reread: tuple[int, ...] = ()
 
     def serves(self, site: str) -> bool:
         return site == "layer_input" or self.install is not None

@@ -1,7 +1,7 @@
-"""Tiny models with AoT P-tuning (GPT-2, LLaMA, T5, BERT, RoBERTa) and the reference written
-from docs/design.md §1 alone: the full (V, d) tables materialised by the formulas from the
-adapter's own parameters (`torch.kron` for the Kronecker form), added as `P_i[ids]` by plain
-forward pre-hooks on the unpatched model's layers.
+"""Tiny models with AoT P-tuning (the decoders, T5, BERT, RoBERTa, DeBERTa-v2) and the
+reference written from docs/design.md §1 alone: the full (V, d) tables materialised by the
+formulas from the adapter's own parameters (`torch.kron` for the Kronecker form), added as
+`P_i[ids]` by plain forward pre-hooks on the unpatched model's layers.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
+    DebertaV2Model,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
@@ -25,19 +28,40 @@ from dept_kernels.testing import compare
 
 from .models import ARCH_TABLE, DECODERS, LM_CLASSES, PAD, VOCAB, tiny_config
 
-ARCHS = (*DECODERS, "t5", "bert", "roberta")
+_ENCODER_DIMS = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0, num_labels=3, initializer_range=0.2,
+)  # fmt: skip
+# DeBERTa-v2 as DeBERTa-v2-xlarge (the AoT paper's backbone) configures it: bucketed relative
+# attention both ways, normalised relative embeddings, no absolute positions, and the
+# convolution after layer 0 (which reads the embedding output again).
+_DEBERTA_V2 = dict(
+    relative_attention=True, position_buckets=16, norm_rel_ebd="layer_norm",
+    pos_att_type=["p2c", "c2p"], position_biased_input=False, share_att_key=True,
+    conv_kernel_size=3, conv_act="gelu", type_vocab_size=0, pooler_dropout=0.0,
+)  # fmt: skip
+ENCODER_CONFIGS = {
+    "bert": (BertConfig, {"pad_token_id": PAD, "attn_implementation": "eager"}),
+    "roberta": (RobertaConfig, {"pad_token_id": 1, "attn_implementation": "eager"}),
+    "deberta-v2": (DebertaV2Config, {"pad_token_id": PAD, **_DEBERTA_V2}),
+}
+# The encoder-only base models and the attribute their heads keep them in.
+ENCODER_BASES = {
+    "bert": (BertModel, "bert"),
+    "roberta": (RobertaModel, "roberta"),
+    "deberta-v2": (DebertaV2Model, "deberta"),
+}
+
+ARCHS = (*DECODERS, "t5", *ENCODER_CONFIGS)
 REPARAMS = ("kron", "fc")
 GENERATORS = (*DECODERS, "t5")
 
 
-def encoder_config(arch: str):
-    cls = BertConfig if arch == "bert" else RobertaConfig
-    return cls(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, pad_token_id=PAD if arch == "bert" else 1,
-        num_labels=3, attn_implementation="eager", initializer_range=0.2,
-    )  # fmt: skip
+def encoder_config(arch: str, **changes):
+    """`arch`'s tiny config, with `changes` to its fields."""
+    cls, fields = ENCODER_CONFIGS[arch]
+    return cls(**{**_ENCODER_DIMS, **fields, **changes})
 
 
 CLASSES = {
@@ -45,12 +69,14 @@ CLASSES = {
     "t5": T5ForConditionalGeneration,
     "bert": BertForSequenceClassification,
     "roberta": RobertaForSequenceClassification,
+    "deberta-v2": DebertaV2ForSequenceClassification,
 }
 
 
-def tiny_model(arch: str, dtype=torch.float32, cls=None):
+def tiny_model(arch: str, dtype=torch.float32, cls=None, **changes):
+    """`arch`'s tiny model (`cls`: another class of it; `changes`: encoder config fields)."""
     torch.manual_seed(0)
-    config = encoder_config(arch) if arch in ("bert", "roberta") else tiny_config(arch)
+    config = encoder_config(arch, **changes) if arch in ENCODER_CONFIGS else tiny_config(arch)
     return (cls or CLASSES[arch])(config).to(dtype).eval()
 
 
@@ -61,7 +87,8 @@ def sites(model, arch):
         return inner, getattr(inner, ARCH_TABLE[arch].layers)
     if arch == "t5":
         return model.encoder, model.encoder.block
-    inner = model if isinstance(model, (BertModel, RobertaModel)) else getattr(model, arch)
+    base, attribute = ENCODER_BASES[arch]
+    inner = model if isinstance(model, base) else getattr(model, attribute)
     return inner, inner.encoder.layer
 
 
