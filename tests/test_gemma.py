@@ -60,7 +60,8 @@ def test_first_layer_input_is_the_scaled_formula(dtype):
     got = _first_layer_input(model, input_ids=ids, attention_mask=mask)
     weight = base.get_input_embeddings().weight
     cfg = adapter.config
-    delta = cfg.lora_alpha / cfg.r**0.5 * (adapter.lora_a.float()[: ids.shape[1]] @ adapter.lora_b.float())
+    low_rank = adapter.lora_a.float()[: ids.shape[1]] @ adapter.lora_b.float()
+    delta = cfg.lora_alpha / cfg.r**0.5 * low_rank
     prompt = adapter.prompt.float().expand(len(ids), -1, -1)
     s = torch.tensor(SCALE, dtype=dtype)  # both releases cast sqrt(d) to the model's dtype
     if _scaled_lookup(base):
