@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import DEVICE, assert_close
 from helpers.aot import randomize
-from helpers.models import FAST_ARCHS, VOCAB, tiny_model
+from helpers.models import ARCHS, VOCAB, tiny_model
 
 import dept_kernels as dk
 
@@ -61,7 +61,7 @@ def train_step(model: torch.nn.Module, step, inputs: dict) -> tuple[torch.Tensor
 # Every architecture with DePT and AoT (Kronecker); the other methods share those hooks and
 # run once, on the fastest architecture to trace. Inductor runs one case end to end: the FC
 # form, whose distinct-id op has a data-dependent size (tens of seconds of C++ here).
-CASES = [(arch, method) for arch in FAST_ARCHS for method in ("dept", "aot-kron")] + [
+CASES = [(arch, method) for arch in ARCHS for method in ("dept", "aot-kron")] + [
     ("gpt2", "pt"),
     ("gpt2", "aot-fc"),
 ]

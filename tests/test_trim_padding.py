@@ -19,7 +19,6 @@ from helpers.models import (
     CLS_CLASSES,
     DECODERS,
     EOS,
-    FAST_DECODERS,
     PAD,
     VOCAB,
     batch,
@@ -55,9 +54,7 @@ HEADS = [
     ("t5", "lm"),
     ("t5", "cls"),
     ("t5", "enc"),
-    *[(arch, head) for arch in FAST_DECODERS for head in ("lm", "cls", "base")],
-    # The other rows: the LM and classification heads.
-    *[(arch, head) for arch in DECODERS if arch not in FAST_DECODERS for head in ("lm", "cls")],
+    *[(arch, head) for arch in DECODERS for head in ("lm", "cls", "base")],
 ]
 PADDINGS = ("right", "left", "unpadded", "mask-none")
 
@@ -182,7 +179,7 @@ def test_trimmed_equals_untrimmed(arch, head, method, padding):
     assert_same(arch, head, padding, untrimmed, model, got, want)
 
 
-@pytest.mark.parametrize("arch", FAST_DECODERS)
+@pytest.mark.parametrize("arch", DECODERS)
 @pytest.mark.parametrize("head", ["lm", "cls"])
 def test_left_padding_with_position_ids(arch, head):
     """Given positions (each token's rank among the real ones) are cut with the ids."""
@@ -207,7 +204,7 @@ def test_left_padding_with_position_ids(arch, head):
             close(p.grad, ref, name)
 
 
-@pytest.mark.parametrize("arch", FAST_DECODERS)
+@pytest.mark.parametrize("arch", DECODERS)
 def test_decoder_lm_is_opt_in(arch):
     """By default an LM head's per-position outputs are the untrimmed ones, all of them."""
     untrimmed, model = pair(arch, "lm", "pt")
@@ -218,7 +215,7 @@ def test_decoder_lm_is_opt_in(arch):
     torch.testing.assert_close(got, untrimmed(input_ids=ids, attention_mask=mask).logits)
 
 
-@pytest.mark.parametrize("arch", FAST_DECODERS)
+@pytest.mark.parametrize("arch", DECODERS)
 def test_lm_labels_on_padding_keep_their_columns(arch):
     """Labels that are not -100 on padding columns count in the loss: those stay."""
     untrimmed, model = pair(arch, "lm", "dept", trim=True)
@@ -232,7 +229,7 @@ def test_lm_labels_on_padding_keep_their_columns(arch):
     close(got, want)
 
 
-@pytest.mark.parametrize("arch", FAST_DECODERS)
+@pytest.mark.parametrize("arch", DECODERS)
 def test_cls_pools_where_hf_pools(arch):
     """HF's head pools the last id that is not the pad id: columns that hold other ids under
     a zero mask, or an all-padding row (pooled at column 0), keep the columns it reads."""
@@ -304,7 +301,7 @@ def test_t5_generate_runs_the_encoder_trimmed(num_beams):
     assert len(set(got.flatten().tolist())) > 1
 
 
-@pytest.mark.parametrize("arch", FAST_DECODERS)
+@pytest.mark.parametrize("arch", DECODERS)
 def test_decoder_generate_with_trim_on(arch):
     """Generation never trims (the KV cache spans the caller's columns): same tokens."""
     untrimmed, model = pair(arch, "lm", "dept", trim=True)
