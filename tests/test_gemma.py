@@ -153,3 +153,11 @@ def test_token_indexed_delta_on_gemma():
     want = base(inputs_embeds=embeds).logits
     got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_range_ids_on_gemma():
+    """The ids are checked before the lookup, whichever release scales where."""
+    _, model = patched_pair("gemma", "dept")
+    ids = torch.full((2, 5), VOCAB)
+    with pytest.raises(IndexError, match=rf"input_ids holds id {VOCAB}, out of range"):
+        model(input_ids=ids)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..ops._validate import check_ids
+from ..ops._validate import check_ids, check_range
 
 # Attribute of the hooked model holding its running `generate`'s `Generation`. A plain
 # attribute, not a ContextVar: torch.compile traces attribute reads but not ContextVar.get.
@@ -329,6 +329,8 @@ def _scaled_lookup(
     lookup (B, s, d) is its table, one row per token, read once: rounded once, as the
     reference. A delta whose rows are token ids (`index="token"`) cannot read them from
     that table's row numbers: it is added to the unscaled lookup and corrected, in fp32."""
+    if not tracing():  # the op would check the ids it reads; here they index the lookup
+        check_range("input_ids", ids, weight.shape[0])
     tokens = nn.functional.embedding(ids, weight) * scale  # the module's own output
     if adapter.op_args().get("index") == "token":
         out = adapter(ids, weight, position_ids=position_ids, task_ids=task_ids)
