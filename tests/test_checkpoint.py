@@ -19,7 +19,10 @@ import dept_kernels as dk
 OFFICIAL = Path(__file__).parent / "fixtures" / "dept_official" / "cola"
 
 
-@pytest.mark.parametrize(("arch", "method"), [("t5", "dept"), ("gpt2", "ept"), ("llama", "pt")])
+@pytest.mark.parametrize(
+    ("arch", "method"),
+    [("t5", "dept"), ("gpt2", "ept"), ("llama", "pt"), ("qwen2", "dept"), ("gemma", "dept")],
+)
 def test_save_load_roundtrip(tmp_path, arch, method):
     _, model = patched_pair(arch, method)
     dk.save_adapter(model, tmp_path)

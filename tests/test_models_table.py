@@ -37,7 +37,7 @@ def assert_matches_reference(base, model, ids):
     """The patched model's logits equal the unpatched one's on the formula's embeddings;
     returns them."""
     mask = torch.ones_like(ids)
-    embeds = reference_embeds(model.dept_adapter, base.get_input_embeddings().weight, ids)
+    embeds = reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids)
     want = base(inputs_embeds=embeds, attention_mask=ones_front(mask, M)).logits
     got = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -124,22 +124,22 @@ def test_a_row_names_what_transformers_lacks_when_used():
 
 
 def test_a_new_decoder_is_one_row(monkeypatch):
-    """Qwen2, registered as one row here, patches and matches the formula."""
+    """Phi, registered as one row here, patches and matches the formula."""
     row = Decoder(
-        "qwen2",
-        "Qwen2",
-        {"Qwen2ForCausalLM": "lm", "Qwen2ForSequenceClassification": "cls", "Qwen2Model": "base"},
+        "phi",
+        "Phi",
+        {"PhiForCausalLM": "lm", "PhiForSequenceClassification": "cls", "PhiModel": "base"},
         "layers",
     )
     arch = _registry.Architecture(row.model_type, row.locate, row.install)
-    monkeypatch.setitem(_registry._ARCHITECTURES, "qwen2", arch)
+    monkeypatch.setitem(_registry._ARCHITECTURES, "phi", arch)
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(
+    config = transformers.PhiConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=PAD, attn_implementation="eager", initializer_range=0.2,
+        num_attention_heads=4, max_position_embeddings=64, pad_token_id=PAD,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="eager",
     )  # fmt: skip
-    base = transformers.Qwen2ForCausalLM(config).eval()
+    base = transformers.PhiForCausalLM(config).eval()
     model = dk.patch(copy.deepcopy(base), make_config("dept"))
     randomize(model.dept_adapter)
     ids = tokens()

@@ -106,7 +106,7 @@ def test_sequence_classification_heads(arch):
         ids[0, 5:], mask[0, 5:] = PAD, 0  # right padding: the head pools token 4 of row 0
     labels = torch.tensor([0, 1, 0])
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    embeds = reference_embeds(adapter, base.get_input_embeddings().weight, ids)
+    embeds = reference_embeds(adapter, base.get_input_embeddings(), ids)
     ext = ones_front(mask, m)
     if arch == "t5":
         enc = base.transformer.encoder(inputs_embeds=embeds, attention_mask=ext)
@@ -126,7 +126,7 @@ def test_t5_encoder_model():
     adapter = model.dept_adapter
     ids, mask, _ = batch()
     out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    embeds = reference_embeds(adapter, base.get_input_embeddings().weight, ids)
+    embeds = reference_embeds(adapter, base.get_input_embeddings(), ids)
     ref = base(inputs_embeds=embeds, attention_mask=ones_front(mask, 4)).last_hidden_state
     assert out.shape == (3, 4 + ids.shape[1], 32)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -263,11 +263,11 @@ def test_errors_are_clear():
 def reference_generate(arch, base, adapter, ids, mask, **kwargs):
     """Generation from the formula's inputs_embeds on the unpatched model."""
     m = adapter.num_virtual_tokens
-    embeds = reference_embeds(adapter, base.get_input_embeddings().weight, ids, None)
+    embeds = reference_embeds(adapter, base.get_input_embeddings(), ids, None)
     if arch != "t5":
         # HF gives left-padded tokens position = rank among real tokens; DePT rows follow it.
         rows = (mask.cumsum(-1) - 1).clamp(min=0)
-        embeds = reference_embeds(adapter, base.get_input_embeddings().weight, ids, rows)
+        embeds = reference_embeds(adapter, base.get_input_embeddings(), ids, rows)
     return base.generate(inputs_embeds=embeds, attention_mask=ones_front(mask, m), **kwargs)
 
 
@@ -298,7 +298,7 @@ def test_t5_question_answering_head():
     ids, mask, _ = batch()
     mask[0, -3:] = 0
     out = model(input_ids=ids, attention_mask=mask)
-    embeds = reference_embeds(model.dept_adapter, base.get_input_embeddings().weight, ids)
+    embeds = reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids)
     ext = ones_front(mask, model.dept_adapter.num_virtual_tokens)
     enc = base.encoder(inputs_embeds=embeds, attention_mask=ext)
     ref = base(input_ids=ids, attention_mask=ext, encoder_outputs=enc)

@@ -71,12 +71,13 @@ def _peft_rereads_prompt_with_cache() -> bool:
 
 
 def formula_generate(arch, peft_model, ids, mask, **kwargs):
-    """The unpatched base model fed PEFT's inputs: [P[:m]; E[ids]] and the extended mask."""
+    """The unpatched base model fed PEFT's inputs: [P[:m]; E[ids]] and the extended mask;
+    E[ids] as the embedding module gives it (Gemma's scales its lookup in transformers 5)."""
     base = peft_model.get_base_model()
     prompt = peft_model.prompt_encoder["default"].embedding.weight.detach()[:6]
-    embeds = torch.cat(
-        [prompt.expand(len(ids), -1, -1), base.get_input_embeddings().weight[ids]], 1
-    )
+    with torch.no_grad():
+        tokens = base.get_input_embeddings()(ids)
+    embeds = torch.cat([prompt.expand(len(ids), -1, -1), tokens], 1)
     ext = torch.cat([torch.ones(len(ids), 6, dtype=mask.dtype), mask], 1)
     out = base.generate(inputs_embeds=embeds, attention_mask=ext, **kwargs)
     return out if arch == "t5" else torch.cat([ids, out], 1)

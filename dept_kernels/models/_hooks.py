@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..ops._validate import check_ids
+from ..ops._validate import check_ids, check_range
 
 # Attribute of the hooked model holding its running `generate`'s `Generation`. A plain
 # attribute, not a ContextVar: torch.compile traces attribute reads but not ContextVar.get.
@@ -293,7 +293,55 @@ class FusedEmbedding:
         ids, position_ids, task_ids = self.pending.pop()
         # The adapter module is called, not a method of it: engines gather its parameters
         # around its own call, as they do the embedding's.
-        return self.adapter_of()(ids, module.weight, position_ids=position_ids, task_ids=task_ids)
+        adapter = self.adapter_of()
+        scale = _embed_scale(module)
+        if scale is None:
+            return adapter(ids, module.weight, position_ids=position_ids, task_ids=task_ids)
+        return _scaled_lookup(adapter, module.weight, scale, ids, position_ids, task_ids)
+
+
+def _embed_scale(module: nn.Module) -> Tensor | float | None:
+    """The scalar by which `module` multiplies its lookup (transformers 5's Gemma, BART, ...
+    keep it as `embed_scale`, cast to the table's dtype as their forward casts it); None
+    for a plain lookup."""
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1:
+            raise TypeError(
+                f"{type(module).__name__}.embed_scale has shape {tuple(scale.shape)}; the "
+                "fused embedding supports a scalar scale only"
+            )
+        return scale.to(module.weight.dtype)
+    return None if scale is None or scale == 1 else scale
+
+
+def _scaled_lookup(
+    adapter: nn.Module,
+    weight: Tensor,
+    scale: Tensor | float,
+    ids: Tensor,
+    position_ids: Tensor | None,
+    task_ids: Tensor | None,
+) -> Tensor:
+    """(B, m + s, d) `[P; scale * E[ids] + delta]`: the formula's rows built from what the
+    embedding module gives (`scale * E[ids]`), the prompt unscaled, as PEFT's prompt tuning
+    concatenates it with the module's output. The op has no scale argument, so the scaled
+    lookup (B, s, d) is its table, one row per token, read once: rounded once, as the
+    reference. A delta whose rows are token ids (`index="token"`) cannot read them from
+    that table's row numbers: it is added to the unscaled lookup and corrected, in fp32."""
+    if not tracing():  # the op would check the ids it reads; here they index the lookup
+        check_range("input_ids", ids, weight.shape[0])
+    tokens = nn.functional.embedding(ids, weight) * scale  # the module's own output
+    if adapter.op_args().get("index") == "token":
+        out = adapter(ids, weight, position_ids=position_ids, task_ids=task_ids)
+        plain = nn.functional.embedding(ids, weight)
+        rows = out[:, out.shape[1] - ids.shape[1] :]
+        rows.copy_(rows.float() + tokens.float() - plain.float())
+        return out
+    batch, s = ids.shape
+    rows_of = torch.arange(batch * s, device=ids.device).view(batch, s)
+    table = tokens.reshape(batch * s, -1)
+    return adapter(rows_of, table, position_ids=position_ids, task_ids=task_ids)
 
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

@@ -1,5 +1,5 @@
-"""The decoder-only architectures, one `Decoder` row each in `DECODERS`: adding one (Qwen2,
-...) is one row, registered below for both sites.
+"""The decoder-only architectures, one `Decoder` row each in `DECODERS`: adding one is one
+row, registered below for both sites.
 
 A row names the HF classes, imported from `transformers` by name only when a model of that
 type is patched (a release lacking one fails then, saying so), the head kind each class is
@@ -14,8 +14,13 @@ type is patched (a release lacking one fails then, saying so), the head kind eac
   past the window the prompt acts only through earlier tokens. A padding trim cuts leading
   columns only when the whole call fits in the window (cutting them would bring the prompt
   nearer the tokens).
-Rotary models (LLaMA, Mistral) take their positions from `position_ids`, which the hooks
-shift as for GPT-2: the prompt at 0..m-1, the tokens from m.
+Rotary models (LLaMA, Mistral, Qwen2, Gemma) take their positions from `position_ids`,
+which the hooks shift as for GPT-2: the prompt at 0..m-1, the tokens from m.
+Gemma multiplies its input embeddings by sqrt(d), as PEFT's prompt tuning meets it: the
+rows are those of the formula built from the embedding module's output and passed as
+`inputs_embeds`. Under transformers 4.x the model scales `inputs_embeds`, so the prompt,
+the tokens and the delta are all scaled; under 5.x the embedding module scales its lookup
+(`embed_scale`, applied by `_hooks.FusedEmbedding`), so only `E[ids]` is.
 The hooks every row shares are in `_decoder.py`.
 """
 
@@ -120,6 +125,20 @@ DECODERS = (
         },
         layers="layers",
         sliding_window="sliding_window",
+    ),
+    Decoder(
+        "qwen2",
+        "Qwen2",
+        {"Qwen2ForCausalLM": "lm", "Qwen2ForSequenceClassification": "cls", "Qwen2Model": "base"},
+        layers="layers",
+        # None unless config.use_sliding_window.
+        sliding_window="sliding_window",
+    ),
+    Decoder(
+        "gemma",
+        "Gemma",
+        {"GemmaForCausalLM": "lm", "GemmaForSequenceClassification": "cls", "GemmaModel": "base"},
+        layers="layers",
     ),
 )
 

@@ -1,6 +1,6 @@
 """Tiny random-weight models of every architecture the tests run (`ARCH_TABLE`: T5, GPT-2,
-LLaMA, Mistral) with DePT, prompt tuning and EPT, their batches, and the reference forward
-written from docs/design.md §1.
+LLaMA, Mistral, Qwen2, Gemma) with DePT, prompt tuning and EPT, their batches, and the
+reference forward written from docs/design.md §1.
 
 The reference builds `inputs_embeds` from the formulas with plain torch ops on the adapter's
 own parameters and runs an unpatched copy of the model with the mask, labels and positions
@@ -15,6 +15,10 @@ from dataclasses import dataclass
 import torch
 import transformers
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    GemmaForSequenceClassification,
+    GemmaModel,
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
@@ -28,6 +32,10 @@ from transformers import (
     MistralForSequenceClassification,
     MistralModel,
     PretrainedConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+    Qwen2Model,
     T5Config,
     T5ForConditionalGeneration,
     T5ForSequenceClassification,
@@ -92,6 +100,16 @@ ARCH_TABLE = {
         MistralConfig(**_LLAMA_DIMS, sliding_window=64),
         MistralForCausalLM, MistralForSequenceClassification, MistralModel,
     ),
+    "qwen2": Arch(
+        Qwen2Config(**_LLAMA_DIMS), Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen2Model
+    ),
+    # Gemma scales its input embeddings by sqrt(d) inside the model (test_gemma.py). With
+    # transformers 4.x that scales the prompt and the delta too: wider weights keep the
+    # layers' share of the residual stream, so generation depends on the input.
+    "gemma": Arch(
+        GemmaConfig(**{**_LLAMA_DIMS, "initializer_range": 0.3}, head_dim=8),
+        GemmaForCausalLM, GemmaForSequenceClassification, GemmaModel,
+    ),
 }  # fmt: skip
 ARCHS = tuple(ARCH_TABLE)
 DECODERS = tuple(a for a, t in ARCH_TABLE.items() if t.base is not None)
@@ -137,10 +155,19 @@ def patched_pair(arch: str, method: str, cls=None, dtype=torch.float32, max_leng
     return base, model
 
 
-def reference_embeds(adapter, weight, ids, position_ids=None):
-    """inputs_embeds (B, m + s, d) from the formulas, fp32 math, cast to the table dtype."""
+def reference_embeds(adapter, embedding, ids, position_ids=None):
+    """inputs_embeds (B, m + s, d) from the formulas, fp32 math, cast to the table dtype.
+
+    `embedding`: the model's input embedding module, whose output is `E[ids]` (Gemma's
+    scales its lookup under transformers 5), or a plain (V, d) table."""
     batch, seq = ids.shape
-    tokens = weight.float()[ids]
+    if isinstance(embedding, torch.nn.Module):
+        with torch.no_grad():
+            tokens = embedding(ids).float()
+        weight = embedding.weight
+    else:
+        weight = embedding
+        tokens = weight.float()[ids]
     if hasattr(adapter, "lora_a"):
         rows = torch.arange(seq).expand(batch, seq) if position_ids is None else position_ids
         tokens = tokens + adapter.config.lora_alpha / adapter.config.r**0.5 * (
@@ -177,8 +204,7 @@ def reference_forward(arch, base, adapter, ids, mask, labels, position_ids=None)
     """The unpatched model fed the formula's inputs_embeds, the mask with m ones in front, and
     (decoder-only) the prompt at positions 0..m-1 and the tokens' positions shifted by m."""
     m = adapter.num_virtual_tokens
-    weight = base.get_input_embeddings().weight
-    embeds = reference_embeds(adapter, weight, ids, position_ids)
+    embeds = reference_embeds(adapter, base.get_input_embeddings(), ids, position_ids)
     if arch == "t5":
         return base(inputs_embeds=embeds, attention_mask=ones_front(mask, m), labels=labels)
     extra = {}
@@ -213,14 +239,14 @@ BACKENDS = [
 def formula_embeds(arch, base, row_adapters, ids, mask):
     """Row b: [P; E[ids] + delta] of row b's adapter. Decoder-only models give left-padded
     tokens their rank among real tokens as position, which picks the low-rank row."""
-    weight = base.get_input_embeddings().weight
+    embedding = base.get_input_embeddings()
     rows = None
     if arch != "t5" and mask is not None:
         rows = (mask.cumsum(-1) - 1).clamp(min=0)
     out = []
     for b, adapter in enumerate(row_adapters):
         pos = None if rows is None else rows[b : b + 1]
-        out.append(reference_embeds(adapter, weight, ids[b : b + 1], pos))
+        out.append(reference_embeds(adapter, embedding, ids[b : b + 1], pos))
     return torch.cat(out)
 
 
