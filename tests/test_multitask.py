@@ -219,7 +219,7 @@ def test_stacked_ept_saves_as_prompt_tuning(tmp_path):
         served(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits,
     )
     config.update(method="ept", num_virtual_tokens=3, hidden=2, residual=True)
-    del config["prompt_init"], config["init_text"]
+    del config["prompt_init"], config["init_text"], config["init_from"]  # PT-only field
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="stacked ept adapter saves as prompt_tuning"):
         dk.load_adapter(tiny_model("gpt2"), tmp_path)
