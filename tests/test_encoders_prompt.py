@@ -163,7 +163,7 @@ def test_matches_peft_prompt_tuning(arch):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ENCODERS)
-def test_stacked_tasks(arch, method):
+def test_stacked_tasks(arch, method, tmp_path):
     """A mixed batch gives each sample its own task's logits (`task_ids` popped from the
     call), and the stacked adapter saves and loads."""
     base = encoder_model(arch)
@@ -177,11 +177,18 @@ def test_stacked_tasks(arch, method):
     task_ids = torch.tensor([1, 0, 2, 1])
     ids, mask, types, labels = padded_batch(served, b=4)
     call = dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
-    mixed = served(**call, task_ids=task_ids).logits
+    mixed = served(**call, labels=labels, task_ids=task_ids)
+    loss = 0.0
     for t, single in enumerate(singles):
         rows = task_ids.eq(t)
-        alone = single(**{k: v[rows] for k, v in call.items()}).logits
-        torch.testing.assert_close(mixed[rows], alone, **CLOSE)
+        alone = single(**{k: v[rows] for k, v in call.items()}, labels=labels[rows])
+        torch.testing.assert_close(mixed.logits[rows], alone.logits, **CLOSE)
+        loss = loss + alone.loss * rows.sum() / len(task_ids)
+    torch.testing.assert_close(mixed.loss, loss, **CLOSE)
+    dk.save_adapter(served, tmp_path)
+    loaded = dk.load_adapter(encoder_model(arch), tmp_path)
+    again = loaded(**call, task_ids=task_ids).logits
+    torch.testing.assert_close(again, mixed.logits, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -259,5 +266,5 @@ def test_unsupported_heads_and_settings(arch):
         dk.patch(encoder_model(arch), make_config("pt"), trim_padding=True)
     if arch != "deberta-v2":
         decoder = encoder_model(arch, is_decoder=True)
-        with pytest.raises(TypeError, match="config.is_decoder=True"):
+        with pytest.raises(TypeError, match=r"config\.is_decoder=True"):
             dk.patch(decoder, make_config("pt"))

@@ -72,4 +72,3 @@ def reference_forward(base, adapter, ids, mask=None, token_type_ids=None, **kwar
         zeros = torch.zeros(ids.shape[0], m, dtype=token_type_ids.dtype)
         kwargs["token_type_ids"] = torch.cat([zeros, token_type_ids], dim=1)
     return base(inputs_embeds=embeds, **kwargs)
-
