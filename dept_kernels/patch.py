@@ -66,10 +66,9 @@ def patch(
         trim_padding: cut the columns that the attention mask marks padding in every row
             before the fused op, so a batch padded to max_length costs what its longest
             input does. None (default): where the caller's outputs keep their shapes and
-            values (T5, T5EncoderModel, decoder-only sequence-classification heads); True:
-            decoder-only LM and base models too (their per-position outputs come back
-            re-padded); False: never. Prompt methods only; BERT, RoBERTa and DeBERTa-v2
-            never trim and refuse True.
+            values (T5, T5EncoderModel, sequence-classification heads); True: decoder-only
+            LM and base models and the encoder-only base models too (their per-position
+            outputs come back re-padded); False: never. Prompt methods only.
 
     Returns:
         `model`, whose forward and generate now take the usual arguments (ids of length s,

@@ -159,6 +159,12 @@ def test_matches_peft_prompt_tuning(arch):
     assert dk.patch(theirs) is theirs
     assert dk.adapter(theirs).prompt is prompt
     torch.testing.assert_close(theirs(**call).logits, reference(**call).logits, **CLOSE)
+    # Padded to a max length: the accelerated model trims, PEFT's runs every column.
+    ids, mask, types, labels = max_length_batch(ours)
+    call = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    seen = spy(theirs)
+    torch.testing.assert_close(theirs(**call).logits, reference(**call).logits, **CLOSE)
+    assert seen == [7]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -208,6 +214,100 @@ def test_aot_and_prompt_methods_both_serve_encoders():
         dk.patch(torch.nn.Linear(2, 2), make_config("pt"))
 
 
+# --------------------------------------------------------------------------- padding trim
+
+
+def trim_pair(arch: str, method: str, cls=None, trim: bool | None = None):
+    """(untrimmed model, model patched with `trim_padding=trim`), same adapter values."""
+    base = encoder_model(arch, cls=cls)
+    untrimmed = dk.patch(copy.deepcopy(base), make_config(method), trim_padding=False)
+    randomize(untrimmed.dept_adapter)
+    model = dk.patch(copy.deepcopy(base), make_config(method), trim_padding=trim)
+    model.dept_adapter.load_state_dict(untrimmed.dept_adapter.state_dict())
+    return base, untrimmed, model
+
+
+def spy(model) -> list[int]:
+    """The number of id columns of each call of `model`'s fused op."""
+    seen: list[int] = []
+    dk.adapter(model).register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+def max_length_batch(model):
+    """12 columns, rows of 7, 5 and 3 tokens: the last 5 columns are padding in every row."""
+    ids, mask, types, labels = padded_batch(model, s=12)
+    for row, n in enumerate((7, 5, 3)):
+        ids[row, n:], mask[row, n:], types[row, n:] = model.config.pad_token_id, 0, 0
+    return ids, mask, types, labels
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ENCODERS)
+def test_cls_trim_equals_untrimmed_and_reference(arch, method):
+    base, untrimmed, model = trim_pair(arch, method)
+    ids, mask, types, labels = max_length_batch(model)
+    call = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    seen, seen_untrimmed = spy(model), spy(untrimmed)
+    out = model(**call, output_hidden_states=True)
+    want = untrimmed(**call, output_hidden_states=True)
+    assert seen == [7] and seen_untrimmed == [12]
+    out.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(out.logits, want.logits, **CLOSE)
+    torch.testing.assert_close(out.loss, want.loss, **CLOSE)
+    check_grads(grads(model.dept_adapter), grads(untrimmed.dept_adapter), torch.float32)
+    m = model.dept_adapter.num_virtual_tokens
+    kept = m + 7
+    for got, full in zip(out.hidden_states, want.hidden_states, strict=True):
+        assert got.shape == full.shape
+        torch.testing.assert_close(got[:, :kept], full[:, :kept], **CLOSE)
+        assert not got[:, kept:].any()  # the cut columns read zeros
+    with torch.no_grad():
+        ref = reference_forward(base, model.dept_adapter, ids, mask, types, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits, **CLOSE)
+
+
+@pytest.mark.parametrize("arch", ENCODERS)
+def test_base_model_trims_on_request(arch):
+    """Base models trim with trim_padding=True only: the kept columns and the pooled row are
+    the untrimmed model's, the cut columns zeros."""
+    _, untrimmed, default = trim_pair(arch, "dept", cls=BASE_CLASSES[arch])
+    _, _, model = trim_pair(arch, "dept", cls=BASE_CLASSES[arch], trim=True)
+    ids, mask, types, _ = max_length_batch(model)
+    call = dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    seen_default, seen = spy(default), spy(model)
+    want = untrimmed(**call)
+    default(**call)
+    out = model(**call)
+    assert seen_default == [12] and seen == [7]
+    kept = model.dept_adapter.num_virtual_tokens + 7
+    assert out.last_hidden_state.shape == want.last_hidden_state.shape
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.last_hidden_state[:, :kept], want.last_hidden_state[:, :kept], **close
+    )
+    assert not out.last_hidden_state[:, kept:].any()
+    if getattr(want, "pooler_output", None) is not None:
+        torch.testing.assert_close(out.pooler_output, want.pooler_output, **close)
+
+
+@pytest.mark.parametrize("arch", ENCODERS)
+def test_calls_that_keep_every_column(arch):
+    """No trim with attention maps (per column) or without a mask; a tuple output (the base
+    model's, under transformers 4) keeps its values either way."""
+    _, untrimmed, model = trim_pair(arch, "pt")
+    ids, mask, _, _ = max_length_batch(model)
+    seen = spy(model)
+    out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    model(input_ids=ids)
+    assert seen == [12, 12]
+    want = untrimmed(input_ids=ids, attention_mask=mask, output_attentions=True)
+    torch.testing.assert_close(out.logits, want.logits, **CLOSE)
+    as_tuple = model(input_ids=ids, attention_mask=mask, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], want.logits, **CLOSE)
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
@@ -252,7 +352,7 @@ HEADS = {
 
 
 @pytest.mark.parametrize("arch", ENCODERS)
-def test_unsupported_heads_and_settings(arch):
+def test_unsupported_heads_and_configs(arch):
     other = encoder_model(arch, cls=getattr(transformers, HEADS[arch]))
     base = BASE_CLASSES[arch].__name__
     with pytest.raises(TypeError, match=rf"cover {base} and \w+ForSequenceClassification, got"):
@@ -262,8 +362,6 @@ def test_unsupported_heads_and_settings(arch):
     assert all(p.requires_grad for p in other.parameters())
     # AoT P-tuning still serves that head.
     dk.patch(other, dk.AoTConfig("kron", r=4))
-    with pytest.raises(ValueError, match="trim_padding is not supported"):
-        dk.patch(encoder_model(arch), make_config("pt"), trim_padding=True)
     if arch != "deberta-v2":
         decoder = encoder_model(arch, is_decoder=True)
         with pytest.raises(TypeError, match=r"config\.is_decoder=True"):

@@ -18,8 +18,20 @@ The output keeps the prompt rows, as under PEFT: per-position outputs have m + s
 the heads that pool row 0 (BERT's pooler, RoBERTa's classification head, DeBERTa-v2's
 `ContextPooler`) read the first *prompt* row, not the [CLS] token.
 
-A stacked adapter's `task_ids` (B,) are popped from the model's call. No padding trim: the
-hooks run every column the caller passes (`patch(..., trim_padding=True)` is refused).
+A stacked adapter's `task_ids` (B,) are popped from the model's call.
+
+Padding trim: the trailing columns that the mask marks padding in every row are cut from the
+ids, mask and token types before the fused op, so the model runs m + s' columns. Cutting
+them changes no kept row: attention gives masked keys zero weight, each kept row keeps its
+position (they follow the prompt, before the cut) and its relative distances, and DeBERTa-v2's
+convolution reads the masked columns as zeros (its embedding output is multiplied by the
+mask), as it reads the zero padding past the end. Leading columns stay (RoBERTa numbers
+every column, padding included). The base model's per-column outputs (`last_hidden_state`,
+`hidden_states`) come back at m + s columns, zeros in the cut ones; the pooler and the
+heads read row 0, the prompt's. On by default for the sequence-classification heads
+(their logits are unchanged), opt-in (`trim_padding=True`) for the base models (their
+padding columns read zeros), off with `trim_padding=False`, and never while tracing, with
+`output_attentions=True` or `return_dict=False` (`call_keeps_shapes`).
 """
 
 from __future__ import annotations
@@ -30,48 +42,66 @@ from torch.utils.hooks import RemovableHandle
 
 from ._hooks import (
     AdapterOf,
+    Cut,
     FusedEmbedding,
     Signature,
     TaskIds,
     bind,
+    call_keeps_shapes,
     extend_mask,
     needs_ids,
+    padding_cut,
+    restore_outputs,
     signature,
 )
 
 _NEEDS = ("input_ids", "attention_mask", "inputs_embeds", "token_type_ids")
 _WANTS = ("position_ids",)
+HEADS = ("cls", "base")
+# The base model's per-column outputs, restored to the caller's columns after a trim.
+_OUTPUTS = ("last_hidden_state", "hidden_states")
 
 
-def install(model: nn.Module, inner: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
+def install(
+    model: nn.Module, inner: nn.Module, adapter_of: AdapterOf, head: str
+) -> list[RemovableHandle]:
     """Hook `inner`, the base model inside `model` (or `model` itself), and `model` for its
-    `task_ids`."""
-    if adapter_of.trim_padding:
-        raise ValueError(
-            f"trim_padding is not supported on {type(model).__name__}: the encoder hooks run "
-            "every column the caller passes (leave trim_padding None or False)"
-        )
+    `task_ids`. head: "cls" (a sequence-classification head) or "base" (`model` is `inner`)."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if getattr(inner.config, "is_decoder", False):
         raise TypeError(
             f"{type(inner).__name__} configured as a decoder (config.is_decoder=True) is not "
             "supported by the prompt methods; they serve the bidirectional encoder"
         )
     # Checked before any hook is registered: a missing argument fails the patch, whole.
-    hooks = _EncoderHooks(adapter_of, signature(type(inner), _NEEDS, _WANTS))
+    hooks = _EncoderHooks(adapter_of, signature(type(inner), _NEEDS, _WANTS), head)
     handles = hooks.tasks.install(model)
     handles += hooks.fused.install(inner.get_input_embeddings())
     handles.append(inner.register_forward_pre_hook(hooks.pre_hook, with_kwargs=True))
+    handles.append(inner.register_forward_hook(hooks.restore_hook, always_call=True))
     return handles
 
 
 class _EncoderHooks:
-    def __init__(self, adapter_of: AdapterOf, args: Signature) -> None:
+    def __init__(self, adapter_of: AdapterOf, args: Signature, head: str) -> None:
         self.adapter_of = adapter_of
         self.args = args
+        self.head = head
         self.tasks = TaskIds()
         self.fused = FusedEmbedding(adapter_of)
+        # The cut of each open call (None: untrimmed), pushed first thing by the pre-hook and
+        # popped by the forward hook (which runs on errors too).
+        self.cuts: list[Cut | None] = []
+
+    def _trims(self, kw: dict, module: nn.Module) -> bool:
+        setting = self.adapter_of.trim_padding
+        if not (setting if self.head == "base" else setting is not False):
+            return False
+        return call_keeps_shapes(kw, module.config)
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.cuts.append(None)
         sig = self.args
         kw = bind(module, args, kwargs)
         own_tasks = kw.pop("task_ids", None)
@@ -88,10 +118,18 @@ class _EncoderHooks:
                 "prompt rows 0..m-1 and the tokens from m itself, as under PEFT's prompt "
                 "tuning (which ignores them)"
             )
-        m = self.adapter_of().num_virtual_tokens
         types = sig.get(kw, "token_type_ids")
+        _check_types(types, ids)
+        mask = sig.get(kw, "attention_mask")
+        cut = padding_cut(mask, leading=False) if self._trims(kw, module) else None
+        if cut is not None:
+            ids = cut.take(ids)
+            sig.set(kw, "attention_mask", cut.take(mask))
+            types = None if types is None else cut.take(types)
+            self.cuts[-1] = cut
+        m = self.adapter_of().num_virtual_tokens
         if types is not None:
-            sig.set(kw, "token_type_ids", _prefix_types(types, ids, m))
+            sig.set(kw, "token_type_ids", torch.cat([types.new_zeros(len(types), m), types], 1))
         task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
         embedding = module.get_input_embeddings()
         sig.set(kw, "inputs_embeds", self.fused(embedding, ids, None, task_ids))
@@ -99,12 +137,15 @@ class _EncoderHooks:
         sig.set(kw, "attention_mask", extend_mask(sig.get(kw, "attention_mask"), m))
         return (), kw
 
+    def restore_hook(self, module: nn.Module, args: tuple, output) -> None:
+        if self.cuts:
+            restore_outputs(output, self.cuts.pop(), _OUTPUTS)
 
-def _prefix_types(types: object, ids: Tensor, m: int) -> Tensor:
-    """(B, m + s): segment 0 for the prompt rows, then the caller's (B, s) token types."""
-    if not isinstance(types, Tensor) or types.shape != ids.shape:
+
+def _check_types(types: object, ids: Tensor) -> None:
+    """Token types, when given, are (B, s) like the ids: m zeros go in front of each row."""
+    if types is not None and (not isinstance(types, Tensor) or types.shape != ids.shape):
         shape = tuple(types.shape) if isinstance(types, Tensor) else type(types).__name__
         raise ValueError(
             f"token_type_ids must have the shape of input_ids {tuple(ids.shape)}, got {shape}"
         )
-    return torch.cat([types.new_zeros(types.shape[0], m), types], dim=1)

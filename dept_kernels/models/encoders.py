@@ -7,7 +7,8 @@ TypeError naming those. The hooks (`_encoder.py`) feed the base model what PEFT'
 tuning feeds it: the formula's `[P; E[ids] + delta]` as `inputs_embeds`, the mask with m
 ones in front, `token_type_ids` with m zeros in front, and no `position_ids`, so the model
 numbers the prompt 0..m-1 and the tokens from m. The outputs keep the prompt rows, so the
-classifier, which pools row 0, reads the first prompt row, as under PEFT.
+classifier, which pools row 0, reads the first prompt row, as under PEFT. Padding trim
+cuts trailing all-padding columns (`_encoder.py`).
 A row's absolute position table (`position_table`; RoBERTa's first `pad_token_id + 1` rows
 precede position 0, `positions_after_pad`; DeBERTa-v2 reads its table only with
 `config.position_biased_input`, `position_flag`) bounds m + s: a pre-hook says so
@@ -85,7 +86,8 @@ class Encoder:
                 f"{type(model).__name__} (AoTConfig serves every {self.name} head)"
             )
         inner = self.locate(model)[0]
-        handles = _encoder.install(model, inner, adapter_of)
+        head = "base" if model is inner else "cls"
+        handles = _encoder.install(model, inner, adapter_of, head)
         limit = self._position_limit(inner, adapter_of)
         if limit is not None:
             # First among the base model's pre-hooks: it reads the caller's ids.
