@@ -1,8 +1,9 @@
 """Encoder-only models (the rows of `encoders.ENCODERS`): the prompt methods' hooks, once the
 base model (`BertModel`, `RobertaModel`, `DebertaV2Model`) is located.
 
-They feed the base model what PEFT's prompt tuning feeds it (`PeftModelForSequenceClassification`,
-peft 0.17 to 0.21), with the formula's rows in place of `[P; E[ids]]`:
+They feed the base model what PEFT's prompt tuning feeds it
+(`PeftModelForSequenceClassification`, peft 0.17 to 0.21), with the formula's rows in place
+of its `[P; E[ids]]`:
 - `inputs_embeds` = `[P; E[ids] + delta]` (B, m + s, d), built inside the call of the word
   embedding module (`FusedEmbedding`);
 - `attention_mask` with m ones in front; left None when the caller passes none (the model
@@ -12,8 +13,8 @@ peft 0.17 to 0.21), with the formula's rows in place of `[P; E[ids]]`:
   at m + t (RoBERTa from `pad_token_id + 1` on, since its positions come from
   `inputs_embeds`, padding included); DeBERTa-v2's relative attention measures distances
   over the same rows. PEFT drops a caller's `position_ids` with a warning; here they are
-  refused (the result would not depend on them). The low-rank rows are the token
-  positions t = 0..s-1 (docs/design.md §1).
+  refused rather than ignored. The low-rank rows are the token positions t = 0..s-1
+  (docs/design.md §1).
 The output keeps the prompt rows, as under PEFT: per-position outputs have m + s rows, and
 the heads that pool row 0 (BERT's pooler, RoBERTa's classification head, DeBERTa-v2's
 `ContextPooler`) read the first *prompt* row, not the [CLS] token.
@@ -25,8 +26,8 @@ ids, mask and token types before the fused op, so the model runs m + s' columns.
 them changes no kept row: attention gives masked keys zero weight, each kept row keeps its
 position (they follow the prompt, before the cut) and its relative distances, and DeBERTa-v2's
 convolution reads the masked columns as zeros (its embedding output is multiplied by the
-mask), as it reads the zero padding past the end. Leading columns stay (RoBERTa numbers
-every column, padding included). The base model's per-column outputs (`last_hidden_state`,
+mask), as it reads the zero padding past the end. Leading columns stay: cutting them would
+move every kept token's position. The base model's per-column outputs (`last_hidden_state`,
 `hidden_states`) come back at m + s columns, zeros in the cut ones; the pooler and the
 heads read row 0, the prompt's. On by default for the sequence-classification heads
 (their logits are unchanged), opt-in (`trim_padding=True`) for the base models (their
