@@ -54,8 +54,9 @@ def patch(
 ) -> nn.Module:
     """Attach an adapter to a Hugging Face model, in place.
 
-    Prompt methods patch T5 / GPT-2 / LLaMA / Mistral; AoT P-tuning also BERT and RoBERTa
-    (every layer; T5: every encoder layer).
+    Prompt methods patch T5, the decoder-only models (GPT-2, LLaMA, Mistral, Qwen2, Gemma)
+    and BERT / RoBERTa / DeBERTa-v2 (their base and sequence-classification models); AoT
+    P-tuning every layer of those (T5: every encoder layer).
 
     Args:
         model: the model; with `config=None`, a PEFT prompt-tuning model or an official DePT
@@ -66,8 +67,8 @@ def patch(
             before the fused op, so a batch padded to max_length costs what its longest
             input does. None (default): where the caller's outputs keep their shapes and
             values (T5, T5EncoderModel, sequence-classification heads); True: decoder-only
-            LM and base models too (their per-position outputs come back re-padded);
-            False: never. Prompt methods only.
+            LM and base models and the encoder-only base models too (their per-position
+            outputs come back re-padded); False: never. Prompt methods only.
 
     Returns:
         `model`, whose forward and generate now take the usual arguments (ids of length s,

@@ -1344,16 +1344,20 @@ CONFIG_CASES = [
 ]
 
 
-def bert() -> transformers.BertModel:
+def bert(cls=transformers.BertModel) -> torch.nn.Module:
     config = transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=32,
     )  # fmt: skip
-    return transformers.BertModel(config).eval()
+    return cls(config).eval()
 
 
 def deberta_v2(**changes) -> torch.nn.Module:
     return aot.tiny_model("deberta-v2", **changes)
+
+
+def encoder_prompt_model(arch: str = "roberta") -> torch.nn.Module:
+    return dk.patch(aot.tiny_model(arch), make_config("dept"))
 
 
 def patched_twice(_):
@@ -1380,16 +1384,41 @@ PATCH_CASES = [
         r"unsupported model Linear \(model_type=None\)",
     ),
     bad(
-        "patch/bert_with_a_prompt_method",
-        lambda _: dk.patch(bert(), make_config("dept")),
+        "patch/bert_masked_lm_with_a_prompt_method",
+        lambda _: dk.patch(bert(transformers.BertForMaskedLM), make_config("dept")),
         TypeError,
-        r"model_type='bert'.*AoTConfig also",
+        r"prompt methods on BERT cover BertModel and BertForSequenceClassification, got "
+        r"BertForMaskedLM",
     ),
     bad(
-        "patch/deberta_v2_with_a_prompt_method",
-        lambda _: dk.patch(deberta_v2(), make_config("pt")),
+        "patch/deberta_v2_multiple_choice_with_a_prompt_method",
+        lambda _: dk.patch(
+            deberta_v2(cls=transformers.DebertaV2ForMultipleChoice), make_config("pt")
+        ),
         TypeError,
-        r"model_type='deberta-v2'.*AoTConfig also: \[.*'deberta-v2'",
+        r"prompt methods on DeBERTa-v2 cover DebertaV2Model and "
+        r"DebertaV2ForSequenceClassification, got DebertaV2ForMultipleChoice",
+    ),
+    bad(
+        "patch/roberta_past_its_position_table",
+        lambda _: forward(encoder_prompt_model(), tokens(s=59)),
+        ValueError,
+        r"need 63 positions, but RoBERTa's position table \(config.max_position_embeddings\) "
+        r"has 62 \(its first 2 rows precede position 0\)",
+    ),
+    bad(
+        "patch/bert_prompt_inputs_embeds_only",
+        lambda _: encoder_prompt_model("bert")(inputs_embeds=torch.zeros(1, 3, 32)),
+        ValueError,
+        r"the patched BertModel needs input_ids",
+    ),
+    bad(
+        "patch/bert_prompt_position_ids",
+        lambda _: forward(
+            encoder_prompt_model("bert"), tokens(), position_ids=torch.arange(5).expand(2, 5)
+        ),
+        ValueError,
+        r"position_ids are not supported by the patched BertModel",
     ),
     bad(
         "patch/config_a_dict",

@@ -240,21 +240,20 @@ def test_errors_are_clear():
         dk.unpatch(model)
     with pytest.raises(TypeError, match="unsupported model"):
         dk.patch(torch.nn.Linear(2, 2), make_config("pt"))
-    bert = transformers.BertModel(
-        transformers.BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=32,
+    distil = transformers.DistilBertModel(
+        transformers.DistilBertConfig(
+            vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=32
         )
     )  # fmt: skip
-    with pytest.raises(TypeError, match="model_type='bert'"):
-        dk.patch(bert, make_config("pt"))
+    with pytest.raises(TypeError, match="model_type='distilbert'"):
+        dk.patch(distil, make_config("pt"))
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
         dk.patch(transformers.LlamaForTokenClassification(tiny_config("llama")), make_config("pt"))
     with pytest.raises(TypeError, match="needs a config"):
         dk.patch(tiny_model("gpt2"))
     # A failed patch leaves the model untouched.
-    assert not hasattr(bert, "dept_adapter")
-    assert all(p.requires_grad for p in bert.parameters())
+    assert not hasattr(distil, "dept_adapter")
+    assert all(p.requires_grad for p in distil.parameters())
 
 
 # --------------------------------------------------------------------------- generate()

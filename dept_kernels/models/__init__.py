@@ -3,7 +3,7 @@ runs an adapter: the seam the methods use (`describe`, `install`).
 
 Every architecture registers one `Architecture` per `config.model_type` beside its code
 (`_registry.py`): the decoder-only models as rows of one table (`decoders.py`), T5
-(`t5.py`), BERT, RoBERTa and DeBERTa-v2 (`encoders.py`, AoT only). An entry locates the
+(`t5.py`), BERT, RoBERTa and DeBERTa-v2 as rows of another (`encoders.py`). An entry locates the
 module taking `input_ids` and its layers, which every site reads, and installs the prompt
 methods' hooks (site "input_embedding"); AoT P-tuning's hooks ("layer_input") are shared
 (`_aot.py`).

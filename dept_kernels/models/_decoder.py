@@ -281,14 +281,22 @@ class _DecoderHooks:
 
 class PositionLimit:
     """Refuses a forward whose prompt rows and tokens need more positions than a learned
-    position table has (`config.<field>` rows): HF would raise a bare IndexError."""
+    position table has (`config.<field>` rows, of which the first `reserved` precede
+    position 0, as RoBERTa's do): HF would raise a bare IndexError."""
 
-    def __init__(self, adapter_of: AdapterOf, name: str, field: str, inner: nn.Module) -> None:
+    # A class default: objects pickled before `reserved` existed read 0.
+    reserved: int = 0
+
+    def __init__(
+        self, adapter_of: AdapterOf, name: str, field: str, inner: nn.Module, reserved: int = 0
+    ) -> None:
         self.adapter_of = adapter_of
         self.name = name  # the architecture, as messages spell it
         self.field = field
-        self.limit = getattr(inner.config, field)
-        self.args = signature(type(inner), ("input_ids", "cache"))
+        self.reserved = reserved
+        self.limit = getattr(inner.config, field) - reserved
+        # Encoders take no cache (DeBERTa-v2's forward names none).
+        self.args = signature(type(inner), ("input_ids",), ("cache",))
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         kw = bind(module, args, kwargs)
@@ -300,11 +308,14 @@ class PositionLimit:
         needed = past + ids.shape[1] + (m if past == 0 else 0)
         if needed > self.limit:
             cached = f", after {past} cached," if past else ""
+            reserved = (
+                f" (its first {self.reserved} rows precede position 0)" if self.reserved else ""
+            )
             raise ValueError(
                 f"the prompt's {m} rows and {ids.shape[1]} tokens{cached} need {needed} "
                 f"positions, but {self.name}'s position table (config.{self.field}) has "
-                f"{self.limit}: the soft prompt pushes the sequence past it; keep inputs to "
-                f"{self.limit - m} tokens or fewer"
+                f"{self.limit}{reserved}: the soft prompt pushes the sequence past it; keep "
+                f"inputs to {self.limit - m} tokens or fewer"
             )
 
 

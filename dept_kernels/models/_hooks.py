@@ -31,6 +31,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "attention_mask": ("attention_mask",),
     "inputs_embeds": ("inputs_embeds",),
     "position_ids": ("position_ids",),
+    "token_type_ids": ("token_type_ids",),
     "cache": ("cache", "past_key_values"),
     "cache_position": ("cache_position",),
     "encoder_outputs": ("encoder_outputs",),

@@ -26,7 +26,7 @@ class Architecture:
     `locate(model) -> (inner, layers)`: the module taking `input_ids` (T5: the encoder
     stack) and the layers a per-layer bias goes before, in order; every site reads it.
     `install(model, adapter_of)`: the hooks for the "input_embedding" site (the prompt
-    methods); None where only "layer_input" is wired (BERT, RoBERTa, DeBERTa-v2).
+    methods); None where only "layer_input" is wired.
     `reread`: the indices of the layers whose input the model reads again after the layer
     has run (DeBERTa-v2's convolution reads layer 0's); AoT adds their bias out of place.
     """
@@ -74,9 +74,8 @@ def lookup(model: nn.Module, site: str) -> Architecture:
     unsupported = f"unsupported model {type(model).__name__} (model_type={model_type(model)!r})"
     if site == "input_embedding":
         aot_only = sorted(set(supported("layer_input")) - set(supported(site)))
-        raise TypeError(
-            f"{unsupported}; supported model types: {supported(site)} (AoTConfig also: {aot_only})"
-        )
+        also = f" (AoTConfig also: {aot_only})" if aot_only else ""
+        raise TypeError(f"{unsupported}; supported model types: {supported(site)}{also}")
     raise TypeError(
         f"{unsupported} for AoT P-tuning; supported model types: {supported('layer_input')}"
     )

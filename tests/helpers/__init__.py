@@ -1,7 +1,8 @@
 """What the tests share: the test device, tensors drawn reproducibly, and the comparison.
 
 Submodules hold the rest: `models` (tiny prompt-method models, batches and the formula
-reference), `aot` (AoT models and the table reference), `peft_models` (PEFT and official
+reference), `aot` (AoT models and the table reference), `encoders` (BERT, RoBERTa and
+DeBERTa-v2 with the prompt methods and their reference), `peft_models` (PEFT and official
 DePT stand-ins), `hooks` (patch-hook state and checkpoint wrapping), `distributed` (the
 engine tests' launch and comparison). Tolerances live in `dept_kernels.testing.compare`.
 """
