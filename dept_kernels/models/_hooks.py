@@ -47,6 +47,20 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
+def transformers_class(name: str, who: str) -> type:
+    """`transformers.<name>`, imported when a model is patched; a TypeError saying that `who`'s
+    support needs it when the installed release lacks it."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise TypeError(
+            f"{who} support needs transformers.{name}, which transformers "
+            f"{transformers_version()} does not have"
+        )
+    return cls
+
+
 class Signature:
     """Where a hooked forward takes the arguments the hooks read, found in the installed
     version's signature (`ROLES`), never by one hard-coded name.

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _decoder
-from ._hooks import AdapterOf, find_inner, transformers_version
+from ._hooks import AdapterOf, find_inner, transformers_class
 from ._registry import Architecture, register
 
 
@@ -62,15 +62,7 @@ class Decoder:
             )
 
     def _class(self, name: str) -> type:
-        import transformers
-
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            raise TypeError(
-                f"{self.name} support needs transformers.{name}, which transformers "
-                f"{transformers_version()} does not have"
-            )
-        return cls
+        return transformers_class(name, self.name)
 
     def locate(self, model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
         """(the base model inside `model`, its layers): where AoT P-tuning adds its bias."""
