@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 # The architecture modules register their entries on import.
-from . import _aot, decoders, encoders, t5  # noqa: F401
+from . import _aot, _generic, decoders, encoders, t5  # noqa: F401
 from ._hooks import AdapterOf, Generate
 from ._registry import SITES, Architecture, check_site, lookup, model_type
 

@@ -1,0 +1,144 @@
+"""The generic path: the prompt methods on a model type that has no table entry, as PEFT's
+prompt tuning reaches any model whose forward takes `inputs_embeds` and `attention_mask`.
+
+What it needs, found by structure and signature (never by class name), each missing piece a
+TypeError naming the model's class, the transformers version and what is missing:
+- an input embedding (`get_input_embeddings()`, a (V, d) weight) held as a direct child by
+  one module, the *inner* model, whose forward takes input_ids, attention_mask and
+  inputs_embeds (OPT's `OPTDecoder`, BLOOM's `BloomModel`, Phi's `PhiModel`); the fused op
+  runs inside that embedding's call (`_hooks.FusedEmbedding`), as engines need;
+- a model forward taking input_ids, attention_mask and inputs_embeds;
+- one stack: an encoder-decoder (`config.is_encoder_decoder`) needs a table entry (T5).
+The head kind comes from the model: no `labels` argument, the base model (its output keeps
+the m prompt rows, as in PEFT); output embeddings (`get_output_embeddings()`), a causal LM
+(labels get m leading -100s, logits keep the prompt rows); otherwise a head over the tokens,
+such as sequence classification, which reads the inner output without the prompt rows. The
+decoder hooks (`_decoder.py`) then do the rest: the rows on a first forward only (a cache
+holding no tokens), the mask (and positions, cache positions, where the forward takes them)
+shifted by m on later steps, `task_ids` for stacked adapters. Position ids and the cache are
+read where the forwards take them: BLOOM takes no positions (ALiBi reads the mask), so its
+low-rank rows are the columns 0..s-1.
+A learned absolute position table (an `nn.Embedding` of the inner model besides the input
+embedding, OPT's `embed_positions`) limits prompt and tokens to
+`config.max_position_embeddings`: longer calls raise a ValueError (`_decoder.PositionLimit`).
+No padding trim on this path: which columns a head or a position scheme may lose is known
+only for the table's rows; `patch(..., trim_padding=True)` is refused.
+What this path does not do: AoT P-tuning (its layer sites need a table entry), left-padding
+positions beyond what the model itself derives, sliding windows, seq2seq models.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from . import _decoder
+from ._hooks import ROLES, AdapterOf, transformers_version
+from ._registry import Architecture, model_type, register_generic, supported
+
+_NEEDS = ("input_ids", "attention_mask", "inputs_embeds")
+# Read where the forwards take them; the table's rows must.
+_OPTIONAL = ("position_ids", "cache")
+_POSITION_LIMIT = "max_position_embeddings"
+
+
+def _unsupported(model: nn.Module, why: str) -> TypeError:
+    return TypeError(
+        f"unsupported model {type(model).__name__} (model_type={model_type(model)!r}, "
+        f"transformers {transformers_version()}): {why}; the generic path serves models whose "
+        "forward takes input_ids, attention_mask and inputs_embeds; model types with a table "
+        f"entry: {supported('input_embedding')}"
+    )
+
+
+def _lacks(cls: type, roles: tuple[str, ...]) -> str | None:
+    """What `cls.forward` lacks of `roles`, as a message; None if it takes them all."""
+    params = inspect.signature(cls.forward).parameters
+    missing = [ROLES[r][0] for r in roles if not any(n in params for n in ROLES[r])]
+    if not missing:
+        return None
+    return f"{cls.__name__}.forward takes no {', '.join(missing)} argument"
+
+
+def _call(model: nn.Module, method: str) -> object:
+    get = getattr(model, method, None)
+    try:
+        return get() if callable(get) else None
+    except NotImplementedError:
+        return None
+
+
+def input_embedding(model: nn.Module) -> nn.Module:
+    """`model`'s input embedding module, (V, d) weight, or the TypeError saying it has none."""
+    embedding = _call(model, "get_input_embeddings")
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(embedding, nn.Module) or not isinstance(weight, Tensor) or weight.ndim != 2:
+        raise _unsupported(
+            model, "no input-embedding module found (get_input_embeddings() gives no module "
+            "with a (V, d) weight)"
+        )  # fmt: skip
+    return embedding
+
+
+def locate(model: nn.Module) -> tuple[nn.Module, tuple[()]]:
+    """(the inner model: the module holding the input embedding, no layers): the layers
+    are AoT's sites, which need a table entry."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise _unsupported(
+            model, "it is an encoder-decoder model, whose prompt goes on the encoder input and "
+            "whose decoder's cross-attention reads it: that needs a table entry (as T5 has)"
+        )  # fmt: skip
+    embedding = input_embedding(model)
+    lacks = _lacks(type(model), _NEEDS)
+    if lacks:
+        raise _unsupported(model, lacks)
+    inner = next((m for m in model.modules() if any(c is embedding for c in m.children())), None)
+    if inner is None:
+        raise _unsupported(
+            model, f"no module inside it holds its input embedding ({type(embedding).__name__}) "
+            "as a direct child"
+        )  # fmt: skip
+    lacks = _lacks(type(inner), _NEEDS)
+    if lacks:
+        raise _unsupported(model, f"the module holding its input embedding: {lacks}")
+    return inner, ()
+
+
+def head(model: nn.Module) -> str:
+    """`model`'s head kind (`_decoder.HEADS`), from its forward's arguments and modules."""
+    if _lacks(type(model), ("labels",)):
+        return "base"
+    return "lm" if isinstance(_call(model, "get_output_embeddings"), nn.Module) else "cls"
+
+
+def _position_table(inner: nn.Module, embedding: nn.Module) -> bool:
+    """Whether `inner` holds a learned position table sized by its config."""
+    config = getattr(inner, "config", None)
+    if not isinstance(getattr(config, _POSITION_LIMIT, None), int):
+        return False
+    return any(isinstance(c, nn.Embedding) and c is not embedding for c in inner.children())
+
+
+def install(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
+    """The prompt methods' hooks on `model` (site "input_embedding")."""
+    if adapter_of.trim_padding:
+        raise ValueError(
+            f"trim_padding=True: {type(model).__name__} runs on the generic path (its model "
+            f"type {model_type(model)!r} has no table entry), which does not trim padding"
+        )
+    inner, _ = locate(model)
+    embedding = input_embedding(model)
+    handles = _decoder.install(
+        model, inner, adapter_of, head(model), optional=_OPTIONAL, embedding=embedding, trims=False
+    )
+    if _position_table(inner, embedding):
+        name = type(inner).__name__
+        limit = _decoder.PositionLimit(adapter_of, name, _POSITION_LIMIT, inner)
+        # First among the inner model's pre-hooks: it reads the caller's ids.
+        handles.append(inner.register_forward_pre_hook(limit, with_kwargs=True, prepend=True))
+    return handles
+
+
+register_generic(Architecture("generic", locate, install))
