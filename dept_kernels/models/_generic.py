@@ -46,8 +46,8 @@ _POSITION_LIMIT = "max_position_embeddings"
 
 def _unsupported(model: nn.Module, why: str) -> TypeError:
     return TypeError(
-        f"unsupported model {type(model).__name__} (model_type={model_type(model)!r}, "
-        f"transformers {transformers_version()}): {why}; the generic path serves models whose "
+        f"unsupported model {type(model).__name__} (model_type={model_type(model)!r}) under "
+        f"transformers {transformers_version()}: {why}; the generic path serves models whose "
         "forward takes input_ids, attention_mask and inputs_embeds; model types with a table "
         f"entry: {supported('input_embedding')}"
     )
