@@ -82,10 +82,15 @@ GENERIC_TABLE = {
 GENERIC_ARCHS = tuple(GENERIC_TABLE)
 
 
+def generic_config(arch: str) -> PretrainedConfig:
+    """A fresh copy of `arch`'s tiny config."""
+    return copy.deepcopy(GENERIC_TABLE[arch].config)
+
+
 def generic_model(arch: str, kind: str = "lm", dtype=torch.float32, seed: int = 0):
     """A tiny random `arch` model with head `kind` ("lm", "cls" or "base"), in eval mode."""
     torch.manual_seed(seed)
-    model = GENERIC_TABLE[arch].classes()[kind](copy.deepcopy(GENERIC_TABLE[arch].config))
+    model = GENERIC_TABLE[arch].classes()[kind](generic_config(arch))
     return model.to(dtype).eval()
 
 
