@@ -357,3 +357,34 @@ def test_bad_inputs_are_refused_before_the_op(arch):
         model(input_ids=ids, task_ids=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="max_length"):
         model(input_ids=torch.randint(2, VOCAB, (1, 17)))  # DePT's L = 16
+
+
+@pytest.mark.parametrize("arch", GENERIC_ARCHS)
+def test_a_peft_prompt_tuning_model_accelerates(arch):
+    """`patch(peft_model)` with no config: PEFT's own forward (logits, loss, gradient); its
+    generate follows the formula (PEFT's own drops generate's position ids, and misses the
+    cache where the forward names it `cache`: tests/test_patch_peft.py)."""
+    import peft
+
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6)
+    model = peft.get_peft_model(generic_model(arch), config)
+    prompt = model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        prompt.copy_(0.5 * torch.randn(prompt.shape, generator=torch.Generator().manual_seed(3)))
+    ids, mask, _ = left_padded(s=6)
+    want = model(input_ids=ids, attention_mask=mask, labels=ids)
+    want.loss.backward()
+    theirs = prompt.grad.clone()
+    prompt.grad = None
+    dk.patch(model)
+    assert dk.adapter(model).prompt is prompt
+    got = model(input_ids=ids, attention_mask=mask, labels=ids)
+    got.loss.backward()
+    torch.testing.assert_close(got.logits, want.logits, **CLOSE)
+    torch.testing.assert_close(got.loss, want.loss, **CLOSE)
+    torch.testing.assert_close(prompt.grad, theirs, **CLOSE)
+    kwargs = {"max_new_tokens": 5, "do_sample": False}
+    tokens = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    adapters = [dk.adapter(model)] * 3
+    want_tokens = generic_generate(arch, generic_model(arch), adapters, ids, mask, **kwargs)
+    assert torch.equal(tokens[:, ids.shape[1] :], want_tokens)
