@@ -1,10 +1,12 @@
-"""The generic path: the prompt methods on OPT, BLOOM and Phi, which have no table entry.
+"""The generic path: the prompt methods on OPT, BLOOM, Phi and BART, which have no table entry.
 
 The reference is the unpatched model fed the formula's `inputs_embeds = [P; E[ids] + delta]`,
 the mask with m ones in front and (causal LM) m leading -100 labels; the model numbers the
 positions of that call itself (OPT from the mask, Phi from the columns, BLOOM's ALiBi from
 the mask), as it does for the patched model's inner call. Sequence classification pools the
-base model's states without the prompt rows at each row's last real token.
+base model's states without the prompt rows at each row's last real token. BART (an
+encoder-decoder) takes the prompt on its encoder input; its decoder reads the m + s encoder
+states through the extended mask.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import pytest
 import torch
 import transformers
 from helpers.generic import (
-    GENERIC_ARCHS,
+    BART_EOS,
+    DECODER_ARCHS,
     GENERIC_TABLE,
     generic_generate,
     generic_model,
@@ -86,8 +89,8 @@ def backward(adapter, output, loss):
 
 
 FORWARD_CASES = [
-    *[(a, k, meth, torch.float32) for a in GENERIC_ARCHS for k in KINDS for meth in ("dept", "pt")],
-    *[(a, "lm", "dept", torch.bfloat16) for a in GENERIC_ARCHS],
+    *[(a, k, meth, torch.float32) for a in DECODER_ARCHS for k in KINDS for meth in ("dept", "pt")],
+    *[(a, "lm", "dept", torch.bfloat16) for a in DECODER_ARCHS],
     ("phi", "lm", "ept", torch.float32),
     ("opt", "cls", "ept", torch.float32),
 ]  # fmt: skip
@@ -115,7 +118,7 @@ def test_forward_and_gradients_match_the_formula(arch, kind, method, dtype):
         torch.testing.assert_close(got[name], want[name], **tol(dtype), msg=name)
 
 
-@pytest.mark.parametrize("arch", GENERIC_ARCHS)
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
 def test_head_kinds_and_inner_modules(arch):
     """The entry finds the module holding the embedding, and each head's kind."""
     from dept_kernels.models import _generic
@@ -131,7 +134,7 @@ def test_head_kinds_and_inner_modules(arch):
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
-@pytest.mark.parametrize("arch", GENERIC_ARCHS)
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
 def test_generate_matches_the_reference(arch, num_beams):
     """Rows on the first step only, the mask and positions shifted on the later ones: the
     tokens equal the unpatched model's generate from the formula's embeds (left padding)."""
@@ -145,7 +148,7 @@ def test_generate_matches_the_reference(arch, num_beams):
     assert len(set(want.flatten().tolist())) > 2  # a constant output proves little
 
 
-@pytest.mark.parametrize("arch", GENERIC_ARCHS)
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
 def test_generate_without_the_cache_agrees(arch):
     """Without a cache every step re-runs the sequence: generated tokens take no delta."""
     _, model = generic_pair(arch)
@@ -171,7 +174,7 @@ def stacked(arch: str, kind: str = "lm", tasks: int = 2):
 TASK_IDS = torch.tensor([1, 0, 1])
 
 
-@pytest.mark.parametrize(("arch", "kind"), [(a, k) for a in GENERIC_ARCHS for k in ("lm", "cls")])
+@pytest.mark.parametrize(("arch", "kind"), [(a, k) for a in DECODER_ARCHS for k in ("lm", "cls")])
 def test_stacked_tasks_equal_each_task_alone(arch, kind):
     served, singles = stacked(arch, kind)
     ids, mask, _ = left_padded()
@@ -182,7 +185,7 @@ def test_stacked_tasks_equal_each_task_alone(arch, kind):
         torch.testing.assert_close(mixed[rows], alone, **CLOSE)
 
 
-@pytest.mark.parametrize("arch", GENERIC_ARCHS)
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
 def test_generate_with_task_ids(arch):
     served, singles = stacked(arch)
     ids, mask, _ = left_padded(s=6)
@@ -200,7 +203,7 @@ def test_generate_with_task_ids(arch):
 
 
 @pytest.mark.parametrize(
-    ("arch", "method"), [(a, "dept") for a in GENERIC_ARCHS] + [("bloom", "ept")]
+    ("arch", "method"), [(a, "dept") for a in DECODER_ARCHS] + [("bloom", "ept")]
 )
 def test_save_and_load_round_trip(arch, method, tmp_path):
     _, model = generic_pair(arch, "lm", method)
@@ -306,14 +309,20 @@ def test_a_model_lacking_what_the_path_needs_is_named(build, message):
     assert all(p.requires_grad for p in model.parameters())  # left untouched
 
 
-def test_an_encoder_decoder_needs_a_table_entry():
-    config = transformers.BartConfig(
-        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
-        decoder_ffn_dim=16, max_position_embeddings=32,
-    )  # fmt: skip
-    with pytest.raises(TypeError, match=r"BartForConditionalGeneration.*encoder-decoder"):
-        dk.patch(transformers.BartForConditionalGeneration(config), make_config("dept"))
+class _NoEncoder(_IdsOnly):
+    """An encoder-decoder by its config whose forward takes what the path needs, but which
+    has no encoder to find."""
+
+    def forward(
+        self, input_ids=None, attention_mask=None, inputs_embeds=None, encoder_outputs=None
+    ):
+        return self.embed(input_ids)
+
+
+def test_an_encoder_decoder_without_an_encoder_is_named():
+    model = _NoEncoder(_Config(is_encoder_decoder=True))
+    with pytest.raises(TypeError, match=r"unsupported model _NoEncoder .*get_encoder\(\) gives no"):
+        dk.patch(model, make_config("dept"))
 
 
 def test_aot_still_needs_a_table_entry():
@@ -343,7 +352,7 @@ def test_opt_position_table_limit():
         model.generate(input_ids=fits, max_new_tokens=2, do_sample=False)
 
 
-@pytest.mark.parametrize("arch", GENERIC_ARCHS)
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
 def test_bad_inputs_are_refused_before_the_op(arch):
     _, model = generic_pair(arch)
     ids, mask, _ = left_padded()
@@ -359,7 +368,7 @@ def test_bad_inputs_are_refused_before_the_op(arch):
         model(input_ids=torch.randint(2, VOCAB, (1, 17)))  # DePT's L = 16
 
 
-@pytest.mark.parametrize("arch", GENERIC_ARCHS)
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
 def test_a_peft_prompt_tuning_model_accelerates(arch):
     """`patch(peft_model)` with no config: PEFT's own forward (logits, loss, gradient); its
     generate follows the formula (PEFT's own drops generate's position ids, and misses the
@@ -388,3 +397,129 @@ def test_a_peft_prompt_tuning_model_accelerates(arch):
     adapters = [dk.adapter(model)] * 3
     want_tokens = generic_generate(arch, generic_model(arch), adapters, ids, mask, **kwargs)
     assert torch.equal(tokens[:, ids.shape[1] :], want_tokens)
+
+
+# --------------------------------------------------------------------------- BART
+
+
+def seq2seq_batch():
+    """Row 1 right-padded (an encoder input pads on the right), one <eos> ending each row's
+    tokens (BART's classification head pools there), decoder labels, class labels."""
+    ids, mask, labels = batch()
+    ids[ids == BART_EOS] = BART_EOS + 1
+    ids[1, -3:], mask[1, -3:] = PAD, 0
+    ids[0, -1], ids[1, -4], ids[2, -1] = BART_EOS, BART_EOS, BART_EOS
+    return ids, mask, labels, torch.tensor([0, 1, 1])
+
+
+def seq2seq_reference(kind, base, adapter, ids, mask, labels, classes):
+    """The unpatched model on the formula's encoder input; (logits or states, loss)."""
+    m = adapter.num_virtual_tokens
+    embeds = reference_embeds(adapter, base.get_input_embeddings(), ids)
+    ext = ones_front(mask, m)
+    if kind == "lm":
+        out = base(inputs_embeds=embeds, attention_mask=ext, labels=labels)
+        return out.logits, out.loss
+    inner = base if kind == "base" else base.model
+    enc = inner.encoder(inputs_embeds=embeds, attention_mask=ext)
+    if kind == "base":
+        out = base(attention_mask=ext, encoder_outputs=enc, decoder_input_ids=labels)
+        return out.last_hidden_state, None
+    out = base(input_ids=ids, attention_mask=ext, encoder_outputs=enc, labels=classes)
+    return out.logits, out.loss
+
+
+def seq2seq_run(kind, model, ids, mask, labels, classes):
+    if kind == "lm":
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        return out.logits, out.loss
+    if kind == "base":
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=labels)
+        return out.last_hidden_state, None
+    out = model(input_ids=ids, attention_mask=mask, labels=classes)
+    return out.logits, out.loss
+
+
+SEQ2SEQ_CASES = [
+    *[(k, meth, torch.float32) for k in KINDS for meth in ("dept", "pt")],
+    ("lm", "dept", torch.bfloat16),
+    ("lm", "ept", torch.float32),
+]
+
+
+@pytest.mark.parametrize(("kind", "method", "dtype"), SEQ2SEQ_CASES)
+def test_seq2seq_forward_and_gradients_match_the_formula(kind, method, dtype):
+    base, model = generic_pair("bart", kind, method, dtype)
+    adapter = model.dept_adapter
+    ids, mask, labels, classes = seq2seq_batch()
+    got_out, got_loss = seq2seq_run(kind, model, ids, mask, labels, classes)
+    got = backward(adapter, got_out, got_loss)
+    want_out, want_loss = seq2seq_reference(kind, base, adapter, ids, mask, labels, classes)
+    want = backward(adapter, want_out, want_loss)
+    plain, _ = seq2seq_run(kind, base, ids, mask, labels, classes)
+    assert got_out.shape == plain.shape and not torch.allclose(got_out, plain)
+    torch.testing.assert_close(got_out, want_out, **tol(dtype))
+    if got_loss is not None:
+        torch.testing.assert_close(got_loss, want_loss, **tol(dtype))
+    assert set(got) == set(want)
+    for name in want:
+        assert want[name].abs().sum() > 0, name
+        torch.testing.assert_close(got[name], want[name], **tol(dtype), msg=name)
+    if kind == "base":  # the encoder states keep the prompt rows, as in PEFT
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=labels)
+        assert out.encoder_last_hidden_state.shape[1] == adapter.num_virtual_tokens + 9
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_seq2seq_generate_matches_the_reference(num_beams):
+    base, model = generic_pair("bart")
+    ids, mask, _, _ = seq2seq_batch()
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "num_beams": num_beams}
+    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    want = generic_generate("bart", base, [model.dept_adapter] * 3, ids, mask, **kwargs)
+    assert torch.equal(out, want)
+    assert len(set(want[:, 1:].flatten().tolist())) > 2  # a constant output proves little
+    no_cache = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert torch.equal(no_cache, out)
+
+
+@pytest.mark.parametrize("kind", ["lm", "cls"])
+def test_seq2seq_stacked_tasks(kind):
+    served, singles = stacked("bart", kind)
+    ids, mask, labels, _ = seq2seq_batch()
+    extra = {"labels": labels} if kind == "lm" else {}
+    mixed = served(input_ids=ids, attention_mask=mask, task_ids=TASK_IDS, **extra).logits
+    for t, single in enumerate(singles):
+        rows = TASK_IDS.eq(t)
+        alone = single(
+            input_ids=ids[rows], attention_mask=mask[rows], **{k: v[rows] for k, v in extra.items()}
+        ).logits
+        torch.testing.assert_close(mixed[rows], alone, **CLOSE)
+    if kind == "lm":
+        kwargs = {"max_new_tokens": 5, "do_sample": False}
+        out = served.generate(input_ids=ids, attention_mask=mask, task_ids=TASK_IDS, **kwargs)
+        adapters = [singles[int(t)].dept_adapter for t in TASK_IDS]
+        want = generic_generate("bart", generic_model("bart"), adapters, ids, mask, **kwargs)
+        assert torch.equal(out, want)
+
+
+def test_seq2seq_save_load_and_errors(tmp_path):
+    _, model = generic_pair("bart")
+    ids, mask, labels, _ = seq2seq_batch()
+    want = model(input_ids=ids, attention_mask=mask, labels=labels).logits
+    dk.save_adapter(model, tmp_path)
+    loaded = dk.load_adapter(generic_model("bart"), tmp_path)
+    torch.testing.assert_close(
+        loaded(input_ids=ids, attention_mask=mask, labels=labels).logits, want
+    )
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model(inputs_embeds=torch.randn(3, 9, 32), attention_mask=mask, labels=labels)
+    with pytest.raises(ValueError, match="BartEncoder needs input_ids"):
+        model.get_encoder()(inputs_embeds=torch.randn(3, 9, 32))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 8\)"):
+        model(input_ids=ids, attention_mask=mask[:, 1:], labels=labels)
+    m = model.dept_adapter.num_virtual_tokens
+    with pytest.raises(ValueError, match=r"need 65 positions, but BartEncoder's position table"):
+        model(input_ids=torch.randint(3, VOCAB, (1, 65 - m)), labels=labels[:1])
+    with pytest.raises(ValueError, match="trim_padding"):
+        dk.patch(generic_model("bart"), make_config("pt"), trim_padding=True)

@@ -34,7 +34,7 @@ import inspect
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from . import _decoder
+from . import _decoder, _seq2seq
 from ._hooks import ROLES, AdapterOf, transformers_version
 from ._registry import Architecture, model_type, register_generic, supported
 
@@ -82,28 +82,65 @@ def input_embedding(model: nn.Module) -> nn.Module:
     return embedding
 
 
-def locate(model: nn.Module) -> tuple[nn.Module, tuple[()]]:
-    """(the inner model: the module holding the input embedding, no layers): the layers
-    are AoT's sites, which need a table entry."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise _unsupported(
-            model, "it is an encoder-decoder model, whose prompt goes on the encoder input and "
-            "whose decoder's cross-attention reads it: that needs a table entry (as T5 has)"
-        )  # fmt: skip
-    embedding = input_embedding(model)
-    lacks = _lacks(type(model), _NEEDS)
-    if lacks:
-        raise _unsupported(model, lacks)
-    inner = next((m for m in model.modules() if any(c is embedding for c in m.children())), None)
-    if inner is None:
+def _owner(model: nn.Module, embedding: nn.Module) -> nn.Module:
+    """The first module inside `model` holding `embedding` as a direct child."""
+    owner = next((m for m in model.modules() if any(c is embedding for c in m.children())), None)
+    if owner is None:
         raise _unsupported(
             model, f"no module inside it holds its input embedding ({type(embedding).__name__}) "
             "as a direct child"
         )  # fmt: skip
-    lacks = _lacks(type(inner), _NEEDS)
+    return owner
+
+
+def _encoder(model: nn.Module, seq2seq: nn.Module, embedding: nn.Module):
+    """(the encoder that `seq2seq` runs, the encoder's input embedding: its child sharing
+    `embedding`'s weight)."""
+    lacks = _lacks(type(seq2seq), _seq2seq.SEQ2SEQ_NEEDS)
+    if lacks:
+        raise _unsupported(
+            model, f"the encoder-decoder module holding its input embedding: {lacks}"
+        )
+    encoder = _call(seq2seq, "get_encoder")
+    if not isinstance(encoder, nn.Module) or encoder is seq2seq:
+        raise _unsupported(model, f"{type(seq2seq).__name__}.get_encoder() gives no encoder")
+    own = next(
+        (
+            c
+            for c in encoder.children()
+            if c is embedding or getattr(c, "weight", None) is embedding.weight
+        ),
+        None,
+    )
+    if own is None:
+        raise _unsupported(
+            model, f"its encoder {type(encoder).__name__} holds no embedding sharing the input "
+            "embedding's weight as a direct child"
+        )  # fmt: skip
+    lacks = _lacks(type(encoder), _seq2seq.ENCODER_NEEDS)
+    if lacks:
+        raise _unsupported(model, f"its encoder: {lacks}")
+    return encoder, own
+
+
+def _is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def locate(model: nn.Module) -> tuple[nn.Module, tuple[()]]:
+    """(the inner model: the module holding the input embedding, or an encoder-decoder's
+    encoder; no layers: they are AoT's sites, which need a table entry)."""
+    embedding = input_embedding(model)
+    lacks = _lacks(type(model), _NEEDS)
+    if lacks:
+        raise _unsupported(model, lacks)
+    owner = _owner(model, embedding)
+    if _is_seq2seq(model):
+        return _encoder(model, owner, embedding)[0], ()
+    lacks = _lacks(type(owner), _NEEDS)
     if lacks:
         raise _unsupported(model, f"the module holding its input embedding: {lacks}")
-    return inner, ()
+    return owner, ()
 
 
 def head(model: nn.Module) -> str:
@@ -130,9 +167,15 @@ def install(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
         )
     inner, _ = locate(model)
     embedding = input_embedding(model)
-    handles = _decoder.install(
-        model, inner, adapter_of, head(model), optional=_OPTIONAL, embedding=embedding, trims=False
-    )
+    if _is_seq2seq(model):
+        seq2seq = _owner(model, embedding)
+        embedding = _encoder(model, seq2seq, embedding)[1]
+        handles = _seq2seq.install(model, seq2seq, inner, embedding, adapter_of)
+    else:
+        handles = _decoder.install(
+            model, inner, adapter_of, head(model), optional=_OPTIONAL, embedding=embedding,
+            trims=False,
+        )  # fmt: skip
     if _position_table(inner, embedding):
         name = type(inner).__name__
         limit = _decoder.PositionLimit(adapter_of, name, _POSITION_LIMIT, inner)

@@ -1,5 +1,5 @@
-"""Tiny random models of architectures with no table entry (OPT, BLOOM, Phi), which the
-generic path serves, and the references of their tests.
+"""Tiny random models of architectures with no table entry (OPT, BLOOM, Phi; BART, an
+encoder-decoder), which the generic path serves, and the references of their tests.
 
 What the reference knows of each architecture is written here by hand, not read from the
 library: where the heads keep the base model and the classification head, and whether the
@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BartForSequenceClassification,
+    BartModel,
     BloomConfig,
     BloomForCausalLM,
     BloomForSequenceClassification,
@@ -50,6 +54,8 @@ class Generic:
         return {"lm": self.lm, "cls": self.cls, "base": self.base}
 
 
+# BART's sequence-classification head pools at its <eos> tokens, which its tests place.
+BART_EOS = 2
 _SPECIAL = dict(pad_token_id=PAD, bos_token_id=EOS, eos_token_id=EOS, attn_implementation="eager")
 
 GENERIC_TABLE = {
@@ -78,8 +84,22 @@ GENERIC_TABLE = {
         ),
         PhiForCausalLM, PhiForSequenceClassification, PhiModel, inner="model",
     ),
+    # An encoder-decoder; its embedding scales its lookup (embed_scale = sqrt(d)).
+    "bart": Generic(
+        BartConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+            attention_dropout=0.0, activation_dropout=0.0, init_std=0.5, scale_embedding=True,
+            decoder_start_token_id=BART_EOS, forced_eos_token_id=None,
+            **{**_SPECIAL, "eos_token_id": BART_EOS},
+        ),
+        BartForConditionalGeneration, BartForSequenceClassification, BartModel, inner="model",
+        positions=False,
+    ),
 }  # fmt: skip
-GENERIC_ARCHS = tuple(GENERIC_TABLE)
+DECODER_ARCHS = ("opt", "bloom", "phi")
+SEQ2SEQ_ARCHS = ("bart",)
 
 
 def generic_config(arch: str) -> PretrainedConfig:
@@ -105,9 +125,9 @@ def generic_pair(arch: str, kind: str = "lm", method: str = "dept", dtype=torch.
 
 
 def generic_embeds(arch: str, base, row_adapters, ids, mask, generating: bool = False):
-    """Row b: [P; E[ids] + delta] of row b's adapter. Under generate, a model taking
-    position_ids gets each token's rank among the real ones, which picks the low-rank row;
-    otherwise the row is the column."""
+    """Row b: [P; E[ids] + delta] of row b's adapter. Under generate, a decoder-only model
+    taking position_ids gets each token's rank among the real ones, which picks the low-rank
+    row; otherwise the row is the column."""
     rank = generating and mask is not None and GENERIC_TABLE[arch].positions
     rows = (mask.cumsum(-1) - 1).clamp(min=0) if rank else None
     embedding = base.get_input_embeddings()
@@ -119,8 +139,8 @@ def generic_embeds(arch: str, base, row_adapters, ids, mask, generating: bool = 
 
 
 def generic_generate(arch: str, base, row_adapters, ids, mask, **kwargs):
-    """The unpatched model's generate from each row's formula embeds, m ones before the mask;
-    the generated tokens."""
+    """The unpatched model's generate from each row's formula embeds, m ones before the mask:
+    the generated tokens (an encoder-decoder's start with the decoder's start token)."""
     m = row_adapters[0].num_virtual_tokens
     embeds = generic_embeds(arch, base, row_adapters, ids, mask, generating=True)
     if mask is None:
