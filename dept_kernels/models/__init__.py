@@ -7,9 +7,10 @@ Every architecture registers one `Architecture` per `config.model_type` beside i
 module taking `input_ids` and its layers, which every site reads, and installs the prompt
 methods' hooks (site "input_embedding"); AoT P-tuning's hooks ("layer_input") are shared
 (`_aot.py`). A model type with no entry at all gets the generic entry (`_generic.py`) for
-the prompt methods: any model whose forward, and the module holding its input embedding,
-take input_ids, attention_mask and inputs_embeds (OPT, BLOOM, Phi, ...), with the decoder
-hooks; no padding trim there, and AoT still needs an entry.
+the prompt methods: any decoder-only model whose forward, and the module holding its input
+embedding, take input_ids, attention_mask and inputs_embeds (OPT, BLOOM, Phi, ...), with the
+decoder hooks, and encoder-decoder models whose encoder does (BART, ...), with
+`_seq2seq.py`'s; no padding trim there, and AoT still needs an entry.
 """
 
 from __future__ import annotations

@@ -4,27 +4,31 @@ prompt tuning reaches any model whose forward takes `inputs_embeds` and `attenti
 What it needs, found by structure and signature (never by class name), each missing piece a
 TypeError naming the model's class, the transformers version and what is missing:
 - an input embedding (`get_input_embeddings()`, a (V, d) weight) held as a direct child by
-  one module, the *inner* model, whose forward takes input_ids, attention_mask and
-  inputs_embeds (OPT's `OPTDecoder`, BLOOM's `BloomModel`, Phi's `PhiModel`); the fused op
-  runs inside that embedding's call (`_hooks.FusedEmbedding`), as engines need;
-- a model forward taking input_ids, attention_mask and inputs_embeds;
-- one stack: an encoder-decoder (`config.is_encoder_decoder`) needs a table entry (T5).
-The head kind comes from the model: no `labels` argument, the base model (its output keeps
-the m prompt rows, as in PEFT); output embeddings (`get_output_embeddings()`), a causal LM
-(labels get m leading -100s, logits keep the prompt rows); otherwise a head over the tokens,
-such as sequence classification, which reads the inner output without the prompt rows. The
-decoder hooks (`_decoder.py`) then do the rest: the rows on a first forward only (a cache
-holding no tokens), the mask (and positions, cache positions, where the forward takes them)
-shifted by m on later steps, `task_ids` for stacked adapters. Position ids and the cache are
-read where the forwards take them: BLOOM takes no positions (ALiBi reads the mask), so its
-low-rank rows are the columns 0..s-1.
-A learned absolute position table (an `nn.Embedding` of the inner model besides the input
-embedding, OPT's `embed_positions`) limits prompt and tokens to
+  one module, and a model forward taking input_ids, attention_mask and inputs_embeds;
+- decoder-only: that module, the *inner* model, takes input_ids, attention_mask and
+  inputs_embeds (OPT's `OPTDecoder`, BLOOM's `BloomModel`, Phi's `PhiModel`);
+- encoder-decoder (`config.is_encoder_decoder`): that module takes input_ids,
+  attention_mask and encoder_outputs (BART's `BartModel`), its `get_encoder()` takes
+  input_ids, attention_mask and inputs_embeds and holds an embedding sharing the input
+  embedding's weight; the hooks are `_seq2seq.py`'s.
+The fused op runs inside the call of the embedding module the model calls
+(`_hooks.FusedEmbedding`), as engines need.
+Decoder-only head kinds come from the model: no `labels` argument, the base model (its
+output keeps the m prompt rows, as in PEFT); output embeddings (`get_output_embeddings()`),
+a causal LM (labels get m leading -100s, logits keep the prompt rows); otherwise a head over
+the tokens, such as sequence classification, which reads the inner output without the
+prompt rows. The decoder hooks (`_decoder.py`) then do the rest: the rows on a first forward
+only (a cache holding no tokens), the mask (and positions, cache positions, where the
+forward takes them) shifted by m on later steps, `task_ids` for stacked adapters. Position
+ids and the cache are read where the forwards take them: BLOOM takes no positions (ALiBi
+reads the mask), so its low-rank rows are the columns 0..s-1, as an encoder's are.
+A learned absolute position table (an `nn.Embedding` of the inner model or encoder besides
+the input embedding: OPT's, BART's encoder's `embed_positions`) limits prompt and tokens to
 `config.max_position_embeddings`: longer calls raise a ValueError (`_decoder.PositionLimit`).
 No padding trim on this path: which columns a head or a position scheme may lose is known
 only for the table's rows; `patch(..., trim_padding=True)` is refused.
 What this path does not do: AoT P-tuning (its layer sites need a table entry), left-padding
-positions beyond what the model itself derives, sliding windows, seq2seq models.
+positions beyond what the model itself derives, sliding windows.
 """
 
 from __future__ import annotations
