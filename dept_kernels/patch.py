@@ -54,8 +54,9 @@ def patch(
 ) -> nn.Module:
     """Attach an adapter to a Hugging Face model, in place.
 
-    Prompt methods patch T5 / GPT-2 / LLaMA / Mistral; AoT P-tuning also BERT and RoBERTa
-    (every layer; T5: every encoder layer).
+    Prompt methods patch T5 / GPT-2 / LLaMA / Mistral, and through the generic path any other
+    model whose forward takes inputs_embeds and attention_mask (OPT, BLOOM, Phi, BART, ...);
+    AoT P-tuning also BERT and RoBERTa (every layer; T5: every encoder layer).
 
     Args:
         model: the model; with `config=None`, a PEFT prompt-tuning model or an official DePT
