@@ -523,3 +523,18 @@ def test_seq2seq_save_load_and_errors(tmp_path):
         model(input_ids=torch.randint(3, VOCAB, (1, 65 - m)), labels=labels[:1])
     with pytest.raises(ValueError, match="trim_padding"):
         dk.patch(generic_model("bart"), make_config("pt"), trim_padding=True)
+
+
+def test_an_encoder_with_an_embeddings_module_is_named():
+    """DistilBERT's word embeddings sit in an `Embeddings` module whose forward takes no mask
+    (no table entry: AoT refuses it too, tests/test_patch_aot.py)."""
+    config = transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=32
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"unsupported model DistilBertModel \(model_type='distilbert'\) under transformers "
+        r".*: the module holding its input embedding: Embeddings.forward takes no "
+        r"attention_mask argument",
+    ):
+        dk.patch(transformers.DistilBertModel(config), make_config("dept"))

@@ -92,8 +92,7 @@ def install(
     model_args = None
     if head == "lm":
         model_args = _signature(type(model), ("labels", "cache"), _MODEL_WANTS, optional)
-    hooks = _DecoderHooks(adapter_of, inner_args, model_args, head, window)
-    hooks.embedding, hooks.trims = embedding, trims
+    hooks = _DecoderHooks(adapter_of, inner_args, model_args, head, window, embedding, trims)
     handles = hooks.tasks.install(model)
     handles += hooks.fused.install(inner.get_input_embeddings() if embedding is None else embedding)
     handles.append(inner.register_forward_pre_hook(hooks.inner_pre_hook, with_kwargs=True))
@@ -118,13 +117,22 @@ class _DecoderHooks:
     trims: bool = True
 
     def __init__(
-        self, adapter_of: AdapterOf, inner_args, model_args, head: str, window: str | None
+        self,
+        adapter_of: AdapterOf,
+        inner_args,
+        model_args,
+        head: str,
+        window: str | None,
+        embedding: nn.Module | None = None,
+        trims: bool = True,
     ) -> None:
         self.adapter_of = adapter_of
         self.inner_args = inner_args
         self.model_args = model_args
         self.head = head
         self.window = window
+        self.embedding = embedding
+        self.trims = trims
         self.tasks = TaskIds()
         self.fused = FusedEmbedding(adapter_of)
         # Per open call, pushed first thing by the pre-hook and popped by the forward hook
