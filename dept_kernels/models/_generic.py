@@ -63,7 +63,8 @@ def _lacks(cls: type, roles: tuple[str, ...]) -> str | None:
     missing = [ROLES[r][0] for r in roles if not any(n in params for n in ROLES[r])]
     if not missing:
         return None
-    return f"{cls.__name__}.forward takes no {', '.join(missing)} argument"
+    plural = "s" if len(missing) > 1 else ""
+    return f"{cls.__name__}.forward takes no {', '.join(missing)} argument{plural}"
 
 
 def _call(model: nn.Module, method: str) -> object:
