@@ -54,9 +54,11 @@ def patch(
 ) -> nn.Module:
     """Attach an adapter to a Hugging Face model, in place.
 
-    Prompt methods patch T5, the decoder-only models (GPT-2, LLaMA, Mistral, Qwen2, Gemma)
-    and BERT / RoBERTa / DeBERTa-v2 (their base and sequence-classification models); AoT
-    P-tuning every layer of those (T5: every encoder layer).
+    Prompt methods patch T5, the decoder-only models (GPT-2, LLaMA, Mistral, Qwen2, Gemma),
+    BERT / RoBERTa / DeBERTa-v2 (their base and sequence-classification models), and through
+    the generic path any other model whose forward takes inputs_embeds and attention_mask
+    (OPT, BLOOM, Phi, BART, ...); AoT P-tuning every layer of the table's models (T5: every
+    encoder layer).
 
     Args:
         model: the model; with `config=None`, a PEFT prompt-tuning model or an official DePT

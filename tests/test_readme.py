@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.aot import ENCODER_CONFIGS, encoder_config
+from helpers.generic import GENERIC_TABLE, generic_config
 from helpers.models import tiny_config
 
 import dept_kernels
@@ -41,6 +42,7 @@ def _tiny_from_pretrained(cls, *args, **kwargs):
     torch.manual_seed(0)
     model_type = cls.config_class.model_type
     tiny = encoder_config if model_type in ENCODER_CONFIGS else tiny_config
+    tiny = generic_config if model_type in GENERIC_TABLE else tiny
     return cls(tiny(model_type)).eval()
 
 

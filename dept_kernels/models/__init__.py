@@ -6,7 +6,11 @@ Every architecture registers one `Architecture` per `config.model_type` beside i
 (`t5.py`), BERT, RoBERTa and DeBERTa-v2 as rows of another (`encoders.py`). An entry locates the
 module taking `input_ids` and its layers, which every site reads, and installs the prompt
 methods' hooks (site "input_embedding"); AoT P-tuning's hooks ("layer_input") are shared
-(`_aot.py`).
+(`_aot.py`). A model type with no entry at all gets the generic entry (`_generic.py`) for
+the prompt methods: any decoder-only model whose forward, and the module holding its input
+embedding, take input_ids, attention_mask and inputs_embeds (OPT, BLOOM, Phi, ...), with the
+decoder hooks, and encoder-decoder models whose encoder does (BART, ...), with
+`_seq2seq.py`'s; no padding trim there, and AoT still needs an entry.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 # The architecture modules register their entries on import.
-from . import _aot, decoders, encoders, t5  # noqa: F401
+from . import _aot, _generic, decoders, encoders, t5  # noqa: F401
 from ._hooks import AdapterOf, Generate
 from ._registry import SITES, Architecture, check_site, lookup, model_type
 

@@ -67,9 +67,17 @@ def install(
     adapter_of: AdapterOf,
     head: str,
     window: str | None = None,
+    *,
+    optional: tuple[str, ...] = (),
+    embedding: nn.Module | None = None,
+    trims: bool = True,
 ) -> list[RemovableHandle]:
     """Hook `inner` (and `model` for its labels or pooling). head: "lm", "cls" or "base";
     window: the config field of a sliding attention window, if the model has one.
+    The generic path (`_generic.py`) passes: `optional`, roles the table's rows must take
+    that it reads only where the forwards take them ("position_ids", "cache"); `embedding`,
+    the input embedding (default `inner.get_input_embeddings()`); `trims=False`, no padding
+    trim whatever `patch` says.
 
     "lm": labels get m leading -100s (logits keep the prompt rows, as in PEFT).
     "cls": the prompt rows are cut from the inner output, so the head pools over the
@@ -80,11 +88,13 @@ def install(
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     # Checked before any hook is registered: a missing argument fails the patch, whole.
-    inner_args = signature(type(inner), _INNER_NEEDS, _INNER_WANTS)
-    model_args = signature(type(model), ("labels", "cache"), _MODEL_WANTS) if head == "lm" else None
-    hooks = _DecoderHooks(adapter_of, inner_args, model_args, head, window)
+    inner_args = _signature(type(inner), _INNER_NEEDS, _INNER_WANTS, optional)
+    model_args = None
+    if head == "lm":
+        model_args = _signature(type(model), ("labels", "cache"), _MODEL_WANTS, optional)
+    hooks = _DecoderHooks(adapter_of, inner_args, model_args, head, window, embedding, trims)
     handles = hooks.tasks.install(model)
-    handles += hooks.fused.install(inner.get_input_embeddings())
+    handles += hooks.fused.install(inner.get_input_embeddings() if embedding is None else embedding)
     handles.append(inner.register_forward_pre_hook(hooks.inner_pre_hook, with_kwargs=True))
     if head != "lm":
         handles.append(inner.register_forward_hook(hooks.trim_hook, always_call=True))
@@ -94,18 +104,35 @@ def install(
     return handles
 
 
+def _signature(cls: type, need: tuple[str, ...], want: tuple[str, ...], optional: tuple[str, ...]):
+    """`signature(cls, need, want)` with the `optional` roles of `need` moved to `want`."""
+    kept = tuple(r for r in need if r not in optional)
+    return signature(cls, kept, tuple(r for r in need if r in optional) + want)
+
+
 class _DecoderHooks:
-    # A class default: hooks pickled before sliding windows were handled read None.
+    # Class defaults: hooks pickled before sliding windows (the generic path) read these.
     window: str | None = None
+    embedding: nn.Module | None = None  # None: the inner model's get_input_embeddings()
+    trims: bool = True
 
     def __init__(
-        self, adapter_of: AdapterOf, inner_args, model_args, head: str, window: str | None
+        self,
+        adapter_of: AdapterOf,
+        inner_args,
+        model_args,
+        head: str,
+        window: str | None,
+        embedding: nn.Module | None = None,
+        trims: bool = True,
     ) -> None:
         self.adapter_of = adapter_of
         self.inner_args = inner_args
         self.model_args = model_args
         self.head = head
         self.window = window
+        self.embedding = embedding
+        self.trims = trims
         self.tasks = TaskIds()
         self.fused = FusedEmbedding(adapter_of)
         # Per open call, pushed first thing by the pre-hook and popped by the forward hook
@@ -117,7 +144,7 @@ class _DecoderHooks:
     def _trims(self, kw: dict, module: nn.Module, sig) -> bool:
         """Whether this first forward may run on trimmed columns (module docstring)."""
         setting = self.adapter_of.trim_padding
-        if not (setting if self.head != "cls" else setting is not False):
+        if not self.trims or not (setting if self.head != "cls" else setting is not False):
             return False
         if sig.get(kw, "cache") is not None or kw.get("use_cache") is True:
             return False
@@ -208,7 +235,7 @@ class _DecoderHooks:
         """(B, m + s, d) for a first forward. Under a `generate` that runs without the cache,
         the tokens past its input are generated ones: plain embeddings, no delta (their
         positions may lie past max_length)."""
-        embedding = module.get_input_embeddings()
+        embedding = module.get_input_embeddings() if self.embedding is None else self.embedding
         running = generation(self.tasks.model)
         given = ids.shape[1]
         if running is not None and running.input_length is not None:

@@ -1,7 +1,9 @@
 """The architecture registry: one `Architecture` per Hugging Face `config.model_type`.
 
 Each architecture module registers its entries beside its code (`register`); `lookup` finds
-a model's entry for a site, or raises a TypeError naming the model types that serve it.
+a model's entry for a site, or raises a TypeError naming the model types that serve it. A
+model type with no entry at all reaches the generic entry (`register_generic`, `_generic.py`)
+for the "input_embedding" site; the "layer_input" site (AoT) needs an entry of its own.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Architecture:
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
+# The entry of the model types without one of their own, for the "input_embedding" site.
+_GENERIC: list[Architecture] = []
 
 
 def register(architecture: Architecture) -> Architecture:
@@ -48,6 +52,14 @@ def register(architecture: Architecture) -> Architecture:
     if architecture.model_type in _ARCHITECTURES:
         raise ValueError(f"model type {architecture.model_type!r} is already registered")
     _ARCHITECTURES[architecture.model_type] = architecture
+    return architecture
+
+
+def register_generic(architecture: Architecture) -> Architecture:
+    """Set the entry that serves site "input_embedding" for unregistered model types."""
+    if _GENERIC or architecture.install is None:
+        raise ValueError("the generic entry is set once, with an install for the prompt hooks")
+    _GENERIC.append(architecture)
     return architecture
 
 
@@ -66,11 +78,15 @@ def supported(site: str) -> list[str]:
 
 
 def lookup(model: nn.Module, site: str) -> Architecture:
-    """`model`'s entry for `site`, or a TypeError naming the model types that serve it."""
+    """`model`'s entry for `site`, or a TypeError naming the model types that serve it. An
+    unregistered model type gets the generic entry for "input_embedding"; a registered one
+    that does not serve `site` does not."""
     check_site(site)
     arch = _ARCHITECTURES.get(model_type(model))
     if arch is not None and arch.serves(site):
         return arch
+    if arch is None and site == "input_embedding" and _GENERIC:
+        return _GENERIC[0]
     unsupported = f"unsupported model {type(model).__name__} (model_type={model_type(model)!r})"
     if site == "input_embedding":
         aot_only = sorted(set(supported("layer_input")) - set(supported(site)))
