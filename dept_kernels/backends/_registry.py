@@ -43,10 +43,13 @@ class Backend(Protocol):
         scaling: float,
         task_ids: Tensor | None = None,
         batch_order: Tensor | None = None,
+        visual: Tensor | None = None,
     ) -> Tensor:
-        """(B, m + s, d) DePT embedding output in `weight.dtype`; `rows` (B, s) or None
+        """(B, m + s + n_v, d) DePT embedding output in `weight.dtype`; `rows` (B, s) or None
         (row t for token t); with `task_ids` (B,) the parameters are stacked per task and
-        `batch_order` (B,) lists the samples grouped by task."""
+        `batch_order` (B,) lists the samples grouped by task. `visual` (B, n_v, d), n_v > 0,
+        of `weight.dtype` and any strides, or None: rows copied after the token rows by the
+        same pass."""
         ...
 
     def reduce(
