@@ -2102,9 +2102,122 @@ OFFICIAL_CASES = [
     ),
 ]
 
+# --------------------------------------------------------------------------- visual rows
+
+
+def visual(b: int = 2, n_v: int = 3, d: int = 32, dtype=torch.float32) -> torch.Tensor:
+    """Visual rows (B, n_v, d) for the tiny T5 (d = 32) and `tokens()` (B = 2)."""
+    return torch.randn(b, n_v, d, generator=torch.Generator().manual_seed(n_v)).to(dtype)
+
+
+def t5_encoder_model():
+    return dk.patch(tiny_model("t5", transformers.T5EncoderModel), make_config("dept"))
+
+
+VISUAL_CASES = [
+    *(
+        bad(
+            f"visual/{call}/batch",
+            lambda _, run=run: run(prompt_model("t5"), tokens(), visual_embeds=visual(b=3)),
+            ValueError,
+            r"visual_embeds has 3 samples but input_ids has 2",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+    *(
+        bad(
+            f"visual/{call}/width",
+            lambda _, run=run: run(prompt_model("t5"), tokens(), visual_embeds=visual(d=33)),
+            ValueError,
+            r"visual_embeds has width 33; the model's embeddings have d=32",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+    *(
+        bad(
+            f"visual/{call}/ndim",
+            lambda _, run=run: run(prompt_model("t5", "pt"), tokens(), visual_embeds=visual()[0]),
+            ValueError,
+            r"visual_embeds must be 3-D \(batch, n_v, d\), got shape \(3, 32\)",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+    bad(
+        "visual/encoder_model/ndim",
+        lambda _: t5_encoder_model()(input_ids=tokens(), visual_embeds=visual()[None]),
+        ValueError,
+        r"visual_embeds must be 3-D \(batch, n_v, d\), got shape \(1, 2, 3, 32\)",
+    ),
+    bad(
+        "visual/int_embeds",
+        lambda _: forward(prompt_model("t5"), tokens(), visual_embeds=tokens(s=32)[:, None]),
+        TypeError,
+        r"visual_embeds must be a floating-point tensor, got torch\.int64",
+    ),
+    bad(
+        "visual/other_device",
+        lambda _: forward(prompt_model("t5", "ept"), tokens(), visual_embeds=visual().to("meta")),
+        ValueError,
+        r"visual_embeds is on meta but the model's embeddings are on cpu",
+    ),
+    *(
+        bad(
+            f"visual/{call}/mask_without_embeds",
+            lambda _, run=run: run(
+                prompt_model("t5"), tokens(), visual_attention_mask=torch.ones(2, 3)
+            ),
+            ValueError,
+            r"visual_attention_mask was given without visual_embeds",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+    *(
+        bad(
+            f"visual/{call}/mask_shape",
+            lambda _, run=run: run(
+                prompt_model("t5"),
+                tokens(),
+                visual_embeds=visual(),
+                visual_attention_mask=torch.ones(2, 4),
+            ),
+            ValueError,
+            r"visual_attention_mask must have shape \(batch, n_v\) = \(2, 3\) like "
+            r"visual_embeds, got \(2, 4\)",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+    bad(
+        "visual/encoder_model/mask_shape",
+        lambda _: t5_encoder_model()(
+            input_ids=tokens(), visual_embeds=visual(), visual_attention_mask=torch.ones(2, 3, 1)
+        ),
+        ValueError,
+        r"visual_attention_mask must have shape \(batch, n_v\) = \(2, 3\)",
+    ),
+    bad(
+        "visual/encoder_with_inputs_embeds",
+        lambda _: prompt_model("t5").get_encoder()(
+            inputs_embeds=visual(n_v=5), visual_embeds=visual()
+        ),
+        ValueError,
+        r"got visual rows with inputs_embeds",
+    ),
+    *(
+        bad(
+            f"visual/decoder_{call}",
+            lambda _, run=run: run(prompt_model("gpt2"), tokens(), visual_embeds=visual()),
+            TypeError,
+            r"(GPT2LMHeadModel|GPT2LMHeadModel\.generate) got visual_embeds / "
+            r"visual_attention_mask: visual rows are supported on the patched T5 models only",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+]
+
 CATALOGUE = [
     *OP_CASES,
     *MODEL_CASES,
+    *VISUAL_CASES,
     *TASK_CASES,
     *CONFIG_CASES,
     *PATCH_CASES,

@@ -146,11 +146,15 @@ class Visual:
 
 
 def visual_inputs(
-    embeds: object, mask: object, batch_size: int | None, width: int | None = None
+    embeds: object,
+    mask: object,
+    batch_size: int | None,
+    width: int | None = None,
+    device: torch.device | None = None,
 ) -> Visual | None:
     """`visual_embeds` (B, n_v, d) and `visual_attention_mask` (B, n_v) checked, with the
-    argument named, before any kernel reads them; None without visual rows. `batch_size`
-    and `width` (d) are checked when known."""
+    argument named, before any kernel reads them; None without visual rows. `batch_size`,
+    `width` (d) and `device` (the embedding table's) are checked when known."""
     if embeds is None:
         if mask is not None:
             raise ValueError("visual_attention_mask was given without visual_embeds")
@@ -169,6 +173,10 @@ def visual_inputs(
     if width is not None and embeds.shape[2] != width:
         raise ValueError(
             f"visual_embeds has width {embeds.shape[2]}; the model's embeddings have d={width}"
+        )
+    if device is not None and embeds.device != device:
+        raise ValueError(
+            f"visual_embeds is on {embeds.device} but the model's embeddings are on {device}"
         )
     if mask is not None:
         want = tuple(embeds.shape[:2])
@@ -332,18 +340,20 @@ class TaskIds:
             return self.outer
         return _generation_tasks(self.model, batch_size)
 
-    def visual(self, kw: dict, batch_size: int, width: int | None) -> Visual | None:
-        """The visual rows of a batch of `batch_size` rows, checked; pops the hooked call's
-        own `visual_embeds` / `visual_attention_mask` from its arguments `kw`."""
+    def visual(
+        self, kw: dict, batch_size: int, width: int | None, device: torch.device | None = None
+    ) -> Visual | None:
+        """The visual rows of a batch of `batch_size` rows, checked (`visual_inputs`); pops
+        the hooked call's own `visual_embeds` / `visual_attention_mask` from its `kw`."""
         own = tuple(kw.pop(k, None) for k in VISUAL_ARGS)
         for given in (own, self.outer_visual):
             if any(v is not None for v in given):
-                return visual_inputs(*given, batch_size, width)
+                return visual_inputs(*given, batch_size, width, device)
         running = generation(self.model)
         if running is None or running.visual is None:
             return None
         visual = running.visual.repeated(batch_size)
-        return visual_inputs(visual.embeds, visual.mask, batch_size, width)
+        return visual_inputs(visual.embeds, visual.mask, batch_size, width, device)
 
 
 class FusedEmbedding:

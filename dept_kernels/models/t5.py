@@ -130,7 +130,8 @@ class _T5Hooks:
         the cut."""
         ids = needs_ids(kw, where)
         rows = row_ids(kw.pop("position_ids", None), ids)
-        visual = self.tasks.visual(kw, ids.shape[0], encoder.config.d_model)
+        weight = encoder.embed_tokens.weight
+        visual = self.tasks.visual(kw, ids.shape[0], encoder.config.d_model, weight.device)
         trim = trim and visual is None  # see the module docstring
         cut = padding_cut(sig.get(kw, "attention_mask"), leading=False) if trim else None
         if cut is not None:
