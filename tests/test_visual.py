@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers.models import (
     BACKENDS,
+    EOS,
     PAD,
     batch,
     formula_embeds,
@@ -26,7 +27,7 @@ from helpers.models import (
     tiny_model,
     tol,
 )
-from transformers import T5EncoderModel
+from transformers import T5EncoderModel, T5ForSequenceClassification, T5Model
 
 import dept_kernels as dk
 
@@ -180,6 +181,36 @@ def test_t5_encoder_model(method):
     out.square().sum().backward()
     ref.square().sum().backward()
     torch.testing.assert_close(got_v.grad, want_v.grad, **tol(torch.float32))
+
+
+def test_t5_model_and_classification_head():
+    """T5Model and T5ForSequenceClassification (which hooks its inner T5Model) take visual
+    rows too: the reference's states and logits."""
+    base, model = patched_pair("t5", "dept", cls=T5Model)
+    ids, mask, labels = padded_text()
+    visual, vmask = visual_rows()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=labels,
+                    visual_embeds=visual, visual_attention_mask=vmask)  # fmt: skip
+        embeds, ext = reference_inputs(
+            reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids),
+            visual, mask, vmask, 4,
+        )  # fmt: skip
+        ref = base(inputs_embeds=embeds, attention_mask=ext, decoder_input_ids=labels)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, **tol(torch.float32))
+
+    base, model = patched_pair("t5", "dept", cls=T5ForSequenceClassification)
+    ids[:, -1] = EOS  # T5 pools the decoder state at the last <eos>
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, visual_embeds=visual,
+                    visual_attention_mask=vmask).logits  # fmt: skip
+        embeds, ext = reference_inputs(
+            reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids),
+            visual, mask, vmask, 4,
+        )  # fmt: skip
+        enc = base.transformer.encoder(inputs_embeds=embeds, attention_mask=ext)
+        ref = base(input_ids=ids, attention_mask=ext, encoder_outputs=enc).logits
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
 
 
 def test_encoder_called_alone_then_the_decoder():
