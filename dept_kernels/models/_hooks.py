@@ -295,8 +295,9 @@ class TaskIds:
     refused, rather than run without them.
     """
 
-    # A class default: objects pickled before visual rows existed take none.
+    # Class defaults: objects pickled before visual rows existed take none.
     takes_visual = False
+    outer_visual: tuple[object, object] = (None, None)
 
     def __init__(self, visual: bool = False) -> None:
         self.outer: Tensor | None = None
