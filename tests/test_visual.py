@@ -335,3 +335,33 @@ def test_save_and_load_adapter_round_trip(method, tmp_path):
         loaded.generate(input_ids=ids, attention_mask=mask, visual_embeds=visual, **kwargs),
         model.generate(input_ids=ids, attention_mask=mask, visual_embeds=visual, **kwargs),
     )
+
+
+@pytest.mark.parametrize("index", ["position", "token"])
+def test_scaled_embedding_module_writes_the_visual_rows(index):
+    """An embedding module that scales its lookup (`embed_scale`, Gemma under transformers 5)
+    takes the fused path of `_hooks._scaled_lookup`: `[P; scale * E[ids] + delta; V]`, the
+    visual rows after the tokens and unscaled, their gradient passed through."""
+    from dept_kernels.models._hooks import FusedEmbedding
+
+    model = tiny_model("t5")
+    config = dk.DePTConfig(num_virtual_tokens=4, r=3, lora_alpha=8, max_length=16, index=index)
+    adapter = dk.patch(model, config).dept_adapter
+    randomize(adapter)
+    embedding = torch.nn.Embedding(model.config.vocab_size, D)
+    embedding.embed_scale = torch.tensor(3.0)
+    ids, _, _ = padded_text()
+    visual, _ = visual_rows()
+    got_v, want_v = leaf(visual), leaf(visual)
+    fused = FusedEmbedding(lambda: adapter)
+    fused.install(embedding)
+    out = fused(embedding, ids, None, None, got_v)
+    rows = torch.arange(ids.shape[1]).expand_as(ids) if index == "position" else ids
+    scaling = config.lora_alpha / config.r**0.5
+    tokens = 3.0 * embedding.weight[ids] + scaling * adapter.lora_a[rows] @ adapter.lora_b
+    prompt = adapter.prompt.expand(ids.shape[0], -1, -1)
+    want = torch.cat([prompt, tokens, want_v], dim=1)
+    torch.testing.assert_close(out, want, **tol(torch.float32))
+    out.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(got_v.grad, want_v.grad, **tol(torch.float32))
