@@ -2195,6 +2195,15 @@ VISUAL_CASES = [
         r"visual_attention_mask must have shape \(batch, n_v\) = \(2, 3\)",
     ),
     bad(
+        "visual/text_mask_3d",
+        lambda _: forward(
+            prompt_model("t5"), tokens(), attention_mask=torch.ones(2, 5, 5), visual_embeds=visual()
+        ),
+        ValueError,
+        r"attention_mask must be a 2D \(batch, seq\) padding mask, got \(2, 5, 5\)",
+        kernels=True,
+    ),
+    bad(
         "visual/encoder_with_inputs_embeds",
         lambda _: prompt_model("t5").get_encoder()(
             inputs_embeds=visual(n_v=5), visual_embeds=visual()

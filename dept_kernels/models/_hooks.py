@@ -135,6 +135,8 @@ class Visual:
     def extend_mask(self, mask: Tensor | None, length: int) -> Tensor | None:
         """(B, length) padding mask of the tokens (None: all attended) -> (B, length + n_v)
         with the visual columns after them; None when every column is attended."""
+        if mask is not None:
+            check_padding_mask(mask)
         if self.mask is None:
             if mask is None:
                 return None
@@ -510,10 +512,14 @@ def extend_mask(mask: Tensor | None, m: int, name: str = "attention_mask") -> Te
     """Prepend m ones (the prompt's columns) to a (B, s) padding mask."""
     if mask is None or m == 0:
         return mask
+    check_padding_mask(mask, name)
+    return torch.cat([mask.new_ones(mask.shape[0], m), mask], dim=1)
+
+
+def check_padding_mask(mask: object, name: str = "attention_mask") -> None:
     if not isinstance(mask, Tensor) or mask.ndim != 2:
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"{name} must be a 2D (batch, seq) padding mask, got {shape}")
-    return torch.cat([mask.new_ones(mask.shape[0], m), mask], dim=1)
 
 
 def cache_length(cache: object) -> int:

@@ -139,8 +139,8 @@ class _T5Hooks:
             rows = None if rows is None else cut.take(rows)
             sig.set(kw, "attention_mask", cut.take(sig.get(kw, "attention_mask")))
         task_ids = self.tasks.resolve(kw.pop("task_ids", None), ids.shape[0])
-        rows_v = None if visual is None else visual.embeds
-        sig.set(kw, "inputs_embeds", self.fused(encoder.embed_tokens, ids, rows, task_ids, rows_v))
+        after = None if visual is None else visual.embeds
+        sig.set(kw, "inputs_embeds", self.fused(encoder.embed_tokens, ids, rows, task_ids, after))
         sig.set(kw, "input_ids", None)
         self._extend_mask(kw, sig, visual, ids.shape[1])
         return cut
@@ -149,8 +149,6 @@ class _T5Hooks:
         """The call's (B, s) mask -> `[1 (m); mask; visual mask]`, as the encoder input."""
         mask = sig.get(kw, "attention_mask")
         if visual is not None:
-            if mask is not None:
-                extend_mask(mask, 0)  # the 2D check, with the argument's name
             mask = visual.extend_mask(mask, s)
         m = self.adapter_of().num_virtual_tokens
         sig.set(kw, "attention_mask", extend_mask(mask, m))
