@@ -355,6 +355,55 @@ OP_CASES = [
         ValueError,
         r"position_ids is on meta but weight is on",
     ),
+    # dept_embedding: visual rows (CLIP-T5), (B, n_v, d) like the table.
+    bad(
+        "dept/visual_2d",
+        lambda _: dept_embedding(**op_args(visual=randn(5, D))),
+        ValueError,
+        r"visual must be 3-D, got shape \(5, 12\)",
+    ),
+    bad(
+        "dept/visual_not_a_tensor",
+        lambda _: dept_embedding(**op_args(visual=[[[0.0] * D]] * 2)),
+        TypeError,
+        r"visual must be a torch\.Tensor, got list",
+    ),
+    bad(
+        "dept/visual_int",
+        lambda _: dept_embedding(**op_args(visual=torch.ones(2, 5, D, dtype=torch.long))),
+        TypeError,
+        r"visual must be float32, float16 or bfloat16, got torch\.int64",
+    ),
+    bad(
+        "dept/visual_dtype_differs_from_weight",
+        lambda _: dept_embedding(**op_args(visual=randn(2, 5, D, dtype=torch.float16))),
+        TypeError,
+        r"visual has dtype torch\.float16 but weight has torch\.float32",
+    ),
+    bad(
+        "dept/visual_batch",
+        lambda _: dept_embedding(**op_args(visual=randn(3, 5, D))),
+        ValueError,
+        r"visual has batch size 3 but input_ids has batch size 2",
+    ),
+    bad(
+        "dept/visual_width",
+        lambda _: dept_embedding(**op_args(visual=randn(2, 5, D + 1))),
+        ValueError,
+        r"visual has width 13 but weight has embedding dim d=12",
+    ),
+    bad(
+        "dept/visual_on_other_device",
+        lambda _: dept_embedding(**op_args(visual=meta(2, 5, D))),
+        ValueError,
+        r"visual is on meta but weight is on",
+    ),
+    bad(
+        "dept/visual_batch_with_tasks",
+        lambda _: dept_embedding(**stacked_args(visual=randn(1, 5, D))),
+        ValueError,
+        r"visual has batch size 1 but input_ids has batch size 2",
+    ),
     # dept_embedding: task ids with stacked parameters.
     bad(
         "dept/task_id_out_of_range",
