@@ -27,7 +27,12 @@ from helpers.models import (
     tiny_model,
     tol,
 )
-from transformers import T5EncoderModel, T5ForSequenceClassification, T5Model
+from transformers import (
+    T5EncoderModel,
+    T5ForQuestionAnswering,
+    T5ForSequenceClassification,
+    T5Model,
+)
 
 import dept_kernels as dk
 
@@ -183,9 +188,10 @@ def test_t5_encoder_model(method):
     torch.testing.assert_close(got_v.grad, want_v.grad, **tol(torch.float32))
 
 
-def test_t5_model_and_classification_head():
-    """T5Model and T5ForSequenceClassification (which hooks its inner T5Model) take visual
-    rows too: the reference's states and logits."""
+def test_t5_model_and_heads():
+    """T5Model, T5ForSequenceClassification (which hooks its inner T5Model) and
+    T5ForQuestionAnswering (whose decoder input is made from input_ids) take visual rows
+    too: the reference's states and logits."""
     base, model = patched_pair("t5", "dept", cls=T5Model)
     ids, mask, labels = padded_text()
     visual, vmask = visual_rows()
@@ -211,6 +217,20 @@ def test_t5_model_and_classification_head():
         enc = base.transformer.encoder(inputs_embeds=embeds, attention_mask=ext)
         ref = base(input_ids=ids, attention_mask=ext, encoder_outputs=enc).logits
     torch.testing.assert_close(out, ref, **tol(torch.float32))
+
+    base, model = patched_pair("t5", "dept", cls=T5ForQuestionAnswering)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, visual_embeds=visual,
+                    visual_attention_mask=vmask)  # fmt: skip
+        embeds, ext = reference_inputs(
+            reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids),
+            visual, mask, vmask, 4,
+        )  # fmt: skip
+        enc = base.encoder(inputs_embeds=embeds, attention_mask=ext)
+        ref = base(input_ids=ids, attention_mask=ext, encoder_outputs=enc)
+    assert out.start_logits.shape == ids.shape
+    torch.testing.assert_close(out.start_logits, ref.start_logits, **tol(torch.float32))
+    torch.testing.assert_close(out.end_logits, ref.end_logits, **tol(torch.float32))
 
 
 def test_encoder_called_alone_then_the_decoder():
