@@ -51,8 +51,7 @@ def visual_rows(b: int = 3, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def padded_text(b: int = 3):
-    """A batch whose sample 0 ends in 3 padding columns and sample 2 in 2 (columns that the
-    default trim would cut if the call were trimmed)."""
+    """A batch with right padding: 3 columns in sample 0, 2 in sample 2."""
     ids, mask, labels = batch(b=b)
     ids[0, -3:], mask[0, -3:] = PAD, 0
     ids[2, -2:], mask[2, -2:] = PAD, 0
