@@ -92,6 +92,7 @@ inline ForwardTensors normalize_forward(
 inline int64_t grad_batch_rows(const at::Tensor& grad_out) {
   TORCH_CHECK(grad_out.dim() == 3, "grad_out must be (B, m + s, d)");
   const int64_t batch = grad_out.size(0), width = grad_out.size(1), d = grad_out.size(2);
+  if (grad_out.numel() == 0) return width;  // nothing is read (an empty tensor's strides vary)
   TORCH_CHECK((d <= 1 || grad_out.stride(2) == 1) && (width <= 1 || grad_out.stride(1) == d),
               "grad_out must have unit column stride and rows d apart");
   if (batch <= 1 || d == 0) return width;
