@@ -2369,6 +2369,13 @@ NON_CONTIGUOUS = [
         stacked_args(),
         {"prompt": transposed, "lora_a": transposed, "lora_b": strided, "task_ids": strided},
     ),
+    ("dept/visual_strided", dept_embedding, op_args(visual=randn(2, 3, D)), {"visual": strided}),
+    (
+        "dept/visual_transposed",
+        dept_embedding,
+        stacked_args(visual=randn(2, 3, D)),
+        {"visual": transposed},
+    ),
     ("aot_add/hidden", aot_bias_add, aot_args(), {"hidden": batch_major}),
     ("aot_add/ids_table", aot_bias_add, aot_args(), {"input_ids": strided, "table": transposed}),
     (
@@ -2420,6 +2427,15 @@ EMPTY = [
     ("dept/rank_0", op_args(lora_a=randn(L, 0), lora_b=randn(0, D))),
     ("dept/stacked_batch_0", stacked_args(input_ids=ids([[]]).reshape(0, 4), task_ids=ids([]))),
     ("dept/stacked_seq_0", stacked_args(input_ids=ids([[], []]))),
+    ("dept/visual_batch_0", op_args(input_ids=ids([]).reshape(0, 4), visual=randn(0, 3, D))),
+    ("dept/visual_seq_0", op_args(input_ids=ids([[], []]), visual=randn(2, 3, D))),
+    ("dept/visual_rows_0", op_args(visual=randn(2, 0, D))),
+    (
+        "dept/visual_alone",
+        op_args(
+            input_ids=ids([[], []]), prompt=None, lora_a=None, lora_b=None, visual=randn(2, 3, D)
+        ),
+    ),
 ]
 AOT_EMPTY = [
     ("aot_add/batch_0", aot_args(hidden=randn(0, 4, D), input_ids=ids([]).reshape(0, 4))),

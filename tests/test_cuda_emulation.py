@@ -215,14 +215,20 @@ def test_segment_sum(emulator, tmp_path, dtype, counts, d):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch,seq,m,d", [(3, 5, 2, 40), (40, 3, 0, 24), (1, 70, 1, 37)])
-def test_position_sum(emulator, tmp_path, batch, seq, m, d):
-    """The batch sum as bindings.cpp sets it up: segment t holds tokens (b, t), b ascending."""
+@pytest.mark.parametrize(
+    "batch,seq,m,d,n_v",
+    [(3, 5, 2, 40, 0), (40, 3, 0, 24, 0), (1, 70, 1, 37, 0), (4, 5, 2, 40, 7), (3, 6, 0, 37, 1)],
+)
+def test_position_sum(emulator, tmp_path, batch, seq, m, d, n_v):
+    """The batch sum as bindings.cpp sets it up: segment t holds tokens (b, t), b ascending.
+    With visual rows (n_v > 0) grad_out is the view of the text columns, read in place:
+    samples are `width` = m + s + n_v rows apart."""
     gen = torch.Generator().manual_seed(batch * seq)
-    grad = torch.randn(batch, m + seq, d, generator=gen).to(torch.bfloat16)
-    width = m + seq
+    full = torch.randn(batch, m + seq + n_v, d, generator=gen).to(torch.bfloat16)
+    grad = full[:, : m + seq]
+    width = full.stride(0) // d
     src = (torch.arange(seq)[:, None] + m + torch.arange(batch)[None, :] * width).reshape(-1)
-    _write(tmp_path / "grad.bin", grad)
+    _write(tmp_path / "grad.bin", full)
     _write(tmp_path / "src_rows.bin", src)
     _write(tmp_path / "offsets.bin", torch.arange(seq + 1) * batch)
     _run(emulator, "segment_sum", tmp_path, CODE[torch.bfloat16], batch * seq, seq, d)

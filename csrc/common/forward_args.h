@@ -85,6 +85,22 @@ inline ForwardTensors normalize_forward(
   return t;
 }
 
+// Rows of d elements from one sample of `grad_out` (B, w, d) to the next, as the reduce
+// kernels read it (dept_kernels/ops/_grads.py `row_layout`): unit column stride, rows d
+// apart, a batch stride that is a multiple of d. The text columns of an output with visual
+// rows (a view of w < its width rows) are so read in place.
+inline int64_t grad_batch_rows(const at::Tensor& grad_out) {
+  TORCH_CHECK(grad_out.dim() == 3, "grad_out must be (B, m + s, d)");
+  const int64_t batch = grad_out.size(0), width = grad_out.size(1), d = grad_out.size(2);
+  if (grad_out.numel() == 0) return width;  // nothing is read (an empty tensor's strides vary)
+  TORCH_CHECK((d <= 1 || grad_out.stride(2) == 1) && (width <= 1 || grad_out.stride(1) == d),
+              "grad_out must have unit column stride and rows d apart");
+  if (batch <= 1 || d == 0) return width;
+  TORCH_CHECK(grad_out.stride(0) % d == 0 && grad_out.stride(0) >= width * d,
+              "grad_out must have a batch stride of whole rows, at least (m + s) * d");
+  return grad_out.stride(0) / d;
+}
+
 // Data pointer of an optional tensor, nullptr when absent.
 template <typename T>
 inline T* ptr_or_null(const at::Tensor& t) {

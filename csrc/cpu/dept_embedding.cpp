@@ -280,8 +280,8 @@ void reduce_kernel(
     int64_t m,
     int64_t d,
     int64_t segments,
+    int64_t out_seq,  // rows per sample of `grad` (m + s, or more for a view of a wider output)
     float* out) {
-  const int64_t out_seq = m + seq;
   const int64_t tiles = (d + kTile - 1) / kTile;
   if (order == nullptr) {
     // Position-major tasks: each reads the B rows of its positions, a uniform amount of
@@ -401,8 +401,7 @@ at::Tensor reduce(
     int64_t m,
     const std::optional<at::Tensor>& order,
     const std::optional<at::Tensor>& offsets) {
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.is_contiguous(),
-              "grad_out must be a contiguous (B, m + s, d) tensor");
+  const int64_t batch_rows = dept_kernels::grad_batch_rows(grad_out);
   TORCH_CHECK(order.has_value() == offsets.has_value(), "order and offsets go together");
   const int64_t batch = grad_out.size(0);
   const int64_t seq = grad_out.size(1) - m;
@@ -426,7 +425,7 @@ at::Tensor reduce(
         reduce_kernel<scalar_t>(
             grad_out.data_ptr<scalar_t>(), ord.defined() ? ord.data_ptr<int64_t>() : nullptr,
             off.defined() ? off.data_ptr<int64_t>() : nullptr, batch, seq, m, d, segments,
-            out.data_ptr<float>());
+            batch_rows, out.data_ptr<float>());
       });
   return out;
 }

@@ -82,17 +82,16 @@ at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& weight,
 at::Tensor reduce(const at::Tensor& grad_out, int64_t m, const std::optional<at::Tensor>& order,
                   const std::optional<at::Tensor>& offsets) {
   check_cuda(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.is_contiguous(),
-              "grad_out must be a contiguous (B, m + s, d) tensor");
+  // Rows per sample: m + s, or more when grad_out views the text columns of a wider output.
+  const int64_t width = dept_kernels::grad_batch_rows(grad_out);
   TORCH_CHECK(order.has_value() == offsets.has_value(), "order and offsets go together");
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t batch = grad_out.size(0);
-  const int64_t width = grad_out.size(1);
-  const int64_t seq = width - m;
+  const int64_t seq = grad_out.size(1) - m;
   const int64_t d = grad_out.size(2);
   TORCH_CHECK(m >= 0 && seq >= 0, "m must lie in [0, m + s]");
   const auto longs = grad_out.options().dtype(at::kLong);
-  // Both modes become one segmented sum over rows of grad_out viewed as (B * (m + s), d):
+  // Both modes become one segmented sum over rows of grad_out viewed as (B * width, d):
   // src_rows lists the grad row of each token in segment order (O(B*s) integers).
   at::Tensor src_rows, off;
   if (order.has_value()) {

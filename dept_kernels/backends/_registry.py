@@ -56,7 +56,9 @@ class Backend(Protocol):
         self, grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | None
     ) -> Tensor:
         """fp32 sums of the token rows of `grad_out` (B, m + s, d): (s, d) per position, or
-        (R, d) per segment (`order` lists the B*s tokens grouped, `offsets` (R + 1,) bounds)."""
+        (R, d) per segment (`order` lists the B*s tokens grouped, `offsets` (R + 1,) bounds).
+        `grad_out` has unit column stride and rows d apart; its batch stride, a multiple of d,
+        may exceed (m + s) * d (the text columns of an output with visual rows)."""
         ...
 
     def gather_add(self, hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tensor:

@@ -181,7 +181,7 @@ def _dept_embedding_backward_op(
     prompt's gradient (returned as zeros of its shape).
     """
     return _grads.dept_embedding_grads(
-        grad_out.contiguous(),
+        _grads.row_layout(grad_out),
         input_ids,
         rows,
         task_ids,
@@ -246,7 +246,8 @@ def _backward(ctx, grad_out):
     input_ids, rows, task_ids, lora_a, lora_b = ctx.saved_tensors
     need = ctx.needs_input_grad
     # The visual rows are copies: their gradient is their slice of grad_out. The kernels
-    # below read (B, m + s, d), so they get the text columns alone.
+    # below read (B, m + s, d), so they get the text columns alone: a view, read in place
+    # through its batch stride.
     d_visual = grad_out[:, ctx.text :] if ctx.has_visual and need[11] else None
     if grad_out.shape[1] != ctx.text:
         grad_out = grad_out[:, : ctx.text]

@@ -75,9 +75,8 @@ def dept_embedding(
         (B, m + s + n_v, d) tensor of `weight.dtype`.
     """
     num_tasks = _check_args(
-        input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids
+        input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids, visual
     )
-    _check_visual(visual, input_ids, weight)
     if lora_a is None:
         position_ids = None  # nothing reads rows
     if weight.stride(-1) != 1:
@@ -111,6 +110,7 @@ def _check_args(
     position_ids: Tensor | None,
     index: str,
     task_ids: Tensor | None,
+    visual: Tensor | None = None,
 ) -> int:
     """Static checks (shapes, dtypes, devices); returns T, or 0 without tasks."""
     if index not in INDEX_MODES:
@@ -133,6 +133,7 @@ def _check_args(
                 f"prompt has width {prompt.shape[-1]} but weight has embedding dim d={d}"
             )
     v.check_scaling(scaling)
+    _check_visual(visual, input_ids, weight)
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together (or both None)")
     if position_ids is not None:

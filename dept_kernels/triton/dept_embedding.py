@@ -621,6 +621,7 @@ def _reduce_position_kernel(
     seq_len,
     m,
     d,
+    stride_gb,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -628,9 +629,10 @@ def _reduce_position_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (t < seq_len)[:, None] & (cols < d)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    rows = (m + t).to(tl.int64) * d
     for b in range(batch):
-        rows = tl.cast(b, tl.int64) * (m + seq_len) + m + t
-        acc += tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=mask, other=0.0)
+        g_b = g_ptr + tl.cast(b, tl.int64) * stride_gb
+        acc += tl.load(g_b + rows[:, None] + cols[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * d + cols[None, :], acc, mask=mask)
 
 
@@ -643,6 +645,7 @@ def _reduce_segment_kernel(
     seq_len,
     m,
     d,
+    stride_gb,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -656,9 +659,9 @@ def _reduce_segment_kernel(
         i = i0 + tl.arange(0, BLOCK_N)
         i_mask = i < end
         n = tl.load(order_ptr + i, mask=i_mask, other=0)
-        rows = (n // seq_len) * (m + seq_len) + m + n % seq_len
+        rows = (n // seq_len) * stride_gb + (m + n % seq_len) * d
         acc += tl.load(
-            g_ptr + rows[:, None] * d + cols[None, :],
+            g_ptr + rows[:, None] + cols[None, :],
             mask=i_mask[:, None] & col_mask[None, :],
             other=0.0,
         )
@@ -779,10 +782,12 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
     """fp32 batch sum of the token rows of `grad_out` (B, m + s, d).
 
     `order is None`: (s, d), one row per position. Otherwise (R, d): row u sums the
-    flattened tokens `order[offsets[u]:offsets[u + 1]]`.
+    flattened tokens `order[offsets[u]:offsets[u + 1]]`. Rows are read d apart, samples
+    `grad_out.stride(0)` apart (`dept_kernels.ops._grads.row_layout`).
     """
     batch, total, d = grad_out.shape
     seq_len = total - m
+    stride_gb = grad_out.stride(0) if batch > 1 else total * d
     meta = reduce_constexprs(grad_out.dtype, ordered=order is not None)
     n_d = triton.cdiv(d, meta["BLOCK_D"])
     if order is None:
@@ -791,13 +796,13 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
         out = grad_out.new_empty(seq_len, d, dtype=torch.float32)
         if out.numel():
             _reduce_position_kernel[(triton.cdiv(seq_len, BLOCK_T), n_d)](
-                grad_out, out, batch, seq_len, m, d, **meta, **COMPILE_OPTIONS
+                grad_out, out, batch, seq_len, m, d, stride_gb, **meta, **COMPILE_OPTIONS
             )
         return out
     out = grad_out.new_empty(offsets.numel() - 1, d, dtype=torch.float32)
     if out.numel():
         _reduce_segment_kernel[(out.shape[0], n_d)](
-            grad_out, order, offsets, out, seq_len, m, d, **meta, **COMPILE_OPTIONS
+            grad_out, order, offsets, out, seq_len, m, d, stride_gb, **meta, **COMPILE_OPTIONS
         )
     return out
 
