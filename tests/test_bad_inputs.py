@@ -355,6 +355,55 @@ OP_CASES = [
         ValueError,
         r"position_ids is on meta but weight is on",
     ),
+    # dept_embedding: visual rows (CLIP-T5), (B, n_v, d) like the table.
+    bad(
+        "dept/visual_2d",
+        lambda _: dept_embedding(**op_args(visual=randn(5, D))),
+        ValueError,
+        r"visual must be 3-D, got shape \(5, 12\)",
+    ),
+    bad(
+        "dept/visual_not_a_tensor",
+        lambda _: dept_embedding(**op_args(visual=[[[0.0] * D]] * 2)),
+        TypeError,
+        r"visual must be a torch\.Tensor, got list",
+    ),
+    bad(
+        "dept/visual_int",
+        lambda _: dept_embedding(**op_args(visual=torch.ones(2, 5, D, dtype=torch.long))),
+        TypeError,
+        r"visual must be float32, float16 or bfloat16, got torch\.int64",
+    ),
+    bad(
+        "dept/visual_dtype_differs_from_weight",
+        lambda _: dept_embedding(**op_args(visual=randn(2, 5, D, dtype=torch.float16))),
+        TypeError,
+        r"visual has dtype torch\.float16 but weight has torch\.float32",
+    ),
+    bad(
+        "dept/visual_batch",
+        lambda _: dept_embedding(**op_args(visual=randn(3, 5, D))),
+        ValueError,
+        r"visual has batch size 3 but input_ids has batch size 2",
+    ),
+    bad(
+        "dept/visual_width",
+        lambda _: dept_embedding(**op_args(visual=randn(2, 5, D + 1))),
+        ValueError,
+        r"visual has width 13 but weight has embedding dim d=12",
+    ),
+    bad(
+        "dept/visual_on_other_device",
+        lambda _: dept_embedding(**op_args(visual=meta(2, 5, D))),
+        ValueError,
+        r"visual is on meta but weight is on",
+    ),
+    bad(
+        "dept/visual_batch_with_tasks",
+        lambda _: dept_embedding(**stacked_args(visual=randn(1, 5, D))),
+        ValueError,
+        r"visual has batch size 1 but input_ids has batch size 2",
+    ),
     # dept_embedding: task ids with stacked parameters.
     bad(
         "dept/task_id_out_of_range",
@@ -2131,9 +2180,131 @@ OFFICIAL_CASES = [
     ),
 ]
 
+# --------------------------------------------------------------------------- visual rows
+
+
+def visual(b: int = 2, n_v: int = 3, d: int = 32, dtype=torch.float32) -> torch.Tensor:
+    """Visual rows (B, n_v, d) for the tiny T5 (d = 32) and `tokens()` (B = 2)."""
+    return torch.randn(b, n_v, d, generator=torch.Generator().manual_seed(n_v)).to(dtype)
+
+
+def t5_encoder_model():
+    return dk.patch(tiny_model("t5", transformers.T5EncoderModel), make_config("dept"))
+
+
+VISUAL_CASES = [
+    *(
+        bad(
+            f"visual/{call}/batch",
+            lambda _, run=run: run(prompt_model("t5"), tokens(), visual_embeds=visual(b=3)),
+            ValueError,
+            r"visual_embeds has 3 samples but input_ids has 2",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+    *(
+        bad(
+            f"visual/{call}/width",
+            lambda _, run=run: run(prompt_model("t5"), tokens(), visual_embeds=visual(d=33)),
+            ValueError,
+            r"visual_embeds has width 33; the model's embeddings have d=32",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+    *(
+        bad(
+            f"visual/{call}/ndim",
+            lambda _, run=run: run(prompt_model("t5", "pt"), tokens(), visual_embeds=visual()[0]),
+            ValueError,
+            r"visual_embeds must be 3-D \(batch, n_v, d\), got shape \(3, 32\)",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+    bad(
+        "visual/encoder_model/ndim",
+        lambda _: t5_encoder_model()(input_ids=tokens(), visual_embeds=visual()[None]),
+        ValueError,
+        r"visual_embeds must be 3-D \(batch, n_v, d\), got shape \(1, 2, 3, 32\)",
+    ),
+    bad(
+        "visual/int_embeds",
+        lambda _: forward(prompt_model("t5"), tokens(), visual_embeds=tokens(s=32)[:, None]),
+        TypeError,
+        r"visual_embeds must be a floating-point tensor, got torch\.int64",
+    ),
+    bad(
+        "visual/other_device",
+        lambda _: forward(prompt_model("t5", "ept"), tokens(), visual_embeds=visual().to("meta")),
+        ValueError,
+        r"visual_embeds is on meta but the model's embeddings are on cpu",
+    ),
+    *(
+        bad(
+            f"visual/{call}/mask_without_embeds",
+            lambda _, run=run: run(
+                prompt_model("t5"), tokens(), visual_attention_mask=torch.ones(2, 3)
+            ),
+            ValueError,
+            r"visual_attention_mask was given without visual_embeds",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+    *(
+        bad(
+            f"visual/{call}/mask_shape",
+            lambda _, run=run: run(
+                prompt_model("t5"),
+                tokens(),
+                visual_embeds=visual(),
+                visual_attention_mask=torch.ones(2, 4),
+            ),
+            ValueError,
+            r"visual_attention_mask must have shape \(batch, n_v\) = \(2, 3\) like "
+            r"visual_embeds, got \(2, 4\)",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+    bad(
+        "visual/encoder_model/mask_shape",
+        lambda _: t5_encoder_model()(
+            input_ids=tokens(), visual_embeds=visual(), visual_attention_mask=torch.ones(2, 3, 1)
+        ),
+        ValueError,
+        r"visual_attention_mask must have shape \(batch, n_v\) = \(2, 3\)",
+    ),
+    bad(
+        "visual/text_mask_3d",
+        lambda _: forward(
+            prompt_model("t5"), tokens(), attention_mask=torch.ones(2, 5, 5), visual_embeds=visual()
+        ),
+        ValueError,
+        r"attention_mask must be a 2D \(batch, seq\) padding mask, got \(2, 5, 5\)",
+        kernels=True,
+    ),
+    bad(
+        "visual/encoder_with_inputs_embeds",
+        lambda _: prompt_model("t5").get_encoder()(
+            inputs_embeds=visual(n_v=5), visual_embeds=visual()
+        ),
+        ValueError,
+        r"got visual rows with inputs_embeds",
+    ),
+    *(
+        bad(
+            f"visual/decoder_{call}",
+            lambda _, run=run: run(prompt_model("gpt2"), tokens(), visual_embeds=visual()),
+            TypeError,
+            r"(GPT2LMHeadModel|GPT2LMHeadModel\.generate) got visual_embeds / "
+            r"visual_attention_mask: visual rows are supported on the patched T5 models only",
+        )
+        for call, run in (("forward", forward), ("generate", generate))
+    ),
+]
+
 CATALOGUE = [
     *OP_CASES,
     *MODEL_CASES,
+    *VISUAL_CASES,
     *TASK_CASES,
     *CONFIG_CASES,
     *PATCH_CASES,
@@ -2227,6 +2398,13 @@ NON_CONTIGUOUS = [
         stacked_args(),
         {"prompt": transposed, "lora_a": transposed, "lora_b": strided, "task_ids": strided},
     ),
+    ("dept/visual_strided", dept_embedding, op_args(visual=randn(2, 3, D)), {"visual": strided}),
+    (
+        "dept/visual_transposed",
+        dept_embedding,
+        stacked_args(visual=randn(2, 3, D)),
+        {"visual": transposed},
+    ),
     ("aot_add/hidden", aot_bias_add, aot_args(), {"hidden": batch_major}),
     ("aot_add/ids_table", aot_bias_add, aot_args(), {"input_ids": strided, "table": transposed}),
     (
@@ -2278,6 +2456,15 @@ EMPTY = [
     ("dept/rank_0", op_args(lora_a=randn(L, 0), lora_b=randn(0, D))),
     ("dept/stacked_batch_0", stacked_args(input_ids=ids([[]]).reshape(0, 4), task_ids=ids([]))),
     ("dept/stacked_seq_0", stacked_args(input_ids=ids([[], []]))),
+    ("dept/visual_batch_0", op_args(input_ids=ids([]).reshape(0, 4), visual=randn(0, 3, D))),
+    ("dept/visual_seq_0", op_args(input_ids=ids([[], []]), visual=randn(2, 3, D))),
+    ("dept/visual_rows_0", op_args(visual=randn(2, 0, D))),
+    (
+        "dept/visual_alone",
+        op_args(
+            input_ids=ids([[], []]), prompt=None, lora_a=None, lora_b=None, visual=randn(2, 3, D)
+        ),
+    ),
 ]
 AOT_EMPTY = [
     ("aot_add/batch_0", aot_args(hidden=randn(0, 4, D), input_ids=ids([]).reshape(0, 4))),

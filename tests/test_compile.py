@@ -138,3 +138,38 @@ def test_compiled_stacked_adapter_with_task_ids(method):
         expected = logits(**inputs, task_ids=task_ids)
         actual = compiled(**inputs, task_ids=task_ids)
     assert_close(actual, expected, torch.float32)
+
+
+def test_compiled_op_with_visual_rows():
+    """The visual rows go through the custom op's schema, fake and autograd under
+    fullgraph=True: output (B, m + s + n_v, d) and every gradient, d_visual included, equal
+    the eager op's."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()
+
+    ids = torch.randint(0, 20, (3, 6), generator=gen).to(DEVICE)
+    params = [leaf(20, 12), leaf(4, 12), leaf(8, 3), leaf(3, 12)]
+    # Non-contiguous, as a projection's transposed output would be.
+    visual_leaf = leaf(3, 12, 5)
+
+    def step(weight, prompt, lora_a, lora_b, visual):
+        return dk.ops.dept_embedding(
+            ids, weight, prompt, lora_a, lora_b, scaling=0.5, visual=visual.transpose(1, 2)
+        )
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [*params, visual_leaf]
+    grad_out = torch.randn(3, 4 + 6 + 5, 12, generator=gen).to(DEVICE)
+    results = []
+    for fn in (step, compiled):
+        out = fn(*leaves)
+        results.append((out, torch.autograd.grad(out, leaves, grad_out)))
+    (eager, eager_grads), (out, grads) = results
+    assert out.shape == (3, 15, 12)
+    assert_close(out, eager, torch.float32)
+    for got, want in zip(grads, eager_grads, strict=True):
+        assert_close(got, want, torch.float32)
+    assert torch.equal(grads[-1], grad_out[:, 10:].transpose(1, 2))

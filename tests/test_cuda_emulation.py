@@ -87,6 +87,24 @@ TASK_CASES = [
 ]
 
 
+# Visual rows after the token rows: (forward case, tasks, (n_v, extra rows, extra columns) of
+# the strided source the rows are read from in place). Extra columns of 1 break the 16-byte
+# alignment of the rows (scalar path), 8 keep it for half types.
+VISUAL_CASES = [
+    ((3, 5, 2, 40, 3, 7, "position", 0, False), None, (7, 0, 0)),
+    ((3, 5, 2, 37, 3, 7, "position", 0, False), None, (1, 0, 0)),  # scalar columns, n_v = 1
+    ((9, 40, 3, 64, 4, 40, "position", 0, False), None, (17, 2, 8)),  # pipeline, strided
+    ((5, 9, 0, 48, 1, 9, "position", 0, False), None, (3, 1, 1)),  # misaligned rows, m = 0
+    ((4, 6, 2, 40, 3, 11, "rows", 0, False), None, (7, 0, 0)),
+    ((3, 7, 0, 33, 2, 7, "rows", 0, False), None, (5, 1, 3)),
+    ((3, 5, 2, 40, 0, 0, "none", 0, False), None, (7, 1, 8)),
+    ((2, 0, 3, 40, 2, 4, "position", 0, False), None, (2, 0, 0)),  # s = 0
+    ((5, 9, 2, 40, 3, 9, "position", 0, False), (1, 0, 1, 2, 0), (7, 0, 0)),
+    ((5, 6, 2, 40, 3, 11, "rows", 0, False), (1, 0, 1, 2, 0), (1, 2, 8)),
+    ((5, 3, 2, 40, 0, 0, "none", 0, False), (1, 0, 1, 2, 0), (7, 0, 1)),
+]
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("case", FORWARD_CASES)
 def test_forward(emulator, tmp_path, dtype, case):
@@ -99,8 +117,19 @@ def test_forward_tasks(emulator, tmp_path, dtype, case, tasks):
     _check_forward(emulator, tmp_path, dtype, case, tasks)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case,tasks,visual", VISUAL_CASES)
+def test_forward_visual(emulator, tmp_path, dtype, case, tasks, visual):
+    _check_forward(emulator, tmp_path, dtype, case, tasks, visual)
+
+
 def _check_forward(
-    emulator: Path, tmp_path: Path, dtype: torch.dtype, case: tuple, tasks: tuple | None
+    emulator: Path,
+    tmp_path: Path,
+    dtype: torch.dtype,
+    case: tuple,
+    tasks: tuple | None,
+    visual_layout: tuple[int, int, int] = (0, 0, 0),
 ) -> None:
     batch, seq, m, d, r, max_len, mode, extra, shift = case
     gen = torch.Generator().manual_seed(sum(case[:6]))
@@ -121,6 +150,14 @@ def _check_forward(
         order = torch.argsort(task_ids, stable=True)
         _write(tmp_path / "tasks.bin", task_ids)
         _write(tmp_path / "order.bin", order)
+    # The visual rows: a window of a bigger buffer, read in place through its strides.
+    n_v, extra_rows, extra_cols = visual_layout
+    source = torch.randn(batch, n_v + extra_rows, d + extra_cols, generator=gen).to(dtype)
+    visual = source[:, extra_rows:, extra_cols:]
+    if n_v:
+        # The file starts at visual[0, 0, 0]: the emulator's pointer to the window.
+        start = extra_rows * source.shape[2] + extra_cols
+        _write(tmp_path / "visual.bin", source.reshape(-1)[start:])
     scaling = 0.75
     _write(tmp_path / "ids.bin", ids)
     _write(tmp_path / "weight.bin", table)
@@ -133,8 +170,12 @@ def _check_forward(
         _write(tmp_path / "rows.bin", rows)
     args = (CODE[dtype], batch, seq, m, d, r, d + extra, int(lora), int(rows is not None))
     args += (int(shift), round(scaling * 1e6), int(tasks is not None), max_len)
+    args += (n_v, visual.stride(0), visual.stride(1))
     _run(emulator, "forward", tmp_path, *args)
-    out = _read(tmp_path / "out.bin", dtype, (batch, m + seq, d))
+    out = _read(tmp_path / "out.bin", dtype, (batch, m + seq + n_v, d))
+    # Visual rows are copies of their source, whatever its strides: bit-exact.
+    assert torch.equal(out[:, m + seq :], visual)
+    out = out[:, : m + seq]
     ref = REFERENCE.forward(ids, weight, prompt, a, b, rows, scaling, task_ids, order)
     # Prompt rows (and all rows without a delta) are copies: bit-exact.
     assert torch.equal(out[:, :m], ref[:, :m])
@@ -174,14 +215,20 @@ def test_segment_sum(emulator, tmp_path, dtype, counts, d):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch,seq,m,d", [(3, 5, 2, 40), (40, 3, 0, 24), (1, 70, 1, 37)])
-def test_position_sum(emulator, tmp_path, batch, seq, m, d):
-    """The batch sum as bindings.cpp sets it up: segment t holds tokens (b, t), b ascending."""
+@pytest.mark.parametrize(
+    "batch,seq,m,d,n_v",
+    [(3, 5, 2, 40, 0), (40, 3, 0, 24, 0), (1, 70, 1, 37, 0), (4, 5, 2, 40, 7), (3, 6, 0, 37, 1)],
+)
+def test_position_sum(emulator, tmp_path, batch, seq, m, d, n_v):
+    """The batch sum as bindings.cpp sets it up: segment t holds tokens (b, t), b ascending.
+    With visual rows (n_v > 0) grad_out is the view of the text columns, read in place:
+    samples are `width` = m + s + n_v rows apart."""
     gen = torch.Generator().manual_seed(batch * seq)
-    grad = torch.randn(batch, m + seq, d, generator=gen).to(torch.bfloat16)
-    width = m + seq
+    full = torch.randn(batch, m + seq + n_v, d, generator=gen).to(torch.bfloat16)
+    grad = full[:, : m + seq]
+    width = full.stride(0) // d
     src = (torch.arange(seq)[:, None] + m + torch.arange(batch)[None, :] * width).reshape(-1)
-    _write(tmp_path / "grad.bin", grad)
+    _write(tmp_path / "grad.bin", full)
     _write(tmp_path / "src_rows.bin", src)
     _write(tmp_path / "offsets.bin", torch.arange(seq + 1) * batch)
     _run(emulator, "segment_sum", tmp_path, CODE[torch.bfloat16], batch * seq, seq, d)

@@ -2,7 +2,8 @@
 // checked as a last line of defence (the Python layer validates first), ids and row
 // indices as contiguous int64, the prompt in the table's dtype, the low-rank factors in
 // fp32. These are the small tensors (O(B*s + T*(m*d + L*r + r*d))); the table is used in
-// place. Converting also materialises stride-0 broadcast prompts.
+// place. Converting also materialises stride-0 broadcast prompts. The visual rows are used
+// in place through their strides (copied only when their last stride is not 1).
 #pragma once
 
 #include <torch/extension.h>
@@ -13,7 +14,11 @@ namespace dept_kernels {
 
 struct ForwardTensors {
   at::Tensor ids, prompt, lora_a, lora_b, rows, task_ids, batch_order;  // undefined: absent
+  at::Tensor visual;  // (B, n_v, d) of the table's dtype, unit last stride; undefined: n_v = 0
   int64_t batch = 0, seq = 0, d = 0, m = 0, r = 0, max_len = 0;
+  int64_t n_v = 0, visual_stride_b = 0, visual_stride_v = 0;
+  // Rows per sample of the output: prompt, tokens, visual.
+  int64_t width() const { return m + seq + n_v; }
 };
 
 inline ForwardTensors normalize_forward(
@@ -24,7 +29,8 @@ inline ForwardTensors normalize_forward(
     const std::optional<at::Tensor>& lora_b,
     const std::optional<at::Tensor>& rows,
     const std::optional<at::Tensor>& task_ids,
-    const std::optional<at::Tensor>& batch_order) {
+    const std::optional<at::Tensor>& batch_order,
+    const std::optional<at::Tensor>& visual) {
   TORCH_CHECK(input_ids.dim() == 2 && weight.dim() == 2, "input_ids and weight must be 2-D");
   TORCH_CHECK(weight.stride(1) == 1, "weight must have unit last stride");
   TORCH_CHECK(lora_a.has_value() == lora_b.has_value(), "lora_a and lora_b go together");
@@ -67,7 +73,32 @@ inline ForwardTensors normalize_forward(
       TORCH_CHECK(t.seq <= t.max_len, "sequence longer than the rows of lora_a");
     }
   }
+  if (visual.has_value() && visual->size(1) > 0) {
+    TORCH_CHECK(visual->dim() == 3 && visual->size(0) == t.batch && visual->size(2) == t.d &&
+                    visual->scalar_type() == weight.scalar_type(),
+                "visual must be (B, n_v, d) of weight's dtype");
+    t.visual = visual->stride(2) == 1 ? *visual : visual->contiguous();
+    t.n_v = t.visual.size(1);
+    t.visual_stride_b = t.visual.stride(0);
+    t.visual_stride_v = t.visual.stride(1);
+  }
   return t;
+}
+
+// Rows of d elements from one sample of `grad_out` (B, w, d) to the next, as the reduce
+// kernels read it (dept_kernels/ops/_grads.py `row_layout`): unit column stride, rows d
+// apart, a batch stride that is a multiple of d. The text columns of an output with visual
+// rows (a view of w < its width rows) are so read in place.
+inline int64_t grad_batch_rows(const at::Tensor& grad_out) {
+  TORCH_CHECK(grad_out.dim() == 3, "grad_out must be (B, m + s, d)");
+  const int64_t batch = grad_out.size(0), width = grad_out.size(1), d = grad_out.size(2);
+  if (grad_out.numel() == 0) return width;  // nothing is read (an empty tensor's strides vary)
+  TORCH_CHECK((d <= 1 || grad_out.stride(2) == 1) && (width <= 1 || grad_out.stride(1) == d),
+              "grad_out must have unit column stride and rows d apart");
+  if (batch <= 1 || d == 0) return width;
+  TORCH_CHECK(grad_out.stride(0) % d == 0 && grad_out.stride(0) >= width * d,
+              "grad_out must have a batch stride of whole rows, at least (m + s) * d");
+  return grad_out.stride(0) / d;
 }
 
 // Data pointer of an optional tensor, nullptr when absent.

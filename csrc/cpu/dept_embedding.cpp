@@ -9,6 +9,9 @@
 // the op's task-sorted order and the delta is formed again only when the task changes, so the
 // work is (distinct tasks)*s*r*d.
 //
+// Visual rows (CLIP-T5) follow the token rows: copied row by row from their (strided) source
+// by the same forward, so no concatenated copy of the output is ever made.
+//
 // Gather-add (AoT P-tuning): hidden plus one table row per token, one pass.
 //
 // Reduce: deterministic batch / segment sums of the output gradient, fp32 accumulators in
@@ -100,7 +103,8 @@ inline void add_row(T* __restrict out, const T* __restrict e, const float* __res
 
 // The forward's arguments and its steps. Per-task parameters (`tasks` non-null): prompt
 // (T, m, d), a (T, L, r), b (T, r, d), all contiguous; `order` lists the samples grouped by
-// task. Without tasks, T = 1 and task 0.
+// task. Without tasks, T = 1 and task 0. `visual` (B, n_v, d) rows are `visual_stride_v`
+// elements apart, samples `visual_stride_b`; null when n_v = 0.
 template <typename T>
 struct Forward {
   const int64_t* ids;
@@ -112,20 +116,24 @@ struct Forward {
   const int64_t* rows;
   const int64_t* tasks;
   const int64_t* order;
+  const T* visual;
+  int64_t visual_stride_b, visual_stride_v;
   float scaling;
-  int64_t batch, seq, m, d, r, max_len;
+  int64_t batch, seq, m, d, r, max_len, n_v;
   bool lowrank;
   T* out;
 
   int64_t task_of(int64_t b) const { return tasks == nullptr ? 0 : tasks[b]; }
-  // Output row q of sample b: prompt rows q < m, then token rows q = m + t.
-  T* out_row(int64_t b, int64_t q) const { return out + (b * (m + seq) + q) * d; }
+  // Output row q of sample b: prompt rows q < m, token rows q = m + t, then visual rows
+  // q = m + seq + j.
+  T* out_row(int64_t b, int64_t q) const { return out + (b * (m + seq + n_v) + q) * d; }
   // Embedding row of token n = b * seq + t.
   const T* embedding(int64_t n) const { return weight + ids[n] * weight_stride; }
   size_t row_bytes() const { return static_cast<size_t>(d) * sizeof(T); }
 
   void run() const {
     if (m > 0) write_prompts();
+    if (n_v > 0) write_visual();
     if (!lowrank) {
       write_embeddings();
     } else if (rows == nullptr) {
@@ -141,6 +149,17 @@ struct Forward {
         const int64_t b = i / m;
         const int64_t p = i % m;
         std::memcpy(out_row(b, p), prompt + (task_of(b) * m + p) * d, row_bytes());
+      }
+    });
+  }
+
+  void write_visual() const {
+    at::parallel_for(0, batch * n_v, grain_for(d), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / n_v;
+        const int64_t j = i % n_v;
+        std::memcpy(out_row(b, m + seq + j), visual + b * visual_stride_b + j * visual_stride_v,
+                    row_bytes());
       }
     });
   }
@@ -261,8 +280,8 @@ void reduce_kernel(
     int64_t m,
     int64_t d,
     int64_t segments,
+    int64_t out_seq,  // rows per sample of `grad` (m + s, or more for a view of a wider output)
     float* out) {
-  const int64_t out_seq = m + seq;
   const int64_t tiles = (d + kTile - 1) / kTile;
   if (order == nullptr) {
     // Position-major tasks: each reads the B rows of its positions, a uniform amount of
@@ -339,10 +358,11 @@ at::Tensor forward(
     const std::optional<at::Tensor>& rows,
     double scaling,
     const std::optional<at::Tensor>& task_ids,
-    const std::optional<at::Tensor>& batch_order) {
+    const std::optional<at::Tensor>& batch_order,
+    const std::optional<at::Tensor>& visual) {
   const auto t = dept_kernels::normalize_forward(input_ids, weight, prompt, lora_a, lora_b, rows,
-                                                 task_ids, batch_order);
-  auto out = at::empty({t.batch, t.m + t.seq, t.d}, weight.options());
+                                                 task_ids, batch_order, visual);
+  auto out = at::empty({t.batch, t.width(), t.d}, weight.options());
   if (out.numel() == 0) {
     return out;
   }
@@ -358,6 +378,9 @@ at::Tensor forward(
                                      ptr_or_null<int64_t>(t.rows),
                                      ptr_or_null<int64_t>(t.task_ids),
                                      ptr_or_null<int64_t>(t.batch_order),
+                                     ptr_or_null<scalar_t>(t.visual),
+                                     t.visual_stride_b,
+                                     t.visual_stride_v,
                                      static_cast<float>(scaling),
                                      t.batch,
                                      t.seq,
@@ -365,6 +388,7 @@ at::Tensor forward(
                                      t.d,
                                      t.r,
                                      t.max_len,
+                                     t.n_v,
                                      t.lora_a.defined() && t.r > 0,
                                      out.data_ptr<scalar_t>()};
         step.run();
@@ -377,8 +401,7 @@ at::Tensor reduce(
     int64_t m,
     const std::optional<at::Tensor>& order,
     const std::optional<at::Tensor>& offsets) {
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.is_contiguous(),
-              "grad_out must be a contiguous (B, m + s, d) tensor");
+  const int64_t batch_rows = dept_kernels::grad_batch_rows(grad_out);
   TORCH_CHECK(order.has_value() == offsets.has_value(), "order and offsets go together");
   const int64_t batch = grad_out.size(0);
   const int64_t seq = grad_out.size(1) - m;
@@ -402,7 +425,7 @@ at::Tensor reduce(
         reduce_kernel<scalar_t>(
             grad_out.data_ptr<scalar_t>(), ord.defined() ? ord.data_ptr<int64_t>() : nullptr,
             off.defined() ? off.data_ptr<int64_t>() : nullptr, batch, seq, m, d, segments,
-            out.data_ptr<float>());
+            batch_rows, out.data_ptr<float>());
       });
   return out;
 }
@@ -443,7 +466,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "DePT fused embedding, CPU kernels (see dept_kernels/backends/_cpu.py)";
   module.attr("SOURCE_HASH") = DEPT_KERNELS_STR(DEPT_KERNELS_SOURCE_HASH);
   module.def("forward", &forward,
-             "(B, m + s, d) fused prompt + embedding + low-rank delta, optionally per task");
+             "(B, m + s + n_v, d) fused prompt + embedding + low-rank delta (+ visual rows), "
+             "optionally per task");
   module.def("reduce", &reduce, "fp32 batch / segment sums of the token rows of grad_out");
   module.def("gather_add", &gather_add, "AoT: out = hidden + table[rows], fp32 add");
 }

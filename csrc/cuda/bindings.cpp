@@ -43,12 +43,13 @@ at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& weight,
                    const std::optional<at::Tensor>& lora_a,
                    const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& rows,
                    double scaling, const std::optional<at::Tensor>& task_ids,
-                   const std::optional<at::Tensor>& batch_order) {
+                   const std::optional<at::Tensor>& batch_order,
+                   const std::optional<at::Tensor>& visual) {
   check_cuda(weight, "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto t = dept_kernels::normalize_forward(input_ids, weight, prompt, lora_a, lora_b, rows,
-                                                 task_ids, batch_order);
-  auto out = at::empty({t.batch, t.m + t.seq, t.d}, weight.options());
+                                                 task_ids, batch_order, visual);
+  auto out = at::empty({t.batch, t.width(), t.d}, weight.options());
   if (out.numel() == 0) return out;
   using dept_kernels::ptr_or_null;
   dept_kernels::ForwardParams args{};
@@ -61,6 +62,10 @@ at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& weight,
   args.rows = ptr_or_null<int64_t>(t.rows);
   args.task_ids = ptr_or_null<int64_t>(t.task_ids);
   args.batch_order = ptr_or_null<int64_t>(t.batch_order);
+  args.visual = t.visual.defined() ? t.visual.data_ptr() : nullptr;
+  args.n_v = t.n_v;
+  args.visual_stride_b = t.visual_stride_b;
+  args.visual_stride_v = t.visual_stride_v;
   args.scaling = static_cast<float>(scaling);
   args.batch = t.batch;
   args.seq = t.seq;
@@ -77,17 +82,16 @@ at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& weight,
 at::Tensor reduce(const at::Tensor& grad_out, int64_t m, const std::optional<at::Tensor>& order,
                   const std::optional<at::Tensor>& offsets) {
   check_cuda(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.is_contiguous(),
-              "grad_out must be a contiguous (B, m + s, d) tensor");
+  // Rows per sample: m + s, or more when grad_out views the text columns of a wider output.
+  const int64_t width = dept_kernels::grad_batch_rows(grad_out);
   TORCH_CHECK(order.has_value() == offsets.has_value(), "order and offsets go together");
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t batch = grad_out.size(0);
-  const int64_t width = grad_out.size(1);
-  const int64_t seq = width - m;
+  const int64_t seq = grad_out.size(1) - m;
   const int64_t d = grad_out.size(2);
   TORCH_CHECK(m >= 0 && seq >= 0, "m must lie in [0, m + s]");
   const auto longs = grad_out.options().dtype(at::kLong);
-  // Both modes become one segmented sum over rows of grad_out viewed as (B * (m + s), d):
+  // Both modes become one segmented sum over rows of grad_out viewed as (B * width, d):
   // src_rows lists the grad row of each token in segment order (O(B*s) integers).
   at::Tensor src_rows, off;
   if (order.has_value()) {
@@ -152,7 +156,8 @@ at::Tensor gather_add(const at::Tensor& hidden, const at::Tensor& rows, const at
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "DePT / AoT kernels, CUDA backend (see dept_kernels/backends/_cuda.py)";
   module.def("forward", &forward,
-             "(B, m + s, d) fused prompt + embedding + low-rank delta, optionally per task");
+             "(B, m + s + n_v, d) fused prompt + embedding + low-rank delta (+ visual rows), "
+             "optionally per task");
   module.def("reduce", &reduce, "fp32 batch / segment sums of the token rows of grad_out");
   module.def("gather_add", &gather_add, "out = hidden + table[rows], added in fp32");
 }

@@ -33,6 +33,15 @@ DK_INLINE void lowrank_rows(const float* const (&a)[kRowsPerThread], const float
     for (int j = 0; j < VEC; ++j) delta[i][j] *= scaling;
 }
 
+// Source row q of sample b in the virtual sequence (prompt rows q < m, token rows q = m + t,
+// visual rows q = m + seq + j) when it is not a token row: task k's prompt or b's visual row.
+template <typename T>
+DK_INLINE const T* copied_row(const ForwardParams& p, int64_t b, int64_t k, int64_t q) {
+  if (q < p.m) return static_cast<const T*>(p.prompt) + (k * p.m + q) * p.d;
+  return static_cast<const T*>(p.visual) + b * p.visual_stride_b +
+         (q - p.m - p.seq) * p.visual_stride_v;
+}
+
 // One rounding of the fp32 sum, as in the reference.
 template <typename T, int VEC>
 DK_INLINE Pack<T, VEC> add_delta(const Pack<T, VEC>& e, const float (&delta)[VEC]) {
@@ -49,8 +58,10 @@ DK_INLINE Pack<T, VEC> add_delta(const Pack<T, VEC>& e, const float (&delta)[VEC
 // again only where the task changes: (distinct tasks + chunks)*s*r*d.
 // Grid: (ceil((m + s) / kRowTile), ceil(d / (kLanes * VEC)), ceil(B / batch_chunk)); thread
 // (lane, warp) owns columns [c, c + VEC) of the rows q0 + i, i < kRowsPerThread, of the
-// virtual sequence prompt rows (q < m) then token rows (q = m + t).
-// Minimum traffic: B*s*d*sizeof(T) (embedding rows) + B*(m+s)*d*sizeof(T) (output)
+// virtual sequence prompt rows (q < m), token rows (q = m + t), then visual rows (q = m + s + j,
+// copied; no delta).
+// Minimum traffic: B*s*d*sizeof(T) (embedding rows) + B*(m+s+n_v)*d*sizeof(T) (output)
+// + B*n_v*d*sizeof(T) (visual rows)
 // + T*m*d*sizeof(T) + 4*T*(s*r + r*d) (prompts and factors of the tasks present, read once).
 template <typename T, int VEC>
 struct ForwardSharedDelta {
@@ -59,12 +70,11 @@ struct ForwardSharedDelta {
   static DK_INLINE void run(const Params& p, uint3 block, uint3 thread) {
     const int64_t c = (int64_t(block.y) * kLanes + thread.x) * VEC;
     if (c >= p.d) return;  // d % VEC == 0, so the whole pack is in range
-    const int64_t width = p.m + p.seq;
+    const int64_t width = p.m + p.seq + p.n_v;
     const int64_t q0 = int64_t(block.x) * kRowTile + int64_t(thread.y) * kRowsPerThread;
     const int64_t i0 = int64_t(block.z) * p.batch_chunk;
     const int64_t i1 = min64(i0 + p.batch_chunk, p.batch);
     const T* weight = static_cast<const T*>(p.weight);
-    const T* prompt = static_cast<const T*>(p.prompt);
     T* out = static_cast<T*>(p.out);
 
     bool valid[kRowsPerThread], token[kRowsPerThread];
@@ -72,7 +82,7 @@ struct ForwardSharedDelta {
     for (int i = 0; i < kRowsPerThread; ++i) {
       const int64_t q = q0 + i;
       valid[i] = q < width;
-      token[i] = valid[i] && q >= p.m;
+      token[i] = valid[i] && q >= p.m && q < p.m + p.seq;
     }
     // Batch position i holds sample order[i] with tasks, else sample i.
     const auto sample = [&](int64_t i) { return p.batch_order != nullptr ? p.batch_order[i] : i; };
@@ -84,19 +94,19 @@ struct ForwardSharedDelta {
         a[i] = token[i] ? p.lora_a + (k * p.lora_rows + (q0 + i - p.m)) * p.r : nullptr;
       lowrank_rows<VEC>(a, p.lora_b + k * p.r * p.d, p.r, p.d, c, p.scaling, delta);
     };
-    // Token ids of sample b, then the source rows (embedding or task k's prompt) as raw packs.
+    // Token ids of sample b, then b's source rows (embedding, task k's prompt or a visual row)
+    // as raw packs.
     const auto load_ids = [&](int64_t b, int64_t(&id)[kRowsPerThread]) {
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i)
         id[i] = token[i] ? p.ids[b * p.seq + (q0 + i - p.m)] : 0;
     };
-    const auto load_src = [&](const int64_t(&id)[kRowsPerThread], int64_t k,
+    const auto load_src = [&](const int64_t(&id)[kRowsPerThread], int64_t b, int64_t k,
                               Pack<T, VEC>(&src)[kRowsPerThread]) {
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i) {
         if (!valid[i]) continue;
-        const T* row = token[i] ? weight + id[i] * p.weight_stride
-                                : prompt + (k * p.m + q0 + i) * p.d;
+        const T* row = token[i] ? weight + id[i] * p.weight_stride : copied_row<T>(p, b, k, q0 + i);
         src[i] = load_pack<T, VEC>(row + c);
       }
     };
@@ -113,7 +123,7 @@ struct ForwardSharedDelta {
     float delta[kRowsPerThread][VEC];
     form_delta(task, delta);
 
-    load_src(id, task, cur);
+    load_src(id, b, task, cur);
     int64_t b_next = 0;
     if (i0 + 1 < i1) {
       b_next = sample(i0 + 1);
@@ -125,7 +135,7 @@ struct ForwardSharedDelta {
       for (int j = 0; j < kRowsPerThread; ++j) {
         if (!valid[j]) continue;
         T* o = out + (b * width + q0 + j) * p.d + c;
-        // Prompt rows are copied bit for bit, as the reference does.
+        // Prompt and visual rows are copied bit for bit, as the reference does.
         store_pack<T, VEC>(o, token[j] ? add_delta<T, VEC>(cur[j], delta[j]) : cur[j]);
       }
       if (i + 1 < i1) {
@@ -135,7 +145,7 @@ struct ForwardSharedDelta {
           task = next_task;
           form_delta(task, delta);
         }
-        load_src(id, task, cur);
+        load_src(id, b_next, task, cur);
         b = b_next;
         if (i + 2 < i1) {
           b_next = sample(i + 2);
@@ -146,14 +156,15 @@ struct ForwardSharedDelta {
   }
 };
 
-// One output row per (thread, i) of the flattened (B * (m + s)) rows: prompt tuning without
+// One output row per (thread, i) of the flattened (B * (m + s + n_v)) rows (prompt, token, then
+// visual rows of each sample; prompt and visual rows are copies): prompt tuning without
 // a delta (LOWRANK false: a pure gather, rows copied bit for bit) and the per-token rows mode
 // (left padding, token mode), whose delta row differs per token, so its work is B*s*r*d.
-// Grid: (ceil(B * (m + s) / kRowTile), ceil(d / (kLanes * VEC))). With tasks a block instead
-// covers kRowTile rows of one sample, grid (B * ceil((m + s) / kRowTile), ...), so each
+// Grid: (ceil(B * width / kRowTile), ceil(d / (kLanes * VEC))), width = m + s + n_v. With tasks
+// a block instead covers kRowTile rows of one sample, grid (B * ceil(width / kRowTile), ...), so each
 // thread's rows share one task and one lora_b slice (short samples leave rows idle).
 // The embedding loads are issued before the low-rank loop, so they are in flight while it runs.
-// Minimum traffic: B*s*d*sizeof(T) + B*(m+s)*d*sizeof(T) + T*m*d*sizeof(T)
+// Minimum traffic: B*s*d*sizeof(T) + B*(m+s+n_v)*d*sizeof(T) + T*m*d*sizeof(T) + B*n_v*d*sizeof(T)
 // (+ 4*T*r*d and the distinct lora_a rows with LOWRANK).
 template <typename T, int VEC, bool LOWRANK>
 struct ForwardPerRow {
@@ -162,7 +173,7 @@ struct ForwardPerRow {
   static DK_INLINE void run(const Params& p, uint3 block, uint3 thread) {
     const int64_t c = (int64_t(block.y) * kLanes + thread.x) * VEC;
     if (c >= p.d) return;
-    const int64_t width = p.m + p.seq;
+    const int64_t width = p.m + p.seq + p.n_v;
     const int64_t row_in_tile = int64_t(thread.y) * kRowsPerThread;
     int64_t n0, end, task = 0;  // this thread's rows are n0 + i < end, of task `task`
     if (p.task_ids != nullptr) {
@@ -176,7 +187,6 @@ struct ForwardPerRow {
       end = p.batch * width;
     }
     const T* weight = static_cast<const T*>(p.weight);
-    const T* prompt = static_cast<const T*>(p.prompt) + task * p.m * p.d;
     T* out = static_cast<T*>(p.out);
 
     bool valid[kRowsPerThread], token[kRowsPerThread];
@@ -188,11 +198,12 @@ struct ForwardPerRow {
       valid[i] = n < end;
       const int64_t b = valid[i] ? n / width : 0;
       const int64_t q = n - b * width;
-      token[i] = valid[i] && q >= p.m;
+      token[i] = valid[i] && q >= p.m && q < p.m + p.seq;
       const int64_t tok = b * p.seq + (q - p.m);
       a[i] = LOWRANK && token[i] ? p.lora_a + (task * p.lora_rows + p.rows[tok]) * p.r : nullptr;
       if (valid[i]) {
-        const T* row = token[i] ? weight + p.ids[tok] * p.weight_stride : prompt + q * p.d;
+        const T* row =
+            token[i] ? weight + p.ids[tok] * p.weight_stride : copied_row<T>(p, b, task, q);
         src[i] = load_pack<T, VEC>(row + c);
       }
     }
@@ -341,7 +352,7 @@ int sm_count() {
 
 template <typename T, int VEC>
 cudaError_t launch_forward(ForwardParams p, cudaStream_t stream) {
-  const int64_t width = p.m + p.seq;
+  const int64_t width = p.m + p.seq + p.n_v;
   const int64_t col_tiles = ceil_div(p.d, kLanes * VEC);
   const int64_t row_tiles = p.task_ids != nullptr ? p.batch * ceil_div(width, kRowTile)
                                                : ceil_div(p.batch * width, kRowTile);
@@ -377,7 +388,7 @@ cudaError_t launch_segment_sum(const SegmentParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t dept_forward(const ForwardParams& a, cudaStream_t stream) {
-  if (a.batch == 0 || a.d == 0 || a.m + a.seq == 0) return cudaSuccess;
+  if (a.batch == 0 || a.d == 0 || a.m + a.seq + a.n_v == 0) return cudaSuccess;
   ForwardParams p = a;
   if (p.task_ids == nullptr) p.batch_order = nullptr;
   p.batch_chunk = p.batch;
@@ -387,7 +398,9 @@ cudaError_t dept_forward(const ForwardParams& a, cudaStream_t stream) {
     constexpr int kVec = 16 / sizeof(T);
     const bool vec = a.d % kVec == 0 && (a.weight_stride * sizeof(T)) % 16 == 0 &&
                      aligned16(a.weight) && aligned16(a.out) &&
-                     (a.m == 0 || aligned16(a.prompt)) && (!lowrank || aligned16(a.lora_b));
+                     (a.m == 0 || aligned16(a.prompt)) && (!lowrank || aligned16(a.lora_b)) &&
+                     (a.n_v == 0 || (aligned16(a.visual) && (a.visual_stride_b * sizeof(T)) % 16 == 0 &&
+                                     (a.visual_stride_v * sizeof(T)) % 16 == 0));
     return vec ? launch_forward<T, kVec>(p, stream) : launch_forward<T, 1>(p, stream);
   });
 }

@@ -15,7 +15,8 @@ namespace dept_kernels {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// out[b, :m] = prompt; out[b, m + t] = weight[ids[b, t]] + scaling * lora_a[row(b, t)] @ lora_b.
+// out[b, :m] = prompt; out[b, m + t] = weight[ids[b, t]] + scaling * lora_a[row(b, t)] @ lora_b;
+// out[b, m + seq + j] = visual[b, j] (rows copied, any batch and row strides).
 // With `task_ids` the parameters are stacked per task and sample b reads task_ids[b]'s slice.
 // One struct from the binding to the kernels (as flash-attention's params): the caller fills
 // the arguments, `dept_forward` the launch fields below them.
@@ -29,11 +30,13 @@ struct ForwardParams {
   const int64_t* rows;    // (batch, seq) row of lora_a per token, or null: row = position
   const int64_t* task_ids;     // (batch,) task of each sample in [0, T), or null: no tasks
   const int64_t* batch_order;  // (batch,) the samples grouped by task; with task_ids only
+  const void* visual;     // (batch, n_v, d) of `dtype`, unit last stride; null when n_v == 0
+  int64_t n_v, visual_stride_b, visual_stride_v;  // visual rows per sample, strides (elements)
   float scaling;
   int64_t batch, seq, m, d, r;
   int64_t lora_rows;      // L: rows of lora_a per task
   DType dtype;
-  void* out;              // (batch, m + seq, d) contiguous, of `dtype`
+  void* out;              // (batch, m + seq + n_v, d) contiguous, of `dtype`
   // Launch fields, set by dept_forward.
   int64_t batch_chunk;    // batch positions per block along grid z (shared-delta kernel)
 };

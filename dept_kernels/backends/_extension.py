@@ -34,9 +34,19 @@ class CompiledBackend:
         scaling: float,
         task_ids: Tensor | None = None,
         batch_order: Tensor | None = None,
+        visual: Tensor | None = None,
     ) -> Tensor:
         return self.module.forward(
-            input_ids, weight, prompt, lora_a, lora_b, rows, float(scaling), task_ids, batch_order
+            input_ids,
+            weight,
+            prompt,
+            lora_a,
+            lora_b,
+            rows,
+            float(scaling),
+            task_ids,
+            batch_order,
+            visual,
         )
 
     def reduce(

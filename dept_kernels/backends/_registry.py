@@ -43,17 +43,22 @@ class Backend(Protocol):
         scaling: float,
         task_ids: Tensor | None = None,
         batch_order: Tensor | None = None,
+        visual: Tensor | None = None,
     ) -> Tensor:
-        """(B, m + s, d) DePT embedding output in `weight.dtype`; `rows` (B, s) or None
+        """(B, m + s + n_v, d) DePT embedding output in `weight.dtype`; `rows` (B, s) or None
         (row t for token t); with `task_ids` (B,) the parameters are stacked per task and
-        `batch_order` (B,) lists the samples grouped by task."""
+        `batch_order` (B,) lists the samples grouped by task. `visual` (B, n_v, d), n_v > 0,
+        of `weight.dtype` and any strides, or None: rows copied after the token rows by the
+        same pass."""
         ...
 
     def reduce(
         self, grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | None
     ) -> Tensor:
         """fp32 sums of the token rows of `grad_out` (B, m + s, d): (s, d) per position, or
-        (R, d) per segment (`order` lists the B*s tokens grouped, `offsets` (R + 1,) bounds)."""
+        (R, d) per segment (`order` lists the B*s tokens grouped, `offsets` (R + 1,) bounds).
+        `grad_out` has unit column stride and rows d apart; its batch stride, a multiple of d,
+        may exceed (m + s) * d (the text columns of an output with visual rows)."""
         ...
 
     def gather_add(self, hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tensor:

@@ -22,8 +22,9 @@ def forward(
     scaling: float,
     task_ids: Tensor | None = None,
     batch_order: Tensor | None = None,
+    visual: Tensor | None = None,
 ) -> Tensor:
-    """(B, m + s, d) output; see `dept_kernels.ops.dept_embedding` for the contract.
+    """(B, m + s + n_v, d) output; see `dept_kernels.ops.dept_embedding` for the contract.
 
     With `task_ids` (B,) the parameters are stacked per task: prompt (T, m, d), lora_a
     (T, L, r), lora_b (T, r, d). `batch_order` (B,), the samples grouped by task, is for the
@@ -31,7 +32,9 @@ def forward(
     """
     batch, seq_len = input_ids.shape
     m = 0 if prompt is None else prompt.shape[-2]
-    out = weight.new_empty(batch, m + seq_len, weight.shape[1])
+    n_v = 0 if visual is None else visual.shape[1]
+    # One output buffer, each block written in place: no concatenation of the whole output.
+    out = weight.new_empty(batch, m + seq_len + n_v, weight.shape[1])
     tokens = F.embedding(input_ids.long(), weight).float()
     if lora_a is not None:
         if task_ids is None:
@@ -43,9 +46,11 @@ def forward(
             pos = torch.arange(seq_len, device=input_ids.device) if rows is None else rows.long()
             a = lora_a.float()[task[:, None], pos]  # (B, s, r)
             tokens += scaling * (a @ lora_b.float()[task])
-    out[:, m:] = tokens
+    out[:, m : m + seq_len] = tokens
     if m:
         out[:, :m] = prompt if task_ids is None else prompt[task_ids.long()]
+    if n_v:
+        out[:, m + seq_len :] = visual
     return out
 
 

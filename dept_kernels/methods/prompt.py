@@ -219,13 +219,18 @@ class PromptAdapter(Adapter):
         weight: Tensor,
         position_ids: Tensor | None = None,
         task_ids: Tensor | None = None,
+        visual: Tensor | None = None,
     ) -> Tensor:
-        """(B, s) ids and the (V, d) table -> (B, m + s, d) input embeddings.
+        """(B, s) ids and the (V, d) table -> (B, m + s, d) input embeddings, or
+        (B, m + s + n_v, d) with the visual rows `visual` (B, n_v, d) after the tokens.
 
         `task_ids` (B,) in [0, T) pick each sample's task of a stacked adapter; they are
-        required there and refused otherwise. The hooks call the adapter as a module (not a
-        method of it) so that engines gathering parameters around a module's call (DeepSpeed
-        ZeRO-3) gather the adapter's.
+        required there and refused otherwise. `visual` in another floating dtype than the
+        table's (an fp32 projection feeding a bf16 model) is cast to the table's dtype, as
+        concatenating it with the model's `inputs_embeds` would need: differentiably, so its
+        gradient reaches the projection in the projection's dtype. The hooks call the adapter
+        as a module (not a method of it) so that engines gathering parameters around a
+        module's call (DeepSpeed ZeRO-3) gather the adapter's.
         """
         check_task_ids(self.num_tasks, task_ids)
         # The model may have changed dtype since patching (model.double()): say so in its
@@ -233,8 +238,15 @@ class PromptAdapter(Adapter):
         check_embedding(weight)
         if not self.uses_position_rows:
             position_ids = None
+        if isinstance(visual, Tensor) and visual.is_floating_point():
+            visual = visual.to(weight.dtype)
         return dept_embedding(
-            input_ids, weight, position_ids=position_ids, task_ids=task_ids, **self.op_args()
+            input_ids,
+            weight,
+            position_ids=position_ids,
+            task_ids=task_ids,
+            visual=visual,
+            **self.op_args(),
         )
 
     @torch.no_grad()

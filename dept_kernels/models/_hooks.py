@@ -1,6 +1,7 @@
 """Helpers shared by the architecture modules: the hooked forwards' arguments (found by
-signature), mask and cache checks, the adapter lookup, the routing of `task_ids`, the
-running `generate`, and the fused embedding run inside the embedding module's call.
+signature), mask and cache checks, the adapter lookup, the routing of `task_ids` and of
+visual rows (`visual_embeds`, `visual_attention_mask`), the running `generate`, and the fused
+embedding run inside the embedding module's call.
 
 Hooks are methods of objects (not closures) that reach the adapter through `AdapterOf`: a
 `copy.deepcopy` of a patched model copies the hook objects with the model (a closure would be
@@ -128,13 +129,96 @@ class AdapterOf:
         return getattr(self.owner, self.name)
 
 
+VISUAL_ARGS = ("visual_embeds", "visual_attention_mask")
+
+
+@dataclass(frozen=True)
+class Visual:
+    """Visual rows appended after a batch's tokens (CLIP-T5, docs/design.md §1): `embeds`
+    (B, n_v, d), and their padding mask (B, n_v) or None (every row attended)."""
+
+    embeds: Tensor
+    mask: Tensor | None = None
+
+    def repeated(self, batch_size: int) -> Visual:
+        """The rows of a batch that `generate` expanded to `batch_size` (beams, sequences)."""
+        return Visual(
+            _repeat_rows(self.embeds, batch_size, "visual_embeds"),
+            None if self.mask is None else _repeat_rows(self.mask, batch_size, "visual mask"),
+        )
+
+    def extend_mask(self, mask: Tensor | None, length: int) -> Tensor | None:
+        """(B, length) padding mask of the tokens (None: all attended) -> (B, length + n_v)
+        with the visual columns after them; None when every column is attended."""
+        if mask is not None:
+            check_padding_mask(mask)
+        if self.mask is None:
+            if mask is None:
+                return None
+            return torch.cat([mask, mask.new_ones(mask.shape[0], self.embeds.shape[1])], 1)
+        dtype = self.mask.dtype if mask is None else mask.dtype
+        if mask is None:
+            mask = torch.ones(self.mask.shape[0], length, dtype=dtype, device=self.mask.device)
+        return torch.cat([mask, self.mask.to(dtype)], 1)
+
+
+def visual_inputs(
+    embeds: object,
+    mask: object,
+    batch_size: int | None,
+    width: int | None = None,
+    device: torch.device | None = None,
+) -> Visual | None:
+    """`visual_embeds` (B, n_v, d) and `visual_attention_mask` (B, n_v) checked, with the
+    argument named, before any kernel reads them; None without visual rows. `batch_size`,
+    `width` (d) and `device` (the embedding table's) are checked when known."""
+    if embeds is None:
+        if mask is not None:
+            raise ValueError("visual_attention_mask was given without visual_embeds")
+        return None
+    if not isinstance(embeds, Tensor) or not embeds.is_floating_point():
+        got = embeds.dtype if isinstance(embeds, Tensor) else type(embeds).__name__
+        raise TypeError(f"visual_embeds must be a floating-point tensor, got {got}")
+    if embeds.ndim != 3:
+        raise ValueError(
+            f"visual_embeds must be 3-D (batch, n_v, d), got shape {tuple(embeds.shape)}"
+        )
+    if batch_size is not None and embeds.shape[0] != batch_size:
+        raise ValueError(
+            f"visual_embeds has {embeds.shape[0]} samples but input_ids has {batch_size}"
+        )
+    if width is not None and embeds.shape[2] != width:
+        raise ValueError(
+            f"visual_embeds has width {embeds.shape[2]}; the model's embeddings have d={width}"
+        )
+    if device is not None and embeds.device != device:
+        raise ValueError(
+            f"visual_embeds is on {embeds.device} but the model's embeddings are on {device}"
+        )
+    if mask is not None:
+        want = tuple(embeds.shape[:2])
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != want:
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(
+                f"visual_attention_mask must have shape (batch, n_v) = {want} like "
+                f"visual_embeds, got {got}"
+            )
+        if mask.device != embeds.device:
+            raise ValueError(
+                f"visual_attention_mask is on {mask.device} but visual_embeds is on {embeds.device}"
+            )
+    return Visual(embeds, mask)
+
+
 @dataclass(frozen=True)
 class Generation:
-    """A running `generate` as the hooks see it: its samples' task ids (B,), and the length
-    of the input it was given (later tokens were generated: they take no prompt, no delta)."""
+    """A running `generate` as the hooks see it: its samples' task ids (B,), the length
+    of the input it was given (later tokens were generated: they take no prompt, no delta),
+    and its samples' visual rows."""
 
     task_ids: Tensor | None
     input_length: int | None
+    visual: Visual | None = None
 
 
 class Generate:
@@ -145,15 +229,23 @@ class Generate:
     the model, which fails on load). `hooked` is the model whose hooks run (the base model
     under a PEFT wrapper), whose class `generate` runs.
 
-    HF's `generate` rejects arguments its forward does not name, so the task ids are held on
-    `hooked` for the hooks of the whole generation (`TaskIds.resolve` repeats them per beam
-    or returned sequence as generate repeats the batch), with the input's length.
+    HF's `generate` rejects arguments its forward does not name, so the task ids and the
+    visual rows (`visual_embeds`, `visual_attention_mask`) are held on `hooked` for the hooks
+    of the whole generation (`TaskIds` repeats them per beam or returned sequence as
+    generate repeats the batch), with the input's length.
     """
 
     def __init__(self, hooked: nn.Module) -> None:
         self.hooked = hooked
 
-    def __call__(self, *args, task_ids: Tensor | None = None, **kwargs):
+    def __call__(
+        self,
+        *args,
+        task_ids: Tensor | None = None,
+        visual_embeds: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+        **kwargs,
+    ):
         hooked = self.hooked
         ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         ids = ids if isinstance(ids, Tensor) and ids.ndim == 2 else None
@@ -170,9 +262,12 @@ class Generate:
                     f"task_ids has {task_ids.shape[0]} entries but input_ids has "
                     f"{ids.shape[0]} samples"
                 )
+        # Checked here for the same reason: generate repeats the batch before the hooks run.
+        batch_size = None if ids is None else ids.shape[0]
+        visual = visual_inputs(visual_embeds, visual_attention_mask, batch_size)
         outer = hooked.__dict__.get(_GENERATION)  # a generate nested in a generate
         length = None if ids is None else ids.shape[1]
-        hooked.__dict__[_GENERATION] = Generation(task_ids, length)
+        hooked.__dict__[_GENERATION] = Generation(task_ids, length, visual)
         try:
             return type(hooked).generate(hooked, *args, **kwargs)
         finally:
@@ -191,27 +286,41 @@ def _generation_tasks(model: nn.Module, batch_size: int) -> Tensor | None:
     """`model`'s running generate's task ids for a batch of `batch_size` rows (beams included)."""
     running = generation(model)
     task_ids = None if running is None else running.task_ids
-    if task_ids is None or task_ids.ndim != 1 or task_ids.shape[0] in (0, batch_size):
+    if task_ids is None or task_ids.ndim != 1:
         return task_ids
-    if batch_size % task_ids.shape[0]:
-        raise ValueError(
-            f"generate got task_ids for {task_ids.shape[0]} samples but runs {batch_size} rows"
-        )
+    return _repeat_rows(task_ids, batch_size, "task_ids")
+
+
+def _repeat_rows(t: Tensor, batch_size: int, name: str) -> Tensor:
+    """`t`'s per-sample rows for a batch that `generate` expanded to `batch_size` rows."""
+    if t.shape[0] in (0, batch_size):
+        return t
+    if batch_size % t.shape[0]:
+        raise ValueError(f"generate got {name} for {t.shape[0]} samples but runs {batch_size} rows")
     # generate repeats each sample's row for its beams / sequences (repeat_interleave).
-    return task_ids.repeat_interleave(batch_size // task_ids.shape[0])
+    return t.repeat_interleave(batch_size // t.shape[0], dim=0)
 
 
 class TaskIds:
-    """Carries `task_ids` (B,) from the call that names them to the hook that uses them.
+    """Carries `task_ids` (B,), and visual rows where the architecture takes them, from the
+    call that names them to the hook that uses them.
 
     `install(model)` pops them from the top-level model's call, so the HF forward never sees
-    them, and holds them for that call; `resolve` picks, first found: the hooked module's own
-    `task_ids`, the top-level call's, the running `generate`'s.
+    them, and holds them for that call; `resolve` (task ids) and `visual` pick, first found:
+    the hooked module's own, the top-level call's, the running `generate`'s. With
+    `visual=False` (the architectures without visual rows) a call or generate given them is
+    refused, rather than run without them.
     """
 
-    def __init__(self) -> None:
+    # Class defaults: objects pickled before visual rows existed take none.
+    takes_visual = False
+    outer_visual: tuple[object, object] = (None, None)
+
+    def __init__(self, visual: bool = False) -> None:
         self.outer: Tensor | None = None
+        self.outer_visual: tuple[object, object] = (None, None)
         self.model: nn.Module | None = None  # the top-level model, whose generate may run
+        self.takes_visual = visual
 
     def install(self, model: nn.Module) -> list[RemovableHandle]:
         """Hook `model`; register this before the hooks on `model` that call `resolve`."""
@@ -223,18 +332,46 @@ class TaskIds:
 
     def _pop(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.outer = kwargs.pop("task_ids", None)
+        self._refuse_visual(type(module).__name__, *(kwargs.get(k) for k in VISUAL_ARGS))
+        self.outer_visual = tuple(kwargs.pop(k, None) for k in VISUAL_ARGS)
         return args, kwargs
 
     def _clear(self, module: nn.Module, args: tuple, output) -> None:
         self.outer = None
+        self.outer_visual = (None, None)
+
+    def _refuse_visual(self, where: str, *given: object) -> None:
+        if not self.takes_visual and any(v is not None for v in given):
+            raise TypeError(
+                f"{where} got {' / '.join(VISUAL_ARGS)}: visual rows are supported on the "
+                "patched T5 models only"
+            )
 
     def resolve(self, own: Tensor | None, batch_size: int) -> Tensor | None:
         """The task ids of a batch of `batch_size` rows; `own`: the hooked call's."""
+        running = generation(self.model)
+        if running is not None:
+            self._refuse_visual(f"{type(self.model).__name__}.generate", running.visual)
         if own is not None:
             return own
         if self.outer is not None:
             return self.outer
         return _generation_tasks(self.model, batch_size)
+
+    def visual(
+        self, kw: dict, batch_size: int, width: int | None, device: torch.device | None = None
+    ) -> Visual | None:
+        """The visual rows of a batch of `batch_size` rows, checked (`visual_inputs`); pops
+        the hooked call's own `visual_embeds` / `visual_attention_mask` from its `kw`."""
+        own = tuple(kw.pop(k, None) for k in VISUAL_ARGS)
+        for given in (own, self.outer_visual):
+            if any(v is not None for v in given):
+                return visual_inputs(*given, batch_size, width, device)
+        running = generation(self.model)
+        if running is None or running.visual is None:
+            return None
+        visual = running.visual.repeated(batch_size)
+        return visual_inputs(visual.embeds, visual.mask, batch_size, width, device)
 
 
 class FusedEmbedding:
@@ -251,7 +388,7 @@ class FusedEmbedding:
 
     def __init__(self, adapter_of: AdapterOf) -> None:
         self.adapter_of = adapter_of
-        self.pending: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
+        self.pending: list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]] = []
         self.armed = False  # the pre-hook swapped the ids of the call it started
 
     def install(self, embedding: nn.Module) -> list[RemovableHandle]:
@@ -268,9 +405,11 @@ class FusedEmbedding:
         ids: Tensor,
         position_ids: Tensor | None,
         task_ids: Tensor | None,
+        visual: Tensor | None = None,
     ) -> Tensor:
-        """(B, m + s, d): the adapter's embedding of `ids` (B, s) by `embedding`'s weight."""
-        entry = (ids, position_ids, task_ids)
+        """(B, m + s [+ n_v], d): the adapter's embedding of `ids` (B, s) by `embedding`'s
+        weight, then the visual rows (B, n_v, d) when given, written by the same op."""
+        entry = (ids, position_ids, task_ids, visual)
         self.pending.append(entry)
         try:
             out = embedding(ids)
@@ -305,14 +444,16 @@ class FusedEmbedding:
         if not self.armed or not args or args[0].numel() != 0:
             return None
         self.armed = False
-        ids, position_ids, task_ids = self.pending.pop()
+        ids, position_ids, task_ids, visual = self.pending.pop()
         # The adapter module is called, not a method of it: engines gather its parameters
         # around its own call, as they do the embedding's.
         adapter = self.adapter_of()
         scale = _embed_scale(module)
         if scale is None:
-            return adapter(ids, module.weight, position_ids=position_ids, task_ids=task_ids)
-        return _scaled_lookup(adapter, module.weight, scale, ids, position_ids, task_ids)
+            return adapter(
+                ids, module.weight, position_ids=position_ids, task_ids=task_ids, visual=visual
+            )
+        return _scaled_lookup(adapter, module.weight, scale, ids, position_ids, task_ids, visual)
 
 
 def _embed_scale(module: nn.Module) -> Tensor | float | None:
@@ -337,26 +478,30 @@ def _scaled_lookup(
     ids: Tensor,
     position_ids: Tensor | None,
     task_ids: Tensor | None,
+    visual: Tensor | None = None,
 ) -> Tensor:
-    """(B, m + s, d) `[P; scale * E[ids] + delta]`: the formula's rows built from what the
-    embedding module gives (`scale * E[ids]`), the prompt unscaled, as PEFT's prompt tuning
-    concatenates it with the module's output. The op has no scale argument, so the scaled
-    lookup (B, s, d) is its table, one row per token, read once: rounded once, as the
-    reference. A delta whose rows are token ids (`index="token"`) cannot read them from
-    that table's row numbers: it is added to the unscaled lookup and corrected, in fp32."""
+    """(B, m + s [+ n_v], d) `[P; scale * E[ids] + delta; V]`: the formula's rows built from
+    what the embedding module gives (`scale * E[ids]`), the prompt and the visual rows
+    unscaled, as PEFT's prompt tuning concatenates the prompt with the module's output. The
+    op has no scale argument, so the scaled lookup (B, s, d) is its table, one row per token,
+    read once: rounded once, as the reference. A delta whose rows are token ids
+    (`index="token"`) cannot read them from that table's row numbers: it is added to the
+    unscaled lookup and corrected, in fp32."""
     if not tracing():  # the op would check the ids it reads; here they index the lookup
         check_range("input_ids", ids, weight.shape[0])
     tokens = nn.functional.embedding(ids, weight) * scale  # the module's own output
+    extra = {"position_ids": position_ids, "task_ids": task_ids, "visual": visual}
     if adapter.op_args().get("index") == "token":
-        out = adapter(ids, weight, position_ids=position_ids, task_ids=task_ids)
+        out = adapter(ids, weight, **extra)
         plain = nn.functional.embedding(ids, weight)
-        rows = out[:, out.shape[1] - ids.shape[1] :]
+        start = out.shape[1] - ids.shape[1] - (0 if visual is None else visual.shape[1])
+        rows = out[:, start : start + ids.shape[1]]
         rows.copy_(rows.float() + tokens.float() - plain.float())
         return out
     batch, s = ids.shape
     rows_of = torch.arange(batch * s, device=ids.device).view(batch, s)
     table = tokens.reshape(batch * s, -1)
-    return adapter(rows_of, table, position_ids=position_ids, task_ids=task_ids)
+    return adapter(rows_of, table, **extra)
 
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -382,10 +527,14 @@ def extend_mask(mask: Tensor | None, m: int, name: str = "attention_mask") -> Te
     """Prepend m ones (the prompt's columns) to a (B, s) padding mask."""
     if mask is None or m == 0:
         return mask
+    check_padding_mask(mask, name)
+    return torch.cat([mask.new_ones(mask.shape[0], m), mask], dim=1)
+
+
+def check_padding_mask(mask: object, name: str = "attention_mask") -> None:
     if not isinstance(mask, Tensor) or mask.ndim != 2:
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"{name} must be a 2D (batch, seq) padding mask, got {shape}")
-    return torch.cat([mask.new_ones(mask.shape[0], m), mask], dim=1)
 
 
 def cache_length(cache: object) -> int:

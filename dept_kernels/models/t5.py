@@ -24,6 +24,17 @@ caller at m + s columns (zeros in the cut ones): `encoder_last_hidden_state`, th
 them with the caller's mask. A trimmed call of the encoder-decoder returns no KV cache
 (its cross-attention half would span m + s' columns) unless `use_cache=True` is passed,
 which keeps the call untrimmed.
+
+Visual rows (CLIP-T5, docs/design.md §1): `visual_embeds` (B, n_v, d) and an optional
+`visual_attention_mask` (B, n_v), given to the forward of any T5 model here or to
+`generate`, are routed as `task_ids` are (`TaskIds.visual`: popped from the top-level call,
+or held by the running `generate` and repeated per beam). The hook that embeds has the fused
+op write them after the tokens, `[P; E[ids] + delta; V]`, and extends the mask to
+`[1 (m); attention_mask (or ones); visual mask (or ones)]`; the encoder's states then have
+m + s + n_v columns, and generate's decoding steps extend the caller's (B, s) mask the same
+way for the cross-attention. A call with visual rows is never trimmed: the visual rows sit
+after the text, so cutting padding columns would shorten the relative distances between
+them and the tokens, which T5's attention bias reads (as with leading columns above).
 """
 
 from __future__ import annotations
@@ -32,11 +43,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._hooks import (
+    VISUAL_ARGS,
     AdapterOf,
     Cut,
     FusedEmbedding,
     Signature,
     TaskIds,
+    Visual,
     bind,
     call_keeps_shapes,
     extend_mask,
@@ -102,7 +115,7 @@ class _T5Hooks:
         self.adapter_of = adapter_of
         self.stack_args = stack_args
         self.top_args = top_args
-        self.tasks = TaskIds()
+        self.tasks = TaskIds(visual=True)
         self.fused = FusedEmbedding(adapter_of)
         self.decoder_from_ids = False
         # The cut of each open encoder / encoder-decoder call (None: untrimmed), pushed first
@@ -117,17 +130,28 @@ class _T5Hooks:
         the cut."""
         ids = needs_ids(kw, where)
         rows = row_ids(kw.pop("position_ids", None), ids)
+        weight = encoder.embed_tokens.weight
+        visual = self.tasks.visual(kw, ids.shape[0], encoder.config.d_model, weight.device)
+        trim = trim and visual is None  # see the module docstring
         cut = padding_cut(sig.get(kw, "attention_mask"), leading=False) if trim else None
         if cut is not None:
             ids = cut.take(ids)
             rows = None if rows is None else cut.take(rows)
             sig.set(kw, "attention_mask", cut.take(sig.get(kw, "attention_mask")))
         task_ids = self.tasks.resolve(kw.pop("task_ids", None), ids.shape[0])
-        sig.set(kw, "inputs_embeds", self.fused(encoder.embed_tokens, ids, rows, task_ids))
+        after = None if visual is None else visual.embeds
+        sig.set(kw, "inputs_embeds", self.fused(encoder.embed_tokens, ids, rows, task_ids, after))
         sig.set(kw, "input_ids", None)
-        m = self.adapter_of().num_virtual_tokens
-        sig.set(kw, "attention_mask", extend_mask(sig.get(kw, "attention_mask"), m))
+        self._extend_mask(kw, sig, visual, ids.shape[1])
         return cut
+
+    def _extend_mask(self, kw: dict, sig: Signature, visual: Visual | None, s: int) -> None:
+        """The call's (B, s) mask -> `[1 (m); mask; visual mask]`, as the encoder input."""
+        mask = sig.get(kw, "attention_mask")
+        if visual is not None:
+            mask = visual.extend_mask(mask, s)
+        m = self.adapter_of().num_virtual_tokens
+        sig.set(kw, "attention_mask", extend_mask(mask, m))
 
     def _trims(self, kw: dict, module: nn.Module) -> bool:
         return self.adapter_of.trim_padding is not False and call_keeps_shapes(kw, module.config)
@@ -140,6 +164,11 @@ class _T5Hooks:
             self.stack_cuts[-1] = self._embed(kw, self.stack_args, module, "T5 encoder", trim)
         else:
             kw.pop("task_ids", None)
+            if any(kw.pop(k, None) is not None for k in VISUAL_ARGS):
+                raise ValueError(
+                    "the patched T5 encoder got visual rows with inputs_embeds: they are "
+                    "written with the embedding of input_ids (pass input_ids)"
+                )
         return (), kw
 
     def encoder_hook(self, module: nn.Module, args: tuple, output) -> None:
@@ -162,11 +191,15 @@ class _T5Hooks:
                 kw["use_cache"] = False
             self.seq2seq_cuts[-1] = cut
         else:
-            # The encoder has run (generate's decoding steps): nothing depends on the task.
+            # The encoder has run (generate's decoding steps): nothing depends on the task;
+            # the cross-attention's mask gains the prompt's and the visual rows' columns.
             kw.pop("position_ids", None)
             kw.pop("task_ids", None)
+            states = sig.get(kw, "encoder_outputs")[0]
+            visual = self.tasks.visual(kw, states.shape[0], None)
             m = self.adapter_of().num_virtual_tokens
-            sig.set(kw, "attention_mask", extend_mask(sig.get(kw, "attention_mask"), m))
+            n_v = 0 if visual is None else visual.embeds.shape[1]
+            self._extend_mask(kw, sig, visual, states.shape[1] - m - n_v)
         return (), kw
 
     def seq2seq_hook(self, module: nn.Module, args: tuple, output) -> None:

@@ -108,6 +108,7 @@ def _dept_embedding_op(
     scaling: float,
     index: str,
     backend: str | None,
+    visual: Tensor | None = None,
 ) -> Tensor:
     check_values(input_ids, weight, lora_a, position_ids, index)
     backend = backends.resolved(backend, weight.device)
@@ -127,9 +128,11 @@ def _dept_embedding_op(
             # Sorted once here, so the kernels can walk the batch task by task and form each
             # low-rank tile once per task present rather than once per sample.
             batch_order = torch.argsort(task_ids, stable=True)
+    if visual is not None and visual.shape[1] == 0:
+        visual = None  # n_v = 0: nothing to write (its empty gradient comes from backward)
     # Loaded (built on first use) only now, after every check passed.
     return backends.load(backend).forward(
-        input_ids, weight, prompt, lora_a, lora_b, rows, scaling, task_ids, batch_order
+        input_ids, weight, prompt, lora_a, lora_b, rows, scaling, task_ids, batch_order, visual
     )
 
 
@@ -146,10 +149,12 @@ def _(
     scaling,
     index,
     backend,
+    visual=None,
 ):
     m = 0 if prompt is None else prompt.shape[-2]
+    n_v = 0 if visual is None else visual.shape[1]
     batch, seq_len = input_ids.shape
-    return weight.new_empty(batch, m + seq_len, weight.shape[1])
+    return weight.new_empty(batch, m + seq_len + n_v, weight.shape[1])
 
 
 @torch.library.custom_op("dept_kernels::dept_embedding_backward", mutates_args=())
@@ -176,7 +181,7 @@ def _dept_embedding_backward_op(
     prompt's gradient (returned as zeros of its shape).
     """
     return _grads.dept_embedding_grads(
-        grad_out.contiguous(),
+        _grads.row_layout(grad_out),
         input_ids,
         rows,
         task_ids,
@@ -221,11 +226,15 @@ def _(
 
 def _setup_context(ctx, inputs, output) -> None:
     input_ids, weight, prompt, lora_a, lora_b, position_ids, task_ids = inputs[:7]
-    num_tasks, scaling, index, backend = inputs[7:]
+    num_tasks, scaling, index, backend = inputs[7:11]
+    visual = inputs[11] if len(inputs) > 11 else None
     rows = lowrank_rows(input_ids, lora_a, position_ids, index)
     # Only ids and the small low-rank factors are saved: nothing of size (B, s, d).
     ctx.save_for_backward(input_ids, rows, task_ids, lora_a, lora_b)
     ctx.num_prompt = 0 if prompt is None else prompt.shape[-2]
+    # Columns [:text] of grad_out are the prompt and token rows, the rest the visual rows.
+    ctx.text = ctx.num_prompt + input_ids.shape[1]
+    ctx.has_visual = visual is not None
     ctx.num_tasks = num_tasks
     ctx.prompt_dtype = weight.dtype if prompt is None else prompt.dtype
     ctx.vocab_size = weight.shape[0]
@@ -236,6 +245,12 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out):
     input_ids, rows, task_ids, lora_a, lora_b = ctx.saved_tensors
     need = ctx.needs_input_grad
+    # The visual rows are copies: their gradient is their slice of grad_out. The kernels
+    # below read (B, m + s, d), so they get the text columns alone: a view, read in place
+    # through its batch stride.
+    d_visual = grad_out[:, ctx.text :] if ctx.has_visual and need[11] else None
+    if grad_out.shape[1] != ctx.text:
+        grad_out = grad_out[:, : ctx.text]
     d_prompt, d_a, d_b, d_weight = torch.ops.dept_kernels.dept_embedding_backward(
         grad_out,
         input_ids,
@@ -264,6 +279,7 @@ def _backward(ctx, grad_out):
         None,
         None,
         None,
+        d_visual,
     )
 
 

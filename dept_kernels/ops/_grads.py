@@ -17,7 +17,21 @@ from torch import Tensor
 
 from .. import backends
 
-__all__ = ["aot_table_grad", "dept_embedding_grads", "row_sums"]
+__all__ = ["aot_table_grad", "dept_embedding_grads", "row_layout", "row_sums"]
+
+
+def row_layout(grad_out: Tensor) -> Tensor:
+    """`grad_out` (B, w, d) as the reduce kernels read it: unit column stride and rows d
+    apart, any batch stride that is a multiple of d. The text columns of an output with
+    visual rows (a view) pass in place; other layouts (an expanded gradient) are copied."""
+    batch, width, d = grad_out.shape
+    stride_b, stride_r, stride_c = grad_out.stride()
+    in_place = (
+        (d <= 1 or stride_c == 1)
+        and (width <= 1 or stride_r == d)
+        and (batch <= 1 or (d > 0 and stride_b % d == 0 and stride_b >= width * d))
+    )
+    return grad_out if in_place else grad_out.contiguous()
 
 
 def row_sums(
@@ -57,7 +71,7 @@ def dept_embedding_grads(
     backend: str,
 ) -> list[Tensor]:
     """[d_prompt (m, d) or (T, m, d), d_lora_a, d_lora_b, d_weight (V, d) or empty] of
-    `dept_embedding`, from `grad_out` (B, m + s, d), contiguous.
+    `dept_embedding`, from `grad_out` (B, m + s, d) in `row_layout`.
 
     `lora_a is None`: no low-rank gradient is wanted; `prompt_grad` False gives the prompt's
     gradient as zeros of its shape.

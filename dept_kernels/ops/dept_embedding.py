@@ -1,11 +1,13 @@
 """Fused DePT input embedding (docs/design.md §1, DePT / PT / EPT): public API and checks.
 
-    out[b, :m]    = P                                          (B, m + s, d)
-    out[b, m + t] = E[ids[b, t]] + scaling * (A[row(b, t)] @ B)
+    out[b, :m]         = P                                     (B, m + s + n_v, d)
+    out[b, m + t]      = E[ids[b, t]] + scaling * (A[row(b, t)] @ B)
+    out[b, m + s + j]  = V[b, j]                               (visual rows, optional)
 
 `row(b, t)` is `t` by default, `position_ids[b, t]` when given, or `ids[b, t]` in token
 mode. Prompt tuning is the case without `lora_a`/`lora_b`; EPT passes its (n, d) prompt,
-possibly a stride-0 broadcast of one row.
+possibly a stride-0 broadcast of one row. `visual` (B, n_v, d) rows (CLIP-T5's projected
+image features) follow the text rows, written by the same kernel pass: no concatenation.
 
 Multi-task batches: with `task_ids` (B,) the parameters are stacked per task, `P` (T, m, d),
 `A` (T, L, r), `B` (T, r, d), and sample b uses task `k = task_ids[b]`:
@@ -47,6 +49,7 @@ def dept_embedding(
     position_ids: Tensor | None = None,
     index: str = "position",
     task_ids: Tensor | None = None,
+    visual: Tensor | None = None,
 ) -> Tensor:
     """Soft prompt plus token embeddings with a low-rank positional (or token) delta.
 
@@ -64,12 +67,15 @@ def dept_embedding(
         index: "position" (row = position) or "token" (row = input id).
         task_ids: (B,) int64 or int32 task of each sample, in [0, T). Every given parameter
             is then stacked per task along a leading dim T.
+        visual: (B, n_v, d) rows written after the text rows, in `weight.dtype` on its
+            device (any strides); n_v = 0 is the same as None. They do not depend on the
+            task, and their gradient is the matching slice of the output's.
 
     Returns:
-        (B, m + s, d) tensor of `weight.dtype`.
+        (B, m + s + n_v, d) tensor of `weight.dtype`.
     """
     num_tasks = _check_args(
-        input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids
+        input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids, visual
     )
     if lora_a is None:
         position_ids = None  # nothing reads rows
@@ -90,6 +96,7 @@ def dept_embedding(
         float(scaling),
         index,
         backend,
+        visual,
     )
 
 
@@ -103,6 +110,7 @@ def _check_args(
     position_ids: Tensor | None,
     index: str,
     task_ids: Tensor | None,
+    visual: Tensor | None = None,
 ) -> int:
     """Static checks (shapes, dtypes, devices); returns T, or 0 without tasks."""
     if index not in INDEX_MODES:
@@ -125,6 +133,7 @@ def _check_args(
                 f"prompt has width {prompt.shape[-1]} but weight has embedding dim d={d}"
             )
     v.check_scaling(scaling)
+    _check_visual(visual, input_ids, weight)
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together (or both None)")
     if position_ids is not None:
@@ -159,6 +168,25 @@ def _check_args(
     elif position_ids is None:
         check_default_positions(input_ids, lora_a)
     return num_tasks
+
+
+def _check_visual(visual: Tensor | None, input_ids: Tensor, weight: Tensor) -> None:
+    """`visual` is None or (B, n_v, d) in the dtype and on the device of `weight`."""
+    if visual is None:
+        return
+    v.check_float("visual", visual, ndim=3)
+    if visual.dtype != weight.dtype:
+        raise TypeError(
+            f"visual has dtype {visual.dtype} but weight has {weight.dtype}; they must match"
+        )
+    v.check_device("visual", visual, weight.device)
+    batch, d = input_ids.shape[0], weight.shape[1]
+    if visual.shape[0] != batch:
+        raise ValueError(
+            f"visual has batch size {visual.shape[0]} but input_ids has batch size {batch}"
+        )
+    if visual.shape[2] != d:
+        raise ValueError(f"visual has width {visual.shape[2]} but weight has embedding dim d={d}")
 
 
 def _check_tasks(

@@ -56,9 +56,11 @@ def reference_dept_embedding(
     position_ids: Tensor | None = None,
     index: str = "position",
     task_ids: Tensor | None = None,
+    visual: Tensor | None = None,
 ) -> Tensor:
     """`out[b, :m] = P[k]`, `out[b, m + t] = E[ids[b, t]] + scaling * (A[k, row(b, t)] @ B[k])`
-    (k = task_ids[b]; without tasks the parameters are shared): (B, m + s, d) of weight's dtype.
+    (k = task_ids[b]; without tasks the parameters are shared), then `out[b, m + s + j] =
+    visual[b, j]`: (B, m + s + n_v, d) of weight's dtype.
 
     Every sample first gathers its own parameters, then the formula runs per sample with
     batched matmuls. Arguments as `dept_embedding`'s.
@@ -104,11 +106,16 @@ def reference_dept_embedding(
         samples = torch.arange(batch, device=input_ids.device)[:, None]
         a = per_sample(lora_a).float()[samples, rows]  # (B, s, r)
         emb = emb + scaling * (a @ per_sample(lora_b).float())
-    out = emb.to(weight.dtype)
-    if prompt is None:
-        return out
-    prompt = _floats("prompt", prompt, (*lead, None, d))
-    return torch.cat([per_sample(prompt).to(weight.dtype), out], dim=1)
+    parts = [emb.to(weight.dtype)]
+    if prompt is not None:
+        prompt = _floats("prompt", prompt, (*lead, None, d))
+        parts.insert(0, per_sample(prompt).to(weight.dtype))
+    if visual is not None:
+        visual = _floats("visual", visual, (batch, None, d))
+        if visual.dtype != weight.dtype:
+            raise TypeError(f"visual has dtype {visual.dtype} but weight has {weight.dtype}")
+        parts.append(visual)
+    return torch.cat(parts, dim=1)
 
 
 def official_dept_embedding(

@@ -6,8 +6,9 @@ d-tile]` on chip once (tl.dot, looping over rank chunks) and adds it to the gath
 embedding rows of every batch element in its chunk, so the low-rank work is s·r·d (times
 the few batch chunks), not B·s·r·d. Forward, rows mode (position_ids or token mode): a
 program owns a tile of flattened tokens × a tile of columns and gathers the `A` rows.
-In both kernels extra programs at the end of grid axis 0 write the prompt rows, so the
-whole output comes from one launch with the prompt tiles load-balanced among the rest.
+In both kernels extra programs at the end of grid axis 0 write the prompt rows, then the
+visual rows (copies from their strided source, after the token rows), so the whole output
+comes from one launch with the copied tiles load-balanced among the rest.
 
 Per-task parameters (HAS_TASKS): the position kernel walks its batch chunk in the op's
 task-sorted order and forms the low-rank tile again only when the task changes, so the
@@ -72,7 +73,7 @@ COMPILE_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
 # Sizes that change from call to call: triton would otherwise compile a variant per
 # value 1 and per divisibility by 16 of each. The other integer arguments (widths and
 # strides) stay specialised, since their divisibility is what allows vector loads.
-RUNTIME_SIZES = ("batch", "seq_len", "m", "rank", "batch_chunk", "n_tok", "max_len")
+RUNTIME_SIZES = ("batch", "seq_len", "m", "n_v", "rank", "batch_chunk", "n_tok", "max_len")
 
 
 def forward_constexprs(
@@ -114,7 +115,7 @@ def _store_prompt_tile(
     col0,
     i0,
     i1,
-    seq_len,
+    width,
     m,
     d,
     stride_pt,
@@ -123,7 +124,8 @@ def _store_prompt_tile(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Prompt rows [row0, row0 + BLOCK_T) of the samples at batch positions [i0, i1).
+    """Prompt rows [row0, row0 + BLOCK_T) of the samples at batch positions [i0, i1); each
+    sample has `width` output rows.
 
     With HAS_TASKS position i is sample `order[i]`, whose task picks the prompt.
     """
@@ -141,8 +143,38 @@ def _store_prompt_tile(
             # Samples come grouped by task, so consecutive loads hit the same cached rows.
             p = tl.load(p_ptr + tl.load(task_ptr + b) * stride_pt + offsets, mask=mask)
             p = p.to(out_ptr.dtype.element_ty)
-        rows = b * (m + seq_len) + j
+        rows = b * width + j
         tl.store(out_ptr + rows[:, None] * d + cols[None, :], p, mask=mask)
+
+
+@triton.jit
+def _store_visual_tile(
+    v_ptr,
+    out_ptr,
+    row0,
+    col0,
+    i0,
+    i1,
+    first,
+    width,
+    n_v,
+    d,
+    stride_vb,
+    stride_vv,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Visual rows [row0, row0 + BLOCK_T) of samples [i0, i1), copied from their strided
+    source to output rows `first + j` (first = m + s) of each sample's `width`."""
+    j = row0 + tl.arange(0, BLOCK_T)
+    cols = col0 + tl.arange(0, BLOCK_D)
+    mask = (j < n_v)[:, None] & (cols < d)[None, :]
+    offsets = j.to(tl.int64)[:, None] * stride_vv + cols[None, :]
+    for i in range(i0, i1):
+        b = tl.cast(i, tl.int64)
+        v = tl.load(v_ptr + b * stride_vb + offsets, mask=mask)
+        rows = b * width + first + j
+        tl.store(out_ptr + rows[:, None] * d + cols[None, :], v, mask=mask)
 
 
 @triton.jit
@@ -200,6 +232,7 @@ def _store_token_tiles(
     i0,
     i1,
     seq_len,
+    width,
     m,
     d,
     rank,
@@ -279,7 +312,7 @@ def _store_token_tiles(
         emb = emb.to(tl.float32)
         if HAS_LORA:
             emb += delta
-        rows = b * (m + seq_len) + m + t
+        rows = b * width + m + t
         tl.store(
             out_ptr + rows[:, None] * d + cols[None, :],
             emb.to(out_ptr.dtype.element_ty),
@@ -298,16 +331,20 @@ def _fwd_position_kernel(
     b_ptr,
     task_ptr,
     order_ptr,
+    v_ptr,
     out_ptr,
     batch,
     seq_len,
     m,
+    n_v,
     d,
     rank,
     max_len,
     stride_w,
     stride_pt,
     stride_p,
+    stride_vb,
+    stride_vv,
     batch_chunk,
     scaling,
     HAS_LORA: tl.constexpr,
@@ -323,7 +360,26 @@ def _fwd_position_kernel(
     i1 = tl.minimum(i0 + batch_chunk, batch)
     col0 = pid_d * BLOCK_D
     n_t = tl.cdiv(seq_len, BLOCK_T)
-    if pid_t >= n_t:
+    n_p = tl.cdiv(m, BLOCK_T)
+    width = m + seq_len + n_v
+    if pid_t >= n_t + n_p:
+        _store_visual_tile(
+            v_ptr,
+            out_ptr,
+            (pid_t - n_t - n_p) * BLOCK_T,
+            col0,
+            i0,
+            i1,
+            m + seq_len,
+            width,
+            n_v,
+            d,
+            stride_vb,
+            stride_vv,
+            BLOCK_T,
+            BLOCK_D,
+        )
+    elif pid_t >= n_t:
         _store_prompt_tile(
             p_ptr,
             task_ptr,
@@ -333,7 +389,7 @@ def _fwd_position_kernel(
             col0,
             i0,
             i1,
-            seq_len,
+            width,
             m,
             d,
             stride_pt,
@@ -356,6 +412,7 @@ def _fwd_position_kernel(
             i0,
             i1,
             seq_len,
+            width,
             m,
             d,
             rank,
@@ -384,6 +441,7 @@ def _store_rows_tile(
     col0,
     batch,
     seq_len,
+    width,
     m,
     d,
     rank,
@@ -435,7 +493,7 @@ def _store_rows_tile(
     )
     emb = tl.load(w_ptr + ids[:, None] * stride_w + cols[None, :], mask=mask)
     emb = emb.to(tl.float32) + scaling * delta
-    out_rows = (n // seq_len) * (m + seq_len) + m + n % seq_len
+    out_rows = (n // seq_len) * width + m + n % seq_len
     tl.store(
         out_ptr + out_rows[:, None] * d + cols[None, :],
         emb.to(out_ptr.dtype.element_ty),
@@ -452,16 +510,20 @@ def _fwd_rows_kernel(
     a_ptr,
     b_ptr,
     task_ptr,
+    v_ptr,
     out_ptr,
     batch,
     seq_len,
     m,
+    n_v,
     d,
     rank,
     max_len,
     stride_w,
     stride_pt,
     stride_p,
+    stride_vb,
+    stride_vv,
     scaling,
     HAS_TASKS: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -474,7 +536,30 @@ def _fwd_rows_kernel(
     n_tok = batch * seq_len
     n_t = tl.cdiv(seq_len, BLOCK_T)
     n_tok_tiles = batch * n_t if HAS_TASKS else tl.cdiv(n_tok, BLOCK_T)
-    if pid >= n_tok_tiles:
+    n_prompt_tiles = batch * tl.cdiv(m, BLOCK_T)
+    width = m + seq_len + n_v
+    if pid >= n_tok_tiles + n_prompt_tiles:
+        # Visual programs, like the prompt ones, each own one batch element.
+        q = pid - n_tok_tiles - n_prompt_tiles
+        n_j = tl.cdiv(n_v, BLOCK_T)
+        b = q // n_j
+        _store_visual_tile(
+            v_ptr,
+            out_ptr,
+            (q % n_j) * BLOCK_T,
+            col0,
+            b,
+            b + 1,
+            m + seq_len,
+            width,
+            n_v,
+            d,
+            stride_vb,
+            stride_vv,
+            BLOCK_T,
+            BLOCK_D,
+        )
+    elif pid >= n_tok_tiles:
         # Prompt programs each own one batch element: no low-rank tile to share here.
         q = pid - n_tok_tiles
         n_j = tl.cdiv(m, BLOCK_T)
@@ -491,7 +576,7 @@ def _fwd_rows_kernel(
             col0,
             b,
             b + 1,
-            seq_len,
+            width,
             m,
             d,
             stride_pt,
@@ -513,6 +598,7 @@ def _fwd_rows_kernel(
             col0,
             batch,
             seq_len,
+            width,
             m,
             d,
             rank,
@@ -535,6 +621,7 @@ def _reduce_position_kernel(
     seq_len,
     m,
     d,
+    stride_gb,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -542,9 +629,10 @@ def _reduce_position_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (t < seq_len)[:, None] & (cols < d)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    rows = (m + t).to(tl.int64) * d
     for b in range(batch):
-        rows = tl.cast(b, tl.int64) * (m + seq_len) + m + t
-        acc += tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=mask, other=0.0)
+        g_b = g_ptr + tl.cast(b, tl.int64) * stride_gb
+        acc += tl.load(g_b + rows[:, None] + cols[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + t.to(tl.int64)[:, None] * d + cols[None, :], acc, mask=mask)
 
 
@@ -557,6 +645,7 @@ def _reduce_segment_kernel(
     seq_len,
     m,
     d,
+    stride_gb,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -570,9 +659,9 @@ def _reduce_segment_kernel(
         i = i0 + tl.arange(0, BLOCK_N)
         i_mask = i < end
         n = tl.load(order_ptr + i, mask=i_mask, other=0)
-        rows = (n // seq_len) * (m + seq_len) + m + n % seq_len
+        rows = (n // seq_len) * stride_gb + (m + n % seq_len) * d
         acc += tl.load(
-            g_ptr + rows[:, None] * d + cols[None, :],
+            g_ptr + rows[:, None] + cols[None, :],
             mask=i_mask[:, None] & col_mask[None, :],
             other=0.0,
         )
@@ -604,16 +693,19 @@ def forward(
     scaling: float,
     task_ids: Tensor | None = None,
     batch_order: Tensor | None = None,
+    visual: Tensor | None = None,
 ) -> Tensor:
-    """(B, m + s, d) output of `weight.dtype`; see `dept_kernels.ops.dept_embedding`.
+    """(B, m + s + n_v, d) output of `weight.dtype`; see `dept_kernels.ops.dept_embedding`.
 
     With `task_ids` (B,) int64 the parameters are stacked per task and `batch_order` (B,)
-    int64 lists the samples grouped by task.
+    int64 lists the samples grouped by task. `visual` (B, n_v, d) rows are read in place
+    through their strides.
     """
     batch, seq_len = input_ids.shape
     d = weight.shape[1]
     m = 0 if prompt is None else prompt.shape[-2]
-    out = weight.new_empty(batch, m + seq_len, d)
+    visual, n_v, stride_vb, stride_vv = _visual_operand(visual, weight)
+    out = weight.new_empty(batch, m + seq_len + n_v, d)
     if out.numel() == 0:
         return out
     tasks = task_ids is not None
@@ -633,15 +725,18 @@ def forward(
         # `create_dot`); the fp32 path computes the same exact products with the fp32
         # accumulation of the tensor cores.
         meta["DOT_FP32"] = True
-    sizes = (batch, seq_len, m, d, rank, max_len, weight.stride(0), stride_pt, stride_p)
+    sizes = (batch, seq_len, m, n_v, d, rank, max_len, weight.stride(0), stride_pt, stride_p)
+    sizes += (stride_vb, stride_vv)
     n_d = triton.cdiv(d, meta["BLOCK_D"])
     n_prompt = triton.cdiv(m, BLOCK_T)
+    n_visual = triton.cdiv(n_v, BLOCK_T)
     if rows is None:
         n_t = triton.cdiv(seq_len, BLOCK_T)
-        n_chunks = min(batch, triton.cdiv(TARGET_PROGRAMS, (n_t + n_prompt) * n_d))
+        tiles = n_t + n_prompt + n_visual
+        n_chunks = min(batch, triton.cdiv(TARGET_PROGRAMS, tiles * n_d))
         batch_chunk = triton.cdiv(batch, n_chunks)
-        grid = (n_t + n_prompt, n_d, triton.cdiv(batch, batch_chunk))
-        pointers = (input_ids, weight, prompt, lora_a, lora_b, task_ids, batch_order, out)
+        grid = (tiles, n_d, triton.cdiv(batch, batch_chunk))
+        pointers = (input_ids, weight, prompt, lora_a, lora_b, task_ids, batch_order, visual, out)
         _fwd_position_kernel[grid](
             *pointers, *sizes, batch_chunk, scaling, **meta, **COMPILE_OPTIONS
         )
@@ -653,8 +748,8 @@ def forward(
             n_tok_tiles = batch * triton.cdiv(seq_len, BLOCK_T)
         else:
             n_tok_tiles = triton.cdiv(batch * seq_len, BLOCK_T)
-        grid = (n_tok_tiles + n_prompt * batch, n_d)
-        pointers = (input_ids, rows, weight, prompt, lora_a, lora_b, task_ids, out)
+        grid = (n_tok_tiles + (n_prompt + n_visual) * batch, n_d)
+        pointers = (input_ids, rows, weight, prompt, lora_a, lora_b, task_ids, visual, out)
         _fwd_rows_kernel[grid](*pointers, *sizes, scaling, **meta, **COMPILE_OPTIONS)
     return out
 
@@ -672,14 +767,27 @@ def _prompt_operand(prompt: Tensor | None, weight: Tensor, tasks: bool) -> tuple
     return prompt, prompt.stride(0) if tasks else 0, prompt.stride(-2)
 
 
+def _visual_operand(visual: Tensor | None, weight: Tensor) -> tuple[Tensor, int, int, int]:
+    """(visual, n_v, batch stride, row stride) as the kernels read the visual rows: in place
+    unless the last stride is not 1. Without visual rows there are no visual programs, so
+    `weight` (same dtype, the listed pointer variant) stands in."""
+    if visual is None or visual.shape[1] == 0:
+        return weight, 0, 0, 0
+    if visual.stride(-1) != 1:
+        visual = visual.contiguous()
+    return visual, visual.shape[1], visual.stride(0), visual.stride(1)
+
+
 def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | None) -> Tensor:
     """fp32 batch sum of the token rows of `grad_out` (B, m + s, d).
 
     `order is None`: (s, d), one row per position. Otherwise (R, d): row u sums the
-    flattened tokens `order[offsets[u]:offsets[u + 1]]`.
+    flattened tokens `order[offsets[u]:offsets[u + 1]]`. Rows are read d apart, samples
+    `grad_out.stride(0)` apart (`dept_kernels.ops._grads.row_layout`).
     """
     batch, total, d = grad_out.shape
     seq_len = total - m
+    stride_gb = grad_out.stride(0) if batch > 1 else total * d
     meta = reduce_constexprs(grad_out.dtype, ordered=order is not None)
     n_d = triton.cdiv(d, meta["BLOCK_D"])
     if order is None:
@@ -688,13 +796,13 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
         out = grad_out.new_empty(seq_len, d, dtype=torch.float32)
         if out.numel():
             _reduce_position_kernel[(triton.cdiv(seq_len, BLOCK_T), n_d)](
-                grad_out, out, batch, seq_len, m, d, **meta, **COMPILE_OPTIONS
+                grad_out, out, batch, seq_len, m, d, stride_gb, **meta, **COMPILE_OPTIONS
             )
         return out
     out = grad_out.new_empty(offsets.numel() - 1, d, dtype=torch.float32)
     if out.numel():
         _reduce_segment_kernel[(out.shape[0], n_d)](
-            grad_out, order, offsets, out, seq_len, m, d, **meta, **COMPILE_OPTIONS
+            grad_out, order, offsets, out, seq_len, m, d, stride_gb, **meta, **COMPILE_OPTIONS
         )
     return out
 
@@ -719,6 +827,7 @@ def aot_variants() -> Iterator[tuple[str, dict[str, torch.dtype], dict]]:
                 b_ptr=ab,
                 task_ptr=task,
                 order_ptr=task,
+                v_ptr=weight,
                 out_ptr=weight,
             )
             meta = forward_constexprs(weight, factor, False, tasks)
@@ -732,6 +841,7 @@ def aot_variants() -> Iterator[tuple[str, dict[str, torch.dtype], dict]]:
                 a_ptr=factor,
                 b_ptr=factor,
                 task_ptr=task,
+                v_ptr=weight,
                 out_ptr=weight,
             )
             yield "_fwd_rows_kernel", pointers, forward_constexprs(weight, factor, True, tasks)

@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   for (int i = 3; i < argc; ++i) n.push_back(std::atoll(argv[i]));
   if (op == "forward") {
     // dtype batch seq m d r weight_stride has_lora has_rows shift scaling*1e6 has_tasks L
+    // n_v visual_stride_b visual_stride_v (visual.bin holds the strided source)
     dept_kernels::ForwardParams a{};
     const int code = static_cast<int>(n[0]);
     a.dtype = static_cast<DType>(code);
@@ -82,7 +83,9 @@ int main(int argc, char** argv) {
       a.batch_order = reinterpret_cast<const int64_t*>(read_file(dir, "order.bin"));
     }
     a.lora_rows = n[12];
-    const size_t bytes = a.batch * (a.m + a.seq) * a.d * dtype_size(code);
+    a.n_v = n[13], a.visual_stride_b = n[14], a.visual_stride_v = n[15];
+    a.visual = a.n_v > 0 ? read_file(dir, "visual.bin") : nullptr;
+    const size_t bytes = a.batch * (a.m + a.seq + a.n_v) * a.d * dtype_size(code);
     a.out = alloc(bytes);
     if (check(dept_kernels::dept_forward(a, nullptr))) return 1;
     write_file(dir, a.out, bytes);
