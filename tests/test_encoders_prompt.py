@@ -210,7 +210,9 @@ def test_save_load_round_trip(arch, method, tmp_path):
 
 def test_aot_and_prompt_methods_both_serve_encoders():
     """The encoders are listed among the prompt methods' model types."""
-    with pytest.raises(TypeError, match=r"supported model types: \[.*'bert'.*'deberta-v2'"):
+    with pytest.raises(
+        TypeError, match=r"model types with a table entry: \[.*'bert'.*'deberta-v2'"
+    ):
         dk.patch(torch.nn.Linear(2, 2), make_config("pt"))
 
 
