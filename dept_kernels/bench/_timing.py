@@ -48,11 +48,12 @@ def median_time(fn: Callable[[], object], repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], object]], repeats: int, device: str
-) -> dict[str, float]:
-    """Median seconds of each function, timed round-robin: each round runs every function
-    once, in a rotated order, so that the ratios stay meaningful on a busy machine."""
+) -> dict[str, list[float]]:
+    """Seconds of each call of each function, timed round-robin: each round runs every
+    function once, in a rotated order, so that load from other processes on a busy machine
+    falls on all of them alike; two untimed calls of each first."""
     for fn in fns.values():
         fn()
         fn()
@@ -64,4 +65,13 @@ def interleaved_medians(
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, device: str
+) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin (`interleaved_times`)."""
+    return {
+        name: statistics.median(t) for name, t in interleaved_times(fns, repeats, device).items()
+    }
