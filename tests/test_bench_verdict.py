@@ -200,3 +200,10 @@ def test_aot_lines():
     assert "The forward with fused AoT tables adds 3.0% to the unpatched forward" in quiet
     noisy = "\n".join(tables.aot_lines(aot | {"paired_ratio_relative_spread": 0.2}))
     assert "Inconclusive" in noisy and "20%" in noisy and "adds" not in noisy
+
+
+def test_warning_names_the_noisiest_rows_and_counts_the_rest():
+    spreads = {f"row{i}": 0.2 + i / 100 for i in range(6)}
+    warning = verdict.noise_warning(verdict.noisy_rows(spreads))
+    assert warning.index("row5 25%") < warning.index("row2 22%")
+    assert "row1" not in warning and "and 2 more row(s)" in warning

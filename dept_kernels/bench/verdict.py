@@ -21,6 +21,9 @@ NOISE_LIMIT = 0.10
 # Rounds needed to measure a spread at all (quartiles of fewer are the samples themselves).
 MIN_ROUNDS = 3
 
+# The noisiest rows a warning names (the rest are counted).
+SHOWN = 4
+
 FWD, BOTH = "forward", "forward+backward"
 
 
@@ -41,10 +44,13 @@ def noise_warning(noisy: Mapping[str, float], limit: float = NOISE_LIMIT) -> str
     """The warning for rows too noisy to compare (empty if none are)."""
     if not noisy:
         return ""
+    ranked = sorted(noisy.items(), key=lambda kv: -kv[1])
     worst = ", ".join(
         f"{name} {s:.0%}" if s != float("inf") else f"{name} (fewer than {MIN_ROUNDS} rounds)"
-        for name, s in sorted(noisy.items(), key=lambda kv: -kv[1])
+        for name, s in ranked[:SHOWN]
     )
+    if len(ranked) > SHOWN:
+        worst += f" and {len(ranked) - SHOWN} more row(s)"
     return (
         f"WARNING: this machine was too noisy for the ratios to mean anything: spread "
         f"(IQR / median) {worst}, above the {limit:.0%} limit. Rerun on a quiet machine or "
