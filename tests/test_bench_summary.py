@@ -15,8 +15,6 @@ import pytest
 
 from dept_kernels.bench import ratio_table
 
-pytest.importorskip("pytest_benchmark")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # Rows named as the suites name them; each does a different amount of work, so that the
@@ -52,6 +50,7 @@ def test_no_official_row(benchmark):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[str, dict]:
+    pytest.importorskip("pytest_benchmark")
     tmp = tmp_path_factory.mktemp("tinybench")
     (tmp / "conftest.py").write_text((ROOT / "bench" / "conftest.py").read_text())
     (tmp / "test_tiny_bench.py").write_text(TINY_BENCH)

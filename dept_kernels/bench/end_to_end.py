@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
-from .. import fuse, patch
+from .. import merge, patch
 from ..methods import AoTConfig, DePTConfig, PromptTuningConfig, equal_budget
 from ..testing import official_dept_embedding
 from ._timing import median_iqr, rotation, sync
@@ -277,7 +277,7 @@ def aot_inference(base: nn.Module, batches: list[Batch], rounds: int, progress) 
     for layer in aot.dept_adapter.layers:
         # Non-zero tables, so the gather-add does real work (W_2 starts at zero).
         layer.w2.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
-    fuse(aot)
+    merge(aot)
     times: dict[str, list[float]] = {"unpatched": [], "AoT fused": []}
     device = batches[0].input_ids.device
     # Alternated, the fused forward first in the first round.
