@@ -46,3 +46,19 @@ def test_main_job_prints_table_losses_and_findings_or_warning(
     assert set(kernel["iqr"]) == set(kernel["times"]) and kernel["rounds"] == 4
     assert "IQR" in out and "copy (bandwidth floor)" in out
     assert (tmp_path / "results.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--aot-rounds", "1"], "--aot-rounds: must be at least 2, got 1"),
+        (["--steps", "0"], "--steps: must be at least 1, got 0"),
+        (["--repeats", "-3"], "--repeats: must be at least 1, got -3"),
+    ],
+)
+def test_main_job_rejects_too_few_rounds(argv, message, capsys):
+    from dept_kernels.bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import end_to_end, kernels
+from ._timing import at_least
 from .tables import aot_lines, end_to_end_report
 
 
@@ -62,9 +63,11 @@ def plot(rows: list[dict], kernel: dict, model: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed training steps per setup")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--steps", type=at_least(1), default=4, help="timed training steps per setup"
+    )
+    parser.add_argument("--warmup", type=at_least(0), default=1)
+    parser.add_argument("--batch", type=at_least(1), default=8)
     parser.add_argument("--model", help="a local T5 checkpoint directory (default: random)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench/out")
@@ -79,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         choices=sorted(end_to_end.T5_DIMS),
         help="random-weight T5 dimensions (default t5-small; t5-base with --full)",
     )
-    parser.add_argument("--repeats", type=int, default=20, help="kernel timing rounds")
-    parser.add_argument("--aot-rounds", type=int, default=6, help="AoT inference rounds")
+    parser.add_argument("--repeats", type=at_least(1), default=20, help="kernel timing rounds")
+    # The first AoT round warms up; the others are timed.
+    parser.add_argument("--aot-rounds", type=at_least(2), default=6, help="AoT inference rounds")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 

@@ -3,6 +3,7 @@ other processes on a busy machine falls on every compared function alike."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +12,18 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int no smaller than `minimum` (a count of rounds or steps)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def sync(device: str | torch.device) -> None:

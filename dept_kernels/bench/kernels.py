@@ -24,7 +24,7 @@ import torch
 from .. import backends
 from ..ops import dept_embedding
 from ..testing import official_dept_embedding, reference_dept_embedding
-from ._timing import interleaved_times, median_iqr
+from ._timing import at_least, interleaved_times, median_iqr
 from .shapes import SHAPES, Shape
 from .suite import with_backend
 from .verdict import (
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default="t5-base", choices=sorted(SHAPES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=at_least(1), default=20)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baseline")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
