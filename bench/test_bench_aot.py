@@ -2,7 +2,8 @@
 
     pytest bench/test_bench_aot.py --benchmark-only [--benchmark-columns=median,iqr]
 
-Two groups, whose relative column reads as the ratios the library promises:
+Two groups, each a comparison of its own rows (pytest-benchmark's brackets are ratios to the
+group's fastest row; the paired group's `extra_info` holds the per-pair ratio):
 
 - `aot inference bert-base`: a random-weight BertModel at BERT-base dims (12 layers,
   d=768, V=30522), B=16, s=128, eval, no_grad, fp32: the unpatched forward, the forward

@@ -21,7 +21,8 @@ forward+backward (`torch.autograd.grad` of all the inputs above); its rows are t
 formula in eager PyTorch and under `torch.compile` (static shapes, compiled per shape and
 dtype), every library backend that runs here (`dept_kernels-torch` is the eager reference
 backend; cpu here, triton and cuda on a GPU) and, for the gather-add forward, the bandwidth
-floor (copying an output-sized buffer). The relative column then reads as ratios.
+floor (copying an output-sized buffer); `bench/conftest.py` prints each row's ratio to the
+official formula (eager and compiled) after pytest-benchmark's own table.
 `extra_info` holds `saved_for_backward_bytes` (what autograd keeps between the passes) and
 `peak_extra_bytes` (the step's peak allocation above what was live before it, outputs and
 gradients included; on the CPU from the profiler's allocation events).

@@ -4,9 +4,11 @@
 
 Each group is one (shape, dtype, pass); its rows are the official formula in eager
 PyTorch and under torch.compile, the torch reference backend, every library backend that
-runs here, and the bandwidth floor (copying an output-sized buffer), so the table's
-relative column reads directly as speed-up ratios. `extra_info` records the bytes the
-implementation saves for backward and its peak extra memory.
+runs here, and the bandwidth floor (copying an output-sized buffer). `extra_info` records
+the bytes the implementation saves for backward and its peak extra memory; after
+pytest-benchmark's table (whose brackets are ratios to the group's fastest row),
+`bench/conftest.py` prints each row's ratio to the official formula, eager and compiled, and
+these memory columns.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ pytest-benchmark suites in `bench/` are thin front-ends over the modules here.
 - `_timing`: medians, interquartile ranges and round-robin orders;
 - `memory`: bytes saved for backward and peak extra allocation;
 - `baselines`: the official AoT formulas; `suite`: the front-ends' device and backends;
-- `kernels`, `end_to_end`: the main job's two parts.
+- `kernels`, `end_to_end`: the main job's two parts; `tables`: its end-to-end printout;
+- `verdict`: spreads, invariants, and the findings as sentences or a noise warning;
+- `ratio_table`: the per-group ratio and memory table `bench/conftest.py` prints after
+  pytest-benchmark's own.
 """
 
 from ._timing import interleaved_medians, median_iqr, median_time, rotation

@@ -11,7 +11,11 @@
 2. Kernels (`kernels`): the fused DePT embedding on every backend against the official
    formula in eager PyTorch and under torch.compile, at T5-base dimensions.
 
-Prints both tables with ratios and writes `results.json` and `results.png` under `--out`.
+Every part times its candidates round-robin and reports medians with their interquartile
+range; it states its ratios as sentences (a gain when a gain, a loss when a loss) only when
+the spread is within `verdict.NOISE_LIMIT` and the invariants hold, else it prints a warning
+naming the spread and calls the comparison inconclusive. Also prints the training losses and
+a legend of the columns; writes `results.json` and `results.png` under `--out`.
 """
 
 from __future__ import annotations
@@ -24,39 +28,8 @@ from pathlib import Path
 import torch
 
 from . import end_to_end, kernels
-
-
-def end_to_end_table(rows: list[dict]) -> str:
-    official = next(r for r in rows if r["setup"].endswith("official path"))
-    pt = next(r for r in rows if r["setup"].startswith("PT"))
-    lines = [
-        f"{'setup':34} {'s/step':>8} {'IQR':>7} {'tokens/s':>9} {'saved MiB':>10} "
-        f"{'params':>8} {'vs official':>12} {'vs PT':>7}"
-    ]
-    for r in rows:
-        lines.append(
-            f"{r['setup']:34} {r['seconds_per_step']:8.3f} {r['iqr_seconds']:7.3f} "
-            f"{r['real_tokens_per_second']:9.0f} "
-            f"{r['saved_for_backward_MiB']:10.1f} {r['trainable_parameters']:8d} "
-            f"{official['seconds_per_step'] / r['seconds_per_step']:11.2f}x "
-            f"{pt['seconds_per_step'] / r['seconds_per_step']:6.2f}x"
-        )
-    lines.append(
-        "ratios are speed-ups (time of the other setup over this one's), per step; IQR: the "
-        "interquartile range of the step times"
-    )
-    in_place = next((r for r in rows if "in place" in r["setup"]), None)
-    if in_place is not None:
-        gap = max(abs(a - b) for a, b in zip(in_place["losses"], official["losses"], strict=True))
-        lines.append(
-            f"One call to dept_kernels.patch(model) on the official code's model, fed the same "
-            f"inputs padded to {end_to_end.MAX_LENGTH}, makes its training step "
-            f"{official['seconds_per_step'] / in_place['seconds_per_step']:.2f}x faster: the "
-            f"patched forward cuts the {in_place['padding_fraction']:.0%} of columns that are "
-            f"padding in every row and runs the fused op, with the same losses (largest "
-            f"difference {gap:.1e})."
-        )
-    return "\n".join(lines)
+from ._timing import at_least
+from .tables import aot_lines, end_to_end_report
 
 
 def plot(rows: list[dict], kernel: dict, model: str, path: Path) -> None:
@@ -90,9 +63,11 @@ def plot(rows: list[dict], kernel: dict, model: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed training steps per setup")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--steps", type=at_least(1), default=4, help="timed training steps per setup"
+    )
+    parser.add_argument("--warmup", type=at_least(0), default=1)
+    parser.add_argument("--batch", type=at_least(1), default=8)
     parser.add_argument("--model", help="a local T5 checkpoint directory (default: random)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench/out")
@@ -107,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         choices=sorted(end_to_end.T5_DIMS),
         help="random-weight T5 dimensions (default t5-small; t5-base with --full)",
     )
-    parser.add_argument("--repeats", type=int, default=20, help="kernel timing rounds")
-    parser.add_argument("--aot-rounds", type=int, default=6, help="AoT inference rounds")
+    parser.add_argument("--repeats", type=at_least(1), default=20, help="kernel timing rounds")
+    # The first AoT round warms up; the others are timed.
+    parser.add_argument("--aot-rounds", type=at_least(2), default=6, help="AoT inference rounds")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -134,14 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     total = 4 * len(batches)
     with tqdm(total=total, desc="training steps", unit="step") as progress:
         rows = end_to_end.run(base, batches, args.warmup, progress)
-    print(end_to_end_table(rows))
+    print(end_to_end_report(rows, end_to_end.MAX_LENGTH))
     with tqdm(total=args.aot_rounds, desc="AoT inference rounds", unit="round") as progress:
         aot = end_to_end.aot_inference(base, batches, args.aot_rounds, progress)
-    print(
-        f"AoT P-tuning inference (fused tables, every encoder layer): "
-        f"{aot['aot_fused_s']:.3f} s vs {aot['unpatched_s']:.3f} s unpatched per forward, "
-        f"overhead {aot['overhead']:+.1%}"
-    )
+    print("\n".join(aot_lines(aot)))
 
     shapes = sorted(kernels.SHAPES) if args.full else ["t5-base"]
     kernel_results = []

@@ -3,6 +3,7 @@ other processes on a busy machine falls on every compared function alike."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +12,18 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int no smaller than `minimum` (a count of rounds or steps)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def sync(device: str | torch.device) -> None:
@@ -48,11 +61,12 @@ def median_time(fn: Callable[[], object], repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], object]], repeats: int, device: str
-) -> dict[str, float]:
-    """Median seconds of each function, timed round-robin: each round runs every function
-    once, in a rotated order, so that the ratios stay meaningful on a busy machine."""
+) -> dict[str, list[float]]:
+    """Seconds of each call of each function, timed round-robin: each round runs every
+    function once, in a rotated order, so that load from other processes on a busy machine
+    falls on all of them alike; two untimed calls of each first."""
     for fn in fns.values():
         fn()
         fn()
@@ -64,4 +78,13 @@ def interleaved_medians(
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, device: str
+) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin (`interleaved_times`)."""
+    return {
+        name: statistics.median(t) for name, t in interleaved_times(fns, repeats, device).items()
+    }

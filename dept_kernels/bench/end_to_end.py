@@ -35,11 +35,12 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
-from .. import fuse, patch
+from .. import merge, patch
 from ..methods import AoTConfig, DePTConfig, PromptTuningConfig, equal_budget
 from ..testing import official_dept_embedding
 from ._timing import median_iqr, rotation, sync
 from .memory import saved_bytes
+from .verdict import relative_spread
 
 MAX_LENGTH = 256
 PAD, EOS = 0, 1
@@ -221,6 +222,7 @@ def train_setups(setups: list[Setup], batches: list[Batch], warmup: int, progres
                 "cuda_peak_MiB": peaks[k] / 2**20 if cuda else None,
                 "trainable_parameters": sum(p.numel() for p in setup.params),
                 "losses": losses[k],
+                "relative_spread": relative_spread(times[k]),
             }
         )
     return rows
@@ -275,7 +277,7 @@ def aot_inference(base: nn.Module, batches: list[Batch], rounds: int, progress) 
     for layer in aot.dept_adapter.layers:
         # Non-zero tables, so the gather-add does real work (W_2 starts at zero).
         layer.w2.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
-    fuse(aot)
+    merge(aot)
     times: dict[str, list[float]] = {"unpatched": [], "AoT fused": []}
     device = batches[0].input_ids.device
     # Alternated, the fused forward first in the first round.
@@ -291,4 +293,14 @@ def aot_inference(base: nn.Module, batches: list[Batch], rounds: int, progress) 
                 times[name].append(time.perf_counter() - start)
         progress.update(1)
     plain_s, aot_s = (statistics.median(times[k]) for k in ("unpatched", "AoT fused"))
-    return {"unpatched_s": plain_s, "aot_fused_s": aot_s, "overhead": aot_s / plain_s - 1}
+    # Both forwards of a round run the same batch, so the per-round ratio is free of the
+    # batches' differing lengths: its spread is the machine's noise.
+    ratios = [a / u for a, u in zip(times["AoT fused"], times["unpatched"], strict=True)]
+    return {
+        "unpatched_s": plain_s,
+        "aot_fused_s": aot_s,
+        "overhead": aot_s / plain_s - 1,
+        "paired_ratio_median": statistics.median(ratios) if ratios else None,
+        "paired_ratio_relative_spread": relative_spread(ratios),
+        "rounds_timed": len(ratios),
+    }

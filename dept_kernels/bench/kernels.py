@@ -4,8 +4,11 @@
 
 For each backend the op's output and gradients are checked against the formula, then
 forward and forward+backward are timed against the official DePT formula (eager and
-`torch.compile`) and against copying an output-sized buffer (the memory-bandwidth floor).
-All times are medians from one run, printed as ratios.
+`torch.compile`) and against copying an output-sized buffer (the memory-bandwidth floor),
+all in one round-robin (every candidate and pass once per round, in a rotated order). Each
+row has its median and interquartile range; the ratios are stated as sentences only when
+every row's spread is within `verdict.NOISE_LIMIT` and the invariants hold
+(`verdict.kernel_violations`), else the table ends with a warning naming the spread.
 """
 
 from __future__ import annotations
@@ -21,9 +24,20 @@ import torch
 from .. import backends
 from ..ops import dept_embedding
 from ..testing import official_dept_embedding, reference_dept_embedding
-from ._timing import interleaved_medians
+from ._timing import at_least, interleaved_times, median_iqr
 from .shapes import SHAPES, Shape
 from .suite import with_backend
+from .verdict import (
+    BOTH,
+    FWD,
+    findings,
+    kernel_violations,
+    noisy_rows,
+    relative_spread,
+    speed_phrase,
+)
+
+COPY = "copy"
 
 
 def make_problem(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
@@ -90,45 +104,92 @@ def run(shape: Shape, dtype: torch.dtype, device: str, repeats: int, compile_: b
 
         return call
 
-    forward = {label: no_grad(fn) for label, fn in impls.items()}
-    forward["copy"] = lambda: torch.empty_like(out).copy_(out)
-    fwd = interleaved_medians(forward, repeats, device)
-    both = interleaved_medians(
-        {label: forward_backward(fn, kw, grad_out) for label, fn in impls.items()}, repeats, device
-    )
-    times = {label: {"forward": fwd[label], "forward+backward": both[label]} for label in impls}
-    return {"shape": asdict(shape), "copy_floor": fwd["copy"], "times": times, "errors": errors}
+    # Every candidate's forward and forward+backward, and the copy, in one round-robin, so
+    # that load falls on all of them alike and the invariants compare like with like.
+    fns = {(label, FWD): no_grad(fn) for label, fn in impls.items()}
+    fns |= {(label, BOTH): forward_backward(fn, kw, grad_out) for label, fn in impls.items()}
+    fns[COPY, FWD] = lambda: torch.empty_like(out).copy_(out)
+    rounds = interleaved_times(fns, repeats, device)
+    stats = {key: median_iqr(t) for key, t in rounds.items()}
+    times = {label: {p: stats[label, p][0] for p in (FWD, BOTH)} for label in impls}
+    spreads = {label: {p: stats[label, p][1] for p in (FWD, BOTH)} for label in impls}
+    return {
+        "shape": asdict(shape),
+        "copy_floor": stats[COPY, FWD][0],
+        "copy_iqr": stats[COPY, FWD][1],
+        "times": times,
+        "iqr": spreads,
+        "relative_spread": {f"{label} {p}": relative_spread(t) for (label, p), t in rounds.items()},
+        "rounds": repeats,
+        "errors": errors,
+    }
+
+
+def kernel_sentences(result: dict) -> list[str]:
+    """One sentence per library backend: its speed against each official baseline."""
+    times = result["times"]
+    baselines = [
+        (label, name)
+        for label, name in (
+            ("official (torch.compile)", "the official formula under torch.compile"),
+            ("official (eager)", "the official formula in eager PyTorch"),
+        )
+        if label in times
+    ]
+    out = []
+    for label, t in times.items():
+        if not label.startswith("dept_kernels"):
+            continue
+        parts = []
+        for p in (FWD, BOTH):
+            against = ", ".join(
+                f"{speed_phrase(times[b][p], t[p])} than {name}" for b, name in baselines
+            )
+            parts.append(f"its {p} is {against}")
+        floor = t[FWD] / result["copy_floor"]
+        out.append(f"{label}: {'; '.join(parts)}; its forward takes {floor:.2f}x the copy floor.")
+    return out
 
 
 def report(result: dict) -> str:
-    times = result["times"]
+    times, spreads = result["times"], result["iqr"]
     base = times["official (eager)"]
     compiled = times.get("official (torch.compile)")
     lines = [
-        f"{'implementation':28} {'fwd ms':>8} {'fwd+bwd ms':>11} {'vs eager':>14} "
-        f"{'vs compile':>14} {'fwd/copy':>9}"
+        f"{'implementation':28} {'fwd ms':>8} {'IQR':>6} {'fwd+bwd ms':>11} {'IQR':>6} "
+        f"{'vs eager':>12} {'vs compile':>12} {'fwd/copy':>9}"
     ]
 
     def ratio(baseline: dict[str, float], t: dict[str, float]) -> str:
-        fwd, both = "forward", "forward+backward"
-        return f"{baseline[fwd] / t[fwd]:.1f}x/{baseline[both] / t[both]:.1f}x"
+        return f"{baseline[FWD] / t[FWD]:.2f}x/{baseline[BOTH] / t[BOTH]:.2f}x"
 
     for label, t in times.items():
         vs_eager = ratio(base, t)
         vs_comp = ratio(compiled, t) if compiled else "-"
+        iqr = spreads[label]
         lines.append(
-            f"{label:28} {t['forward'] * 1e3:8.2f} {t['forward+backward'] * 1e3:11.2f} "
-            f"{vs_eager:>14} {vs_comp:>14} {t['forward'] / result['copy_floor']:8.2f}x"
+            f"{label:28} {t[FWD] * 1e3:8.2f} {iqr[FWD] * 1e3:6.2f} {t[BOTH] * 1e3:11.2f} "
+            f"{iqr[BOTH] * 1e3:6.2f} {vs_eager:>12} {vs_comp:>12} "
+            f"{t[FWD] / result['copy_floor']:8.2f}x"
         )
     lines.append(
-        f"copy of an output-sized buffer (bandwidth floor): {result['copy_floor'] * 1e3:.2f} ms"
+        f"{'copy (bandwidth floor)':28} {result['copy_floor'] * 1e3:8.2f} "
+        f"{result['copy_iqr'] * 1e3:6.2f}"
     )
-    lines.append("speed-ups are forward/forward+backward; fwd/copy is time over the floor")
+    lines.append(
+        f"Columns: medians of {result['rounds']} rounds, every row timed in each round in a "
+        "rotated order; IQR: interquartile range of the rounds (ms); vs eager / vs compile: "
+        "speed-ups over the official formula, forward/forward+backward (its time over this "
+        "row's: above 1x faster, below 1x slower); fwd/copy: forward time over copying an "
+        "output-sized buffer."
+    )
     for name, (out_err, grad_err) in result["errors"].items():
         lines.append(
             f"agreement with the formula [{name}]: max |out diff| {out_err:.2e}, "
             f"max |grad diff| {grad_err:.2e}"
         )
+    violations = kernel_violations(times, spreads, result["copy_floor"], result["copy_iqr"])
+    lines += findings(kernel_sentences(result), noisy_rows(result["relative_spread"]), violations)
     return "\n".join(lines)
 
 
@@ -137,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default="t5-base", choices=sorted(SHAPES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=at_least(1), default=20)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baseline")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)

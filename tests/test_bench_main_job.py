@@ -1,0 +1,64 @@
+"""The main job (`python -m dept_kernels.bench`) end to end at tiny sizes (not a timing: the
+machine may be loaded, so either the findings or the warning may print, never both)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dept_kernels.bench import end_to_end, kernels
+from dept_kernels.bench.shapes import Shape
+
+
+def test_main_job_prints_table_losses_and_findings_or_warning(
+    monkeypatch, tmp_path, capsys, one_thread
+):
+    pytest.importorskip("tqdm")
+    pytest.importorskip("matplotlib")
+    from dept_kernels.bench.__main__ import main
+
+    monkeypatch.setitem(end_to_end.T5_DIMS, "tiny", (32, 8, 64, 2, 4))
+    tiny = Shape("t5-base", 2, 16, 32, 100, 4, 4, 16)
+    monkeypatch.setitem(kernels.SHAPES, "t5-base", tiny)
+    # Compiling the baseline takes most of a minute on a small CPU; the flow is what is
+    # tested here, so the "compiled" row runs eagerly.
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    args = ["--dims", "tiny", "--steps", "3", "--batch", "2", "--repeats", "4"]
+    main([*args, "--aot-rounds", "4", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Columns: s/step" in out and "training loss per step" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["end_to_end"]
+    for r in rows:  # every setup's losses, printed as computed
+        assert all(f"{loss:8.4f}" in out for loss in r["losses"])
+    fused, pt = rows[1], rows[0]
+    if "Inconclusive" in out:
+        assert "WARNING" in out
+    else:
+        assert "trains" in out and "than PT (l=100)" in out
+    gain = pt["seconds_per_step"] / fused["seconds_per_step"]
+    if "than PT (l=100)" in out:  # the sentence states what the row's times show
+        phrase = f"{gain - 1:.0%} faster" if gain >= 1 else f"{1 / gain - 1:.0%} slower"
+        assert f"fused trains {phrase} than PT" in out
+    kernel = results["kernels"][0]
+    assert set(kernel["iqr"]) == set(kernel["times"]) and kernel["rounds"] == 4
+    assert "IQR" in out and "copy (bandwidth floor)" in out
+    assert (tmp_path / "results.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--aot-rounds", "1"], "--aot-rounds: must be at least 2, got 1"),
+        (["--steps", "0"], "--steps: must be at least 1, got 0"),
+        (["--repeats", "-3"], "--repeats: must be at least 1, got -3"),
+    ],
+)
+def test_main_job_rejects_too_few_rounds(argv, message, capsys):
+    from dept_kernels.bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
