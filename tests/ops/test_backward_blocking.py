@@ -1,6 +1,6 @@
-"""The DePT backward's one-read batch sums: the boundaries of its tiles (rows x columns, a
-column split past 4096, samples folded four at a time), the prompt rows summed in the same
-pass, thread counts and determinism, on every backend, against the formula."""
+"""The DePT backward's one-read batch sums: the boundaries of the kernels' tiles (odd widths,
+column tails, batches of 1 and of a few samples), the prompt rows summed in the same pass as
+the token rows, thread counts and determinism, on every backend, against the formula."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from dept_kernels.ops import dept_embedding
 from dept_kernels.testing import reference_dept_embedding
 
 CASES = [
-    # d odd, s not a multiple of the row tile, B not a multiple of the 4 folded samples.
+    # d odd (a column tail), s not a multiple of a row tile, B not a multiple of 4.
     Case("odd_d", batch=5, seq=13, max_len=16, d=771, m=3),
     Case("batch_1", batch=1, seq=11, max_len=11, d=257, m=2),
     Case("batch_4", batch=4, seq=7, max_len=9, d=64, m=5),
     Case("no_prompt", batch=6, seq=9, max_len=9, d=129, m=0),
-    # Wider than one tile's 4096 accumulators: the columns split into two blocks.
-    Case("split_columns", batch=3, seq=3, max_len=4, d=4099, m=1, r=3),
+    # Wide rows: many column tiles, then a tail of 3.
+    Case("wide", batch=3, seq=3, max_len=4, d=4099, m=1, r=3),
     # Per-sample rows with repeats: the segmented path, prompt rows as its first segments.
     Case("position_ids", batch=5, seq=13, max_len=6, d=771, m=3, position_ids=True),
     Case("position_ids_no_prompt", batch=3, seq=7, max_len=4, d=65, m=0, position_ids=True),
@@ -63,7 +63,7 @@ def test_matches_reference(backend, case, wdtype, pdtype):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[5]], ids=lambda c: c.name)
 def test_thread_counts_give_the_same_bits(backend, case):
-    """Each sum runs over the batch in order, whatever the tiling the thread count picks."""
+    """Each sum runs over the batch in order, whatever the split the thread count picks."""
     kw = make_inputs(case, torch.float32, torch.float32)
     threads = torch.get_num_threads()
     results = []
