@@ -120,7 +120,8 @@ def dept_embedding_grads(
     if task_ids is None and prompt_grad and lora_a is not None and lora_a.shape[-1] > 0:
         # The prompt's and the factors' gradients from one read of grad_out.
         prompt_sums, used, g = prompt_and_row_sums(grad_out, m, rows, backend)
-        d_prompt = prompt_sums.to(prompt_dtype)
+        # A copy, not a view: the gradient would otherwise keep all m + s rows of sums alive.
+        d_prompt = prompt_sums.to(prompt_dtype, copy=True)
         d_a, d_b = _lowrank_from_sums(used, g, lora_a, lora_b, scaling, rows is None)
     else:
         d_prompt = _prompt_grad(
