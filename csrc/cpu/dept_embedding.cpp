@@ -285,7 +285,10 @@ void reduce_kernel(
   const int64_t tiles = (d + kTile - 1) / kTile;
   if (order == nullptr) {
     // Position-major tasks: each reads the B rows of its positions, a uniform amount of
-    // work per task.
+    // work per task. `_grads.py` passes m = 0 when it wants the prompt rows' sums too, so
+    // the output gradient is read once. (Tiles of several rows with fp32 accumulators in L1
+    // measured 11-17% slower than these register tiles at T5-base with one thread, at the
+    // LLaMA-7B width and in bf16, and within the noise at T5-base with two threads.)
     at::parallel_for(0, seq * tiles, grain_for(batch * kTile), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t t = i / tiles;
