@@ -130,12 +130,18 @@ def run(base: nn.Module, dims: str, samples: int, batch: int, rounds: int, devic
     }
 
 
+def model_label(dims: str) -> str:
+    """'T5 at t5-base dims' for a named size, else the checkpoint's name as given."""
+    return f"T5 at {dims} dims" if dims in T5_DIMS else dims
+
+
 def report(result: dict) -> str:
     """Table, legend, the paper's figure and the finding (or the warning)."""
     pt, dept = result["rows"]
+    model = model_label(result["dims"])
     lines = [
         f"Inference (Trainer.predict, {result['samples']} samples, batch {result['batch']}, "
-        f"T5 {result['dims']} dims, {result['rounds']} rounds):",
+        f"{model}, {result['rounds']} rounds):",
         f"{'setup':22} {'samples/s':>10} {'s/pass':>8} {'IQR':>7} {'spread':>7} {'params':>8}",
     ]
     for r in result["rows"]:
@@ -151,7 +157,7 @@ def report(result: dict) -> str:
     paper = result["paper_gain"]
     lines.append(
         f"Paper's figure, not measured here: {PAPER} reports DePT +{paper:.1%} samples/s over "
-        f"PT at T5 {result['dims']}."
+        f"PT at {model}."
         if paper is not None
         else f"Paper's figures, not measured here: {PAPER} reports DePT +6.5% (T5-base) and "
         f"+18.1% (T5-large) samples/s over PT; none at these dims."
@@ -166,7 +172,7 @@ def report(result: dict) -> str:
         f"{dept['setup']} evaluates "
         f"{percent_phrase(pt['seconds_per_pass'], dept['seconds_per_pass'])} than "
         f"{pt['setup']} {budget}: {dept['samples_per_second']:.1f} vs "
-        f"{pt['samples_per_second']:.1f} samples/s at T5 {result['dims']} dims."
+        f"{pt['samples_per_second']:.1f} samples/s, {model}."
     )
     spreads = {f"{r['setup']} pass time": r["relative_spread"] for r in result["rows"]}
     return "\n".join(lines + findings([sentence], noisy_rows(spreads)))

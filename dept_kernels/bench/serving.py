@@ -35,11 +35,12 @@ from torch import Tensor, nn
 from .. import patch, save_adapter, stack_adapters
 from ..methods import AoTConfig, DePTConfig, equal_budget
 from ._timing import at_least, interleaved_times, median_iqr
-from .end_to_end import EOS, MAX_LENGTH, PAD, glue_like_lengths, t5_random
+from .end_to_end import EOS, MAX_LENGTH, PAD, T5_DIMS, glue_like_lengths, t5_random
 from .verdict import findings, noisy_rows, relative_spread, speed_phrase
 
 TASKS = (2, 8)
-VOCAB = 8192
+# The served T5's size in the main job: t5-small dims, a reduced vocabulary (see above).
+DIMS, VOCAB = "t5-small", 8192
 MIXED, PER_TASK = "mixed batch", "per-task batches"
 
 
@@ -145,12 +146,13 @@ def run(
     rounds: int,
     new_tokens: int,
     device: str,
-    tasks: tuple[int, ...] = TASKS,
+    tasks: tuple[int, ...] | None = None,
 ) -> dict:
-    """Time mixed against per-task batches for every method, T and pass; returns the rows."""
+    """Time mixed against per-task batches for every method, T (default `TASKS`) and pass;
+    returns the rows."""
     rows = []
     for method, config in configs(base.config.d_model).items():
-        for t in tasks:
+        for t in tasks or TASKS:
             model = served_model(base, config, t).to(device)
             batch = {
                 k: v.to(device)
@@ -224,7 +226,9 @@ def report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", default="t5-small", help="random-weight T5 dimensions")
+    parser.add_argument(
+        "--dims", choices=sorted(T5_DIMS), default=DIMS, help="random-weight T5 dims"
+    )
     parser.add_argument("--vocab", type=at_least(2), default=VOCAB)
     parser.add_argument("--per-task", type=at_least(1), default=4, help="samples per task")
     parser.add_argument("--rounds", type=at_least(3), default=5)
