@@ -81,6 +81,10 @@ def test_main_job_skips_inference_and_serving(monkeypatch, tmp_path, capsys, one
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["inference"] == [] and results["serving"] is None
     assert "Multi-task serving" not in capsys.readouterr().out
+    # without accelerate (the Trainer needs it) the inference part says why it is skipped
+    monkeypatch.setattr(job.inference, "unavailable", lambda: "the Trainer needs accelerate")
+    job.main([*args, "--no-serving", "--out", str(tmp_path)])
+    assert "Inference part skipped: the Trainer needs accelerate." in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
     python -m dept_kernels.bench [--steps 4] [--batch 8] [--model DIR] [--device cuda]
                                  [--out bench/out] [--full] [--dims t5-base]
+                                 [--no-inference] [--no-serving]
 
 1. End to end (`end_to_end`): training steps of PT (l=100), DePT at the equal budget through
    the library, DePT as the official code runs it (inputs padded to max_length), and that
@@ -98,10 +99,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--inference-rounds", type=at_least(3), default=5, help="Trainer.predict rounds"
     )
-    parser.add_argument("--inference-samples", type=at_least(1), default=32)
+    parser.add_argument(
+        "--inference-samples", type=at_least(1), default=16, help="samples per predict pass"
+    )
     parser.add_argument("--no-serving", action="store_true", help="skip multi-task serving")
-    parser.add_argument("--serving-rounds", type=at_least(3), default=5)
-    parser.add_argument("--serving-per-task", type=at_least(1), default=4)
+    parser.add_argument(
+        "--serving-rounds", type=at_least(3), default=5, help="serving timing rounds"
+    )
+    parser.add_argument(
+        "--serving-per-task", type=at_least(1), default=2, help="serving samples per task"
+    )
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -133,7 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(aot_lines(aot)))
 
     inference_results = []
-    if not args.no_inference:
+    skip = inference.unavailable()
+    if skip and not args.no_inference:
+        print(f"\nInference part skipped: {skip}.")
+    if not args.no_inference and not skip:
         if args.full and not args.model:
             # The paper's two models; each built, timed and dropped in turn.
             models = ((d, lambda d=d: end_to_end.t5_random(d).to(args.device)) for d in PAPER_DIMS)

@@ -2,7 +2,7 @@
 (l = 100) at the equal trainable budget, evaluated through the Hugging Face `Trainer`'s
 prediction loop.
 
-    python -m dept_kernels.bench.inference [--dims t5-base] [--samples 32] [--batch 8]
+    python -m dept_kernels.bench.inference [--dims t5-base] [--samples 16] [--batch 8]
 
 Both models are copies of one random-weight T5 (no download), patched with
 `PromptTuningConfig(100)` and with `DePTConfig(m=40, r)`, r from `equal_budget` at this
@@ -36,6 +36,15 @@ PROMPT_LENGTH = 100
 # DePT's inference speed-up over PT (l=100) the paper reports (Figure 4, RTX 3090).
 PAPER_GAIN = {"t5-base": 0.065, "t5-large": 0.181}
 PAPER = "the DePT paper (Figure 4, RTX 3090)"
+
+
+def unavailable() -> str | None:
+    """Why the Trainer cannot run here (it needs accelerate), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        return "the Hugging Face Trainer needs accelerate (pip install -e '.[bench]')"
+    return None
 
 
 def make_dataset(n: int, vocab: int, seed: int = 0) -> list[dict[str, Tensor]]:
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dims", choices=sorted(T5_DIMS), default="t5-small", help="random-weight T5 dims"
     )
-    parser.add_argument("--samples", type=at_least(1), default=32)
+    parser.add_argument("--samples", type=at_least(1), default=16)
     parser.add_argument("--batch", type=at_least(1), default=8)
     parser.add_argument("--rounds", type=at_least(3), default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,6 @@
 """Multi-task serving: one mixed batch over T tasks against T per-task batches.
 
-    python -m dept_kernels.bench.serving [--per-task 4] [--rounds 5] [--new-tokens 4]
+    python -m dept_kernels.bench.serving [--per-task 2] [--rounds 5] [--new-tokens 4]
 
 For DePT (m=40, r from the equal budget) and AoT P-tuning (FC, r=64, fused tables), T in
 {2, 8}: T adapters with different random weights are saved (`save_adapter`) and stacked onto
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         "--dims", choices=sorted(T5_DIMS), default=DIMS, help="random-weight T5 dims"
     )
     parser.add_argument("--vocab", type=at_least(2), default=VOCAB)
-    parser.add_argument("--per-task", type=at_least(1), default=4, help="samples per task")
+    parser.add_argument("--per-task", type=at_least(1), default=2, help="samples per task")
     parser.add_argument("--rounds", type=at_least(3), default=5)
     parser.add_argument("--new-tokens", type=at_least(1), default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
