@@ -107,7 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         "--serving-rounds", type=at_least(3), default=5, help="serving timing rounds"
     )
     parser.add_argument(
-        "--serving-per-task", type=at_least(1), default=2, help="serving samples per task"
+        # One request per task by default: the part's cost grows with T * b, and the main
+        # job must stay a few minutes on a small CPU (`python -m dept_kernels.bench.serving`
+        # takes more).
+        "--serving-per-task",
+        type=at_least(1),
+        default=1,
+        help="serving samples per task",
     )
     args = parser.parse_args(argv)
     from tqdm import tqdm
