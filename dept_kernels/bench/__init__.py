@@ -5,7 +5,9 @@ pytest-benchmark suites in `bench/` are thin front-ends over the modules here.
 - `_timing`: medians, interquartile ranges and round-robin orders;
 - `memory`: bytes saved for backward and peak extra allocation;
 - `baselines`: the official AoT formulas; `suite`: the front-ends' device and backends;
-- `kernels`, `end_to_end`: the main job's two parts; `tables`: its end-to-end printout;
+- `end_to_end`, `inference`, `serving`, `kernels`: the main job's parts (training, inference
+  through the Trainer, multi-task serving, the kernel table); `tables`: its end-to-end
+  printout;
 - `verdict`: spreads, invariants, and the findings as sentences or a noise warning;
 - `ratio_table`: the per-group ratio and memory table `bench/conftest.py` prints after
   pytest-benchmark's own.

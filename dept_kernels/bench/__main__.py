@@ -2,13 +2,20 @@
 
     python -m dept_kernels.bench [--steps 4] [--batch 8] [--model DIR] [--device cuda]
                                  [--out bench/out] [--full] [--dims t5-base]
+                                 [--no-inference] [--no-serving]
 
 1. End to end (`end_to_end`): training steps of PT (l=100), DePT at the equal budget through
    the library, DePT as the official code runs it (inputs padded to max_length), and that
    same official model after one `dept_kernels.patch(model)` call, still fed inputs padded
    to max_length, on a T5 with t5-small dimensions (t5-base with `--full` or
    `--dims t5-base`); then AoT P-tuning inference (fused tables) against the unpatched model.
-2. Kernels (`kernels`): the fused DePT embedding on every backend against the official
+2. Inference (`inference`, skip with `--no-inference`): samples per second of DePT against
+   PT (l=100) at the equal budget through the Hugging Face `Trainer`'s prediction loop, on
+   the same T5 (at T5-base and T5-large dims with `--full`), beside the paper's Figure 4.
+3. Multi-task serving (`serving`, skip with `--no-serving`): one mixed batch over T tasks
+   against T per-task batches, DePT and AoT, T in {2, 8}, forward and `generate`, on a T5
+   of `serving.DIMS` dims and a vocabulary of `serving.VOCAB`.
+4. Kernels (`kernels`): the fused DePT embedding on every backend against the official
    formula in eager PyTorch and under torch.compile, at T5-base dimensions.
 
 Every part times its candidates round-robin and reports medians with their interquartile
@@ -27,9 +34,12 @@ from pathlib import Path
 
 import torch
 
-from . import end_to_end, kernels
+from . import end_to_end, inference, kernels, serving
 from ._timing import at_least
 from .tables import aot_lines, end_to_end_report
+
+# The models of the paper's inference figure, timed with --full.
+PAPER_DIMS = ("t5-base", "t5-large")
 
 
 def plot(rows: list[dict], kernel: dict, model: str, path: Path) -> None:
@@ -85,17 +95,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=at_least(1), default=20, help="kernel timing rounds")
     # The first AoT round warms up; the others are timed.
     parser.add_argument("--aot-rounds", type=at_least(2), default=6, help="AoT inference rounds")
+    parser.add_argument("--no-inference", action="store_true", help="skip the inference part")
+    parser.add_argument(
+        "--inference-rounds", type=at_least(3), default=5, help="Trainer.predict rounds"
+    )
+    parser.add_argument(
+        "--inference-samples", type=at_least(1), default=16, help="samples per predict pass"
+    )
+    parser.add_argument("--no-serving", action="store_true", help="skip multi-task serving")
+    parser.add_argument(
+        "--serving-rounds", type=at_least(3), default=5, help="serving timing rounds"
+    )
+    parser.add_argument(
+        # One request per task by default: the part's cost grows with T * b, and the main
+        # job must stay a few minutes on a small CPU (`python -m dept_kernels.bench.serving`
+        # takes more).
+        "--serving-per-task",
+        type=at_least(1),
+        default=1,
+        help="serving samples per task",
+    )
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
     torch.manual_seed(0)
+    dims = args.dims or ("t5-base" if args.full else "t5-small")
     if args.model:
         from transformers import T5ForConditionalGeneration
 
         base = T5ForConditionalGeneration.from_pretrained(args.model)
         model_name = Path(args.model).name
     else:
-        dims = args.dims or ("t5-base" if args.full else "t5-small")
         base = end_to_end.t5_random(dims)
         model_name = f"{dims} dims, random weights"
     base = base.to(args.device).train()
@@ -115,6 +145,38 @@ def main(argv: list[str] | None = None) -> None:
         aot = end_to_end.aot_inference(base, batches, args.aot_rounds, progress)
     print("\n".join(aot_lines(aot)))
 
+    inference_results = []
+    skip = inference.unavailable()
+    if skip and not args.no_inference:
+        print(f"\nInference part skipped: {skip}.")
+    if not args.no_inference and not skip:
+        if args.full and not args.model:
+            # The paper's two models; each built, timed and dropped in turn.
+            models = ((d, lambda d=d: end_to_end.t5_random(d).to(args.device)) for d in PAPER_DIMS)
+        else:
+            label = Path(args.model).name if args.model else dims
+            models = iter([(label, lambda: base)])
+        for dims, build in models:
+            result = inference.run(
+                build(),
+                dims,
+                args.inference_samples,
+                args.batch,
+                args.inference_rounds,
+                args.device,
+            )
+            inference_results.append(result)
+            print()
+            print(inference.report(result))
+    serving_result = None
+    if not args.no_serving:
+        served = end_to_end.t5_random(serving.DIMS, serving.VOCAB).to(args.device)
+        serving_result = serving.run(
+            served, args.serving_per_task, args.serving_rounds, 4, args.device
+        )
+        print()
+        print(serving.report(serving_result))
+
     shapes = sorted(kernels.SHAPES) if args.full else ["t5-base"]
     kernel_results = []
     for name in shapes:
@@ -130,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                 "model": model_name,
                 "end_to_end": rows,
                 "aot_inference": aot,
+                "inference": inference_results,
+                "serving": serving_result,
                 "kernels": kernel_results,
             },
             f,
