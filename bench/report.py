@@ -20,6 +20,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from dept_kernels.bench.ratio_table import size
+
 EAGER, COMPILE, COPY = "official-eager", "official-compile", "copy-floor"
 REFERENCE = "dept_kernels-torch"
 BASELINES = {"eager": EAGER, "torch.compile": COMPILE, "torch reference": REFERENCE}
@@ -50,15 +52,6 @@ def library_backends(groups: dict[Key, dict[str, dict]]) -> list[str]:
     """The library backends measured (every dept_kernels-* row but the torch reference)."""
     names = {impl for rows in groups.values() for impl in rows}
     return sorted(n for n in names if n.startswith("dept_kernels-") and n != REFERENCE)
-
-
-def size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def ratio(numerator: float | None, denominator: float | None, digits: int = 1) -> str:
