@@ -3,6 +3,7 @@ machine may be loaded, so either the findings or the warning may print, never bo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -16,7 +17,6 @@ def test_main_job_prints_table_losses_and_findings_or_warning(
     monkeypatch, tmp_path, capsys, one_thread
 ):
     pytest.importorskip("tqdm")
-    pytest.importorskip("matplotlib")
     from dept_kernels.bench.__main__ import main
 
     monkeypatch.setitem(end_to_end.T5_DIMS, "tiny", (32, 8, 64, 2, 4))
@@ -49,7 +49,9 @@ def test_main_job_prints_table_losses_and_findings_or_warning(
     kernel = results["kernels"][0]
     assert set(kernel["iqr"]) == set(kernel["times"]) and kernel["rounds"] == 4
     assert "IQR" in out and "copy (bandwidth floor)" in out
-    assert (tmp_path / "results.png").exists()
+    # The plot needs matplotlib (the bench extra); the tables and results.json do not.
+    has_plot = importlib.util.find_spec("matplotlib") is not None
+    assert (tmp_path / "results.png").exists() == has_plot
     # the inference and serving parts, printed and written
     (inference,) = results["inference"]
     assert inference["dims"] == "tiny" and len(inference["rows"]) == 2
@@ -64,7 +66,6 @@ def test_main_job_prints_table_losses_and_findings_or_warning(
 
 def test_main_job_skips_inference_and_serving(monkeypatch, tmp_path, capsys, one_thread):
     pytest.importorskip("tqdm")
-    pytest.importorskip("matplotlib")
     from dept_kernels.bench import __main__ as job
 
     monkeypatch.setitem(end_to_end.T5_DIMS, "tiny", (32, 8, 64, 2, 4))

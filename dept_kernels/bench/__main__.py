@@ -42,8 +42,13 @@ from .tables import aot_lines, end_to_end_report
 PAPER_DIMS = ("t5-base", "t5-large")
 
 
-def plot(rows: list[dict], kernel: dict, model: str, path: Path) -> None:
-    import matplotlib
+def plot(rows: list[dict], kernel: dict, model: str, path: Path) -> bool:
+    """Draw the two tables into `path`; False (nothing drawn) without matplotlib, which only
+    the `bench` extra installs: the tables and results.json do not need it."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -69,6 +74,7 @@ def plot(rows: list[dict], kernel: dict, model: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,8 +206,13 @@ def main(argv: list[str] | None = None) -> None:
             indent=2,
         )
     shown = next((k for k in kernel_results if k["shape"]["name"] == "t5-base"), kernel_results[0])
-    plot(rows, shown, model_name, out / "results.png")
-    print(f"\nwrote {out / 'results.json'} and {out / 'results.png'}")
+    if plot(rows, shown, model_name, out / "results.png"):
+        print(f"\nwrote {out / 'results.json'} and {out / 'results.png'}")
+    else:
+        print(
+            f"\nwrote {out / 'results.json'}; no results.png: matplotlib is not installed "
+            "(pip install 'dept-kernels[bench]')"
+        )
 
 
 if __name__ == "__main__":
