@@ -7,6 +7,8 @@ output size depends on the data (`nonzero`, `torch.unique`). AoT's distinct ids 
 
 from __future__ import annotations
 
+import copy
+import pickle
 from collections import Counter
 
 import pytest
@@ -71,11 +73,20 @@ def _library_step(base, model, loss_of) -> tuple[Counter, Counter]:
     return forward - base_forward, backward - base_backward
 
 
+@pytest.mark.parametrize(
+    "copy_with", [None, copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))]
+)
 @pytest.mark.parametrize("reparam", aot.REPARAMS)
-def test_aot_training_step(reparam):
+def test_aot_training_step(reparam, copy_with):
     """T5's encoder has two AoT layers. The forward finds the batch's distinct ids once for
-    both and reads the ids' min and max once (the range check), not once per layer."""
+    both and reads the ids' min and max once (the range check), not once per layer; so does
+    a copy of the patched model, taken after a step."""
     base, model = aot.patched_pair("t5", reparam)
+    if copy_with is not None:
+        model.train()
+        aot.scalar(aot.run("t5", model, aot.batch(seed=1))).backward()
+        model = copy_with(model)
+        model.zero_grad(set_to_none=True)
     layers = len(model.dept_adapter.layers)
     assert layers > 1
     ids = aot.batch()

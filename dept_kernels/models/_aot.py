@@ -12,6 +12,10 @@ shard parameters (FSDP, DeepSpeed ZeRO-3) have gathered E, and only the batch's 
 rows E[used]: the layers then take the rows and the ids' indices into them, which give each
 layer the same `P_i[ids]` as E and the ids would.
 
+The batch's distinct ids and each id's index into them (`torch.unique`, a host sync on a GPU)
+are found once per forward, with the rows or in the pre-hook, and every unfused layer reuses
+them (`_Inputs.distinct`); the ops find them themselves when called directly.
+
 `task_ids` is popped from the top-level call (or from the encoder call that `generate()`
 makes) before HF sees it, or comes from the patched model's `generate` for the whole
 generation (`TaskIds`).
