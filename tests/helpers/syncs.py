@@ -6,6 +6,9 @@ output size depends on the data (`nonzero`, the `unique` family): on a GPU each 
 device. The library's custom ops (`torch.library.custom_op`) reach a dispatch mode as one
 opaque call; the counter runs their Python bodies under itself, so the aten calls inside
 them are counted too.
+
+Not seen on CPU: `.tolist()` of a CPU tensor reads its memory without dispatching an op (on a
+GPU it is a device-to-host copy, which this counter does not count either).
 """
 
 from __future__ import annotations
