@@ -178,6 +178,7 @@ class AoTLayer(nn.Module):
         *,
         inplace: bool = False,
         _ids_checked: bool = False,
+        _distinct: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """(B, s, d) hidden + P[ids]; `embedding` (V, e) is the FC form's input table E.
 
@@ -185,6 +186,8 @@ class AoTLayer(nn.Module):
         `hidden` (fused tables, inference only). `_ids_checked` is the library's own: its
         model hooks have range-checked the ids (`AoTAdapter.check_batch`, once per forward),
         so the ops do not again; it goes through the module call (hooks such as FSDP's run).
+        `_distinct` is the library's too: the ids' `(used, inverse)`, found once per forward
+        for every layer (each `torch.unique` is a host sync on a GPU); unfused only.
         """
         if self.table is not None:
             if self.training:
@@ -202,7 +205,7 @@ class AoTLayer(nn.Module):
         w = self._fp32()
         if self.config.reparam == "kron":
             w_l, w_m, w_r = w["w_l"], w["w_m"], w["w_r"]
-            return _aot_kron_bias(hidden, input_ids, w_l, w_m, w_r, p, _ids_checked)
+            return _aot_kron_bias(hidden, input_ids, w_l, w_m, w_r, p, _ids_checked, _distinct)
         return _aot_fc_bias(
             hidden,
             input_ids,
@@ -214,6 +217,7 @@ class AoTLayer(nn.Module):
             self.config.activation,
             p,
             _ids_checked,
+            _distinct,
         )
 
     @torch.no_grad()

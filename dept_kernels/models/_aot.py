@@ -12,6 +12,10 @@ shard parameters (FSDP, DeepSpeed ZeRO-3) have gathered E, and only the batch's 
 rows E[used]: the layers then take the rows and the ids' indices into them, which give each
 layer the same `P_i[ids]` as E and the ids would.
 
+The batch's distinct ids and each id's index into them (`torch.unique`, a host sync on a GPU)
+are found once per forward, with the rows or in the pre-hook, and every unfused layer reuses
+them (`_Inputs.distinct`); the ops find them themselves when called directly.
+
 `task_ids` is popped from the top-level call (or from the encoder call that `generate()`
 makes) before HF sees it, or comes from the patched model's `generate` for the whole
 generation (`TaskIds`).
@@ -72,11 +76,13 @@ def install(
 class _Inputs(NamedTuple):
     """What a layer hook passes to its layer besides the hidden state: the ids and task ids;
     for the FC form, the distinct rows E[used] (U, e) as `embedding` and each id's index
-    into them as `ids`."""
+    into them as `ids`. `distinct` (unfused only): `ids`' `(used, inverse)`, found once per
+    forward for every layer, since each `torch.unique` is a host sync on a GPU."""
 
     ids: Tensor
     embedding: Tensor | None
     task_ids: Tensor | None
+    distinct: tuple[Tensor, Tensor] | None = None
 
 
 class _Records:
@@ -182,7 +188,11 @@ class _AoTHooks:
         if adapter.config.reparam == "fc" and not adapter.fused:
             self.embedding, self.inputs = embedding, None  # E's rows: `embedding_hook`
         else:
-            self.embedding, self.inputs = None, _Inputs(self.ids, None, self.task_ids)
+            distinct = None
+            if not adapter.fused:
+                distinct = _distinct_ids(self.ids, adapter.vocab, "input_ids", True)
+            self.embedding = None
+            self.inputs = _Inputs(self.ids, None, self.task_ids, distinct)
         # In place is safe without autograd unless hidden states are being recorded: each
         # layer's input is then otherwise a fresh tensor that only the layer reads (but for
         # the architecture's `reread` layers).
@@ -213,7 +223,9 @@ class _AoTHooks:
         used, inverse = _distinct_ids(self.ids, self.adapter_of().vocab, "input_ids", True)
         # E is the base model's table: the adapter reads it and never trains it.
         rows = torch.nn.functional.embedding(used, module.weight.detach())
-        self.inputs = _Inputs(inverse, rows, self.task_ids)
+        # The layers index `rows` by `inverse`, whose distinct values are all of 0..U-1.
+        indices = torch.arange(rows.shape[0], device=inverse.device)
+        self.inputs = _Inputs(inverse, rows, self.task_ids, (indices, inverse))
 
     def _running(self) -> _Inputs:
         """The running forward's layer inputs. A model that did not call its embedding
@@ -250,6 +262,7 @@ class _AoTHooks:
             inputs.task_ids,
             inplace=inplace,
             _ids_checked=True,
+            _distinct=inputs.distinct,
         )
         if args:
             return (out, *args[1:]), kwargs

@@ -272,14 +272,19 @@ def _aot_kron_bias(
     w_r: Tensor,
     dropout_p: float,
     ids_checked: bool,
+    distinct: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """`aot_kron_bias`; `ids_checked` as in `_aot_bias_add`."""
+    """`aot_kron_bias`; `ids_checked` as in `_aot_bias_add`; `distinct`: the ids' `(used,
+    inverse)` when the library's caller found them once for several layers."""
     _check_hidden(hidden, input_ids)
     _check_dropout(dropout_p)
     _check_kron(w_l, w_m, w_r, hidden.device, "hidden")
     if w_r.shape[1] != hidden.shape[-1]:
         raise ValueError(f"w_r has width {w_r.shape[1]} but hidden has d={hidden.shape[-1]}")
-    used, inverse = _distinct_ids(input_ids, w_l.shape[0] * w_m.shape[0], "input_ids", ids_checked)
+    if distinct is None:
+        upper = w_l.shape[0] * w_m.shape[0]
+        distinct = _distinct_ids(input_ids, upper, "input_ids", ids_checked)
+    used, inverse = distinct
     rows = _kron_rows(used, w_l, w_m, w_r)
     if dropout_p:
         rows = F.dropout(rows, dropout_p)
@@ -323,12 +328,15 @@ def _aot_fc_bias(
     activation: str,
     dropout_p: float,
     ids_checked: bool,
+    distinct: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """`aot_fc_bias`; `ids_checked` as in `_aot_bias_add`."""
+    """`aot_fc_bias`; `ids_checked` and `distinct` as in `_aot_kron_bias`."""
     _check_hidden(hidden, input_ids)
     _check_dropout(dropout_p)
     _check_fc(embedding, w1, b1, w2, b2, activation, hidden.device, "hidden", hidden.shape[-1])
-    used, inverse = _distinct_ids(input_ids, embedding.shape[0], "input_ids", ids_checked)
+    if distinct is None:
+        distinct = _distinct_ids(input_ids, embedding.shape[0], "input_ids", ids_checked)
+    used, inverse = distinct
     rows = _fc_rows(used, embedding, w1, b1, w2, b2, activation, dropout_p)
     # inverse < U by construction
     return _aot_bias_add(hidden, inverse, rows, None, inplace=False, ids_checked=True)

@@ -4,7 +4,8 @@ Submodules hold the rest: `models` (tiny prompt-method models, batches and the f
 reference), `aot` (AoT models and the table reference), `encoders` (BERT, RoBERTa and
 DeBERTa-v2 with the prompt methods and their reference), `peft_models` (PEFT and official
 DePT stand-ins), `hooks` (patch-hook state and checkpoint wrapping), `distributed` (the
-engine tests' launch and comparison). Tolerances live in `dept_kernels.testing.compare`.
+engine tests' launch and comparison), `syncs` (host syncs counted per step). Tolerances
+live in `dept_kernels.testing.compare`.
 """
 
 import pytest
