@@ -67,6 +67,12 @@ def reference_inputs(embeds, visual, mask, vmask, m):
     return full, torch.cat([ones, mask, vmask.to(mask.dtype)], dim=1)
 
 
+def model_reference(model, base, ids, visual, mask, vmask):
+    """`reference_inputs` of a patched model's adapter (m = 4) over `base`'s embeddings."""
+    embeds = reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids)
+    return reference_inputs(embeds, visual, mask, vmask, 4)
+
+
 def leaf(visual: torch.Tensor) -> torch.Tensor:
     return visual.detach().clone().requires_grad_(True)
 
@@ -197,10 +203,7 @@ def test_t5_model_and_heads():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=labels,
                     visual_embeds=visual, visual_attention_mask=vmask)  # fmt: skip
-        embeds, ext = reference_inputs(
-            reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids),
-            visual, mask, vmask, 4,
-        )  # fmt: skip
+        embeds, ext = model_reference(model, base, ids, visual, mask, vmask)
         ref = base(inputs_embeds=embeds, attention_mask=ext, decoder_input_ids=labels)
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, **tol(torch.float32))
 
@@ -209,10 +212,7 @@ def test_t5_model_and_heads():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, visual_embeds=visual,
                     visual_attention_mask=vmask).logits  # fmt: skip
-        embeds, ext = reference_inputs(
-            reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids),
-            visual, mask, vmask, 4,
-        )  # fmt: skip
+        embeds, ext = model_reference(model, base, ids, visual, mask, vmask)
         enc = base.transformer.encoder(inputs_embeds=embeds, attention_mask=ext)
         ref = base(input_ids=ids, attention_mask=ext, encoder_outputs=enc).logits
     torch.testing.assert_close(out, ref, **tol(torch.float32))
@@ -221,10 +221,7 @@ def test_t5_model_and_heads():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, visual_embeds=visual,
                     visual_attention_mask=vmask)  # fmt: skip
-        embeds, ext = reference_inputs(
-            reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids),
-            visual, mask, vmask, 4,
-        )  # fmt: skip
+        embeds, ext = model_reference(model, base, ids, visual, mask, vmask)
         enc = base.encoder(inputs_embeds=embeds, attention_mask=ext)
         ref = base(input_ids=ids, attention_mask=ext, encoder_outputs=enc)
     assert out.start_logits.shape == ids.shape
@@ -243,10 +240,7 @@ def test_encoder_called_alone_then_the_decoder():
                                   visual_attention_mask=vmask)  # fmt: skip
         out = model(attention_mask=mask, encoder_outputs=enc, labels=labels,
                     visual_embeds=visual, visual_attention_mask=vmask)  # fmt: skip
-        embeds, ext = reference_inputs(
-            reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids),
-            visual, mask, vmask, 4,
-        )  # fmt: skip
+        embeds, ext = model_reference(model, base, ids, visual, mask, vmask)
         ref = base(inputs_embeds=embeds, attention_mask=ext, labels=labels)
     torch.testing.assert_close(out.logits, ref.logits, **tol(torch.float32))
 
