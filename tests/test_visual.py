@@ -68,9 +68,10 @@ def reference_inputs(embeds, visual, mask, vmask, m):
 
 
 def model_reference(model, base, ids, visual, mask, vmask):
-    """`reference_inputs` of a patched model's adapter (m = 4) over `base`'s embeddings."""
-    embeds = reference_embeds(model.dept_adapter, base.get_input_embeddings(), ids)
-    return reference_inputs(embeds, visual, mask, vmask, 4)
+    """`reference_inputs` of a patched model's adapter over `base`'s embeddings."""
+    adapter = model.dept_adapter
+    embeds = reference_embeds(adapter, base.get_input_embeddings(), ids)
+    return reference_inputs(embeds, visual, mask, vmask, adapter.num_virtual_tokens)
 
 
 def leaf(visual: torch.Tensor) -> torch.Tensor:
