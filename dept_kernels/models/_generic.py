@@ -132,20 +132,28 @@ def _is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def locate(model: nn.Module) -> tuple[nn.Module, tuple[()]]:
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module | None]:
     """(the inner model: the module holding the input embedding, or an encoder-decoder's
-    encoder; no layers: they are AoT's sites, which need a table entry)."""
+    encoder; the embedding the inner model calls; the encoder-decoder module, or None), or
+    the TypeError saying what `model` lacks."""
     embedding = input_embedding(model)
     lacks = _lacks(type(model), _NEEDS)
     if lacks:
         raise _unsupported(model, lacks)
     owner = _owner(model, embedding)
     if _is_seq2seq(model):
-        return _encoder(model, owner, embedding)[0], ()
+        encoder, own = _encoder(model, owner, embedding)
+        return encoder, own, owner
     lacks = _lacks(type(owner), _NEEDS)
     if lacks:
         raise _unsupported(model, f"the module holding its input embedding: {lacks}")
-    return owner, ()
+    return owner, embedding, None
+
+
+def locate(model: nn.Module) -> tuple[nn.Module, tuple[()]]:
+    """(the inner model (`_parts`); no layers: they are AoT's sites, which need a table
+    entry)."""
+    return _parts(model)[0], ()
 
 
 def head(model: nn.Module) -> str:
@@ -170,11 +178,8 @@ def install(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
             f"trim_padding=True: {type(model).__name__} runs on the generic path (its model "
             f"type {model_type(model)!r} has no table entry), which does not trim padding"
         )
-    inner, _ = locate(model)
-    embedding = input_embedding(model)
-    if _is_seq2seq(model):
-        seq2seq = _owner(model, embedding)
-        embedding = _encoder(model, seq2seq, embedding)[1]
+    inner, embedding, seq2seq = _parts(model)
+    if seq2seq is not None:
         handles = _seq2seq.install(model, seq2seq, inner, embedding, adapter_of)
     else:
         handles = _decoder.install(
