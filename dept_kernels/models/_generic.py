@@ -24,7 +24,7 @@ ids and the cache are read where the forwards take them: BLOOM takes no position
 reads the mask), so its low-rank rows are the columns 0..s-1, as an encoder's are.
 A learned absolute position table (an `nn.Embedding` of the inner model or encoder besides
 the input embedding: OPT's, BART's encoder's `embed_positions`) limits prompt and tokens to
-`config.max_position_embeddings`: longer calls raise a ValueError (`_decoder.PositionLimit`).
+`config.max_position_embeddings`: longer calls raise a ValueError (`PositionLimit`).
 No padding trim on this path: which columns a head or a position scheme may lose is known
 only for the table's rows; `patch(..., trim_padding=True)` is refused.
 What this path does not do: AoT P-tuning (its layer sites need a table entry), left-padding
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _decoder, _seq2seq
-from ._hooks import ROLES, AdapterOf, transformers_version
+from ._hooks import ROLES, AdapterOf, PositionLimit, transformers_version
 from ._registry import Architecture, model_type, register_generic, supported
 
 _NEEDS = ("input_ids", "attention_mask", "inputs_embeds")
@@ -188,7 +188,7 @@ def install(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
         )  # fmt: skip
     if _position_table(inner, embedding):
         name = type(inner).__name__
-        limit = _decoder.PositionLimit(adapter_of, name, _POSITION_LIMIT, inner)
+        limit = PositionLimit(adapter_of, name, _POSITION_LIMIT, inner)
         # First among the inner model's pre-hooks: it reads the caller's ids.
         handles.append(inner.register_forward_pre_hook(limit, with_kwargs=True, prepend=True))
     return handles

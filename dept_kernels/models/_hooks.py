@@ -594,6 +594,47 @@ def find_inner(model: nn.Module, cls: type | tuple[type, ...]) -> nn.Module:
     return inner
 
 
+class PositionLimit:
+    """Pre-hook of the module taking the ids (decoders, encoders, the generic path): refuses
+    a forward whose prompt rows and tokens need more positions than a learned position table
+    has (`config.<field>` rows, of which the first `reserved` precede position 0, as
+    RoBERTa's do): HF would raise a bare IndexError."""
+
+    # A class default: objects pickled before `reserved` existed read 0.
+    reserved: int = 0
+
+    def __init__(
+        self, adapter_of: AdapterOf, name: str, field: str, inner: nn.Module, reserved: int = 0
+    ) -> None:
+        self.adapter_of = adapter_of
+        self.name = name  # the architecture, as messages spell it
+        self.field = field
+        self.reserved = reserved
+        self.limit = getattr(inner.config, field) - reserved
+        # Encoders take no cache (DeBERTa-v2's forward names none).
+        self.args = signature(type(inner), ("input_ids",), ("cache",))
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kw = bind(module, args, kwargs)
+        ids = self.args.get(kw, "input_ids")
+        if ids is None or ids.dim() != 2:
+            return
+        past = cache_length(self.args.get(kw, "cache"))
+        m = self.adapter_of().num_virtual_tokens
+        needed = past + ids.shape[1] + (m if past == 0 else 0)
+        if needed > self.limit:
+            cached = f", after {past} cached," if past else ""
+            reserved = (
+                f" (its first {self.reserved} rows precede position 0)" if self.reserved else ""
+            )
+            raise ValueError(
+                f"the prompt's {m} rows and {ids.shape[1]} tokens{cached} need {needed} "
+                f"positions, but {self.name}'s position table (config.{self.field}) has "
+                f"{self.limit}{reserved}: the soft prompt pushes the sequence past it; keep "
+                f"inputs to {self.limit - m} tokens or fewer"
+            )
+
+
 # --------------------------------------------------------------------------- padding trim
 
 

@@ -6,7 +6,7 @@ type is patched (a release lacking one fails then, saying so), the head kind eac
 (`_decoder.HEADS`), where the base model keeps its layers, and the architecture's quirks:
 - `position_table`: the config field sizing a learned absolute position table (GPT-2's
   `wpe`). The prompt takes positions 0..m-1 and the tokens follow from m, so m of its rows go
-  to the prompt; a pre-hook says so when a batch needs more (`_decoder.PositionLimit`),
+  to the prompt; a pre-hook says so when a batch needs more (`PositionLimit`),
   where HF would raise a bare IndexError from inside the embedding.
 - `sliding_window`: the config field of a sliding attention window (Mistral). The window
   counts columns, the prompt's m included: token j sees prompt row i while m + j - i is
@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _decoder
-from ._hooks import AdapterOf, find_inner, transformers_class
+from ._hooks import AdapterOf, PositionLimit, find_inner, transformers_class
 from ._registry import Architecture, register
 
 
@@ -87,7 +87,7 @@ class Decoder:
         inner = model if head == "base" else self.locate(model)[0]
         handles = _decoder.install(model, inner, adapter_of, head, window=self.sliding_window)
         if self.position_table is not None:
-            limit = _decoder.PositionLimit(adapter_of, self.name, self.position_table, inner)
+            limit = PositionLimit(adapter_of, self.name, self.position_table, inner)
             # First among the inner model's pre-hooks: it reads the caller's ids.
             handles.append(inner.register_forward_pre_hook(limit, with_kwargs=True, prepend=True))
         return handles

@@ -12,7 +12,7 @@ cuts trailing all-padding columns (`_encoder.py`).
 A row's absolute position table (`position_table`; RoBERTa's first `pad_token_id + 1` rows
 precede position 0, `positions_after_pad`; DeBERTa-v2 reads its table only with
 `config.position_biased_input`, `position_flag`) bounds m + s: a pre-hook says so
-(`_decoder.PositionLimit`) where HF would fail inside the embedding.
+(`PositionLimit`) where HF would fail inside the embedding.
 
 AoT P-tuning (site "layer_input") serves every head. The bias goes before every layer of
 the base model's encoder (`encoder.layer`). The first layer's input is the embedding output
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import _decoder, _encoder
-from ._hooks import AdapterOf, find_inner, transformers_class
+from . import _encoder
+from ._hooks import AdapterOf, PositionLimit, find_inner, transformers_class
 from ._registry import Architecture, register
 
 
@@ -86,14 +86,12 @@ class Encoder:
             handles.append(inner.register_forward_pre_hook(limit, with_kwargs=True, prepend=True))
         return handles
 
-    def _position_limit(
-        self, inner: nn.Module, adapter_of: AdapterOf
-    ) -> _decoder.PositionLimit | None:
+    def _position_limit(self, inner: nn.Module, adapter_of: AdapterOf) -> PositionLimit | None:
         config = inner.config
         if self.position_table is None or not getattr(config, self.position_flag or "", True):
             return None
         reserved = config.pad_token_id + 1 if self.positions_after_pad else 0
-        return _decoder.PositionLimit(adapter_of, self.name, self.position_table, inner, reserved)
+        return PositionLimit(adapter_of, self.name, self.position_table, inner, reserved)
 
 
 ENCODERS = (
