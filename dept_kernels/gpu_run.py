@@ -1,73 +1,94 @@
-"""One command for a machine with a CUDA GPU: the whole test suite, then the benchmarks.
+"""One command for a machine with a CUDA GPU, in stages that pay off in order.
 
-    python -m dept_kernels.gpu_run [--out bench/results] [--skip-tests]
+    python -m dept_kernels.gpu_run [--suite] [--bench] [--budget SECONDS] [--out DIR]
 
-1. `pytest tests` on CUDA tensors: the triton backend compiled (not interpreted) and the
-   cuda backend built just in time, each against the torch reference.
-2. The DePT forward and backward at model-named shapes on every GPU backend, with achieved
-   bandwidth as a fraction of the device's peak (the minimum bytes each kernel must move,
-   over its median time).
-3. `pytest bench --benchmark-only`, saved as pytest-benchmark JSON.
+Stages (each writes `<out>/<gpu>-<date>.json` again when it ends, so a run cut short keeps
+what it finished):
 
-Everything lands in `<out>/<gpu>-<date>.json` with the device name, driver, torch, triton
-and CUDA versions. Without a GPU it says so and exits 0.
+  kernels  each kernel alone (DePT forward and backward reduction, AoT gather-add, the
+           Kronecker and FC rows) on the triton and cuda backends at model-named shapes:
+           device-event time with the L2 flushed, achieved bandwidth against the device's
+           peak and its measured copy rate, and the public op's per-call time beside it
+           (`dept_kernels.bench.device_kernels`); then which backend this table makes the
+           default for CUDA tensors (`default_backend`)
+  tests    the kernel tests on CUDA tensors: tests/ops, tests/triton, tests/test_backend.py
+           (Triton compiled, not interpreted; the cuda backend built just in time)
+  suite    the rest of the test suite on CUDA tensors                     (--suite)
+  bench    `pytest bench --benchmark-only`, saved as pytest-benchmark JSON (--bench)
+
+`--budget` bounds the whole run: a pytest stage still running when it is spent is stopped
+(its results so far are kept) and later stages are skipped. Without a GPU it says so and
+exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import backends
-from .bench import SHAPES, Shape, make_problem, median_time
-from .ops import dept_embedding
+from .bench import device_kernels
+from .bench.device_kernels import forward_min_bytes, peak_bandwidth, reduce_min_bytes
 
-# Peak HBM bandwidth (bytes/s) by device name, from the vendors' data sheets; the measured
-# device-to-device copy rate is reported beside it as the practical ceiling.
-PEAK_BANDWIDTH = {
-    "H200": 4.8e12,
-    "H100 SXM": 3.35e12,
-    "H100 80GB HBM3": 3.35e12,
-    "H100 NVL": 3.9e12,
-    "H100 PCIe": 2.0e12,
-    "A100-SXM4-80GB": 2.039e12,
-    "A100 80GB PCIe": 1.935e12,
-    "A100-SXM4-40GB": 1.555e12,
-    "A100-PCIE-40GB": 1.555e12,
-}
+__all__ = [
+    "STAGES",
+    "default_backend",
+    "forward_min_bytes",
+    "main",
+    "peak_bandwidth",
+    "pytest_outcomes",
+    "reduce_min_bytes",
+]
 
-
-def peak_bandwidth(name: str) -> float | None:
-    """Data-sheet peak for the device `name`, longest matching key first."""
-    for key in sorted(PEAK_BANDWIDTH, key=len, reverse=True):
-        if key in name:
-            return PEAK_BANDWIDTH[key]
-    return None
+# The kernels the rule below compares, and how much faster cuda must be to be the default:
+# triton needs no C++ toolchain on the user's machine, so a tie goes to it.
+COMPARED_KERNELS = ("dept_forward", "dept_reduce", "aot_gather_add")
+CUDA_MARGIN = 1.05
+# The kernel tests: every op against its oracle, the launchers, the backend registry.
+KERNEL_TESTS = ["tests/ops", "tests/triton", "tests/test_backend.py"]
+# Seconds kept back from a stopped pytest stage for writing the results.
+MARGIN_S = 10.0
 
 
-def forward_min_bytes(shape: Shape, dtype: torch.dtype) -> int:
-    """Bytes the DePT forward must move at least: ids, the gathered rows, the output."""
-    elem = torch.finfo(dtype).bits // 8
-    tokens = shape.batch * shape.seq
-    return (
-        tokens * 8 + tokens * shape.d * elem + shape.batch * (shape.m + shape.seq) * shape.d * elem
-    )
+@dataclasses.dataclass
+class Run:
+    """What the stages share: the options, the result so far, where it is written."""
+
+    args: argparse.Namespace
+    result: dict
+    path: Path
+    deadline: float | None
+    device: str = "cuda"
+    backends: tuple[str, ...] = ("triton", "cuda")
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def write(self) -> None:
+        self.path.write_text(json.dumps(self.result, indent=2))
 
 
-def reduce_min_bytes(shape: Shape, dtype: torch.dtype) -> int:
-    """Bytes the backward reduction must move at least: the token gradients, fp32 sums out."""
-    elem = torch.finfo(dtype).bits // 8
-    return shape.batch * shape.seq * shape.d * elem + shape.seq * shape.d * 4
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    run: Callable[[Run], dict]
+    help: str
+    default: bool
 
 
 def environment() -> dict:
@@ -80,120 +101,293 @@ def environment() -> dict:
             text=True,
         )
         driver = done.stdout.strip().splitlines()[0] if done.returncode == 0 else None
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    versions = {}
+    for package in ("triton", "transformers", "peft"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            versions[package] = None
     return {
         "device": props.name,
         "compute_capability": f"{props.major}.{props.minor}",
         "multiprocessors": props.multi_processor_count,
+        "l2_bytes": getattr(props, "L2_cache_size", None),
         "memory_gib": round(props.total_memory / 2**30, 1),
         "driver": driver,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": triton_version,
+        **versions,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
     }
 
 
-def _time_backend(
-    backend: str, kw: dict, grad: torch.Tensor, m: int, repeats: int
-) -> tuple[float, float]:
-    """Median seconds of the forward and of the backward reduction on `backend`."""
-    with backends.use_backend(backend), torch.no_grad():
-        fwd = median_time(lambda: dept_embedding(**kw), repeats, "cuda")
-    impl = backends.load(backend)
-    red = median_time(lambda: impl.reduce(grad, m, None, None), repeats, "cuda")
-    return fwd, red
+def default_backend(rows: list[dict]) -> dict:
+    """The backend the kernel table makes the default for CUDA tensors, and why.
+
+    The rule (docs/backends.md): over every (kernel in COMPARED_KERNELS, shape, dtype) both
+    backends ran, the geometric mean of cuda's kernel time over triton's; cuda becomes the
+    default only if it is faster by more than CUDA_MARGIN, else triton stays.
+    """
+    times = {(r["kernel"], r["shape"], r["dtype"], r["backend"]): r["kernel_ms"] for r in rows}
+    ratios = [
+        times[(k, s, d, "cuda")] / times[(k, s, d, "triton")]
+        for (k, s, d, b) in times
+        if b == "triton" and k in COMPARED_KERNELS and (k, s, d, "cuda") in times
+    ]
+    if not ratios:
+        return {"backend": "triton", "reason": "no kernel ran on both backends", "pairs": 0}
+    mean = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+    choice = "cuda" if mean * CUDA_MARGIN < 1 else "triton"
+    return {
+        "backend": choice,
+        "cuda_over_triton_geomean": mean,
+        "pairs": len(ratios),
+        "reason": f"cuda takes {mean:.3f}x triton's time (geometric mean of {len(ratios)} "
+        f"kernel, shape and dtype pairs); cuda must be under {1 / CUDA_MARGIN:.3f}x",
+    }
 
 
-def bandwidth_table(shapes: list[str], dtypes: list[torch.dtype], repeats: int) -> list[dict]:
-    """Forward and backward reduction of every GPU backend, time and fraction of peak."""
-    name = torch.cuda.get_device_properties(0).name
-    peak = peak_bandwidth(name)
-    rows = []
-    for shape_name in shapes:
-        shape = SHAPES[shape_name]
-        for dtype in dtypes:
-            kw = make_problem(shape, dtype, "cuda")
-            with torch.no_grad():
-                out = dept_embedding(**kw)
-            copy = median_time(lambda out=out: torch.empty_like(out).copy_(out), repeats, "cuda")
-            fwd_bytes = forward_min_bytes(shape, dtype)
-            red_bytes = reduce_min_bytes(shape, dtype)
-            grad = torch.randn_like(out)
-            for backend in ("triton", "cuda"):
-                if backend not in backends.available_backends():
-                    continue
-                fwd, red = _time_backend(backend, kw, grad, shape.m, repeats)
-                rows.append(
-                    {
-                        "shape": shape_name,
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "backend": backend,
-                        "forward_ms": fwd * 1e3,
-                        "forward_min_bytes": fwd_bytes,
-                        "forward_GBps": fwd_bytes / fwd / 1e9,
-                        "forward_fraction_of_peak": None
-                        if peak is None
-                        else fwd_bytes / fwd / peak,
-                        "reduce_ms": red * 1e3,
-                        "reduce_GBps": red_bytes / red / 1e9,
-                        "reduce_fraction_of_peak": None if peak is None else red_bytes / red / peak,
-                        "copy_GBps": 2 * out.numel() * out.element_size() / copy / 1e9,
-                    }
-                )
-    return rows
+def _build_in_background(name: str) -> tuple[threading.Thread, dict]:
+    """Load backend `name` (the cuda extension builds) while other work runs."""
+    outcome: dict = {}
+
+    def load() -> None:
+        try:
+            backends.load(name)
+        except Exception as error:
+            outcome["error"] = f"{type(error).__name__}: {error}"
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def kernels_stage(run: Run) -> dict:
+    """The kernel table (`device_kernels.table`) per backend in `run.backends`; the backends
+    after the first are loaded (the cuda extension built) while the first is timed."""
+    args = run.args
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    shapes = args.shapes.split(",")
+    peak = peak_bandwidth(run.result["environment"]["device"])
+    available = set(backends.available_backends())
+    names = [n for n in run.backends if n in available]
+    # Loaded first: a loading backend holds the registry's lock, which `load` of a backend
+    # not yet loaded would wait for.
+    for name in names[:1]:
+        backends.load(name)
+    builds = {n: _build_in_background(n) for n in names[1:]}
+    copy_rate = device_kernels.copy_bandwidth(run.device)
+    stage: dict = {"peak_Bps": peak, "copy_Bps": copy_rate, "rows": []}
+    run.result["stages"]["kernels"] = stage
+    print(f"copy: {copy_rate / 1e9:.0f} GB/s (read + written)", flush=True)
+    for name in run.backends:
+        if name not in available:
+            stage[f"{name}_error"] = "not available here"
+    families = list(device_kernels.CASE_FAMILIES)
+    for name in names:
+        if name in builds:
+            thread, outcome = builds[name]
+            thread.join()
+            if "error" in outcome:
+                stage[f"{name}_error"] = outcome["error"]
+                print(f"{name} backend: {outcome['error']}", flush=True)
+                continue
+        rows = device_kernels.table(
+            shapes, dtypes, [name], run.device, args.repeats, peak, copy_rate, families
+        )
+        for row in rows:
+            stage["rows"].append(row)
+            print(device_kernels.format_row(row), flush=True)
+        # The torch-op rows are the same whatever the backend: timed once.
+        families = [f for f in families if f in device_kernels.BACKEND_FAMILIES]
+        run.write()
+    stage["default_backend"] = default_backend(stage["rows"])
+    print(f"default for CUDA tensors by this table: {stage['default_backend']}", flush=True)
+    return stage
+
+
+_OUTCOME = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_HEADER = re.compile(r"^_{3,} (?:ERROR at \w+ of )?(\S.*?) _{3,}$")
+_ERROR_LINE = re.compile(r"^E +(\S.*)$")
+
+
+def pytest_outcomes(lines: list[str]) -> dict:
+    """Counts per outcome, and the failures (id, and the first `E` line of each one's
+    traceback), from the output of `pytest -v --tb=short`."""
+    counts: dict[str, int] = {}
+    failed: list[str] = []
+    messages: dict[str, str] = {}
+    header = None
+    for line in lines:
+        hit = _OUTCOME.match(line)
+        if hit:
+            counts[hit[2].lower()] = counts.get(hit[2].lower(), 0) + 1
+            if hit[2] in ("FAILED", "ERROR") and hit[1] not in failed:
+                failed.append(hit[1])
+        elif hit := _HEADER.match(line):
+            header = hit[1]
+        elif (hit := _ERROR_LINE.match(line)) and header is not None:
+            messages.setdefault(header, hit[1][:500])
+
+    def message(test_id: str) -> str:
+        # A traceback's header names the test as Class.test[params], its id as a::Class::test.
+        name = ".".join(test_id.split("::")[1:])
+        return messages.get(name, "")
+
+    return {"counts": counts, "failures": [{"id": i, "message": message(i)} for i in failed]}
+
+
+def _pytest(run: Run, name: str, pytest_args: list[str]) -> dict:
+    """Run pytest in a child process, its output to `<out>/<name>.log`, stopped when the
+    budget is spent; the outcomes parsed from its verbose output."""
+    log_path = Path(run.args.out) / f"{run.path.stem}-{name}.log"
+    command = [sys.executable, "-m", "pytest", "-v", "--tb=short", "-p", "no:cacheprovider"]
+    remaining = run.remaining()
+    timeout = None if remaining is None else max(remaining - MARGIN_S, 1.0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    start = time.monotonic()
+    lines: list[str] = []
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(
+            [*command, *pytest_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+
+        def pump() -> None:
+            for line in child.stdout:
+                log.write(line)
+                lines.append(line.rstrip("\n"))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code: int | None = child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, 9)
+            child.wait()
+            code = None
+        reader.join(timeout=30)
+    outcome = pytest_outcomes(lines)
+    outcome.update(
+        exit_code=code,
+        stopped_by_budget=code is None,
+        seconds=round(time.monotonic() - start, 1),
+        log=log_path.name,
+        tail=lines[-5:],
+    )
+    print(
+        f"{name}: {outcome['counts']} in {outcome['seconds']} s"
+        + (" (stopped: budget spent)" if code is None else ""),
+        flush=True,
+    )
+    for failure in outcome["failures"][:20]:
+        print(f"  {failure['id']}: {failure['message'][:200]}", flush=True)
+    return outcome
+
+
+def tests_stage(run: Run) -> dict:
+    return _pytest(run, "tests", KERNEL_TESTS)
+
+
+def suite_stage(run: Run) -> dict:
+    ignore = [f"--ignore={path}" for path in KERNEL_TESTS]
+    return _pytest(run, "suite", ["tests", *ignore])
+
+
+def bench_stage(run: Run) -> dict:
+    json_path = Path(run.args.out) / f"{run.path.stem}-pytest-benchmark.json"
+    outcome = _pytest(run, "bench", ["bench", "--benchmark-only", f"--benchmark-json={json_path}"])
+    outcome["pytest_benchmark_json"] = json_path.name
+    return outcome
+
+
+STAGES: dict[str, Stage] = {
+    "kernels": Stage(kernels_stage, "each kernel alone: time, bandwidth, the op's overhead", True),
+    "tests": Stage(tests_stage, "the kernel tests on CUDA tensors", True),
+    "suite": Stage(suite_stage, "the rest of the test suite on CUDA tensors", False),
+    "bench": Stage(bench_stage, "pytest bench --benchmark-only", False),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dept_kernels.gpu_run",
+        description=__doc__.split("\n\n")[0],
+        epilog="stages, in order: "
+        + "; ".join(
+            f"{k} ({'default' if s.default else '--' + k}): {s.help}" for k, s in STAGES.items()
+        ),
+    )
+    parser.add_argument("--out", default="bench/results", help="where the JSON and logs go")
+    parser.add_argument("--suite", action="store_true", help="also run the suite stage")
+    parser.add_argument("--bench", action="store_true", help="also run the bench stage")
+    parser.add_argument(
+        "--stages", default=None, help="comma-separated stages to run instead (e.g. kernels)"
+    )
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run")
+    parser.add_argument("--repeats", type=int, default=50, help="timed launches per kernel row")
+    parser.add_argument("--shapes", default="t5-base,gpt2,llama-2-7b")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    return parser
+
+
+def _chosen(args: argparse.Namespace) -> list[str]:
+    if args.stages is not None:
+        names = [s for s in args.stages.split(",") if s]
+        unknown = [s for s in names if s not in STAGES]
+        if unknown:
+            raise SystemExit(f"gpu_run: --stages: unknown {unknown}; stages are {list(STAGES)}")
+        return [s for s in STAGES if s in names]
+    return [k for k, s in STAGES.items() if s.default or getattr(args, k, False)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--repeats", type=int, default=50)
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    chosen = _chosen(args)
     if not torch.cuda.is_available():
         print("gpu_run: no CUDA GPU on this machine; nothing to run (the CPU suite is `pytest`).")
         return 0
     if os.environ.pop("TRITON_INTERPRET", None) is not None:
         print("gpu_run: TRITON_INTERPRET unset: Triton kernels are compiled on a GPU machine")
+    deadline = None if args.budget is None else time.monotonic() + args.budget
     env = environment()
-    print(json.dumps(env, indent=2))
+    print(json.dumps(env, indent=2), flush=True)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
-    result_path = out_dir / f"{slug}-{env['date']}.json"
-    result: dict = {"environment": env}
-    status = 0
-    if not args.skip_tests:
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"]
-        )
-        result["tests_exit_code"] = done.returncode
-        status |= done.returncode
-    result["bandwidth"] = bandwidth_table(
-        ["t5-base", "gpt2", "llama-2-7b"], [torch.float32, torch.bfloat16], args.repeats
+    run = Run(
+        args, {"environment": env, "stages": {}}, out_dir / f"{slug}-{env['date']}.json", deadline
     )
-    for row in result["bandwidth"]:
-        frac = row["forward_fraction_of_peak"]
-        print(
-            f"{row['shape']:11} {row['dtype']:8} {row['backend']:6} fwd {row['forward_ms']:.3f} ms "
-            f"{row['forward_GBps']:.0f} GB/s"
-            + ("" if frac is None else f" ({frac:.0%} of peak)")
-            + f"  reduce {row['reduce_ms']:.3f} ms {row['reduce_GBps']:.0f} GB/s"
+    status = 0
+    for name in chosen:
+        remaining = run.remaining()
+        if remaining is not None and remaining < 2 * MARGIN_S:
+            run.result["stages"][name] = {"skipped": "budget spent"}
+            run.write()
+            print(f"gpu_run: {name} skipped: budget spent", flush=True)
+            continue
+        print(f"gpu_run: stage {name}", flush=True)
+        start = time.monotonic()
+        try:
+            stage = STAGES[name].run(run)
+        except Exception:
+            stage = {"error": traceback.format_exc()}
+            print(stage["error"], flush=True)
+        stage["stage_seconds"] = round(time.monotonic() - start, 1)
+        failed = (
+            "error" in stage
+            or stage.get("exit_code") not in (None, 0)
+            or stage.get("stopped_by_budget")
         )
-    bench_json = out_dir / f"{slug}-{env['date']}-pytest-benchmark.json"
-    bench = ["bench", "--benchmark-only", f"--benchmark-json={bench_json}"]
-    done = subprocess.run([sys.executable, "-m", "pytest", *bench, "-q", "-p", "no:cacheprovider"])
-    result["bench_exit_code"] = done.returncode
-    result["pytest_benchmark_json"] = bench_json.name
-    status |= done.returncode
-    result_path.write_text(json.dumps(result, indent=2))
-    print(f"gpu_run: wrote {result_path}")
+        status |= bool(failed)
+        run.result["stages"][name] = stage
+        run.write()
+        print(f"gpu_run: {name} done in {stage['stage_seconds']} s; wrote {run.path}", flush=True)
     return 1 if status else 0
 
 

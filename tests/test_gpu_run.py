@@ -1,10 +1,19 @@
-"""The one-command GPU run: byte counts, device lookup, and a clean exit without a GPU."""
+"""The one-command GPU run: its stages, byte counts, the default-backend rule, the budget,
+and a clean exit without a GPU. The kernel table runs here on the CPU (host timers) at a tiny
+shape, the same code the GPU runs with device events."""
+
+import json
+import textwrap
+import time
 
 import pytest
 import torch
 
 from dept_kernels import gpu_run
 from dept_kernels.bench import SHAPES
+from dept_kernels.bench.shapes import AOT_SHAPES, Shape
+
+TINY = Shape("tiny", 2, 5, 8, 50, 3, 2, 5)
 
 
 def test_exits_cleanly_without_a_gpu(capsys):
@@ -12,6 +21,25 @@ def test_exits_cleanly_without_a_gpu(capsys):
         pytest.skip("this machine has a GPU")
     assert gpu_run.main([]) == 0
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_help_names_the_stages_in_order(capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu_run.main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    positions = [text.index(f"{name} (") for name in ("kernels", "tests", "suite", "bench")]
+    assert positions == sorted(positions)
+    assert "suite (--suite)" in text and "bench (--bench)" in text
+
+
+def test_stages_chosen_by_flags():
+    parse = gpu_run._parser().parse_args
+    assert gpu_run._chosen(parse([])) == ["kernels", "tests"]
+    assert gpu_run._chosen(parse(["--bench", "--suite"])) == ["kernels", "tests", "suite", "bench"]
+    assert gpu_run._chosen(parse(["--stages", "bench,kernels"])) == ["kernels", "bench"]
+    with pytest.raises(SystemExit, match="unknown"):
+        gpu_run._chosen(parse(["--stages", "kernel"]))
 
 
 def test_forward_min_bytes_is_what_the_op_must_touch():
@@ -26,6 +54,13 @@ def test_forward_min_bytes_is_what_the_op_must_touch():
     assert gpu_run.forward_min_bytes(shape, torch.bfloat16) == expected
 
 
+def test_reduce_min_bytes_reads_the_token_gradients_once():
+    shape = SHAPES["gpt2"]
+    grad_tokens = torch.empty(shape.batch, shape.seq, shape.d, dtype=torch.float16, device="meta")
+    sums = torch.empty(shape.seq, shape.d, dtype=torch.float32, device="meta")
+    assert gpu_run.reduce_min_bytes(shape, torch.float16) == grad_tokens.nbytes + sums.nbytes
+
+
 def test_peak_bandwidth_lookup():
     """NVIDIA's data-sheet HBM bandwidths: H100 SXM5 3.35 TB/s, H100 PCIe 2.0 TB/s, H200
     4.8 TB/s; the device name picks the most specific entry."""
@@ -33,3 +68,190 @@ def test_peak_bandwidth_lookup():
     assert gpu_run.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
     assert gpu_run.peak_bandwidth("NVIDIA H200") == 4.8e12
     assert gpu_run.peak_bandwidth("Some Other GPU") is None
+
+
+def _row(kernel, backend, ms, shape="t5-base", dtype="float32"):
+    return {"kernel": kernel, "backend": backend, "shape": shape, "dtype": dtype, "kernel_ms": ms}
+
+
+@pytest.mark.parametrize(
+    ("cuda_ms", "expected"),
+    [(0.90, "cuda"), (0.97, "triton"), (1.2, "triton")],
+)
+def test_default_backend_rule(cuda_ms, expected):
+    """cuda becomes the default only when faster by more than the margin (geometric mean
+    over the compared kernels); rows of other kernels and unpaired rows do not count."""
+    rows = [
+        _row("dept_forward", "triton", 1.0),
+        _row("dept_forward", "cuda", cuda_ms),
+        _row("dept_reduce", "triton", 2.0, dtype="bfloat16"),
+        _row("dept_reduce", "cuda", 2.0 * cuda_ms, dtype="bfloat16"),
+        _row("dept_forward+backward", "triton", 1.0),
+        _row("dept_forward+backward", "cuda", 100.0),  # an op row: not compared
+        _row("aot_gather_add", "triton", 1.0, shape="gpt2"),  # no cuda pair
+    ]
+    choice = gpu_run.default_backend(rows)
+    assert choice["backend"] == expected
+    assert choice["pairs"] == 2
+    assert choice["cuda_over_triton_geomean"] == pytest.approx(cuda_ms)
+
+
+def test_default_backend_without_pairs_stays_triton():
+    assert gpu_run.default_backend([_row("dept_forward", "triton", 1.0)])["backend"] == "triton"
+
+
+@pytest.fixture
+def tiny_shape(monkeypatch):
+    monkeypatch.setitem(SHAPES, TINY.name, TINY)
+    monkeypatch.setitem(AOT_SHAPES, TINY.name, TINY)
+
+
+def _run(tmp_path, argv, budget=None):
+    args = gpu_run._parser().parse_args(["--out", str(tmp_path), *argv])
+    deadline = None if budget is None else time.monotonic() + budget
+    result = {"environment": {"device": "cpu"}, "stages": {}}
+    return gpu_run.Run(args, result, tmp_path / "cpu.json", deadline, "cpu", ("cpu", "torch"))
+
+
+def test_kernel_stage_runs_every_kernel_on_every_backend(tmp_path, tiny_shape, capsys):
+    """The stage on the CPU: one row per kernel, backend, shape and dtype, the torch-op rows
+    once; byte rates from the counted bytes; the JSON written; the rule applied."""
+    run = _run(tmp_path, ["--shapes", "tiny", "--dtypes", "float32,bfloat16", "--repeats", "3"])
+    stage = gpu_run.kernels_stage(run)
+    rows = stage["rows"]
+    got = {(r["kernel"], r["backend"], r["dtype"]) for r in rows}
+    per_backend = ["dept_forward", "dept_reduce", "dept_forward+backward", "aot_gather_add"]
+    expected = {
+        (k, b, d) for k in per_backend for b in ("cpu", "torch") for d in ("float32", "bfloat16")
+    } | {(k, "torch", d) for k in ("aot_kron_rows", "aot_fc_rows") for d in ("float32", "bfloat16")}
+    assert got == expected
+    assert len(rows) == len(expected)
+    for row in rows:
+        assert row["kernel_ms"] > 0 and row["op_ms"] > 0
+        assert row["GBps"] == pytest.approx(row["min_bytes"] / row["kernel_ms"] / 1e6)
+        assert row["of_peak"] is None
+    assert stage["default_backend"]["backend"] == "triton"  # no triton/cuda pair here
+    written = json.loads(run.path.read_text())
+    assert len(written["stages"]["kernels"]["rows"]) == len(rows)
+    assert "dept_forward " in capsys.readouterr().out
+
+
+def test_kernel_stage_records_a_backend_that_cannot_load(tmp_path, tiny_shape, monkeypatch):
+    """A backend whose build fails is recorded with its error; the others still run."""
+    from dept_kernels import backends
+
+    real_load = backends.load
+
+    def load(name):
+        if name == "torch":
+            raise backends.BackendUnavailable("no compiler here")
+        return real_load(name)
+
+    monkeypatch.setattr(backends, "load", load)
+    run = _run(tmp_path, ["--shapes", "tiny", "--dtypes", "float32", "--repeats", "2"])
+    stage = gpu_run.kernels_stage(run)
+    assert "no compiler here" in stage["torch_error"]
+    assert {r["backend"] for r in stage["rows"]} == {"cpu", "torch"}  # torch: the op rows
+    assert {r["kernel"] for r in stage["rows"] if r["backend"] == "torch"} == {
+        "aot_kron_rows",
+        "aot_fc_rows",
+    }
+
+
+def test_pytest_outcomes_from_verbose_lines():
+    lines = [
+        "tests/a.py::test_one PASSED                [ 33%]",
+        "tests/a.py::test_two[x-1] FAILED           [ 66%]",
+        "tests/a.py::test_three SKIPPED (no gpu)    [100%]",
+        "tests/a.py::TestK::test_four ERROR          [100%]",
+        "================ FAILURES =================",
+        "______________ test_two[x-1] ______________",
+        "tests/a.py:3: in test_two",
+        "    assert 1 == 2",
+        "E   AssertionError: 1 != 2",
+        "E   assert 1 == 2",
+        "_______ ERROR at setup of TestK.test_four _______",
+        "E   fixture 'gpu' not found",
+    ]
+    outcome = gpu_run.pytest_outcomes(lines)
+    assert outcome["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
+    assert outcome["failures"] == [
+        {"id": "tests/a.py::test_two[x-1]", "message": "AssertionError: 1 != 2"},
+        {"id": "tests/a.py::TestK::test_four", "message": "fixture 'gpu' not found"},
+    ]
+
+
+def _write_tests(folder, body):
+    folder.mkdir()
+    (folder / "test_it.py").write_text(textwrap.dedent(body))
+
+
+def test_pytest_stage_counts_and_failures(tmp_path):
+    _write_tests(
+        tmp_path / "t",
+        """
+        def test_ok():
+            pass
+
+        def test_bad():
+            assert 1 == 2, "one is not two"
+        """,
+    )
+    run = _run(tmp_path, [], budget=120)
+    outcome = gpu_run._pytest(run, "tests", [str(tmp_path / "t"), "--rootdir", str(tmp_path)])
+    assert outcome["exit_code"] == 1 and not outcome["stopped_by_budget"]
+    assert outcome["counts"] == {"passed": 1, "failed": 1}
+    assert "one is not two" in outcome["failures"][0]["message"]
+    assert (tmp_path / outcome["log"]).is_file()
+
+
+def test_pytest_stage_stopped_by_the_budget_keeps_what_ran(tmp_path):
+    _write_tests(
+        tmp_path / "t",
+        """
+        import time
+
+        def test_a_fast():
+            pass
+
+        def test_b_slow():
+            time.sleep(600)
+        """,
+    )
+    run = _run(tmp_path, [], budget=gpu_run.MARGIN_S + 8)
+    start = time.monotonic()
+    outcome = gpu_run._pytest(run, "tests", [str(tmp_path / "t"), "--rootdir", str(tmp_path)])
+    assert time.monotonic() - start < 60
+    assert outcome["stopped_by_budget"] and outcome["exit_code"] is None
+    assert outcome["counts"] == {"passed": 1}
+
+
+def test_main_skips_stages_once_the_budget_is_spent(tmp_path, monkeypatch):
+    """Every stage is recorded: run, or skipped for the budget; the JSON is rewritten after
+    each (here with fake stages and a pretend GPU)."""
+    calls = []
+
+    def fake(name, seconds):
+        def stage(run):
+            calls.append(name)
+            time.sleep(seconds)
+            return {"ran": name}
+
+        return gpu_run.Stage(stage, name, True)
+
+    monkeypatch.setattr(
+        gpu_run, "STAGES", {"kernels": fake("kernels", 0.0), "tests": fake("tests", 0.0)}
+    )
+    monkeypatch.setattr(gpu_run.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_run, "environment", lambda: {"device": "Fake GPU", "date": "d"})
+    assert gpu_run.main(["--out", str(tmp_path), "--budget", "1"]) == 0
+    assert calls == []  # under 2 * MARGIN_S left: nothing starts
+    written = json.loads((tmp_path / "fake-gpu-d.json").read_text())
+    assert written["stages"] == {
+        "kernels": {"skipped": "budget spent"},
+        "tests": {"skipped": "budget spent"},
+    }
+    assert gpu_run.main(["--out", str(tmp_path), "--budget", "600"]) == 0
+    assert calls == ["kernels", "tests"]
+    written = json.loads((tmp_path / "fake-gpu-d.json").read_text())
+    assert written["stages"]["tests"]["ran"] == "tests"
