@@ -45,6 +45,7 @@ import torch
 from . import backends
 from .bench import device_kernels
 from .bench.device_kernels import forward_min_bytes, peak_bandwidth, reduce_min_bytes
+from .testing import pytest_record
 
 __all__ = [
     "STAGES",
@@ -208,86 +209,120 @@ def kernels_stage(run: Run) -> dict:
 
 
 _OUTCOME = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
-_HEADER = re.compile(r"^_{3,} (?:ERROR at \w+ of )?(\S.*?) _{3,}$")
-_ERROR_LINE = re.compile(r"^E +(\S.*)$")
+# pytest's own exit codes are 0..5; a negative one is a signal (a crash), as is any other.
+PYTEST_EXIT_CODES = range(6)
+# Times a crashed pytest is started again on the tests it had not reached.
+MAX_RESTARTS = 5
 
 
-def pytest_outcomes(lines: list[str]) -> dict:
-    """Counts per outcome, and the failures (id, and the first `E` line of each one's
-    traceback), from the output of `pytest -v --tb=short`."""
-    counts: dict[str, int] = {}
-    failed: list[str] = []
-    messages: dict[str, str] = {}
-    header = None
+def pytest_outcomes(lines: list[str]) -> dict[str, str]:
+    """The outcome of each test, by id, from the output of `pytest -v`."""
+    outcomes: dict[str, str] = {}
     for line in lines:
         hit = _OUTCOME.match(line)
         if hit:
-            counts[hit[2].lower()] = counts.get(hit[2].lower(), 0) + 1
-            if hit[2] in ("FAILED", "ERROR") and hit[1] not in failed:
-                failed.append(hit[1])
-        elif hit := _HEADER.match(line):
-            header = hit[1]
-        elif (hit := _ERROR_LINE.match(line)) and header is not None:
-            messages.setdefault(header, hit[1][:500])
-
-    def message(test_id: str) -> str:
-        # A traceback's header names the test as Class.test[params], its id as a::Class::test.
-        name = ".".join(test_id.split("::")[1:])
-        return messages.get(name, "")
-
-    return {"counts": counts, "failures": [{"id": i, "message": message(i)} for i in failed]}
+            # A test that fails in teardown after passing is reported twice: the last stays.
+            outcomes[hit[1]] = hit[2].lower()
+    return outcomes
 
 
-def _pytest(run: Run, name: str, pytest_args: list[str]) -> dict:
-    """Run pytest in a child process, its output to `<out>/<name>.log`, stopped when the
-    budget is spent; the outcomes parsed from its verbose output."""
-    log_path = Path(run.args.out) / f"{run.path.stem}-{name}.log"
-    command = [sys.executable, "-m", "pytest", "-v", "--tb=short", "-p", "no:cacheprovider"]
+def _child(
+    command: list[str], env: dict, log, timeout: float | None
+) -> tuple[int | None, list[str]]:
+    """Run `command`, its output appended to `log`; (exit code or None when stopped at
+    `timeout`, the output's lines)."""
+    lines: list[str] = []
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+    def pump() -> None:
+        for line in child.stdout:
+            log.write(line)
+            log.flush()
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code: int | None = child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, 9)
+        child.wait()
+        code = None
+    reader.join(timeout=30)
+    return code, lines
+
+
+def _timeout(run: Run) -> float | None:
     remaining = run.remaining()
-    timeout = None if remaining is None else max(remaining - MARGIN_S, 1.0)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return None if remaining is None else max(remaining - MARGIN_S, 1.0)
+
+
+def _pytest(run: Run, name: str, targets: list[str]) -> dict:
+    """Run pytest on `targets` in a child process, its output to `<out>/<name>.log`, stopped
+    when the budget is spent. Each failure is recorded as it happens
+    (`dept_kernels.testing.pytest_record`); a crash is recorded against the test that was
+    running, and pytest is started again on the tests it had not reached."""
+    out = Path(run.args.out)
+    log_path = out / f"{run.path.stem}-{name}.log"
+    record_path = out / f"{run.path.stem}-{name}.record"
+    record_path.unlink(missing_ok=True)
+    base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", pytest_record.VARIABLE: str(record_path)}
     start = time.monotonic()
+    crashes: list[dict] = []
     lines: list[str] = []
     with open(log_path, "w") as log:
-        child = subprocess.Popen(
-            [*command, *pytest_args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-
-        def pump() -> None:
-            for line in child.stdout:
-                log.write(line)
-                lines.append(line.rstrip("\n"))
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            code: int | None = child.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, 9)
-            child.wait()
-            code = None
-        reader.join(timeout=30)
-    outcome = pytest_outcomes(lines)
-    outcome.update(
-        exit_code=code,
-        stopped_by_budget=code is None,
-        seconds=round(time.monotonic() - start, 1),
-        log=log_path.name,
-        tail=lines[-5:],
-    )
+        code, collected = _child([*base, "--collect-only", "-q", *targets], env, log, _timeout(run))
+        ids = [line for line in collected if "::" in line and " " not in line]
+        pending = ids if code == 0 and ids else None  # None: run `targets` as given
+        # Test ids are relative to the working directory, which is the rootdir here; options
+        # in `targets` are given as `--name=value`, so they can be told from paths.
+        options = [t for t in targets if t.startswith("-")]
+        command = [*base, "-v", "--tb=short", "-p", "dept_kernels.testing.pytest_record", *options]
+        for _ in range(MAX_RESTARTS + 1):
+            chosen = targets if pending is None else pending
+            code, new = _child([*command, *chosen], env, log, _timeout(run))
+            lines += new
+            if code is None or code in PYTEST_EXIT_CODES or pending is None:
+                break
+            done = pytest_outcomes(lines)
+            started, _ = pytest_record.read(str(record_path))
+            running = next((i for i in reversed(started) if i not in done), None)
+            fatal = next((ln for ln in new if "Fatal Python error" in ln), f"exit code {code}")
+            crashes.append({"id": running, "message": f"crashed: {fatal}"})
+            pending = [i for i in pending if i not in done and i != running]
+            if not pending:
+                break
+    outcomes = pytest_outcomes(lines)
+    counts: dict[str, int] = {}
+    for outcome in outcomes.values():
+        counts[outcome] = counts.get(outcome, 0) + 1
+    _, messages = pytest_record.read(str(record_path))
+    failures = [{"id": i, "message": m} for i, m in messages.items()] + crashes
+    result = {
+        "counts": counts,
+        "crashes": len(crashes),
+        "failures": failures,
+        "exit_code": code,
+        "stopped_by_budget": code is None,
+        "seconds": round(time.monotonic() - start, 1),
+        "log": log_path.name,
+    }
+    stopped = " (stopped: budget spent)" if code is None else ""
     print(
-        f"{name}: {outcome['counts']} in {outcome['seconds']} s"
-        + (" (stopped: budget spent)" if code is None else ""),
-        flush=True,
+        f"{name}: {counts}, {len(crashes)} crashes, in {result['seconds']} s{stopped}", flush=True
     )
-    for failure in outcome["failures"][:20]:
-        print(f"  {failure['id']}: {failure['message'][:200]}", flush=True)
-    return outcome
+    for failure in failures[:30]:
+        last = failure["message"].strip().splitlines()[-1:] or [""]
+        print(f"  {failure['id']}: {last[0][:200]}", flush=True)
+    return result
 
 
 def tests_stage(run: Run) -> dict:
@@ -383,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             "error" in stage
             or stage.get("exit_code") not in (None, 0)
             or stage.get("stopped_by_budget")
+            or stage.get("failures")
         )
         status |= bool(failed)
         run.result["stages"][name] = stage

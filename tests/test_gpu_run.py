@@ -163,22 +163,16 @@ def test_pytest_outcomes_from_verbose_lines():
         "tests/a.py::test_one PASSED                [ 33%]",
         "tests/a.py::test_two[x-1] FAILED           [ 66%]",
         "tests/a.py::test_three SKIPPED (no gpu)    [100%]",
-        "tests/a.py::TestK::test_four ERROR          [100%]",
-        "================ FAILURES =================",
-        "______________ test_two[x-1] ______________",
-        "tests/a.py:3: in test_two",
-        "    assert 1 == 2",
-        "E   AssertionError: 1 != 2",
+        "tests/a.py::TestK::test_four PASSED         [100%]",
+        "tests/a.py::TestK::test_four ERROR          [100%]",  # failed in teardown
         "E   assert 1 == 2",
-        "_______ ERROR at setup of TestK.test_four _______",
-        "E   fixture 'gpu' not found",
     ]
-    outcome = gpu_run.pytest_outcomes(lines)
-    assert outcome["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
-    assert outcome["failures"] == [
-        {"id": "tests/a.py::test_two[x-1]", "message": "AssertionError: 1 != 2"},
-        {"id": "tests/a.py::TestK::test_four", "message": "fixture 'gpu' not found"},
-    ]
+    assert gpu_run.pytest_outcomes(lines) == {
+        "tests/a.py::test_one": "passed",
+        "tests/a.py::test_two[x-1]": "failed",
+        "tests/a.py::test_three": "skipped",
+        "tests/a.py::TestK::test_four": "error",
+    }
 
 
 def _write_tests(folder, body):
@@ -186,7 +180,8 @@ def _write_tests(folder, body):
     (folder / "test_it.py").write_text(textwrap.dedent(body))
 
 
-def test_pytest_stage_counts_and_failures(tmp_path):
+def test_pytest_stage_counts_and_failures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the rootdir, as the repository's root is for gpu_run
     _write_tests(
         tmp_path / "t",
         """
@@ -198,14 +193,50 @@ def test_pytest_stage_counts_and_failures(tmp_path):
         """,
     )
     run = _run(tmp_path, [], budget=120)
-    outcome = gpu_run._pytest(run, "tests", [str(tmp_path / "t"), "--rootdir", str(tmp_path)])
+    outcome = gpu_run._pytest(run, "tests", ["t", "--rootdir=."])
     assert outcome["exit_code"] == 1 and not outcome["stopped_by_budget"]
     assert outcome["counts"] == {"passed": 1, "failed": 1}
-    assert "one is not two" in outcome["failures"][0]["message"]
+    [failure] = outcome["failures"]
+    assert failure["id"].endswith("test_it.py::test_bad")
+    assert "one is not two" in failure["message"] and failure["message"].startswith("call: ")
     assert (tmp_path / outcome["log"]).is_file()
 
 
-def test_pytest_stage_stopped_by_the_budget_keeps_what_ran(tmp_path):
+def test_pytest_stage_survives_a_crash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the rootdir, as the repository's root is for gpu_run
+    """A test that kills the process is recorded as crashed (not as the one before it), and
+    the tests after it still run, in a new process."""
+    _write_tests(
+        tmp_path / "t",
+        """
+        import os, signal
+
+        def test_a_before():
+            pass
+
+        def test_b_crashes():
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+        def test_c_fails():
+            assert False, "after the crash"
+
+        def test_d_after():
+            pass
+        """,
+    )
+    run = _run(tmp_path, [], budget=120)
+    outcome = gpu_run._pytest(run, "tests", ["t", "--rootdir=."])
+    assert outcome["counts"] == {"passed": 2, "failed": 1}
+    assert outcome["crashes"] == 1
+    by_id = {f["id"].split("::")[-1]: f["message"] for f in outcome["failures"]}
+    assert set(by_id) == {"test_b_crashes", "test_c_fails"}
+    assert by_id["test_b_crashes"].startswith("crashed")
+    assert "after the crash" in by_id["test_c_fails"]
+    assert outcome["exit_code"] == 1
+
+
+def test_pytest_stage_stopped_by_the_budget_keeps_what_ran(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the rootdir, as the repository's root is for gpu_run
     _write_tests(
         tmp_path / "t",
         """
@@ -220,10 +251,11 @@ def test_pytest_stage_stopped_by_the_budget_keeps_what_ran(tmp_path):
     )
     run = _run(tmp_path, [], budget=gpu_run.MARGIN_S + 8)
     start = time.monotonic()
-    outcome = gpu_run._pytest(run, "tests", [str(tmp_path / "t"), "--rootdir", str(tmp_path)])
+    outcome = gpu_run._pytest(run, "tests", ["t", "--rootdir=."])
     assert time.monotonic() - start < 60
     assert outcome["stopped_by_budget"] and outcome["exit_code"] is None
     assert outcome["counts"] == {"passed": 1}
+    assert outcome["failures"] == []
 
 
 def test_main_skips_stages_once_the_budget_is_spent(tmp_path, monkeypatch):

@@ -21,6 +21,19 @@ struct ForwardTensors {
   int64_t width() const { return m + seq + n_v; }
 };
 
+// The kernels read every tensor through raw pointers, so each must live where the kernel
+// runs: a CUDA pointer read on the host (or a host pointer on the GPU) is a crash, not an
+// error. The Python ops check devices first; this covers a custom op called directly.
+inline void check_on(const at::Device& device, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(!t.defined() || t.device() == device, name, " must be on ", device, ", got ",
+              t.device());
+}
+
+inline void check_on(const at::Device& device, const std::optional<at::Tensor>& t,
+                     const char* name) {
+  if (t.has_value()) check_on(device, *t, name);
+}
+
 inline ForwardTensors normalize_forward(
     const at::Tensor& input_ids,
     const at::Tensor& weight,
@@ -32,6 +45,15 @@ inline ForwardTensors normalize_forward(
     const std::optional<at::Tensor>& batch_order,
     const std::optional<at::Tensor>& visual) {
   TORCH_CHECK(input_ids.dim() == 2 && weight.dim() == 2, "input_ids and weight must be 2-D");
+  const auto device = weight.device();
+  check_on(device, input_ids, "input_ids");
+  check_on(device, prompt, "prompt");
+  check_on(device, lora_a, "lora_a");
+  check_on(device, lora_b, "lora_b");
+  check_on(device, rows, "rows");
+  check_on(device, task_ids, "task_ids");
+  check_on(device, batch_order, "batch_order");
+  check_on(device, visual, "visual");
   TORCH_CHECK(weight.stride(1) == 1, "weight must have unit last stride");
   TORCH_CHECK(lora_a.has_value() == lora_b.has_value(), "lora_a and lora_b go together");
   TORCH_CHECK(task_ids.has_value() == batch_order.has_value(),

@@ -363,6 +363,7 @@ at::Tensor forward(
     const std::optional<at::Tensor>& task_ids,
     const std::optional<at::Tensor>& batch_order,
     const std::optional<at::Tensor>& visual) {
+  dept_kernels::check_on(at::Device(at::kCPU), weight, "weight");
   const auto t = dept_kernels::normalize_forward(input_ids, weight, prompt, lora_a, lora_b, rows,
                                                  task_ids, batch_order, visual);
   auto out = at::empty({t.batch, t.width(), t.d}, weight.options());
@@ -404,6 +405,10 @@ at::Tensor reduce(
     int64_t m,
     const std::optional<at::Tensor>& order,
     const std::optional<at::Tensor>& offsets) {
+  const at::Device cpu(at::kCPU);
+  dept_kernels::check_on(cpu, grad_out, "grad_out");
+  dept_kernels::check_on(cpu, order, "order");
+  dept_kernels::check_on(cpu, offsets, "offsets");
   const int64_t batch_rows = dept_kernels::grad_batch_rows(grad_out);
   TORCH_CHECK(order.has_value() == offsets.has_value(), "order and offsets go together");
   const int64_t batch = grad_out.size(0);
@@ -435,6 +440,11 @@ at::Tensor reduce(
 
 at::Tensor gather_add(
     const at::Tensor& hidden, const at::Tensor& rows, const at::Tensor& table, at::Tensor out) {
+  const at::Device cpu(at::kCPU);
+  dept_kernels::check_on(cpu, hidden, "hidden");
+  dept_kernels::check_on(cpu, rows, "rows");
+  dept_kernels::check_on(cpu, table, "table");
+  dept_kernels::check_on(cpu, out, "out");
   TORCH_CHECK(hidden.dim() == 3 && hidden.is_contiguous(), "hidden must be contiguous (B, s, d)");
   TORCH_CHECK(out.sizes() == hidden.sizes() && out.is_contiguous() &&
                   out.scalar_type() == hidden.scalar_type(),

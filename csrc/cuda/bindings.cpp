@@ -82,6 +82,8 @@ at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& weight,
 at::Tensor reduce(const at::Tensor& grad_out, int64_t m, const std::optional<at::Tensor>& order,
                   const std::optional<at::Tensor>& offsets) {
   check_cuda(grad_out, "grad_out");
+  dept_kernels::check_on(grad_out.device(), order, "order");
+  dept_kernels::check_on(grad_out.device(), offsets, "offsets");
   // Rows per sample: m + s, or more when grad_out views the text columns of a wider output.
   const int64_t width = dept_kernels::grad_batch_rows(grad_out);
   TORCH_CHECK(order.has_value() == offsets.has_value(), "order and offsets go together");
@@ -129,6 +131,9 @@ at::Tensor reduce(const at::Tensor& grad_out, int64_t m, const std::optional<at:
 at::Tensor gather_add(const at::Tensor& hidden, const at::Tensor& rows, const at::Tensor& table,
                       at::Tensor out) {
   check_cuda(hidden, "hidden");
+  dept_kernels::check_on(hidden.device(), rows, "rows");
+  dept_kernels::check_on(hidden.device(), table, "table");
+  dept_kernels::check_on(hidden.device(), out, "out");
   TORCH_CHECK(hidden.dim() == 3 && hidden.is_contiguous(), "hidden must be contiguous (B, s, d)");
   TORCH_CHECK(out.sizes() == hidden.sizes() && out.is_contiguous() &&
                   out.scalar_type() == hidden.scalar_type(),

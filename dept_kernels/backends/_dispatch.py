@@ -39,5 +39,13 @@ def resolve_later(device: torch.device) -> str | None:
 
 
 def resolved(backend: str | None, device: torch.device) -> str:
-    """In a custom op's body: the backend `resolve_later` passed, or resolved now."""
-    return resolve(device) if backend is None else backend
+    """In a custom op's body: the backend `resolve_later` passed, or resolved now.
+
+    A backend given is checked against `device` again: a custom op called directly (by
+    `torch.library.opcheck`, or from a saved graph) skips the public op's checks, and a
+    kernel handed tensors of another device reads memory it cannot (ValueError instead).
+    """
+    if backend is None:
+        return resolve(device)
+    check_device(backend, device)
+    return backend

@@ -64,10 +64,10 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
     if order is None:
         return tokens.sum(0, dtype=torch.float32)
     d = grad_out.shape[-1]
-    counts = offsets.diff()
-    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
     flat = tokens.reshape(-1, d)[order].float()
-    return torch.zeros(counts.numel(), d, device=grad_out.device).index_add_(0, segment, flat)
+    # A segmented sum in token order, deterministic on every device (the contract); an
+    # `index_add_` would add with atomics on CUDA, in whatever order they land.
+    return torch.segment_reduce(flat, "sum", offsets=offsets, axis=0)
 
 
 def gather_add(hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tensor:

@@ -31,14 +31,15 @@ CASES = [
 def formula_grads(kw: dict, grad_out: torch.Tensor) -> list[torch.Tensor]:
     """[dP, dA, dB] from the definitions, in float64: dP = sum_b G[b, :m];
     S[l] = sum of G[b, m + t] over the tokens reading row l; dA = c S B^T; dB = c A^T S."""
-    g = grad_out.double()
+    # On the CPU in float64 whatever the test device, then moved back for the comparison.
+    g = grad_out.double().cpu()
     batch, seq = kw["input_ids"].shape
     m = kw["prompt"].shape[0] if "prompt" in kw else 0
-    a, b = kw["lora_a"].detach().double(), kw["lora_b"].detach().double()
+    a, b = kw["lora_a"].detach().double().cpu(), kw["lora_b"].detach().double().cpu()
     if kw.get("index") == "token":
-        rows = kw["input_ids"].long()
+        rows = kw["input_ids"].long().cpu()
     elif "position_ids" in kw:
-        rows = kw["position_ids"].long()
+        rows = kw["position_ids"].long().cpu()
     else:
         rows = torch.arange(seq).expand(batch, seq)
     sums = torch.zeros(a.shape[0], g.shape[-1], dtype=torch.float64)
@@ -46,7 +47,8 @@ def formula_grads(kw: dict, grad_out: torch.Tensor) -> list[torch.Tensor]:
         for t in range(seq):
             sums[rows[i, t]] += g[i, m + t]
     grads = [g[:, :m].sum(0)] if m else []
-    return [*grads, kw["scaling"] * sums @ b.T, kw["scaling"] * a.T @ sums]
+    grads += [kw["scaling"] * sums @ b.T, kw["scaling"] * a.T @ sums]
+    return [x.to(grad_out.device) for x in grads]
 
 
 @pytest.mark.parametrize("wdtype,pdtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
