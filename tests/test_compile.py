@@ -19,6 +19,13 @@ from helpers.models import ARCHS, VOCAB, tiny_model
 
 import dept_kernels as dk
 
+# Below torch 2.13 Dynamo fails building guards on the patch's module hooks (torch 2.11:
+# InternalTorchDynamoError, "'function' object has no attribute '__func__'"); README says so.
+pytestmark = pytest.mark.skipif(
+    tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13),
+    reason=f"torch.compile of a patched model needs torch >= 2.13, this is {torch.__version__}",
+)
+
 CONFIGS = {
     "dept": dk.DePTConfig(num_virtual_tokens=4, r=3, max_length=16),
     "pt": dk.PromptTuningConfig(num_virtual_tokens=4),

@@ -37,6 +37,9 @@ def forward(
     out = weight.new_empty(batch, m + seq_len + n_v, weight.shape[1])
     tokens = F.embedding(input_ids.long(), weight).float()
     if lora_a is not None:
+        # Contiguous, as the kernels read them: a matmul of strided operands may take another
+        # BLAS path (cuBLAS does), and the result would depend on the layout.
+        lora_a, lora_b = lora_a.float().contiguous(), lora_b.float().contiguous()
         if task_ids is None:
             a = lora_a.float()[:seq_len] if rows is None else lora_a.float()[rows.long()]
             tokens += scaling * (a @ lora_b.float())
