@@ -272,7 +272,8 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def aot_inference(base: nn.Module, batches: list[Batch], rounds: int, progress) -> dict:
-    """Median time of the unpatched forward and of the fused-AoT forward, alternated."""
+    """Median time of the unpatched forward and of the fused-AoT forward, alternated, both
+    under `torch.no_grad()` as inference runs (the fused tables are then added in place)."""
     plain = copy.deepcopy(base).eval()
     aot = patch(copy.deepcopy(base), AoTConfig(reparam="fc", r=64)).eval()
     for layer in aot.dept_adapter.layers:
@@ -288,7 +289,8 @@ def aot_inference(base: nn.Module, batches: list[Batch], rounds: int, progress) 
         for name, model in rotation(models, i):
             sync(device)
             start = time.perf_counter()
-            model(**vars(batch))
+            with torch.no_grad():
+                model(**vars(batch))
             sync(device)
             if i:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
