@@ -69,8 +69,10 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
     d = grad_out.shape[-1]
     flat = tokens.reshape(-1, d)[order].float()
     # A segmented sum in token order, deterministic on every device (the contract); an
-    # `index_add_` would add with atomics on CUDA, in whatever order they land.
-    return torch.segment_reduce(flat, "sum", offsets=offsets, axis=0)
+    # `index_add_` would add with atomics on CUDA, in whatever order they land. `unsafe`:
+    # the offsets are the library's own (0 to B*s, ascending), and checking them would read
+    # them back (a host sync on a GPU).
+    return torch.segment_reduce(flat, "sum", offsets=offsets, axis=0, unsafe=True)
 
 
 def gather_add(hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tensor:
