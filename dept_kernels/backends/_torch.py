@@ -65,7 +65,10 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
         return tokens.sum(0, dtype=torch.float32)
     d = grad_out.shape[-1]
     counts = offsets.diff()
-    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    # The output size is given (every token is in one group), so no host sync finds it.
+    segment = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), counts, output_size=order.numel()
+    )
     flat = tokens.reshape(-1, d)[order].float()
     return torch.zeros(counts.numel(), d, device=grad_out.device).index_add_(0, segment, flat)
 
