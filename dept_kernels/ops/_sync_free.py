@@ -126,7 +126,8 @@ def check_errors(device: torch.device | str | None = None) -> None:
                 device = torch.device("cuda", torch.cuda.current_device())
             records = [(device, _records[device])] if device in _records else []
     for where, record in records:
-        counts, values, uppers = record.cpu().unbind(1)
+        # A copy: on the CPU `.cpu()` is the record itself, which is cleared next.
+        counts, values, uppers = record.to("cpu", copy=True).unbind(1)
         if not bool(counts.any()):
             continue
         record.zero_()
