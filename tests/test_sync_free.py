@@ -393,3 +393,55 @@ def test_aot_model_out_of_range_raises_at_the_block_end():
     message = rf"input_ids held id {vocab + 4}, out of range"
     with pytest.raises(ValueError, match=message), dk.sync_free():
         aot.run("t5", model, ids)
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sync checks and CUDA graphs need a GPU")
+def test_ops_never_sync_and_capture_in_a_cuda_graph():
+    """CUDA's own sync check (`set_sync_debug_mode("error")`) passes a DePT and an AoT
+    forward and backward; both capture in one CUDA graph, whose replays record an id out of
+    range written into its static input, raised by the next check."""
+    case = Case("tasks_position_ids", batch=5, tasks=MIXED, position_ids=True)
+    kw = make_inputs(case, torch.float32, torch.float32)
+    args = {k: v for k, v in kw.items() if not k.startswith("_")}
+    params = [kw["prompt"], kw["lora_a"], kw["lora_b"]]
+    gen = torch.Generator().manual_seed(3)
+    grad_out = torch.randn(case.batch, case.m + case.seq, case.d, generator=gen).to(DEVICE)
+    hidden = torch.randn(2, 7, 16, generator=gen).to(DEVICE).requires_grad_()
+    aot_ids = torch.tensor([[1, 5, 1, 11, 0, 5, 5], [3, 1, 1, 11, 2, 7, 0]], device=DEVICE)
+    w = kron_factors(gen)
+
+    def step():
+        out = dept_embedding(**args)
+        biased = aot_kron_bias(hidden, aot_ids, *w, dropout_p=0.1)
+        return torch.autograd.grad((out, biased), [*params, *w], (grad_out, hidden.detach()))
+
+    with dk.sync_free(check=False):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        # Warm-up on a side stream, as capture needs (it also creates the error record).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+    torch.manual_seed(0)
+    graph.replay()
+    torch.cuda.synchronize()
+    with dk.sync_free():
+        torch.manual_seed(0)
+        eager = step()
+    for c, e in zip(captured[:3], eager[:3], strict=True):
+        assert_close(c, e, torch.float32)
+    args["input_ids"][1, 2] = 10_000
+    graph.replay()
+    with pytest.raises(ValueError, match="input_ids held id 10000"):
+        dk.check_errors()

@@ -284,7 +284,9 @@ def _task_lowrank_grads(
     if used is None:
         used = torch.arange(g.shape[0], device=g.device)
     task_of, row_of = used // max_len, used % max_len
-    one_hot = F.one_hot(task_of, num_tasks).to(g.dtype)  # (R, T)
+    # (R, T); not `F.one_hot`, which on the CPU reads the classes' range back.
+    tasks_range = torch.arange(num_tasks, device=g.device)
+    one_hot = (task_of[:, None] == tasks_range).to(g.dtype)
     # (R, T, r): each sum against every task's B, of which its own task's is kept.
     d_a_rows = (g @ lora_b.float().reshape(num_tasks * rank, d).T).view(-1, num_tasks, rank)
     d_a_rows = (d_a_rows * one_hot[:, :, None]).sum(1).mul_(scaling)
