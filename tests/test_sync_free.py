@@ -395,6 +395,45 @@ def test_aot_model_out_of_range_raises_at_the_block_end():
         aot.run("t5", model, ids)
 
 
+def test_compiled_step_reads_the_mode_at_run_time():
+    """`torch.compile(fullgraph=True)` of a DePT and an AoT step: the ops read the mode when
+    they run, so one compiled function runs checked or sync-free, and in the mode an id out
+    of range is recorded, not raised."""
+    case = Case("compile_tasks", batch=3, tasks=(0, 1, 0), position_ids=True)
+    kw = make_inputs(case, torch.float32, torch.float32)
+    args = {k: v for k, v in kw.items() if not k.startswith("_")}
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, case.seq, 16, generator=gen).to(DEVICE)
+    w = kron_factors(gen)  # ids in [0, 12)
+
+    def step(input_ids, aot_ids):
+        out = dept_embedding(**{**args, "input_ids": input_ids})
+        biased = aot_kron_bias(hidden, aot_ids, *w)
+        return (out.float() ** 2).sum() + (biased**2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    ids, aot_ids = args["input_ids"], args["input_ids"] % 12
+    params = [args["prompt"], args["lora_a"], args["lora_b"], *w]
+    ref = step(ids, aot_ids)
+    ref_grads = torch.autograd.grad(ref, params)
+    # (Not counted: torch.compile refuses to trace under a dispatch mode such as the counter.)
+    with dk.sync_free():
+        loss = compiled(ids, aot_ids)
+        grads = torch.autograd.grad(loss, params)
+    assert_close(loss, ref, torch.float32)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        assert_close(g, rg, torch.float32)
+    bad = aot_ids.clone()
+    bad[0, 0] = 12
+    with pytest.raises(IndexError, match=r"input_ids holds id 12, out of range \[0, 12\)"):
+        compiled(ids, bad)
+    with dk.sync_free(check=False):
+        compiled(ids, bad)
+    with pytest.raises(ValueError, match=r"input_ids held id 12, out of range \[0, 12\)"):
+        dk.check_errors()
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 
