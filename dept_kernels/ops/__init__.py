@@ -1,6 +1,6 @@
 """The ops: per op, the public API and its checks (`dept_embedding`, `aot`), the custom op
-with its autograd (`_*_op`), and the gradients (`_grads`). Kernels come from
-`dept_kernels.backends`."""
+with its autograd (`_*_op`), and the gradients (`_grads`); the sync-free switch and its
+error record (`_sync_free`). Kernels come from `dept_kernels.backends`."""
 
 import warnings
 

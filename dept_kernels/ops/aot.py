@@ -15,7 +15,9 @@ backend (`_aot_op`); this module holds the public functions and their checks. Dr
 follows the paper (on `P_x` for Kronecker, on `E[x]` for FC) and acts per distinct id: all
 occurrences of a token in a batch share one mask, which is what evaluating on distinct ids
 means. It draws from torch's generator, so it is reproducible
-under `torch.manual_seed` and identical on every backend.
+under `torch.manual_seed` and identical on every backend. In sync-free mode the distinct ids
+come padded to a static length (`distinct_ids`): still one row, and one mask, per distinct
+id, but drawn from more random numbers, so the masks differ from the default mode's.
 """
 
 from __future__ import annotations
