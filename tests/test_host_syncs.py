@@ -115,12 +115,16 @@ def test_dept_training_step_t5(trim_padding):
 
 
 def test_dept_training_step_with_position_rows():
-    """GPT-2 passes position ids, so the low-rank rows are gathered (not row t for token t):
-    the backward groups the tokens by row without `torch.unique` (the row count L is a
-    shape)."""
+    """Left padding with position ids (GPT-2): the low-rank rows are gathered per token
+    (not row t for token t). The op checks input and position ids with one read, and the
+    backward groups the tokens by row without `torch.unique` (the row count L is a shape)."""
     base, model = models.patched_pair("gpt2", "dept")
     ids, mask, _ = models.batch()
-    forward, backward = library_step(base, model, _dept_loss(ids, mask, ids))
+    mask[0, :3] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    forward, backward = library_step(
+        base, model, _dept_loss(ids, mask, ids, position_ids=positions)
+    )
     assert forward == {"aten::is_nonzero": 1}, forward
     assert backward == {}, backward
 

@@ -328,10 +328,6 @@ def test_aot_stacked_task_ids_out_of_range():
 # ----------------------------------------------------------------------------- training steps
 
 
-def _t5_loss(ids, mask, labels):
-    return lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss
-
-
 @pytest.mark.parametrize("arch", ["t5", "gpt2", "gemma"])
 def test_dept_training_step_reads_nothing(arch):
     """The patch adds no sync to a DePT step (T5: not even the padding trim's read, which
@@ -339,16 +335,24 @@ def test_dept_training_step_reads_nothing(arch):
     lookup reads); its loss and adapter gradients are the formula reference's."""
     base, model = models.patched_pair(arch, "dept")
     ids, mask, labels = models.batch()
-    labels = labels if arch == "t5" else ids
-    loss = _t5_loss(ids, mask, labels)
+    extra = {}
+    if arch != "t5":
+        # Left padding with position ids: the low-rank rows are gathered per token.
+        labels = ids
+        mask[0, :3] = 0
+        extra["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+
+    def loss(m):
+        return m(input_ids=ids, attention_mask=mask, labels=labels, **extra).loss
+
     with dk.sync_free():
         forward, backward = library_step(base, model, loss)
         assert (forward, backward) == ({}, {}), (forward, backward)
         model.zero_grad()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
         out.loss.backward()
     adapter = model.dept_adapter
-    ref = models.reference_forward(arch, base, adapter, ids, mask, labels)
+    ref = models.reference_forward(arch, base, adapter, ids, mask, labels, **extra)
     names, params = zip(*adapter.named_parameters(), strict=True)
     ref_grads = torch.autograd.grad(ref.loss, params)
     assert_close(out.loss, ref.loss, torch.float32)
