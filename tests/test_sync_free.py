@@ -314,6 +314,26 @@ def test_aot_out_of_range_is_clamped_and_raises_at_the_check(backend):
         dk.check_errors()
 
 
+def test_the_record_serves_inference_mode_and_training_alike():
+    """The record made by a first call under `torch.inference_mode()` is updated by later
+    calls outside it (an inference tensor could not be)."""
+    from dept_kernels.ops import _sync_free
+
+    _sync_free._records.clear()
+    kw = _dept_inputs(Case("base"))
+    args = {k: v for k, v in kw.items() if not k.startswith("_")}
+    ids = kw["input_ids"].clone()
+    ids[0, 0] = 60
+    with dk.sync_free(check=False):
+        with torch.inference_mode():
+            dept_embedding(**{**args, "input_ids": ids})
+        dept_embedding(**{**args, "input_ids": ids}).sum().backward()
+    with pytest.raises(
+        ValueError, match=r"input_ids held id 60, out of range \[0, 50\) \(last seen; 2"
+    ):
+        dk.check_errors()
+
+
 def test_aot_stacked_task_ids_out_of_range():
     tables = torch.randn(2, 10, 8)
     hidden = torch.zeros(2, 3, 8)

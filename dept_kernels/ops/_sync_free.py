@@ -79,7 +79,10 @@ def _record(device: torch.device) -> Tensor:
     with _records_lock:
         record = _records.get(device)
         if record is None:
-            record = torch.zeros(len(NAMES), 3, dtype=torch.int64, device=device)
+            # A normal tensor even when first made under inference mode, so that calls
+            # outside it may update it in place.
+            with torch.inference_mode(False):
+                record = torch.zeros(len(NAMES), 3, dtype=torch.int64, device=device)
             _records[device] = record
         return record
 
