@@ -6,7 +6,7 @@ from .checkpoint import load_adapter, save_adapter
 from .methods import AoTConfig, DePTConfig, EPTConfig, PromptTuningConfig, equal_budget
 from .multitask import stack_adapters
 from .official import load_dept_checkpoint
-from .ops import dept_embedding
+from .ops import check_errors, dept_embedding, set_sync_free, sync_free, sync_free_enabled
 from .patch import adapter, fold, fuse, is_patched, merge, param_groups, patch, unpatch
 from .testing import official_dept_embedding
 
@@ -19,6 +19,7 @@ __all__ = [
     "PromptTuningConfig",
     "adapter",
     "available_backends",
+    "check_errors",
     "current_backend",
     "dept_embedding",
     "equal_budget",
@@ -34,7 +35,10 @@ __all__ = [
     "patch",
     "save_adapter",
     "set_backend",
+    "set_sync_free",
     "stack_adapters",
+    "sync_free",
+    "sync_free_enabled",
     "unpatch",
     "use_backend",
 ]

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .._engines import embedding_shape
 from ..ops import _validate as v
 from ..ops import fc_rows, kron_rows
+from ..ops._sync_free import sync_free_enabled
 from ..ops.aot import (
     ACTIVATIONS,
     _aot_bias_add,
@@ -291,6 +292,12 @@ def _fetch_rows(
     """`fetch_rows`; `ids_checked`: the library's caller has range-checked the ids and task
     ids."""
     device = torch.device(device)
+    if sync_free_enabled() and table.device != input_ids.device:
+        raise RuntimeError(
+            f"a table on {table.device} read for ids on {input_ids.device}: its rows are "
+            "fetched by ids copied across devices, a host sync that sync-free mode forbids; "
+            "move the table to the model's device or leave sync-free mode"
+        )
     vocab = table.shape[-2]
     v.check_ids("input_ids", input_ids, ndim=2)
     flat = table.reshape(-1, table.shape[-1])
@@ -299,8 +306,8 @@ def _fetch_rows(
         if task_ids is None:
             raise ValueError("stacked tables (T, V, d) need task_ids (B,)")
         if not ids_checked:
-            v.check_range("task_ids", task_ids, table.shape[0])
-            v.check_range("input_ids", input_ids, vocab)
+            tasks = v.Range("task_ids", task_ids, table.shape[0])
+            task_ids, input_ids = v.checked(tasks, v.Range("input_ids", input_ids, vocab))
         # Both checked, so the keys lie in [0, T*V): no third read of the ids.
         keys, checked = input_ids.long() + task_ids.long()[:, None] * vocab, True
     elif task_ids is not None:

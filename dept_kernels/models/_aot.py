@@ -185,6 +185,8 @@ class _AoTHooks:
         adapter = self.adapter_of()
         # The checked ids: while compiling, copies that the range check runs before.
         self.ids, self.task_ids = adapter.check_batch(ids, task_ids, device=embedding.weight.device)
+        # The model's own embedding reads the checked ids too: sync-free mode clamps them.
+        kw["input_ids"] = self.ids.reshape(kw["input_ids"].shape)
         if adapter.config.reparam == "fc" and not adapter.fused:
             self.embedding, self.inputs = embedding, None  # E's rows: `embedding_hook`
         else:

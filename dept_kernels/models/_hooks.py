@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..ops._validate import check_ids, check_range
+from ..ops._sync_free import sync_free_enabled
+from ..ops._validate import Range, check_ids, checked
 
 # Attribute of the hooked model holding its running `generate`'s `Generation`. A plain
 # attribute, not a ContextVar: torch.compile traces attribute reads but not ContextVar.get.
@@ -488,7 +489,7 @@ def _scaled_lookup(
     (`index="token"`) cannot read them from that table's row numbers: it is added to the
     unscaled lookup and corrected, in fp32."""
     if not tracing():  # the op would check the ids it reads; here they index the lookup
-        check_range("input_ids", ids, weight.shape[0])
+        (ids,) = checked(Range("input_ids", ids, weight.shape[0]))
     tokens = nn.functional.embedding(ids, weight) * scale  # the module's own output
     extra = {"position_ids": position_ids, "task_ids": task_ids, "visual": visual}
     if adapter.op_args().get("index") == "token":
@@ -689,9 +690,9 @@ def padding_cut(
     - `labels` (causal LM, (B, s)): cut columns have label -100 in every row, and so has the
       first kept column after a leading cut (the last cut column's logits predict it).
 
-    Reads the mask once (one device sync on a GPU).
+    Reads the mask once (one device sync on a GPU), so it cuts nothing in sync-free mode.
     """
-    if not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[1] == 0:
+    if sync_free_enabled() or not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[1] == 0:
         return None
     s = mask.shape[1]
     pad = ~mask.bool().any(0)

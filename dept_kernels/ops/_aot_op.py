@@ -1,8 +1,12 @@
 """The custom ops behind the AoT ops: the gather-add (out of place and in place), its
 backward, and the id helpers `checked_ids` / `distinct_ids` traced by torch.compile.
 
-The gather-add checks the ids' range (unless the library's caller did) and runs the selected
-backend's `gather_add`; the backward is a segmented sum (`_grads.aot_table_grad`).
+The gather-add checks the ids' range (unless the library's caller did; sync-free, clamps
+them) and runs the selected backend's `gather_add`; the backward is a segmented sum
+(`_grads.aot_table_grad`) over the table's rows, whose count is a shape: no `torch.unique`,
+no host sync. The AoT reparameterisations' table is the (U, d) rows of the forward's
+distinct ids and the ids the op gets their inverse, so the backward reuses what the
+forward's one `torch.unique` found.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from torch import Tensor
 from .. import backends
 from . import _grads
 from . import _validate as v
+from ._sync_free import sync_free_enabled
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
@@ -40,12 +45,15 @@ def _unaliased(hidden: Tensor, x: Tensor | None) -> Tensor | None:
 
 
 def _table_rows(input_ids: Tensor, table: Tensor, task_ids: Tensor | None, checked: bool) -> Tensor:
-    """Row of the flattened (T*V, d) table for every token, range-checked unless `checked`."""
+    """Row of the flattened (T*V, d) table for every token, range-checked (or, sync-free,
+    clamped) unless `checked`."""
     vocab = table.shape[-2]
     if not checked:
-        v.check_range("input_ids", input_ids, vocab)
+        ranges = [v.Range("input_ids", input_ids, vocab)]
         if task_ids is not None:
-            v.check_range("task_ids", task_ids, table.shape[0])
+            ranges.append(v.Range("task_ids", task_ids, table.shape[0]))
+        input_ids, *rest = v.checked(*ranges)
+        task_ids = rest[0] if rest else None
     if task_ids is None:
         return input_ids
     return task_ids.long()[:, None] * vocab + input_ids.long()
@@ -141,7 +149,7 @@ _aot_bias_add_op.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("dept_kernels::checked_ids", mutates_args=())
 def _checked_ids_op(ids: Tensor, upper: int, name: str) -> Tensor:
-    v.check_range(name, ids, upper)
+    (ids,) = v.checked(v.Range(name, ids, upper))
     return ids.clone()
 
 
@@ -153,9 +161,31 @@ def _(ids, upper, name):
 @torch.library.custom_op("dept_kernels::distinct_ids", mutates_args=())
 def _distinct_ids_op(ids: Tensor, upper: int, name: str, checked: bool) -> tuple[Tensor, Tensor]:
     if not checked:
-        v.check_range(name, ids, upper)
+        (ids,) = v.checked(v.Range(name, ids, upper))
+    if sync_free_enabled():
+        return padded_distinct(ids, upper)
     used, inverse = torch.unique(ids, return_inverse=True)
     return used, inverse
+
+
+def padded_distinct(ids: Tensor, upper: int) -> tuple[Tensor, Tensor]:
+    """`torch.unique(ids, return_inverse=True)` without its host sync: `used` has the
+    static length R = min(N, upper) for N ids in [0, upper), the U distinct ids first,
+    sorted, then R - U copies of `upper - 1` that no element's inverse points at.
+
+    Rows formed from `used` are then R instead of U, and each distinct id still has one row
+    (one dropout mask per distinct id, as with `torch.unique`).
+    """
+    flat = ids.reshape(-1).long()
+    ordered, order = torch.sort(flat, stable=True)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    slot = new.cumsum(0) - 1  # each sorted id's index among the distinct ones
+    used = flat.new_full((min(flat.numel(), upper),), max(upper - 1, 0))
+    # Duplicate indices write one value: deterministic.
+    used.index_put_((slot,), ordered)
+    inverse = torch.empty_like(flat).index_put_((order,), slot)
+    return used.to(ids.dtype), inverse.view(ids.shape)
 
 
 @_distinct_ids_op.register_fake

@@ -1,7 +1,8 @@
 """The custom ops behind `dept_embedding`: forward, backward, their fakes and the autograd link.
 
-`dept_kernels::dept_embedding` checks the id ranges (reading the ids: after torch.compile's
-tracing, before any kernel reads memory) and runs the selected backend's `forward`;
+`dept_kernels::dept_embedding` checks the id ranges (reading the ids once: after
+torch.compile's tracing, before any kernel reads memory; in sync-free mode it clamps them
+instead, reading nothing) and runs the selected backend's `forward`;
 `dept_kernels::dept_embedding_backward` forms the gradients (`_grads`). Only ids and the
 small low-rank factors are saved for backward: nothing of size (B, s, d).
 """
@@ -37,32 +38,35 @@ def check_values(
     weight: Tensor,
     lora_a: Tensor | None,
     position_ids: Tensor | None,
+    task_ids: Tensor | None,
+    num_tasks: int,
     index: str,
-) -> None:
-    """Range checks of every index tensor a kernel reads (reads them: a sync on GPU).
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Range checks of every index tensor a kernel reads, with one read in all (a sync on
+    GPU; none in sync-free mode, which clamps them instead: `_validate.checked`).
 
-    The mode comes from the declared `index`, never from which tensors are the same object:
-    one tensor passed as both input_ids and position_ids is read twice, against V and L.
+    Returns `(input_ids, position_ids, task_ids)` as the kernels may read them. The mode
+    comes from the declared `index`, never from which tensors are the same object: one
+    tensor passed as both input_ids and position_ids is checked twice, against V and L.
     """
-    v.check_range("input_ids", input_ids, weight.shape[0])
-    if lora_a is None:
-        return
-    max_length = lora_a.shape[-2]
-    if index == "token":
+    ranges = [v.Range("input_ids", input_ids, weight.shape[0])]
+    max_length = 0 if lora_a is None else lora_a.shape[-2]
+    if lora_a is not None and index == "token":
         # The rows are the ids, checked above; lora_a has one row per id (V = L, checked
         # with the shapes), so this holds unless the op was called around the public checks.
         if max_length < weight.shape[0]:
-            v.check_range("input_ids", input_ids, max_length, hint="index='token' rows of lora_a")
-    elif position_ids is not None:
-        v.check_range(
-            "position_ids",
-            position_ids,
-            max_length,
-            hint=f"lora_a has max_length L={max_length} rows; truncate the input or raise "
-            "max_length",
-        )
-    else:
+            hint = "index='token' rows of lora_a"
+            ranges.append(v.Range("input_ids", input_ids, max_length, hint))
+    elif lora_a is not None and position_ids is not None:
+        hint = f"lora_a has max_length L={max_length} rows; truncate the input or raise max_length"
+        ranges.append(v.Range("position_ids", position_ids, max_length, hint))
+    elif lora_a is not None:
         check_default_positions(input_ids, lora_a)
+    if task_ids is not None:
+        ranges.append(v.Range("task_ids", task_ids, num_tasks))
+    # Token mode may bound input_ids twice: the later bound, the tighter, is the one to keep.
+    found = {r.name: ids for r, ids in zip(ranges, v.checked(*ranges), strict=True)}
+    return found["input_ids"], found.get("position_ids"), found.get("task_ids")
 
 
 def lowrank_rows(
@@ -110,7 +114,9 @@ def _dept_embedding_op(
     backend: str | None,
     visual: Tensor | None = None,
 ) -> Tensor:
-    check_values(input_ids, weight, lora_a, position_ids, index)
+    input_ids, position_ids, task_ids = check_values(
+        input_ids, weight, lora_a, position_ids, task_ids, num_tasks, index
+    )
     backend = backends.resolved(backend, weight.device)
     rows = lowrank_rows(input_ids, lora_a, position_ids, index)
     if lora_a is not None and lora_a.shape[-1] == 0:
@@ -119,7 +125,6 @@ def _dept_embedding_op(
         lora_a = lora_b = rows = None
     batch_order = None
     if task_ids is not None:
-        v.check_range("task_ids", task_ids, num_tasks)
         if prompt is None and lora_a is None:
             # r = 0 without a prompt: nothing depends on the task.
             task_ids = None

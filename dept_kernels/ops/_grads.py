@@ -44,51 +44,78 @@ def row_layout(grad_out: Tensor) -> Tensor:
     return grad_out if in_place else grad_out.contiguous()
 
 
+def segments(keys: Tensor, num_keys: int) -> tuple[Tensor | None, Tensor, Tensor]:
+    """`(used, order, offsets)`: the flattened `keys` (N,) grouped by key for a segmented
+    sum, found with no host sync: every size comes from shapes, never from the keys' values.
+
+    R = min(N, num_keys) segments. `order` lists the N positions grouped by key (stable),
+    `offsets` (R + 1,) bounds each group. With num_keys <= N segment u is key u (`used` is
+    None); else `used` (R,) holds each segment's key, sorted, the segments after the
+    distinct keys being empty (zero sums) with the largest key. Add the sums to their rows
+    (`index_put_(..., accumulate=True)`): an empty segment may repeat a key.
+
+    Keys are clamped into [0, num_keys) first: a key that sync-free mode let through (it
+    records, not reads, the ids) cannot write out of bounds; the record raises later.
+    """
+    flat = keys.reshape(-1).long().clamp(0, max(num_keys - 1, 0))
+    order = torch.argsort(flat, stable=True)
+    if num_keys <= flat.numel():
+        used, slot = None, flat
+    else:
+        ordered = flat[order]
+        new = torch.ones_like(ordered, dtype=torch.bool)
+        new[1:] = ordered[1:] != ordered[:-1]
+        slot_ordered = new.cumsum(0) - 1  # the segment of each key in sorted order
+        # Duplicate indices write one value: deterministic.
+        used = torch.full_like(flat, num_keys - 1).index_put_((slot_ordered,), ordered)
+        slot = torch.empty_like(flat).index_put_((order,), slot_ordered)
+    size = num_keys if used is None else flat.numel()
+    counts = flat.new_zeros(size).index_add_(0, slot, torch.ones_like(flat))
+    return used, order, F.pad(counts.cumsum(0), (1, 0))
+
+
 def row_sums(
-    grad_out: Tensor, skip: int, rows: Tensor | None, backend: str
-) -> tuple[Tensor, Tensor]:
+    grad_out: Tensor, skip: int, rows: Tensor | None, num_rows: int, backend: str
+) -> tuple[Tensor | None, Tensor]:
     """Per-row sums of the token gradients of `grad_out` (B, skip + s, d).
 
-    Returns `(used, sums)`: the distinct rows read (R,) and their fp32 gradient sums (R, d).
-    `rows is None` means token t read row t (the default DePT positions), which needs no
-    grouping: the kernel sums over the batch directly.
+    Returns `(used, sums)`: fp32 sums (R, d) and their rows as `segments` gives them (None:
+    rows 0..R-1). `rows` lie in [0, num_rows); `rows is None` means token t read row t (the
+    default DePT positions), which needs no grouping: the kernel sums over the batch
+    directly, R = s.
     """
     kernels = backends.load(backend)
-    seq_len = grad_out.shape[1] - skip
     if rows is None:
-        used = torch.arange(seq_len, device=grad_out.device)
-        return used, kernels.reduce(grad_out, skip, None, None)
-    used, inverse, counts = torch.unique(rows.reshape(-1), return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    offsets = F.pad(counts.cumsum(0), (1, 0))
+        return None, kernels.reduce(grad_out, skip, None, None)
+    used, order, offsets = segments(rows, num_rows)
     return used, kernels.reduce(grad_out, skip, order, offsets)
 
 
 def prompt_and_row_sums(
-    grad_out: Tensor, m: int, rows: Tensor | None, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`(prompt_sums (m, d), used (R,), sums (R, d))`, all fp32 sums over the batch of
-    `grad_out` (B, m + s, d), from one `reduce` call: one read of the output gradient.
+    grad_out: Tensor, m: int, rows: Tensor | None, num_rows: int, backend: str
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """`(prompt_sums (m, d), used, sums)`, all fp32 sums over the batch of `grad_out`
+    (B, m + s, d), from one `reduce` call: one read of the output gradient. `used` and
+    `sums` are the token rows' (`row_sums`; rows in [0, num_rows)).
 
     The prompt rows are keyed 0..m-1 and token rows m + their row, so the prompt's sums are
     the first m segments (every prompt row is read when B > 0). `rows is None` (row t for
     token t) needs no keys: the position sums over all m + s rows.
     """
     kernels = backends.load(backend)
-    batch, width, d = grad_out.shape
-    seq_len = width - m
+    batch, _, d = grad_out.shape
     if rows is None:
         sums = kernels.reduce(grad_out, 0, None, None)
-        return sums[:m], torch.arange(seq_len, device=grad_out.device), sums[m:]
+        return sums[:m], None, sums[m:]
     prompt_keys = torch.arange(m, device=rows.device).expand(batch, m)
-    keys = torch.cat([prompt_keys, rows.long() + m], dim=1).reshape(-1)
-    used, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    offsets = F.pad(counts.cumsum(0), (1, 0))
+    # Clamped here too, so that a row out of range stays a token row (see `segments`).
+    rows = rows.long().clamp(0, max(num_rows - 1, 0))
+    keys = torch.cat([prompt_keys, rows + m], dim=1)
+    used, order, offsets = segments(keys, m + num_rows)
     sums = kernels.reduce(grad_out, 0, order, offsets)
     if batch == 0:
-        return grad_out.new_zeros(m, d, dtype=torch.float32), used, sums
-    return sums[:m], used[m:] - m, sums[m:]
+        return grad_out.new_zeros(m, d, dtype=torch.float32), None, sums[m:]
+    return sums[:m], None if used is None else used[m:] - m, sums[m:]
 
 
 def dept_embedding_grads(
@@ -113,16 +140,15 @@ def dept_embedding_grads(
     `lora_a is None`: no low-rank gradient is wanted; `prompt_grad` False gives the prompt's
     gradient as zeros of its shape.
     """
-    d = grad_out.shape[-1]
     m = num_prompt
     # Each absent gradient is its own empty tensor: custom-op outputs may not alias.
     d_a, d_b, d_weight = (grad_out.new_empty(0) for _ in range(3))
     if task_ids is None and prompt_grad and lora_a is not None and lora_a.shape[-1] > 0:
         # The prompt's and the factors' gradients from one read of grad_out.
-        prompt_sums, used, g = prompt_and_row_sums(grad_out, m, rows, backend)
+        prompt_sums, used, g = prompt_and_row_sums(grad_out, m, rows, lora_a.shape[0], backend)
         # A copy, not a view: the gradient would otherwise keep all m + s rows of sums alive.
         d_prompt = prompt_sums.to(prompt_dtype, copy=True)
-        d_a, d_b = _lowrank_from_sums(used, g, lora_a, lora_b, scaling, rows is None)
+        d_a, d_b = _lowrank_from_sums(used, g, lora_a, lora_b, scaling)
     else:
         d_prompt = _prompt_grad(
             grad_out, m, task_ids, num_tasks, prompt_dtype, prompt_grad, backend
@@ -132,9 +158,8 @@ def dept_embedding_grads(
                 grad_out, m, rows, task_ids, lora_a, lora_b, scaling, backend
             )
     if weight_grad:
-        used, g = row_sums(grad_out, m, input_ids, backend)
-        d_weight = torch.zeros(vocab_size, d, dtype=grad_out.dtype, device=grad_out.device)
-        d_weight[used] = g.to(grad_out.dtype)
+        used, g = row_sums(grad_out, m, input_ids, vocab_size, backend)
+        d_weight = _scatter_rows(vocab_size, used, g.to(grad_out.dtype))
     return [d_prompt, d_a, d_b, d_weight]
 
 
@@ -186,26 +211,31 @@ def _lowrank_grads(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(dA (L, r), dB (r, d)) in their dtypes: row sums, then two small matmuls."""
-    used, g = row_sums(grad_out, m, rows, backend)
-    return _lowrank_from_sums(used, g, lora_a, lora_b, scaling, rows is None)
+    used, g = row_sums(grad_out, m, rows, lora_a.shape[0], backend)
+    return _lowrank_from_sums(used, g, lora_a, lora_b, scaling)
+
+
+def _scatter_rows(num_rows: int, used: Tensor | None, sums: Tensor) -> Tensor:
+    """(num_rows, d) zeros with the sums (R, d) added at their rows `used` (None: 0..R-1)."""
+    out = sums.new_zeros(num_rows, sums.shape[-1])
+    if used is None:
+        out[: sums.shape[0]] = sums
+        return out
+    # Accumulated: an empty segment repeats a key (`segments`), adding zeros to it.
+    return out.index_put_((used,), sums, accumulate=True)
 
 
 def _lowrank_from_sums(
-    used: Tensor, g: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, leading: bool
+    used: Tensor | None, g: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float
 ) -> tuple[Tensor, Tensor]:
     """dA = scaling * S @ B^T (L, r) and dB = scaling * A[used]^T @ S (r, d), in the factors'
-    dtypes, from the fp32 sums S (R, d) of the rows `used`; `leading`: used is 0..R-1,
-    so plain slices replace the gather and the scatter."""
-    d_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=g.device)
+    dtypes, from the fp32 sums S (R, d) of the rows `used` (None: 0..R-1, so plain slices
+    replace the gather and the scatter)."""
     # Formed transposed, (r, d) @ (d, R): on the 2-core CPU, one thread, that order measured
     # 0.20 ms against 0.30 ms at T5-base dims (and faster at GPT-2 and LLaMA-7B widths);
     # with two threads the two orders were within the noise.
-    d_a_used = (lora_b.float() @ g.T).T.mul_(scaling)
-    if leading:
-        d_a[: g.shape[0]] = d_a_used
-    else:
-        d_a[used] = d_a_used
-    rows_a = lora_a[: g.shape[0]] if leading else lora_a[used]
+    d_a = _scatter_rows(lora_a.shape[0], used, (lora_b.float() @ g.T).T.mul_(scaling))
+    rows_a = lora_a[: g.shape[0]] if used is None else lora_a[used]
     d_b = scaling * (rows_a.float().T @ g)
     return d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
 
@@ -215,14 +245,14 @@ def _task_prompt_grad(
 ) -> Tensor:
     """fp32 (T, m, d): the prompt rows of `grad_out` (B, m + s, d) summed per task."""
     d = grad_out.shape[-1]
-    d_prompt = grad_out.new_zeros(num_tasks * m, d, dtype=torch.float32)
-    if m:
-        # Rows keyed (task, prompt row) go through the deterministic segmented sum; it reads
-        # token rows, so the prompt block (B, m, d, no s) is handed over as its own tensor.
-        keys = task_ids[:, None] * m + torch.arange(m, device=grad_out.device)
-        used, sums = row_sums(grad_out[:, :m].contiguous(), 0, keys, backend)
-        d_prompt[used] = sums
-    return d_prompt.view(num_tasks, m, d)
+    if not m:
+        return grad_out.new_zeros(num_tasks, m, d, dtype=torch.float32)
+    # Rows keyed (task, prompt row) go through the deterministic segmented sum; it reads
+    # token rows, so the prompt block (B, m, d, no s) is handed over as its own tensor.
+    tasks = task_ids.clamp(0, num_tasks - 1)  # see `segments`
+    keys = tasks[:, None] * m + torch.arange(m, device=grad_out.device)
+    used, sums = row_sums(grad_out[:, :m].contiguous(), 0, keys, num_tasks * m, backend)
+    return _scatter_rows(num_tasks * m, used, sums).view(num_tasks, m, d)
 
 
 def _task_lowrank_grads(
@@ -238,24 +268,32 @@ def _task_lowrank_grads(
     """(dA (T, L, r), dB (T, r, d)) for stacked factors, in their dtypes.
 
     The token gradients are summed per (task, row) key `task * L + row` in one segmented
-    pass, then each task present gets its two small matmuls.
+    pass; each sum S_u (of task k, row j) then meets its own task's factors through a
+    one-hot over the tasks, with no per-task loop (whose split sizes would be read back to
+    the host): dA[k, j] = scaling * S_u @ B[k]^T and dB[k] = scaling * sum_u A[k, j]^T S_u.
+    The work is T times that of the per-task products, R * T * r * d for R sums.
     """
-    batch, width, _ = grad_out.shape
-    max_len = lora_a.shape[1]
+    batch, width, d = grad_out.shape
+    num_tasks, max_len, rank = lora_a.shape
     if rows is None:
         rows = torch.arange(width - m, device=grad_out.device).expand(batch, -1)
-    keys = task_ids[:, None] * max_len + rows.long()
-    used, g = row_sums(grad_out, m, keys, backend)
-    # `used` is sorted, so each task's rows form one run.
-    tasks, counts = torch.unique_consecutive(used // max_len, return_counts=True)
-    counts = counts.tolist()
-    d_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=grad_out.device)
-    d_b = torch.zeros(lora_b.shape, dtype=torch.float32, device=grad_out.device)
-    for k, g_k, rows_k in zip(
-        tasks.tolist(), g.split(counts), (used % max_len).split(counts), strict=True
-    ):
-        d_a[k, rows_k] = scaling * (g_k @ lora_b[k].float().T)
-        d_b[k] = scaling * (lora_a[k, rows_k].float().T @ g_k)
+    # Clamped apart, so that a task or row out of range stays in its own part of the key.
+    tasks = task_ids.clamp(0, num_tasks - 1)[:, None]
+    keys = tasks * max_len + rows.long().clamp(0, max_len - 1)
+    used, g = row_sums(grad_out, m, keys, num_tasks * max_len, backend)
+    if used is None:
+        used = torch.arange(g.shape[0], device=g.device)
+    task_of, row_of = used // max_len, used % max_len
+    # (R, T); not `F.one_hot`, which on the CPU reads the classes' range back.
+    tasks_range = torch.arange(num_tasks, device=g.device)
+    one_hot = (task_of[:, None] == tasks_range).to(g.dtype)
+    # (R, T, r): each sum against every task's B, of which its own task's is kept.
+    d_a_rows = (g @ lora_b.float().reshape(num_tasks * rank, d).T).view(-1, num_tasks, rank)
+    d_a_rows = (d_a_rows * one_hot[:, :, None]).sum(1).mul_(scaling)
+    d_a = _scatter_rows(num_tasks * max_len, used, d_a_rows).view(num_tasks, max_len, rank)
+    a_rows = lora_a.float()[task_of, row_of]  # (R, r)
+    spread = (one_hot[:, :, None] * a_rows[:, None, :]).reshape(-1, num_tasks * rank)
+    d_b = (spread.T @ g).mul_(scaling).view(num_tasks, rank, d)
     return d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
 
 
@@ -269,10 +307,10 @@ def aot_table_grad(
 ) -> Tensor:
     """Gradient of the (V, d) or (T, V, d) table of `aot_bias_add`: per-row sums of
     `grad_out` (B, s, d), deterministic."""
-    d = table_shape[-1]
     vocab = table_shape[-2]
-    rows = input_ids if task_ids is None else task_ids.long()[:, None] * vocab + input_ids.long()
-    used, sums = row_sums(grad_out.contiguous(), 0, rows, backend)
-    grad = grad_out.new_zeros(math.prod(table_shape[:-1]), d, dtype=table_dtype)
-    grad[used] = sums.to(table_dtype)
-    return grad.reshape(table_shape)
+    num_rows = math.prod(table_shape[:-1])
+    rows = input_ids.long().clamp(0, vocab - 1)  # see `segments`
+    if task_ids is not None:
+        rows = task_ids.long().clamp(0, num_rows // vocab - 1)[:, None] * vocab + rows
+    used, sums = row_sums(grad_out.contiguous(), 0, rows, num_rows, backend)
+    return _scatter_rows(num_rows, used, sums.to(table_dtype)).reshape(table_shape)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from . import _sync_free
 
 ID_DTYPES = (torch.int64, torch.int32)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,11 +47,19 @@ def check_device(name: str, x: Tensor, device: torch.device, like: str = "weight
         raise ValueError(f"{name} is on {x.device} but {like} is on {device}")
 
 
-def check_range(name: str, ids: Tensor, upper: int, hint: str = "") -> None:
-    """All ids in [0, upper). Reads the ids (a device sync on GPU) before any kernel does.
+class Range(NamedTuple):
+    """The ids of argument `name` must lie in [0, upper); `hint`, when given, follows the
+    error message: what the bound is and how to stay within it."""
 
-    `hint`, when given, follows the message: what the bound is and how to stay within it.
-    """
+    name: str
+    ids: Tensor
+    upper: int
+    hint: str = ""
+
+
+def check_range(name: str, ids: Tensor, upper: int, hint: str = "") -> None:
+    """All ids in [0, upper), else an IndexError. Reads the ids (a device sync on GPU) before
+    any kernel does, whatever the mode: for callers that read the ids anyway."""
     if ids.numel() == 0:
         return
     lo, hi = torch.aminmax(ids)
@@ -58,6 +69,32 @@ def check_range(name: str, ids: Tensor, upper: int, hint: str = "") -> None:
         raise IndexError(f"{name} holds a negative id ({lo}); ids must lie in [0, {upper}){tail}")
     if hi >= upper:
         raise IndexError(f"{name} holds id {hi}, out of range [0, {upper}){tail}")
+
+
+def checked(*ranges: Range) -> list[Tensor]:
+    """The ids of each range, safe for a kernel to read, in order.
+
+    Default mode: checked with one read for all of them (a device sync on GPU), which also
+    raises what sync-free calls recorded on that device (`_sync_free`); an id out of range
+    raises `check_range`'s IndexError, the first argument's first. The ids come back as
+    given. Sync-free mode: nothing is read; the ids come back clamped into range and any
+    outside is recorded, to raise at the next check.
+    """
+    if _sync_free.sync_free_enabled():
+        return [_sync_free.clamp(r.name, r.ids, r.upper) for r in ranges]
+    flags = []
+    for r in ranges:
+        if r.ids.numel():
+            lo, hi = torch.aminmax(r.ids)
+            flags.append((lo < 0) | (hi >= r.upper))
+    devices = {r.ids.device for r in ranges}
+    flags += [p for p in map(_sync_free.pending, devices) if p is not None]
+    if flags and bool(torch.stack(flags).any()):
+        for r in ranges:
+            check_range(*r)
+        for device in devices:
+            _sync_free.check_errors(device)
+    return [r.ids for r in ranges]
 
 
 def check_scaling(scaling: object) -> None:

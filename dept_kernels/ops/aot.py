@@ -15,7 +15,9 @@ backend (`_aot_op`); this module holds the public functions and their checks. Dr
 follows the paper (on `P_x` for Kronecker, on `E[x]` for FC) and acts per distinct id: all
 occurrences of a token in a batch share one mask, which is what evaluating on distinct ids
 means. It draws from torch's generator, so it is reproducible
-under `torch.manual_seed` and identical on every backend.
+under `torch.manual_seed` and identical on every backend. In sync-free mode the distinct ids
+come padded to a static length (`distinct_ids`): still one row, and one mask, per distinct
+id, but drawn from more random numbers, so the masks differ from the default mode's.
 """
 
 from __future__ import annotations
@@ -135,21 +137,25 @@ def _check_hidden(hidden: Tensor, input_ids: Tensor) -> None:
 
 
 def checked_ids(ids: Tensor, upper: int, name: str) -> Tensor:
-    """`ids`, after checking that they lie in [0, upper).
+    """`ids`, after checking that they lie in [0, upper) (sync-free: clamped into it).
 
-    Eager: the check, and `ids` itself. While compiling, a custom op returning a copy: the
-    check then runs at run time (tracing cannot read the ids), and it runs before every
-    consumer of the returned ids, which a check with no output would not guarantee.
+    Eager: the check, and `ids` itself (sync-free: a clamped copy). While compiling, a
+    custom op returning a copy: the check then runs at run time (tracing cannot read the
+    ids), and it runs before every consumer of the returned ids, which a check with no
+    output would not guarantee.
     """
     if torch.compiler.is_compiling():
         return torch.ops.dept_kernels.checked_ids(ids, upper, name)
-    v.check_range(name, ids, upper)
+    (ids,) = v.checked(v.Range(name, ids, upper))
     return ids
 
 
 def distinct_ids(ids: Tensor, upper: int, name: str = "input_ids") -> tuple[Tensor, Tensor]:
     """`(used, inverse)`: the sorted distinct ids (U,) of `ids`, range-checked against
     [0, upper), and each element's index into them (same shape as `ids`, int64).
+
+    Sync-free mode: `used` has the static length min(N, upper), the distinct ids first,
+    then padding that no inverse points at (`_aot_op.padded_distinct`).
 
     A custom op, so that `torch.compile(fullgraph=True)` traces it with U as an unbacked size
     instead of breaking the graph on `torch.unique`'s data-dependent output.
