@@ -19,8 +19,15 @@ from torch import Tensor
 from .. import backends
 from . import _grads
 from . import _validate as v
+from ._eager import EagerOp
 
-__all__ = ["check_default_positions", "check_values", "fp32_math", "lowrank_rows"]
+__all__ = [
+    "check_default_positions",
+    "check_values",
+    "dept_embedding_call",
+    "fp32_math",
+    "lowrank_rows",
+]
 
 
 def check_default_positions(input_ids: Tensor, lora_a: Tensor) -> None:
@@ -98,9 +105,8 @@ def fp32_math(fn: Callable) -> Callable:
     return body
 
 
-@torch.library.custom_op("dept_kernels::dept_embedding", mutates_args=())
 @fp32_math
-def _dept_embedding_op(
+def _dept_embedding_body(
     input_ids: Tensor,
     weight: Tensor,
     prompt: Tensor | None,
@@ -141,6 +147,11 @@ def _dept_embedding_op(
     )
 
 
+_dept_embedding_op = torch.library.custom_op("dept_kernels::dept_embedding", mutates_args=())(
+    _dept_embedding_body
+)
+
+
 @_dept_embedding_op.register_fake
 def _(
     input_ids,
@@ -162,9 +173,8 @@ def _(
     return weight.new_empty(batch, m + seq_len + n_v, weight.shape[1])
 
 
-@torch.library.custom_op("dept_kernels::dept_embedding_backward", mutates_args=())
 @fp32_math
-def _dept_embedding_backward_op(
+def _dept_embedding_backward_body(
     grad_out: Tensor,
     input_ids: Tensor,
     rows: Tensor | None,
@@ -201,6 +211,12 @@ def _dept_embedding_backward_op(
         weight_grad,
         backends.resolved(backend, grad_out.device),
     )
+
+
+_dept_embedding_backward_op = torch.library.custom_op(
+    "dept_kernels::dept_embedding_backward", mutates_args=()
+)(_dept_embedding_backward_body)
+backward_call = EagerOp(_dept_embedding_backward_op, _dept_embedding_backward_body)
 
 
 @_dept_embedding_backward_op.register_fake
@@ -256,7 +272,7 @@ def _backward(ctx, grad_out):
     d_visual = grad_out[:, ctx.text :] if ctx.has_visual and need[11] else None
     if grad_out.shape[1] != ctx.text:
         grad_out = grad_out[:, : ctx.text]
-    d_prompt, d_a, d_b, d_weight = torch.ops.dept_kernels.dept_embedding_backward(
+    d_prompt, d_a, d_b, d_weight = backward_call(
         grad_out,
         input_ids,
         rows,
@@ -289,3 +305,5 @@ def _backward(ctx, grad_out):
 
 
 _dept_embedding_op.register_autograd(_backward, setup_context=_setup_context)
+# What the public op calls: the custom op, or its body directly on plain eager tensors.
+dept_embedding_call = EagerOp(_dept_embedding_op, _dept_embedding_body, _setup_context, _backward)

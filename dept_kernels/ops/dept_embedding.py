@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import backends
 from . import _validate as v
-from ._dept_embedding_op import check_default_positions
+from ._dept_embedding_op import check_default_positions, dept_embedding_call
 
 __all__ = ["INDEX_MODES", "dept_embedding"]
 
@@ -84,7 +84,7 @@ def dept_embedding(
         # table counts as contiguous whatever its last stride and would come back unchanged.
         weight = weight.clone(memory_format=torch.contiguous_format)
     backend = backends.resolve_later(weight.device)
-    return torch.ops.dept_kernels.dept_embedding(
+    return dept_embedding_call(
         input_ids.contiguous(),
         weight,
         prompt,
