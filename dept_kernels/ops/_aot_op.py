@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import backends
 from . import _grads
 from . import _validate as v
+from ._eager import EagerOp
 from ._sync_free import sync_free_enabled
 
 
@@ -59,8 +60,7 @@ def _table_rows(input_ids: Tensor, table: Tensor, task_ids: Tensor | None, check
     return task_ids.long()[:, None] * vocab + input_ids.long()
 
 
-@torch.library.custom_op("dept_kernels::aot_bias_add", mutates_args=())
-def _aot_bias_add_op(
+def _aot_bias_add_body(
     hidden: Tensor,
     input_ids: Tensor,
     table: Tensor,
@@ -74,13 +74,17 @@ def _aot_bias_add_op(
     return backends.load(backend).gather_add(hidden, rows, flat, torch.empty_like(hidden))
 
 
+_aot_bias_add_op = torch.library.custom_op("dept_kernels::aot_bias_add", mutates_args=())(
+    _aot_bias_add_body
+)
+
+
 @_aot_bias_add_op.register_fake
 def _(hidden, input_ids, table, task_ids, backend, checked):
     return torch.empty_like(hidden)
 
 
-@torch.library.custom_op("dept_kernels::aot_bias_add_", mutates_args=("hidden",))
-def _aot_bias_add_inplace_op(
+def _aot_bias_add_inplace_body(
     hidden: Tensor,
     input_ids: Tensor,
     table: Tensor,
@@ -95,13 +99,28 @@ def _aot_bias_add_inplace_op(
     backends.load(backend).gather_add(hidden, rows, table.reshape(-1, table.shape[-1]), hidden)
 
 
+_aot_bias_add_inplace_op = torch.library.custom_op(
+    "dept_kernels::aot_bias_add_", mutates_args=("hidden",)
+)(_aot_bias_add_inplace_body)
+
+
+def _aot_bias_add_inplace_eager(*args) -> None:
+    """The in-place body called directly; the kernel writes `hidden` through its pointer, so
+    its version counter is bumped here, as the custom op does for a mutated argument (a
+    tensor autograd saved would otherwise be read changed, silently)."""
+    _aot_bias_add_inplace_body(*args)
+    torch.autograd.graph.increment_version(args[0])
+
+
+aot_bias_add_inplace_call = EagerOp(_aot_bias_add_inplace_op, _aot_bias_add_inplace_eager)
+
+
 @_aot_bias_add_inplace_op.register_fake
 def _(hidden, input_ids, table, task_ids, backend, checked):
     return None
 
 
-@torch.library.custom_op("dept_kernels::aot_bias_add_backward", mutates_args=())
-def _aot_bias_add_backward_op(
+def _aot_bias_add_backward_body(
     grad_out: Tensor,
     input_ids: Tensor,
     task_ids: Tensor | None,
@@ -118,6 +137,12 @@ def _aot_bias_add_backward_op(
         table_dtype,
         backends.resolved(backend, grad_out.device),
     )
+
+
+_aot_bias_add_backward_op = torch.library.custom_op(
+    "dept_kernels::aot_bias_add_backward", mutates_args=()
+)(_aot_bias_add_backward_body)
+_backward_call = EagerOp(_aot_bias_add_backward_op, _aot_bias_add_backward_body)
 
 
 @_aot_bias_add_backward_op.register_fake
@@ -137,7 +162,7 @@ def _backward(ctx, grad_out):
     input_ids, task_ids = ctx.saved_tensors
     d_table = None
     if ctx.needs_input_grad[2]:
-        d_table = torch.ops.dept_kernels.aot_bias_add_backward(
+        d_table = _backward_call(
             grad_out, input_ids, task_ids, ctx.table_shape, ctx.table_dtype, ctx.backend
         )
     # The bias is added, so the hidden state's gradient passes through unchanged.
@@ -145,6 +170,8 @@ def _backward(ctx, grad_out):
 
 
 _aot_bias_add_op.register_autograd(_backward, setup_context=_setup_context)
+# What the public op calls: the custom op, or its body directly on plain eager tensors.
+aot_bias_add_call = EagerOp(_aot_bias_add_op, _aot_bias_add_body, _setup_context, _backward)
 
 
 @torch.library.custom_op("dept_kernels::checked_ids", mutates_args=())
@@ -158,8 +185,7 @@ def _(ids, upper, name):
     return torch.empty_like(ids)
 
 
-@torch.library.custom_op("dept_kernels::distinct_ids", mutates_args=())
-def _distinct_ids_op(ids: Tensor, upper: int, name: str, checked: bool) -> tuple[Tensor, Tensor]:
+def _distinct_ids_body(ids: Tensor, upper: int, name: str, checked: bool) -> tuple[Tensor, Tensor]:
     if not checked:
         (ids,) = v.checked(v.Range(name, ids, upper))
     if sync_free_enabled():
@@ -186,6 +212,12 @@ def padded_distinct(ids: Tensor, upper: int) -> tuple[Tensor, Tensor]:
     used.index_put_((slot,), ordered)
     inverse = torch.empty_like(flat).index_put_((order,), slot)
     return used.to(ids.dtype), inverse.view(ids.shape)
+
+
+_distinct_ids_op = torch.library.custom_op("dept_kernels::distinct_ids", mutates_args=())(
+    _distinct_ids_body
+)
+distinct_ids_call = EagerOp(_distinct_ids_op, _distinct_ids_body)
 
 
 @_distinct_ids_op.register_fake

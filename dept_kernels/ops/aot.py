@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from . import _aot_op  # noqa: F401  registers the custom ops called below
+from . import _aot_op
 from . import _validate as v
 
 __all__ = [
@@ -93,9 +93,9 @@ def _aot_bias_add(
             )
         if not hidden.is_contiguous():
             raise ValueError("aot_bias_add(inplace=True) needs a contiguous hidden")
-        torch.ops.dept_kernels.aot_bias_add_(hidden, ids, table, task_ids, backend, ids_checked)
+        _aot_op.aot_bias_add_inplace_call(hidden, ids, table, task_ids, backend, ids_checked)
         return hidden
-    return torch.ops.dept_kernels.aot_bias_add(
+    return _aot_op.aot_bias_add_call(
         hidden.contiguous(), ids, table, task_ids, backend, ids_checked
     )
 
@@ -165,7 +165,7 @@ def distinct_ids(ids: Tensor, upper: int, name: str = "input_ids") -> tuple[Tens
 
 def _distinct_ids(ids: Tensor, upper: int, name: str, checked: bool) -> tuple[Tensor, Tensor]:
     """`distinct_ids`, skipping the range check where the library's caller has done it."""
-    return torch.ops.dept_kernels.distinct_ids(ids, upper, name, checked)
+    return _aot_op.distinct_ids_call(ids, upper, name, checked)
 
 
 def kron_rows(ids: Tensor, w_l: Tensor, w_m: Tensor, w_r: Tensor) -> Tensor:

@@ -40,6 +40,12 @@ SYNC_OPS = {
 }
 
 
+# One read of a scalar back to the host, whichever op the dispatch mode sees it as: `bool(t)`
+# is `is_nonzero` below autograd and `_local_scalar_dense` above it, `.item()` likewise.
+SCALAR_READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"}
+SCALAR_READ = "scalar read"
+
+
 def _syncs(name: str, kwargs: dict) -> bool:
     """Whether a call of aten op `name` syncs (`repeat_interleave` only without the
     `output_size` that spares it the read of its repeats' sum)."""
@@ -88,7 +94,7 @@ class SyncCounter(TorchDispatchMode):
         name = func._schema.name
         self.calls[name] += 1
         if _syncs(name, kwargs):
-            self.counts[name] += 1
+            self.counts[SCALAR_READ if name in SCALAR_READS else name] += 1
         opdef = OPDEFS.get(name)
         if opdef is not None:
             # The mode is off while it handles a call: re-enter it for the op's body.

@@ -1,0 +1,111 @@
+"""The ops' host time per call: the eager path against the custom ops (on the CPU).
+
+    python bench/host_overhead.py [--rounds 25] [--calls 50]
+
+At a size where the kernels take a few microseconds (B=2, s=5, d=8), a call's time is the
+host's work: argument checks, dispatch, autograd. On a GPU that work, not the kernel, is
+what a model pays per call (`bench/results/README.md`, the H200 run). Each op is timed both
+ways in one process, round-robin: the eager path (`dept_kernels/ops/_eager.py`: the custom
+op's body called directly on plain tensors) and every call through the custom ops (the
+eager path switched off). Median and IQR of the per-call time over the rounds; a ratio is
+stated only when both rows' spread is within `verdict.NOISE_LIMIT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+from dept_kernels.bench import verdict
+from dept_kernels.bench._timing import median_iqr, rotation
+from dept_kernels.ops import _eager, aot_bias_add, dept_embedding
+
+
+def problems() -> dict[str, Callable[[], object]]:
+    gen = torch.Generator().manual_seed(0)
+    v, d, m, r, length, b, s = 50, 8, 3, 2, 5, 2, 5
+    kw = {
+        "input_ids": torch.randint(0, v, (b, s), generator=gen),
+        "weight": torch.randn(v, d, generator=gen),
+        "prompt": torch.randn(m, d, generator=gen).requires_grad_(),
+        "lora_a": torch.randn(length, r, generator=gen).requires_grad_(),
+        "lora_b": torch.randn(r, d, generator=gen).requires_grad_(),
+        "scaling": 0.5,
+    }
+    params = [kw["prompt"], kw["lora_a"], kw["lora_b"]]
+    grad = torch.randn(b, m + s, d, generator=gen)
+    hidden = torch.randn(b, s, d, generator=gen).requires_grad_()
+    table = torch.randn(v, d, generator=gen).requires_grad_()
+
+    def dept_forward():
+        with torch.no_grad():
+            return dept_embedding(**kw)
+
+    def dept_step():
+        return torch.autograd.grad(dept_embedding(**kw), params, grad)
+
+    def aot_forward():
+        with torch.no_grad():
+            return aot_bias_add(hidden, kw["input_ids"], table)
+
+    def aot_step():
+        out = aot_bias_add(hidden, kw["input_ids"], table)
+        return torch.autograd.grad(out, (hidden, table), torch.ones_like(out))
+
+    return {
+        "dept_embedding forward": dept_forward,
+        "dept_embedding forward+backward": dept_step,
+        "aot_bias_add forward": aot_forward,
+        "aot_bias_add forward+backward": aot_step,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--calls", type=int, default=50)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    plain = _eager._plain
+    modes = {"eager path": plain, "custom ops": lambda inputs: False}
+    fns = problems()
+    times: dict[tuple[str, str], list[float]] = {}
+    for i in range(args.rounds + 1):
+        for mode in rotation(list(modes), i):
+            _eager._plain = modes[mode]
+            for name, fn in fns.items():
+                fn()
+                start = time.perf_counter()
+                for _ in range(args.calls):
+                    fn()
+                if i:  # the first round warms up
+                    per_call = (time.perf_counter() - start) / args.calls
+                    times.setdefault((name, mode), []).append(per_call)
+    _eager._plain = plain
+    print(
+        f"host time per call, {platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}, 1 thread, {args.rounds} rounds of {args.calls} calls"
+    )
+    for name in fns:
+        rows = {mode: times[(name, mode)] for mode in modes}
+        stats = {mode: median_iqr(t) for mode, t in rows.items()}
+        cells = [
+            f"{mode} {med * 1e6:.1f} µs (IQR {iqr * 1e6:.1f})" for mode, (med, iqr) in stats.items()
+        ]
+        spreads = {mode: verdict.relative_spread(t) for mode, t in rows.items()}
+        noisy = verdict.noisy_rows(spreads)
+        fast, slow = stats["eager path"][0], stats["custom ops"][0]
+        claim = (
+            f"inconclusive (spread {max(spreads.values()):.0%})"
+            if noisy
+            else f"the eager path takes {fast / slow:.2f}x the custom ops' time"
+        )
+        print(f"{name}: {'; '.join(cells)}: {claim}")
+
+
+if __name__ == "__main__":
+    main()
