@@ -62,6 +62,15 @@ BLOCK_R = 16
 # Tokens summed per step of a segment in the reduce kernel.
 BLOCK_N = 16
 NUM_WARPS = 4
+# Blocks of NUM_WARPS warps each kernel is sized to keep resident per SM, so its registers
+# must stay within 65536 / (blocks * 32 * NUM_WARPS); the launchers size their grids from it
+# and tests/triton/test_sass_facts.py checks the compiled registers against it.
+CTAS_PER_SM = {
+    "_fwd_position_kernel": 4,
+    "_fwd_rows_kernel": 4,
+    "_reduce_position_kernel": 8,
+    "_reduce_segment_kernel": 8,
+}
 # Position-mode forward splits the batch into chunks when the tile grid alone is small,
 # aiming at this many programs: several per SM on an H100 (132 SMs), so the last wave
 # is short. Each chunk recomputes its low-rank tile, r·BLOCK_T·BLOCK_D flops next to
