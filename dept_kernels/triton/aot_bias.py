@@ -15,12 +15,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dept_embedding import BLOCK_D, BLOCK_T, COMPILE_OPTIONS, FLOATS, IDS, RUNTIME_SIZES
+from . import dept_embedding
+from .dept_embedding import BLOCK_D, BLOCK_T, FLOATS, IDS, RUNTIME_SIZES
 
-__all__ = ["COMPILE_OPTIONS", "CTAS_PER_SM", "RUNTIME_SIZES", "aot_variants", "gather_add"]
+__all__ = ["CTAS_PER_SM", "RUNTIME_SIZES", "aot_variants", "compile_options", "gather_add"]
 
 # Blocks per SM the kernel is built for (see `dept_embedding.CTAS_PER_SM`).
 CTAS_PER_SM = {"_gather_add_kernel": 8}
+
+
+def compile_options(kernel: str) -> dict:
+    """Launch options of `kernel` (see `dept_embedding.compile_options`)."""
+    return dept_embedding.compile_options(kernel)
 
 
 def gather_add_constexprs(out_dtype: torch.dtype) -> dict:
@@ -102,7 +108,7 @@ def gather_add(hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tens
         out.stride(1),
         table.stride(0),
         **meta,
-        **COMPILE_OPTIONS,
+        **compile_options("_gather_add_kernel"),
     )
     return out
 
