@@ -15,18 +15,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import dept_embedding
-from .dept_embedding import BLOCK_D, BLOCK_T, FLOATS, IDS, RUNTIME_SIZES
+from .dept_embedding import BLOCK_D, BLOCK_T, COMPILE_OPTIONS, FLOATS, IDS, RUNTIME_SIZES
 
-__all__ = ["CTAS_PER_SM", "RUNTIME_SIZES", "aot_variants", "compile_options", "gather_add"]
+__all__ = ["COMPILE_OPTIONS", "CTAS_PER_SM", "RUNTIME_SIZES", "aot_variants", "gather_add"]
 
 # Blocks per SM the kernel is built for (see `dept_embedding.CTAS_PER_SM`).
 CTAS_PER_SM = {"_gather_add_kernel": 8}
-
-
-def compile_options(kernel: str) -> dict:
-    """Launch options of `kernel` (see `dept_embedding.compile_options`)."""
-    return dept_embedding.compile_options(kernel)
 
 
 def gather_add_constexprs(out_dtype: torch.dtype) -> dict:
@@ -108,7 +102,7 @@ def gather_add(hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tens
         out.stride(1),
         table.stride(0),
         **meta,
-        **compile_options("_gather_add_kernel"),
+        **COMPILE_OPTIONS,
     )
     return out
 

@@ -93,12 +93,6 @@ COMPILE_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
 RUNTIME_SIZES = ("batch", "seq_len", "m", "n_v", "rank", "batch_chunk", "n_tok", "max_len")
 
 
-def compile_options(kernel: str) -> dict:
-    """Launch options of `kernel` (one place, so the launchers and the ahead-of-time build
-    agree)."""
-    return dict(COMPILE_OPTIONS)
-
-
 def forward_constexprs(
     weight_dtype: torch.dtype, factor_dtype: torch.dtype | None, rows_mode: bool, tasks: bool
 ) -> dict:
@@ -295,8 +289,8 @@ def _store_token_tiles(
     if HAS_TASKS:
         b_next = tl.load(order_ptr + b_next)
     # (Batch positions compared as vectors: the interpreter takes no scalar in a mask.)
-    step = tl.zeros_like(t)
-    ids_next = tl.load(ids_ptr + b_next * seq_len + t, mask=t_mask & (step + i0 + 1 < i1), other=0)
+    zero = tl.zeros_like(t)
+    ids_next = tl.load(ids_ptr + b_next * seq_len + t, mask=t_mask & (zero + i0 + 1 < i1), other=0)
     if HAS_LORA:
         if HAS_TASKS:
             # Formed in the loop, whenever the task changes; -1 is no task.
@@ -322,7 +316,7 @@ def _store_token_tiles(
     emb = tl.load(w_ptr + ids.to(tl.int64)[:, None] * stride_w + cols[None, :], mask=mask)
     for i in range(i0, i1):
         # Masked past the chunk's end rather than branched: the last steps load nothing.
-        ahead = (step + i + 1 < i1)[:, None]
+        ahead = (zero + i + 1 < i1)[:, None]
         emb_next = tl.load(
             w_ptr + ids_next.to(tl.int64)[:, None] * stride_w + cols[None, :], mask=mask & ahead
         )
@@ -330,7 +324,7 @@ def _store_token_tiles(
         if HAS_TASKS:
             b_after = tl.load(order_ptr + b_after)
         ids_after = tl.load(
-            ids_ptr + b_after * seq_len + t, mask=t_mask & (step + i + 2 < i1), other=0
+            ids_ptr + b_after * seq_len + t, mask=t_mask & (zero + i + 2 < i1), other=0
         )
         if HAS_LORA and HAS_TASKS:
             task_b = tl.load(task_ptr + b)
@@ -678,13 +672,13 @@ def _reduce_position_kernel(
     mask = (t < seq_len)[:, None] & (cols < d)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     tile = g_ptr + ((m + t).to(tl.int64) * d)[:, None] + cols[None, :]
-    step = tl.zeros_like(t)
+    zero = tl.zeros_like(t)
     for b0 in range(0, batch, 4):
         # Four batch elements' rows in flight together (issued before any of them is
         # summed), then added in batch order, the order of a plain loop.
         b = tl.cast(b0, tl.int64)
         # (Compared as vectors: the interpreter takes no scalar in a mask.)
-        b_t = (step + b0)[:, None]
+        b_t = (zero + b0)[:, None]
         x0 = tl.load(tile + b * stride_gb, mask=mask, other=0.0)
         x1 = tl.load(tile + (b + 1) * stride_gb, mask=mask & (b_t + 1 < batch), other=0.0)
         x2 = tl.load(tile + (b + 2) * stride_gb, mask=mask & (b_t + 2 < batch), other=0.0)
@@ -831,7 +825,7 @@ def forward(
             batch_chunk,
             scaling,
             **meta,
-            **compile_options("_fwd_position_kernel"),
+            **COMPILE_OPTIONS,
         )
     else:
         if rows.dtype != input_ids.dtype:
@@ -843,9 +837,7 @@ def forward(
             n_tok_tiles = triton.cdiv(batch * seq_len, BLOCK_T)
         grid = (n_tok_tiles + (n_prompt + n_visual) * batch, n_d)
         pointers = (input_ids, rows, weight, prompt, lora_a, lora_b, task_ids, visual, out)
-        _fwd_rows_kernel[grid](
-            *pointers, *sizes, scaling, **meta, **compile_options("_fwd_rows_kernel")
-        )
+        _fwd_rows_kernel[grid](*pointers, *sizes, scaling, **meta, **COMPILE_OPTIONS)
     return out
 
 
@@ -899,7 +891,7 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
                 d,
                 stride_gb,
                 **meta,
-                **compile_options("_reduce_position_kernel"),
+                **COMPILE_OPTIONS,
             )
         return out
     out = grad_out.new_empty(offsets.numel() - 1, d, dtype=torch.float32)
@@ -914,7 +906,7 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
             d,
             stride_gb,
             **meta,
-            **compile_options("_reduce_segment_kernel"),
+            **COMPILE_OPTIONS,
         )
     return out
 

@@ -164,7 +164,7 @@ def _compile(job: tuple[Variant, int, str | None]) -> CompileResult:
         kernel = triton.compile(
             ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", cc, 32),
-            options=module.compile_options(variant.kernel),
+            options=dict(module.COMPILE_OPTIONS),
         )
     except Exception as exc:  # any compiler failure is a result to report
         return CompileResult(
