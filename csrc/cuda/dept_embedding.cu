@@ -6,14 +6,15 @@
 namespace dept_kernels {
 namespace {
 
-// Ranks of the factors a block stages in shared memory per step: 8 KiB of lora_b, four 16-byte
+// Ranks of the factors a block stages in shared memory per step: up to 8 KiB of lora_b, four
 // loads per thread, all in flight together, so forming a delta costs one memory latency per
 // kStageRanks ranks (r = 40 in bf16: 5, not the 20 of a per-thread loop unrolled twice), and
 // the warps of a block, which share their columns, read lora_b from L2 once instead of once
-// each. (Twice the ranks per step spilled ForwardSharedDelta<bf16> on sm_90 at 128 registers,
-// as did unrolling the product loop below.)
+// each. At most 16 ranks: the scalar (VEC = 1) kernels hold their share of the copy in
+// registers too. (Twice the ranks per step spilled ForwardSharedDelta<bf16> on sm_90 at 128
+// registers, as did unrolling the product loop below; 64 ranks spilled the scalar kernels.)
 template <int VEC>
-constexpr int kStageRanks = 64 / VEC;
+constexpr int kStageRanks = 64 / VEC < 16 ? 64 / VEC : 16;
 
 template <int VEC>
 struct LowRankStage {
