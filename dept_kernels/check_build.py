@@ -33,7 +33,15 @@ from pathlib import Path
 
 from . import _build
 
-__all__ = ["KernelResult", "compile_cuda", "compile_triton", "main"]
+__all__ = [
+    "KernelResult",
+    "compile_cuda",
+    "compile_triton",
+    "cuda_sources",
+    "demangle",
+    "main",
+    "nvcc_command",
+]
 
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)'")
@@ -83,7 +91,7 @@ def cuda_sources() -> list[Path]:
     return [] if csrc is None else sorted((csrc / "cuda").glob("*.cu"))
 
 
-def _demangle(names: list[str]) -> dict[str, str]:
+def demangle(names: list[str]) -> dict[str, str]:
     """Readable kernel names: the kernel struct with its template arguments."""
     cxxfilt = shutil.which("c++filt")
     if cxxfilt is None or not names:
@@ -110,21 +118,27 @@ def _parse_ptxas(log: str, source: str) -> list[KernelResult]:
             current.spill_stores, current.spill_loads = int(spills[1]), int(spills[2])
         elif current is not None and (regs := _REGS.search(line)):
             current.registers = int(regs[1])
-    names = _demangle([r.name for r in results])
+    names = demangle([r.name for r in results])
     for r in results:
         r.name = names[r.name]
     return results
 
 
-def _nvcc_one(nvcc: str, source: Path, cc: int, workdir: Path) -> list[KernelResult]:
+def nvcc_command(nvcc: str, source: Path, cc: int, output: Path, cubin: bool = False) -> list[str]:
+    """nvcc compiling `source` for sm_`cc` with the JIT build's flags, reporting registers
+    and spills (`-Xptxas -v`); `cubin`: the device code alone, for disassemblers."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
     from .backends._cuda import NVCC_FLAGS
 
     # The JIT build's flags: torch's (no implicit half / bfloat16 operators) plus ours.
-    cmd = [nvcc, "-c", *COMMON_NVCC_FLAGS, *NVCC_FLAGS, "-Xptxas", "-v"]
+    cmd = [nvcc, "-cubin" if cubin else "-c", *COMMON_NVCC_FLAGS, *NVCC_FLAGS, "-Xptxas", "-v"]
     cmd += ["-gencode", f"arch=compute_{cc},code=sm_{cc}", str(source)]
-    cmd += ["-o", str(workdir / f"{source.stem}_sm{cc}.o")]
+    return [*cmd, "-o", str(output)]
+
+
+def _nvcc_one(nvcc: str, source: Path, cc: int, workdir: Path) -> list[KernelResult]:
+    cmd = nvcc_command(nvcc, source, cc, workdir / f"{source.stem}_sm{cc}.o")
     done = subprocess.run(cmd, capture_output=True, text=True)
     results = _parse_ptxas(done.stderr, source.name)
     if done.returncode != 0:

@@ -1,9 +1,12 @@
 """The CUDA kernels' index math, masks, vector widths and reduction order, checked on the CPU.
 
 `tests/cuda/emulate.cu` is built with nvcc and -DDEPT_KERNELS_EMULATE, which makes the
-launchers of `csrc/cuda` run every thread of their kernels on the host (the kernels use no
-shared memory, barriers or warp intrinsics, so a serial run is exact). The outputs are
-compared with the eager torch backend. It needs nvcc, not a GPU (~15 s to build).
+launchers of `csrc/cuda` run every thread of their kernels on the host. The kernels use no
+warp intrinsics, and their one block-cooperative step (the factors staged in shared memory
+before a low-rank delta is formed) is made whole by each thread under emulation, so a serial
+run computes what the GPU does; the split of that copy among the threads is the one part not
+exercised here. The outputs are compared with the eager torch backend. It needs nvcc, not a
+GPU (~15 s to build).
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 // the launch helper.
 //
 // Each kernel is a struct with a static `run(params, block, thread)` holding the body of one
-// thread. The bodies use no shared memory, barriers or warp intrinsics, so every thread is
-// independent; with DEPT_KERNELS_EMULATE the launch helper runs them on the host, thread by
-// thread, which is how the index math is checked on machines without a GPU
+// thread. The bodies use no warp intrinsics; the one shared-memory use is a block's
+// cooperative copy of a tile (`StageShare`, then DK_SYNC), written so that a thread that copies
+// every share itself reads the same tile. With DEPT_KERNELS_EMULATE the launch helper runs the
+// bodies on the host, thread by thread, each thread copying the whole tile (DK_SYNC is then
+// nothing), which is how the index math is checked on machines without a GPU
 // (tests/cuda/emulate.cu).
 #pragma once
 
@@ -33,6 +35,36 @@ constexpr int kMaxGridYZ = 65535;
 // At most 128 registers per thread, so 4 blocks (16 warps) fit per SM: enough loads in flight
 // to cover HBM latency.
 constexpr int kMinBlocksPerSm = 4;
+
+// Block-wide barrier and block-shared storage. Under emulation threads run one after another
+// and each makes every share of a cooperative copy, so a static buffer and no barrier do.
+#if defined(__CUDA_ARCH__) && !defined(DEPT_KERNELS_EMULATE)
+#define DK_SYNC() __syncthreads()
+#define DK_SHARED __shared__
+#else
+#define DK_SYNC() ((void)0)
+#define DK_SHARED static
+#endif
+
+// The items of a cooperative copy of N items by a block that this thread makes: item(k) for
+// k < kCount with has(k); item i goes to thread i % kThreads, so kCount is a compile-time
+// constant and an unrolled copy has all its loads in flight together. Under emulation one
+// thread makes them all.
+template <int N>
+struct StageShare {
+#ifdef DEPT_KERNELS_EMULATE
+  static constexpr int kCount = N;
+  static constexpr int kStep = 1;
+  DK_INLINE explicit StageShare(uint3) : first(0) {}
+#else
+  static constexpr int kCount = (N + kThreads - 1) / kThreads;
+  static constexpr int kStep = kThreads;
+  DK_INLINE explicit StageShare(uint3 thread) : first(int(thread.y) * kLanes + int(thread.x)) {}
+#endif
+  int first;
+  DK_INLINE int item(int k) const { return first + k * kStep; }
+  DK_INLINE bool has(int k) const { return item(k) < N; }
+};
 
 DK_INLINE float to_float(float x) { return x; }
 DK_INLINE float to_float(__half x) { return __half2float(x); }

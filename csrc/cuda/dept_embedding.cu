@@ -6,26 +6,84 @@
 namespace dept_kernels {
 namespace {
 
-// delta[i] = sum over k of a_i[k] * lora_b[k, c : c + VEC], rows i with a null `a_i` zero;
-// then delta *= scaling (the reference's order: the product first, then the scale).
-// Assigning (not accumulating) lets a recomputation reuse delta's registers.
+// Ranks of the factors a block stages in shared memory per step: up to 8 KiB of lora_b, four
+// loads per thread, all in flight together, so forming a delta costs one memory latency per
+// kStageRanks ranks (r = 40 in bf16: 5, not the 20 of a per-thread loop unrolled twice), and
+// the warps of a block, which share their columns, read lora_b from L2 once instead of once
+// each. At most 16 ranks: the scalar (VEC = 1) kernels hold their share of the copy in
+// registers too. (Twice the ranks per step spilled ForwardSharedDelta<bf16> on sm_90 at 128
+// registers, as did unrolling the product loop below; 64 ranks spilled the scalar kernels.)
 template <int VEC>
-DK_INLINE void lowrank_rows(const float* const (&a)[kRowsPerThread], const float* lora_b,
-                            int64_t r, int64_t d, int64_t c, float scaling,
+constexpr int kStageRanks = 64 / VEC < 16 ? 64 / VEC : 16;
+
+template <int VEC>
+struct LowRankStage {
+  float b[kStageRanks<VEC>][kLanes * VEC];  // lora_b[k0 + kk, the block's columns]
+  float a[kRowTile][kStageRanks<VEC>];      // lora_a[row of block row x, k0 + kk]
+};
+
+// delta[i][j] = sum over k of A_x[k] * lora_b[k, c + j] for this thread's rows x = thread.y *
+// kRowsPerThread + i of the block, then delta *= scaling (the reference's order: the product
+// first, then the scale). `row_a(x)` is the lora_a row of block row x, null for rows without a
+// delta. The factors are staged in shared memory by the whole block: every thread of the block
+// calls this, with the same arguments but `thread`. Assigning (not accumulating) lets a
+// recomputation reuse delta's registers.
+template <int VEC, typename RowA>
+DK_INLINE void lowrank_rows(const RowA& row_a, const float* lora_b, int64_t r, int64_t d,
+                            int64_t col0, uint3 thread, float scaling,
                             float (&delta)[kRowsPerThread][VEC]) {
+  constexpr int kRanks = kStageRanks<VEC>;
+  DK_SHARED LowRankStage<VEC> stage;
+  const StageShare<kRanks * kLanes> b_share(thread);
+  const StageShare<kRowTile * kRanks> a_share(thread);
+  const int x0 = int(thread.y) * kRowsPerThread;
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) delta[i][j] = 0.f;
-#pragma unroll 2
-  for (int64_t k = 0; k < r; ++k) {
-    const Pack<float, VEC> bk = load_pack<float, VEC>(lora_b + k * d + c);
+  for (int64_t k0 = 0; k0 < r; k0 += kRanks) {
+    const int kn = int(min64(kRanks, r - k0));
+    // All loads of the copy first, then the shared stores: one memory latency per step.
+    Pack<float, VEC> b[decltype(b_share)::kCount];
+    float a[decltype(a_share)::kCount];
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const float aik = a[i] != nullptr ? a[i][k] : 0.f;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) delta[i][j] += aik * bk.v[j];
+    for (int k = 0; k < decltype(b_share)::kCount; ++k) {
+      const int q = b_share.item(k), kk = q / kLanes;
+      const int64_t c = col0 + int64_t(q % kLanes) * VEC;
+      b[k] = Pack<float, VEC>{};
+      if (b_share.has(k) && kk < kn && c < d)
+        b[k] = load_pack<float, VEC>(lora_b + (k0 + kk) * d + c);
     }
+#pragma unroll
+    for (int k = 0; k < decltype(a_share)::kCount; ++k) {
+      const int q = a_share.item(k), kk = q % kRanks;
+      const float* row = a_share.has(k) ? row_a(q / kRanks) : nullptr;
+      a[k] = row != nullptr && kk < kn ? row[k0 + kk] : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < decltype(b_share)::kCount; ++k) {
+      const int q = b_share.item(k);
+      if (b_share.has(k))
+        *reinterpret_cast<Pack<float, VEC>*>(&stage.b[q / kLanes][(q % kLanes) * VEC]) = b[k];
+    }
+#pragma unroll
+    for (int k = 0; k < decltype(a_share)::kCount; ++k) {
+      const int q = a_share.item(k);
+      if (a_share.has(k)) stage.a[q / kRanks][q % kRanks] = a[k];
+    }
+    DK_SYNC();
+#pragma unroll 1
+    for (int kk = 0; kk < kn; ++kk) {
+      const Pack<float, VEC> bk =
+          *reinterpret_cast<const Pack<float, VEC>*>(&stage.b[kk][thread.x * VEC]);
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const float aik = stage.a[x0 + i][kk];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) delta[i][j] += aik * bk.v[j];
+      }
+    }
+    DK_SYNC();  // the next step overwrites the stage
   }
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i)
@@ -68,10 +126,13 @@ struct ForwardSharedDelta {
   using Params = ForwardParams;
 
   static DK_INLINE void run(const Params& p, uint3 block, uint3 thread) {
-    const int64_t c = (int64_t(block.y) * kLanes + thread.x) * VEC;
-    if (c >= p.d) return;  // d % VEC == 0, so the whole pack is in range
+    const int64_t col0 = int64_t(block.y) * kLanes * VEC;
+    const int64_t c = col0 + int64_t(thread.x) * VEC;
+    // Threads past d stay for the block's barriers (d % VEC == 0: a pack is in or out).
+    const bool live = c < p.d;
     const int64_t width = p.m + p.seq + p.n_v;
-    const int64_t q0 = int64_t(block.x) * kRowTile + int64_t(thread.y) * kRowsPerThread;
+    const int64_t qb = int64_t(block.x) * kRowTile;  // the block's first row
+    const int64_t q0 = qb + int64_t(thread.y) * kRowsPerThread;
     const int64_t i0 = int64_t(block.z) * p.batch_chunk;
     const int64_t i1 = min64(i0 + p.batch_chunk, p.batch);
     const T* weight = static_cast<const T*>(p.weight);
@@ -81,18 +142,20 @@ struct ForwardSharedDelta {
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       const int64_t q = q0 + i;
-      valid[i] = q < width;
+      valid[i] = live && q < width;
       token[i] = valid[i] && q >= p.m && q < p.m + p.seq;
     }
     // Batch position i holds sample order[i] with tasks, else sample i.
     const auto sample = [&](int64_t i) { return p.batch_order != nullptr ? p.batch_order[i] : i; };
     const auto task_of = [&](int64_t b) -> int64_t { return p.task_ids != nullptr ? p.task_ids[b] : 0; };
     const auto form_delta = [&](int64_t k, float(&delta)[kRowsPerThread][VEC]) {
-      const float* a[kRowsPerThread];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i)
-        a[i] = token[i] ? p.lora_a + (k * p.lora_rows + (q0 + i - p.m)) * p.r : nullptr;
-      lowrank_rows<VEC>(a, p.lora_b + k * p.r * p.d, p.r, p.d, c, p.scaling, delta);
+      const auto row_a = [&](int x) -> const float* {
+        const int64_t q = qb + x;
+        const bool tok = q >= p.m && q < p.m + p.seq && q < width;
+        return tok ? p.lora_a + (k * p.lora_rows + (q - p.m)) * p.r : nullptr;
+      };
+      lowrank_rows<VEC>(row_a, p.lora_b + k * p.r * p.d, p.r, p.d, col0, thread, p.scaling,
+                        delta);
     };
     // Token ids of sample b, then b's source rows (embedding, task k's prompt or a visual row)
     // as raw packs.
@@ -139,7 +202,8 @@ struct ForwardSharedDelta {
         store_pack<T, VEC>(o, token[j] ? add_delta<T, VEC>(cur[j], delta[j]) : cur[j]);
       }
       if (i + 1 < i1) {
-        // Samples come grouped by task, so this branch is rare (and uniform per block).
+        // Samples come grouped by task, so this branch is rare, and uniform per block (its
+        // barriers are reached by every thread).
         const int64_t next_task = task_of(b_next);
         if (next_task != task) {
           task = next_task;
@@ -171,36 +235,35 @@ struct ForwardPerRow {
   using Params = ForwardParams;
 
   static DK_INLINE void run(const Params& p, uint3 block, uint3 thread) {
-    const int64_t c = (int64_t(block.y) * kLanes + thread.x) * VEC;
-    if (c >= p.d) return;
+    const int64_t col0 = int64_t(block.y) * kLanes * VEC;
+    const int64_t c = col0 + int64_t(thread.x) * VEC;
+    const bool live = c < p.d;  // threads past d stay for the block's barriers
     const int64_t width = p.m + p.seq + p.n_v;
-    const int64_t row_in_tile = int64_t(thread.y) * kRowsPerThread;
-    int64_t n0, end, task = 0;  // this thread's rows are n0 + i < end, of task `task`
+    int64_t nb, end, task = 0;  // the block's rows are nb + x < end, of task `task`
     if (p.task_ids != nullptr) {
       const int64_t tiles = (width + kRowTile - 1) / kRowTile;
       const int64_t b = int64_t(block.x) / tiles;
-      n0 = b * width + (int64_t(block.x) - b * tiles) * kRowTile + row_in_tile;
+      nb = b * width + (int64_t(block.x) - b * tiles) * kRowTile;
       end = (b + 1) * width;
       task = p.task_ids[b];
     } else {
-      n0 = int64_t(block.x) * kRowTile + row_in_tile;
+      nb = int64_t(block.x) * kRowTile;
       end = p.batch * width;
     }
+    const int64_t n0 = nb + int64_t(thread.y) * kRowsPerThread;
     const T* weight = static_cast<const T*>(p.weight);
     T* out = static_cast<T*>(p.out);
 
     bool valid[kRowsPerThread], token[kRowsPerThread];
-    const float* a[kRowsPerThread];
     Pack<T, VEC> src[kRowsPerThread];
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       const int64_t n = n0 + i;
-      valid[i] = n < end;
+      valid[i] = live && n < end;
       const int64_t b = valid[i] ? n / width : 0;
       const int64_t q = n - b * width;
       token[i] = valid[i] && q >= p.m && q < p.m + p.seq;
       const int64_t tok = b * p.seq + (q - p.m);
-      a[i] = LOWRANK && token[i] ? p.lora_a + (task * p.lora_rows + p.rows[tok]) * p.r : nullptr;
       if (valid[i]) {
         const T* row =
             token[i] ? weight + p.ids[tok] * p.weight_stride : copied_row<T>(p, b, task, q);
@@ -208,7 +271,18 @@ struct ForwardPerRow {
       }
     }
     float delta[kRowsPerThread][VEC];
-    if (LOWRANK) lowrank_rows<VEC>(a, p.lora_b + task * p.r * p.d, p.r, p.d, c, p.scaling, delta);
+    if (LOWRANK) {
+      // lora_a row of block row x: the row of its token, or null (prompt, visual, past end).
+      const auto row_a = [&](int x) -> const float* {
+        const int64_t n = nb + x;
+        if (n >= end) return nullptr;
+        const int64_t b = n / width, q = n - b * width;
+        if (q < p.m || q >= p.m + p.seq) return nullptr;
+        return p.lora_a + (task * p.lora_rows + p.rows[b * p.seq + (q - p.m)]) * p.r;
+      };
+      lowrank_rows<VEC>(row_a, p.lora_b + task * p.r * p.d, p.r, p.d, col0, thread, p.scaling,
+                        delta);
+    }
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       if (!valid[i]) continue;
@@ -336,6 +410,8 @@ struct SegmentSumCarry {
   }
 };
 
+constexpr int64_t kWaves = 2;
+
 int sm_count() {
 #ifdef DEPT_KERNELS_EMULATE
   return 1;  // small, so that the emulation exercises the batch split and long chunks
@@ -362,10 +438,12 @@ cudaError_t launch_forward(ForwardParams p, cudaStream_t stream) {
   if (p.rows != nullptr) {
     return launch<ForwardPerRow<T, VEC, true>>(row_tiles, col_tiles, 1, p, stream);
   }
-  // Split the batch over grid z only when the (rows x columns) tiles cannot fill the GPU
-  // (~4 blocks per SM): each split recomputes its tile's delta.
+  // Split the batch over grid z until the grid holds kWaves full waves of resident blocks
+  // (kMinBlocksPerSm per SM), so the last, partial wave is a small part of the work: each
+  // split recomputes its tile's delta.
   const int64_t tiles = ceil_div(width, kRowTile) * col_tiles;
-  const int64_t want = min64(ceil_div(4 * sm_count(), tiles), p.batch);
+  const int64_t resident = int64_t(kMinBlocksPerSm) * sm_count();
+  const int64_t want = min64(ceil_div(kWaves * resident, tiles), p.batch);
   p.batch_chunk = ceil_div(p.batch, want);
   return launch<ForwardSharedDelta<T, VEC>>(ceil_div(width, kRowTile), col_tiles,
                                             ceil_div(p.batch, p.batch_chunk), p, stream);

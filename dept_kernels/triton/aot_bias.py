@@ -17,7 +17,10 @@ from torch import Tensor
 
 from .dept_embedding import BLOCK_D, BLOCK_T, COMPILE_OPTIONS, FLOATS, IDS, RUNTIME_SIZES
 
-__all__ = ["COMPILE_OPTIONS", "RUNTIME_SIZES", "aot_variants", "gather_add"]
+__all__ = ["COMPILE_OPTIONS", "CTAS_PER_SM", "RUNTIME_SIZES", "aot_variants", "gather_add"]
+
+# Blocks per SM the kernel is built for (see `dept_embedding.CTAS_PER_SM`).
+CTAS_PER_SM = {"_gather_add_kernel": 8}
 
 
 def gather_add_constexprs(out_dtype: torch.dtype) -> dict:

@@ -27,6 +27,7 @@ variant that runs and `dept_kernels.triton.precompile` compile it ahead of time.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator
 
@@ -59,14 +60,30 @@ BLOCK_D = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
 # compiler, padding wastes at most 15 rows (r = 40 runs as 48, not 64), and the operand
 # tiles stay small on the fp32 (FMA) path.
 BLOCK_R = 16
-# Tokens summed per step of a segment in the reduce kernel.
-BLOCK_N = 16
+# Tokens summed per step of a segment in the reduce kernel (two steps' rows load together).
+BLOCK_N = 8
+# Positions per tile of the batch-sum reduce kernel, which loads 4 batch elements' rows
+# together: 4 x 8 rows of 512 bytes = 16 KiB in flight per program, with registers for 8
+# programs per SM, and twice the programs of 16-row tiles.
+REDUCE_BLOCK_T = 8
 NUM_WARPS = 4
+# Blocks of NUM_WARPS warps each kernel is sized to keep resident per SM: the launchers size
+# their grids from it, and tests/triton/test_sass_facts.py checks that the compiled
+# registers fit (65536 / (blocks * 32 * NUM_WARPS) per thread). Not imposed with ptxas's
+# maxnreg: under a cap ptxas spilled kernels that need fewer registers without one.
+CTAS_PER_SM = {
+    "_fwd_position_kernel": 4,
+    "_fwd_rows_kernel": 4,
+    "_reduce_position_kernel": 8,
+    "_reduce_segment_kernel": 6,
+}
 # Position-mode forward splits the batch into chunks when the tile grid alone is small,
-# aiming at this many programs: several per SM on an H100 (132 SMs), so the last wave
-# is short. Each chunk recomputes its low-rank tile, r·BLOCK_T·BLOCK_D flops next to
-# BLOCK_T·BLOCK_D loads per batch element.
-TARGET_PROGRAMS = 1024
+# aiming at WAVES full waves of resident programs (SMs x CTAS_PER_SM), so the last,
+# partial wave is a small part of the work. Each chunk recomputes its low-rank tile,
+# r·BLOCK_T·BLOCK_D FMAs next to BLOCK_T·BLOCK_D loads per batch element.
+WAVES = 2
+# SMs assumed where the device cannot say (the interpreter's CPU tensors): an H100's.
+FALLBACK_SMS = 132
 # Launch options pinned so the ahead-of-time build compiles exactly what runs (fp
 # fusion is also what the fp32 FMA path of tl.dot wants).
 COMPILE_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
@@ -88,8 +105,14 @@ def forward_constexprs(
     return {
         **has_lora,
         "HAS_TASKS": tasks,
-        # TF32 would round fp32 factors to 10 mantissa bits; the reference does not.
-        "DOT_FP32": (factor_dtype or weight_dtype) == torch.float32,
+        # The position kernel forms its tile with fp32 FMAs for every dtype (exact products
+        # of the 8- and 11-bit mantissas, fp32 sums, as the tensor cores compute them): its
+        # result then has the layout of the rows it is added to, whereas a tensor-core tile
+        # sends every batch element's rows through shared memory to meet it (a barrier per
+        # step). The rows kernel forms a tile per token tile, with the tensor cores unless
+        # the factors are fp32 (TF32 would round them to 10 mantissa bits; the reference
+        # does not).
+        "DOT_FP32": not rows_mode or (factor_dtype or weight_dtype) == torch.float32,
         "BLOCK_T": BLOCK_T,
         "BLOCK_D": BLOCK_D[weight_dtype],
         "BLOCK_R": BLOCK_R,
@@ -98,7 +121,7 @@ def forward_constexprs(
 
 def reduce_constexprs(grad_dtype: torch.dtype, ordered: bool) -> dict:
     """Compile-time parameters of the reduce kernels (`ordered`: the segment kernel)."""
-    rows = {"BLOCK_N": BLOCK_N} if ordered else {"BLOCK_T": BLOCK_T}
+    rows = {"BLOCK_N": BLOCK_N} if ordered else {"BLOCK_T": REDUCE_BLOCK_T}
     return {**rows, "BLOCK_D": BLOCK_D[grad_dtype]}
 
 
@@ -247,7 +270,11 @@ def _store_token_tiles(
     BLOCK_R: tl.constexpr,
 ):
     """Token rows of positions [t0, t0 + BLOCK_T) of the samples at batch positions [i0, i1):
-    the embedding rows plus the low-rank tile, formed once (again per task change)."""
+    the embedding rows plus the low-rank tile, formed once (again per task change).
+
+    Software-pipelined by hand: the rows of element i + 1 and the ids of element i + 2 load
+    while element i is added and stored, so a program keeps a tile of rows in flight at
+    every step. With per-task tiles only the ids load ahead (see the loop)."""
     t = t0 + tl.arange(0, BLOCK_T)
     cols = col0 + tl.arange(0, BLOCK_D)
     t_mask = t < seq_len
@@ -257,6 +284,13 @@ def _store_token_tiles(
     b = tl.cast(i0, tl.int64)
     if HAS_TASKS:
         b = tl.load(order_ptr + b)
+    ids = tl.load(ids_ptr + b * seq_len + t, mask=t_mask, other=0)
+    b_next = tl.minimum(tl.cast(i0, tl.int64) + 1, i1 - 1)
+    if HAS_TASKS:
+        b_next = tl.load(order_ptr + b_next)
+    # (Batch positions compared as vectors: the interpreter takes no scalar in a mask.)
+    zero = tl.zeros_like(t)
+    ids_next = tl.load(ids_ptr + b_next * seq_len + t, mask=t_mask & (zero + i0 + 1 < i1), other=0)
     if HAS_LORA:
         if HAS_TASKS:
             # Formed in the loop, whenever the task changes; -1 is no task.
@@ -277,21 +311,24 @@ def _store_token_tiles(
                 BLOCK_R,
                 DOT_FP32,
             )
-    ids = tl.load(ids_ptr + b * seq_len + t, mask=t_mask, other=0)
+    if not (HAS_LORA and HAS_TASKS):
+        # After the low-rank tile: loaded before it, these rows would hold registers through
+        # its loop (sm_90 bf16: 130 rather than 128, past the budget of 4 blocks per SM).
+        emb = tl.load(w_ptr + ids.to(tl.int64)[:, None] * stride_w + cols[None, :], mask=mask)
     for i in range(i0, i1):
-        # The next element's ids load while this one's rows do: the id -> row dependency
-        # would otherwise cost two memory latencies per step. (The last step reloads its
-        # own ids rather than branch.)
-        b_next = tl.minimum(tl.cast(i, tl.int64) + 1, i1 - 1)
+        b_after = tl.minimum(tl.cast(i, tl.int64) + 2, i1 - 1)
         if HAS_TASKS:
-            b_next = tl.load(order_ptr + b_next)
-        ids_next = tl.load(ids_ptr + b_next * seq_len + t, mask=t_mask, other=0)
+            b_after = tl.load(order_ptr + b_after)
+        # Masked past the chunk's end rather than branched: the last steps load nothing.
+        ids_after = tl.load(
+            ids_ptr + b_after * seq_len + t, mask=t_mask & (zero + i + 2 < i1), other=0
+        )
         if HAS_LORA and HAS_TASKS:
             task_b = tl.load(task_ptr + b)
             if task_b != task:
                 # Unpipelined: inside the batch loop, pipeline buffers would add to the
-                # loop's live registers (sm_90 fp32: 181 rather than 96 per thread), and
-                # the tile is formed only at task changes, so its latency matters little.
+                # loop's live registers, and the tile is formed only at task changes, so
+                # its latency matters little.
                 delta = scaling * _lowrank_tile(
                     a_ptr + task_b * max_len * rank,
                     b_ptr + task_b * rank * d,
@@ -308,18 +345,31 @@ def _store_token_tiles(
                     1,
                 )
                 task = task_b
-        emb = tl.load(w_ptr + ids.to(tl.int64)[:, None] * stride_w + cols[None, :], mask=mask)
-        emb = emb.to(tl.float32)
+            # This element's rows, after the task check (their ids came two steps ahead):
+            # rows loaded a step ahead would stay live through the tile's loop (sm_80 fp32:
+            # 183 registers rather than 96).
+            emb = tl.load(w_ptr + ids.to(tl.int64)[:, None] * stride_w + cols[None, :], mask=mask)
+        else:
+            ahead = (zero + i + 1 < i1)[:, None]
+            emb_next = tl.load(
+                w_ptr + ids_next.to(tl.int64)[:, None] * stride_w + cols[None, :],
+                mask=mask & ahead,
+            )
+        out = emb.to(tl.float32)
         if HAS_LORA:
-            emb += delta
+            out += delta
         rows = b * width + m + t
         tl.store(
             out_ptr + rows[:, None] * d + cols[None, :],
-            emb.to(out_ptr.dtype.element_ty),
+            out.to(out_ptr.dtype.element_ty),
             mask=mask,
         )
+        if not (HAS_LORA and HAS_TASKS):
+            emb = emb_next
         ids = ids_next
+        ids_next = ids_after
         b = b_next
+        b_next = b_after
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -477,6 +527,8 @@ def _store_rows_tile(
     mask = n_mask[:, None] & col_mask[None, :]
     ids = tl.load(ids_ptr + n, mask=n_mask, other=0).to(tl.int64)
     a_rows = tl.load(rows_ptr + n, mask=n_mask, other=0).to(tl.int64)
+    # Issued before the rank loop, so the rows are in flight while the low-rank tile forms.
+    emb = tl.load(w_ptr + ids[:, None] * stride_w + cols[None, :], mask=mask)
     delta = _lowrank_tile(
         a_task,
         b_task,
@@ -491,7 +543,6 @@ def _store_rows_tile(
         BLOCK_R,
         DOT_FP32,
     )
-    emb = tl.load(w_ptr + ids[:, None] * stride_w + cols[None, :], mask=mask)
     emb = emb.to(tl.float32) + scaling * delta
     out_rows = (n // seq_len) * width + m + n % seq_len
     tl.store(
@@ -629,11 +680,32 @@ def _reduce_position_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (t < seq_len)[:, None] & (cols < d)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    rows = (m + t).to(tl.int64) * d
-    for b in range(batch):
-        g_b = g_ptr + tl.cast(b, tl.int64) * stride_gb
-        acc += tl.load(g_b + rows[:, None] + cols[None, :], mask=mask, other=0.0)
+    tile = g_ptr + ((m + t).to(tl.int64) * d)[:, None] + cols[None, :]
+    zero = tl.zeros_like(t)
+    for b0 in range(0, batch, 4):
+        # Four batch elements' rows in flight together (issued before any of them is
+        # summed), then added in batch order, the order of a plain loop.
+        b = tl.cast(b0, tl.int64)
+        # (Compared as vectors: the interpreter takes no scalar in a mask.)
+        b_t = (zero + b0)[:, None]
+        x0 = tl.load(tile + b * stride_gb, mask=mask, other=0.0)
+        x1 = tl.load(tile + (b + 1) * stride_gb, mask=mask & (b_t + 1 < batch), other=0.0)
+        x2 = tl.load(tile + (b + 2) * stride_gb, mask=mask & (b_t + 2 < batch), other=0.0)
+        x3 = tl.load(tile + (b + 3) * stride_gb, mask=mask & (b_t + 3 < batch), other=0.0)
+        acc += x0
+        acc += x1
+        acc += x2
+        acc += x3
     tl.store(out_ptr + t.to(tl.int64)[:, None] * d + cols[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _segment_rows(g_ptr, n, n_mask, col_mask, cols, seq_len, m, d, stride_gb):
+    """The rows of `grad_out` of flattened tokens `n` (zeros where masked)."""
+    rows = (n // seq_len) * stride_gb + (m + n % seq_len) * d
+    return tl.load(
+        g_ptr + rows[:, None] + cols[None, :], mask=n_mask[:, None] & col_mask[None, :], other=0.0
+    )
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
@@ -655,21 +727,39 @@ def _reduce_segment_kernel(
     start = tl.load(offsets_ptr + seg)
     end = tl.load(offsets_ptr + seg + 1)
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for i0 in range(start, end, BLOCK_N):
-        i = i0 + tl.arange(0, BLOCK_N)
-        i_mask = i < end
-        n = tl.load(order_ptr + i, mask=i_mask, other=0)
-        rows = (n // seq_len) * stride_gb + (m + n % seq_len) * d
-        acc += tl.load(
-            g_ptr + rows[:, None] + cols[None, :],
-            mask=i_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
+    # Two steps of BLOCK_N tokens per iteration, whose token indices were loaded by the one
+    # before: the gathered rows are one memory latency away, not two. acc[j] sums tokens
+    # start + j, start + j + BLOCK_N, ... in token order, then tl.sum adds the BLOCK_N rows:
+    # a fixed order, so the result is deterministic.
+    i = start + tl.arange(0, BLOCK_N)
+    n_a = tl.load(order_ptr + i, mask=i < end, other=0)
+    n_b = tl.load(order_ptr + i + BLOCK_N, mask=i + BLOCK_N < end, other=0)
+    for i0 in range(start, end, 2 * BLOCK_N):
+        i_a = i0 + tl.arange(0, BLOCK_N)
+        i_b = i_a + BLOCK_N
+        x_a = _segment_rows(g_ptr, n_a, i_a < end, col_mask, cols, seq_len, m, d, stride_gb)
+        x_b = _segment_rows(g_ptr, n_b, i_b < end, col_mask, cols, seq_len, m, d, stride_gb)
+        n_a = tl.load(order_ptr + i_a + 2 * BLOCK_N, mask=i_a + 2 * BLOCK_N < end, other=0)
+        n_b = tl.load(order_ptr + i_b + 2 * BLOCK_N, mask=i_b + 2 * BLOCK_N < end, other=0)
+        acc += x_a
+        acc += x_b
     total = tl.sum(acc, axis=0)
     tl.store(out_ptr + seg.to(tl.int64) * d + cols, total, mask=col_mask)
 
 
 # --------------------------------------------------------------------------- launchers
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return FALLBACK_SMS
+
+
+def resident_programs(device: torch.device, kernel: str) -> int:
+    """Programs of `kernel` that run at once on `device`: SMs x CTAS_PER_SM (one wave)."""
+    return _sm_count(device) * CTAS_PER_SM[kernel]
 
 
 def _factors(lora_a: Tensor, lora_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -723,7 +813,7 @@ def forward(
     if factor_dtype == torch.bfloat16 and interpreting():
         # The interpreter multiplies bf16 tiles as their raw uint16 bits (triton 3.x
         # `create_dot`); the fp32 path computes the same exact products with the fp32
-        # accumulation of the tensor cores.
+        # accumulation of the tensor cores. Only the rows kernel's tile uses them.
         meta["DOT_FP32"] = True
     sizes = (batch, seq_len, m, n_v, d, rank, max_len, weight.stride(0), stride_pt, stride_p)
     sizes += (stride_vb, stride_vv)
@@ -733,12 +823,18 @@ def forward(
     if rows is None:
         n_t = triton.cdiv(seq_len, BLOCK_T)
         tiles = n_t + n_prompt + n_visual
-        n_chunks = min(batch, triton.cdiv(TARGET_PROGRAMS, tiles * n_d))
+        resident = resident_programs(weight.device, "_fwd_position_kernel")
+        n_chunks = min(batch, triton.cdiv(WAVES * resident, tiles * n_d))
         batch_chunk = triton.cdiv(batch, n_chunks)
         grid = (tiles, n_d, triton.cdiv(batch, batch_chunk))
         pointers = (input_ids, weight, prompt, lora_a, lora_b, task_ids, batch_order, visual, out)
         _fwd_position_kernel[grid](
-            *pointers, *sizes, batch_chunk, scaling, **meta, **COMPILE_OPTIONS
+            *pointers,
+            *sizes,
+            batch_chunk,
+            scaling,
+            **meta,
+            **COMPILE_OPTIONS,
         )
     else:
         if rows.dtype != input_ids.dtype:
@@ -795,14 +891,31 @@ def reduce(grad_out: Tensor, m: int, order: Tensor | None, offsets: Tensor | Non
             return grad_out.new_zeros(seq_len, d, dtype=torch.float32)
         out = grad_out.new_empty(seq_len, d, dtype=torch.float32)
         if out.numel():
-            _reduce_position_kernel[(triton.cdiv(seq_len, BLOCK_T), n_d)](
-                grad_out, out, batch, seq_len, m, d, stride_gb, **meta, **COMPILE_OPTIONS
+            _reduce_position_kernel[(triton.cdiv(seq_len, REDUCE_BLOCK_T), n_d)](
+                grad_out,
+                out,
+                batch,
+                seq_len,
+                m,
+                d,
+                stride_gb,
+                **meta,
+                **COMPILE_OPTIONS,
             )
         return out
     out = grad_out.new_empty(offsets.numel() - 1, d, dtype=torch.float32)
     if out.numel():
         _reduce_segment_kernel[(out.shape[0], n_d)](
-            grad_out, order, offsets, out, seq_len, m, d, stride_gb, **meta, **COMPILE_OPTIONS
+            grad_out,
+            order,
+            offsets,
+            out,
+            seq_len,
+            m,
+            d,
+            stride_gb,
+            **meta,
+            **COMPILE_OPTIONS,
         )
     return out
 

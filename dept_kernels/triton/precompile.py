@@ -10,7 +10,10 @@ the registers ptxas assigned.
 Kernels defined while `TRITON_INTERPRET=1` are interpreter objects that cannot be
 compiled, so in such a process `compile_all` runs the build in a child process without it.
 
-    python -m dept_kernels.triton.precompile [--cc 80 90] [--covering] [--json]
+    python -m dept_kernels.triton.precompile [--cc 80 90] [--covering] [--json] [--cubin-dir DIR]
+
+`--cubin-dir` also writes each compiled kernel there as `<variant index>_sm<cc>.cubin` (the
+index in `variants()`), for tools that read the machine code (tests/triton/test_sass_facts.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 from . import interpreting
 
-__all__ = ["CompileResult", "Variant", "compile_all", "covering", "variants"]
+__all__ = ["CompileResult", "Variant", "compile_all", "covering", "cubin_name", "variants"]
 
 # The Triton modules of the library; each lists its launches in `aot_variants()`.
 MODULES = ("dept_embedding", "aot_bias")
@@ -133,12 +136,12 @@ def _regs(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(regs[1]) if regs else None), (int(local[1]) if local else None)
 
 
-def _compile(job: tuple[Variant, int]) -> CompileResult:
+def _compile(job: tuple[Variant, int, str | None]) -> CompileResult:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    variant, cc = job
+    variant, cc, cubin_path = job
     module = _module(variant.module)
     fn = getattr(module, variant.kernel)
     pointers, constexprs = dict(variant.pointers), dict(variant.constexprs)
@@ -173,6 +176,9 @@ def _compile(job: tuple[Variant, int]) -> CompileResult:
             seconds=time.perf_counter() - start,
         )
     seconds = time.perf_counter() - start
+    if cubin_path is not None:
+        with open(cubin_path, "wb") as f:
+            f.write(kernel.asm["cubin"])
     n_regs, spill = _regs(kernel.asm["cubin"])
     return CompileResult(variant.kernel, variant.label, cc, True, None, n_regs, spill, seconds)
 
@@ -181,17 +187,24 @@ def compile_all(
     ccs: Iterable[int] = (80, 90),
     items: Sequence[Variant] | None = None,
     workers: int | None = None,
+    cubin_dir: str | None = None,
 ) -> list[CompileResult]:
     """Compile `items` (default: every variant) for each compute capability in `ccs`.
 
     Runs `workers` compiler processes (default: one per CPU). Compiled kernels land in
-    triton's cache, so a repeated build with unchanged kernels is quick.
+    triton's cache, so a repeated build with unchanged kernels is quick. With `cubin_dir`
+    each cubin is also written there (`cubin_name`).
     """
     ccs = tuple(ccs)
     items = variants() if items is None else list(items)
     if interpreting():
-        return _compile_in_child(ccs, items)
-    jobs = [(v, cc) for cc in ccs for v in items]
+        return _compile_in_child(ccs, items, cubin_dir)
+    index = {v: i for i, v in enumerate(variants())}
+    jobs = [
+        (v, cc, None if cubin_dir is None else os.path.join(cubin_dir, cubin_name(index[v], cc)))
+        for cc in ccs
+        for v in items
+    ]
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) == 1:
         return [_compile(job) for job in jobs]
@@ -202,11 +215,20 @@ def compile_all(
         return list(pool.map(_compile, jobs))
 
 
-def _compile_in_child(ccs: tuple[int, ...], items: list[Variant]) -> list[CompileResult]:
+def cubin_name(index: int, cc: int) -> str:
+    """File name of variant `variants()[index]` compiled for sm_`cc` in a cubin directory."""
+    return f"{index}_sm{cc}.cubin"
+
+
+def _compile_in_child(
+    ccs: tuple[int, ...], items: list[Variant], cubin_dir: str | None
+) -> list[CompileResult]:
     index = {v: i for i, v in enumerate(variants())}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", __name__, "--json", "--cc", *map(str, ccs), "--only"]
-    cmd += [str(index[v]) for v in items]
+    cmd = [sys.executable, "-m", __name__, "--json", "--cc", *map(str, ccs)]
+    if cubin_dir is not None:
+        cmd += ["--cubin-dir", cubin_dir]
+    cmd += ["--only", *(str(index[v]) for v in items)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     try:
         results = json.loads(done.stdout)
@@ -221,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--covering", action="store_true", help="only a pairwise cover")
     parser.add_argument("--only", type=int, nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--cubin-dir", help="also write the cubins into this directory")
     args = parser.parse_args(argv)
     items = variants()
     if args.only is not None:
@@ -228,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.covering:
         items = covering(items)
     start = time.perf_counter()
-    results = compile_all(args.cc, items)
+    results = compile_all(args.cc, items, cubin_dir=args.cubin_dir)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in results]))
     else:

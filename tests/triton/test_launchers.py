@@ -15,11 +15,18 @@ if "triton" not in dept_kernels.available_backends():
 from dept_kernels.triton import dept_embedding as kernels
 
 
-@pytest.mark.parametrize("target", [10**6, 4], ids=["one-per-chunk", "uneven-chunks"])
-def test_position_forward_split_over_batch_chunks(monkeypatch, target):
-    # Few tiles per batch: the launcher splits the batch into chunks to fill the GPU.
-    # Here 2 tiles (positions + prompt) per element: target=4 gives chunks of 3 and 2 for B=5.
-    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", target)
+def _resident(monkeypatch, programs: int) -> None:
+    """Pretend `programs` programs fit on the device at once (the grid aims at WAVES of them)."""
+    monkeypatch.setattr(kernels, "resident_programs", lambda device, kernel: programs)
+
+
+@pytest.mark.parametrize("resident", [10**6, 2], ids=["one-per-chunk", "uneven-chunks"])
+def test_position_forward_split_over_batch_chunks(monkeypatch, resident):
+    # Few tiles per batch: the launcher splits the batch into chunks to fill WAVES waves.
+    # Here 2 tiles (positions + prompt) per element: 2 resident programs, 2 waves give chunks
+    # of 3 and 2 for B=5.
+    assert kernels.WAVES == 2
+    _resident(monkeypatch, resident)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 30, (5, 7), generator=g).to(DEVICE)
     weight = torch.randn(30, 40, generator=g).to(DEVICE)
@@ -32,11 +39,12 @@ def test_position_forward_split_over_batch_chunks(monkeypatch, target):
     assert_close(out, ref, torch.float32)
 
 
-@pytest.mark.parametrize("target", [10**6, 4], ids=["one-per-chunk", "uneven-chunks"])
-def test_position_forward_with_tasks_split_over_batch_chunks(monkeypatch, target):
-    # Chunks of the task-sorted batch (3 and 2 samples for target=4) start and end inside a
-    # task's run, so each chunk forms its first delta and re-forms it at every task change.
-    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", target)
+@pytest.mark.parametrize("resident", [10**6, 2], ids=["one-per-chunk", "uneven-chunks"])
+def test_position_forward_with_tasks_split_over_batch_chunks(monkeypatch, resident):
+    # Chunks of the task-sorted batch (3 and 2 samples for 2 resident programs) start and end
+    # inside a task's run, so each chunk forms its first delta and re-forms it at every task
+    # change.
+    _resident(monkeypatch, resident)
     g = torch.Generator().manual_seed(0)
     task_ids = torch.tensor([1, 0, 1, 2, 0]).to(DEVICE)
     ids = torch.randint(0, 30, (5, 7), generator=g).to(DEVICE)
