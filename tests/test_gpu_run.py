@@ -275,6 +275,8 @@ def test_main_skips_stages_once_the_budget_is_spent(tmp_path, monkeypatch):
         gpu_run, "STAGES", {"kernels": fake("kernels", 0.0), "tests": fake("tests", 0.0)}
     )
     monkeypatch.setattr(gpu_run.torch.cuda, "is_available", lambda: True)
+    # main() unsets TRITON_INTERPRET for a GPU's child processes: restored after the test.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(gpu_run, "environment", lambda: {"device": "Fake GPU", "date": "d"})
     assert gpu_run.main(["--out", str(tmp_path), "--budget", "1"]) == 0
     assert calls == []  # under 2 * MARGIN_S left: nothing starts
