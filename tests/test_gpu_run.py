@@ -175,15 +175,20 @@ def test_pytest_outcomes_from_verbose_lines():
     }
 
 
-def _write_tests(folder, body):
-    folder.mkdir()
-    (folder / "test_it.py").write_text(textwrap.dedent(body))
+def _pytest_stage(tmp_path, monkeypatch, body: str, budget: float) -> dict:
+    """The pytest stage run on one test file `body`, from its rootdir (as gpu_run runs from
+    the repository's root)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "test_it.py").write_text(textwrap.dedent(body))
+    run = _run(tmp_path, [], budget=budget)
+    return gpu_run._pytest(run, "tests", ["t", "--rootdir=."])
 
 
 def test_pytest_stage_counts_and_failures(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the rootdir, as the repository's root is for gpu_run
-    _write_tests(
-        tmp_path / "t",
+    outcome = _pytest_stage(
+        tmp_path,
+        monkeypatch,
         """
         def test_ok():
             pass
@@ -191,9 +196,8 @@ def test_pytest_stage_counts_and_failures(tmp_path, monkeypatch):
         def test_bad():
             assert 1 == 2, "one is not two"
         """,
+        budget=120,
     )
-    run = _run(tmp_path, [], budget=120)
-    outcome = gpu_run._pytest(run, "tests", ["t", "--rootdir=."])
     assert outcome["exit_code"] == 1 and not outcome["stopped_by_budget"]
     assert outcome["counts"] == {"passed": 1, "failed": 1}
     [failure] = outcome["failures"]
@@ -203,11 +207,11 @@ def test_pytest_stage_counts_and_failures(tmp_path, monkeypatch):
 
 
 def test_pytest_stage_survives_a_crash(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the rootdir, as the repository's root is for gpu_run
     """A test that kills the process is recorded as crashed (not as the one before it), and
     the tests after it still run, in a new process."""
-    _write_tests(
-        tmp_path / "t",
+    outcome = _pytest_stage(
+        tmp_path,
+        monkeypatch,
         """
         import os, signal
 
@@ -223,9 +227,8 @@ def test_pytest_stage_survives_a_crash(tmp_path, monkeypatch):
         def test_d_after():
             pass
         """,
+        budget=120,
     )
-    run = _run(tmp_path, [], budget=120)
-    outcome = gpu_run._pytest(run, "tests", ["t", "--rootdir=."])
     assert outcome["counts"] == {"passed": 2, "failed": 1}
     assert outcome["crashes"] == 1
     by_id = {f["id"].split("::")[-1]: f["message"] for f in outcome["failures"]}
@@ -236,9 +239,10 @@ def test_pytest_stage_survives_a_crash(tmp_path, monkeypatch):
 
 
 def test_pytest_stage_stopped_by_the_budget_keeps_what_ran(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the rootdir, as the repository's root is for gpu_run
-    _write_tests(
-        tmp_path / "t",
+    start = time.monotonic()
+    outcome = _pytest_stage(
+        tmp_path,
+        monkeypatch,
         """
         import time
 
@@ -248,10 +252,8 @@ def test_pytest_stage_stopped_by_the_budget_keeps_what_ran(tmp_path, monkeypatch
         def test_b_slow():
             time.sleep(600)
         """,
+        budget=gpu_run.MARGIN_S + 8,
     )
-    run = _run(tmp_path, [], budget=gpu_run.MARGIN_S + 8)
-    start = time.monotonic()
-    outcome = gpu_run._pytest(run, "tests", ["t", "--rootdir=."])
     assert time.monotonic() - start < 60
     assert outcome["stopped_by_budget"] and outcome["exit_code"] is None
     assert outcome["counts"] == {"passed": 1}

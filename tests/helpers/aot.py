@@ -170,3 +170,18 @@ def assert_close(actual, expected, dtype, scale_tol=2.0):
     """Two units of the dtype's tolerance: a half-precision table rounds each bias row once
     more than the fp32 formula does before the fp32 add."""
     compare.assert_close(actual, expected, dtype, slack=scale_tol)
+
+
+def check_dropout_per_distinct_id(op) -> None:
+    """`op()`: an AoT op with dropout on the ids `[[1, 2, 1, 3, 1, 2, 0, 4]] * 2`. The same
+    output under the same seed and another under another; one mask per distinct id (every
+    occurrence of id 1 gets the same bias, id 2 another)."""
+    torch.manual_seed(123)
+    first = op()
+    torch.manual_seed(123)
+    second = op()
+    torch.manual_seed(7)
+    third = op()
+    assert torch.equal(first, second) and not torch.equal(first, third)
+    assert torch.equal(first[0, 0], first[0, 2]) and torch.equal(first[0, 0], first[1, 4])
+    assert not torch.equal(first[0, 0], first[0, 1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DEVICE, assert_close, randint, randn, tensor
+from helpers.aot import check_dropout_per_distinct_id
 
 from dept_kernels.ops import (
     aot_bias_add,
@@ -182,16 +183,7 @@ def test_dropout_reproducible_under_seed_and_per_id(backend, reparam):
         def run():
             return aot_fc_bias(hidden, ids, emb, *w, dropout_p=0.5)
 
-    torch.manual_seed(123)
-    first = run()
-    torch.manual_seed(123)
-    second = run()
-    torch.manual_seed(7)
-    third = run()
-    assert torch.equal(first, second)
-    assert not torch.equal(first, third)
-    # One mask per distinct id: every occurrence of id 1 gets the same bias.
-    assert torch.equal(first[0, 0], first[0, 2]) and torch.equal(first[0, 0], first[1, 4])
+    check_dropout_per_distinct_id(run)
 
 
 BAD = [
