@@ -93,13 +93,8 @@ def op_profile(model, kw: dict) -> tuple[dict[str, float], dict[str, int]]:
     """(self CPU microseconds, calls) per op name over one profiled forward. The library's
     ops go through their custom ops here (its eager path calls the kernels directly, where
     the profiler does not see them), so their share is an upper bound: dispatch included."""
-    plain = _eager._plain
-    _eager._plain = lambda args: False
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(**kw)
-    finally:
-        _eager._plain = plain
+    with _eager.custom_ops_only(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**kw)
     events = prof.key_averages()
     return {e.key: e.self_cpu_time_total for e in events}, {e.key: e.count for e in events}
 

@@ -14,6 +14,7 @@ stated only when both rows' spread is within `verdict.NOISE_LIMIT`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import time
 from collections.abc import Callable
@@ -70,22 +71,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=50)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    plain = _eager._plain
-    modes = {"eager path": plain, "custom ops": lambda inputs: False}
+    modes = {"eager path": contextlib.nullcontext, "custom ops": _eager.custom_ops_only}
     fns = problems()
     times: dict[tuple[str, str], list[float]] = {}
     for i in range(args.rounds + 1):
         for mode in rotation(list(modes), i):
-            _eager._plain = modes[mode]
-            for name, fn in fns.items():
-                fn()
-                start = time.perf_counter()
-                for _ in range(args.calls):
+            with modes[mode]():
+                for name, fn in fns.items():
                     fn()
-                if i:  # the first round warms up
-                    per_call = (time.perf_counter() - start) / args.calls
-                    times.setdefault((name, mode), []).append(per_call)
-    _eager._plain = plain
+                    start = time.perf_counter()
+                    for _ in range(args.calls):
+                        fn()
+                    if i:  # the first round warms up
+                        per_call = (time.perf_counter() - start) / args.calls
+                        times.setdefault((name, mode), []).append(per_call)
     print(
         f"host time per call, {platform.processor() or platform.machine()}, torch "
         f"{torch.__version__}, 1 thread, {args.rounds} rounds of {args.calls} calls"

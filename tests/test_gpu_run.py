@@ -127,7 +127,7 @@ def test_kernel_stage_runs_every_kernel_on_every_backend(tmp_path, tiny_shape, c
     assert got == expected
     assert len(rows) == len(expected)
     for row in rows:
-        assert row["kernel_ms"] > 0 and row["op_ms"] > 0
+        assert row["kernel_ms"] > 0 and row["op_ms"] > 0 and row["op_custom_ops_ms"] > 0
         assert row["GBps"] == pytest.approx(row["min_bytes"] / row["kernel_ms"] / 1e6)
         assert row["of_peak"] is None
     assert stage["default_backend"]["backend"] == "triton"  # no triton/cuda pair here

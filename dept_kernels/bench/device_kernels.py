@@ -12,7 +12,9 @@ The first stage of `python -m dept_kernels.gpu_run`. Per kernel, shape, dtype an
   fraction of the data-sheet peak and of the device-to-device copy rate measured here.
 - `op_ms`: the public op (validation, dispatch and, for `+backward` rows, autograd) called
   back to back with no flush, per call: what a model sees. `op_ms - kernel_ms` is the
-  Python overhead, host syncs included. The `dept_forward+backward` rows time the op's
+  Python overhead, host syncs included. `op_custom_ops_ms`: the same with every call
+  through the custom ops (`ops._eager.custom_ops_only`), as before the eager path. The
+  `dept_forward+backward` rows time the op's
   training step (forward, then backward through autograd) in both columns: it has no single
   kernel.
 
@@ -32,6 +34,7 @@ from torch import Tensor
 
 from .. import backends
 from ..ops import aot_bias_add, dept_embedding, fc_rows, kron_rows
+from ..ops._eager import custom_ops_only
 from ._timing import median_iqr, sync
 from .kernels import make_problem
 from .shapes import AOT_SHAPES, SHAPES, Shape, zipf_ids
@@ -337,6 +340,8 @@ def table(
     for case in cases(shapes, dtypes, names, device, families):
         median, iqr = median_iqr(kernel_times(case.launch, repeats, device))
         op = per_call_seconds(case.op or case.launch, repeats, device)
+        with custom_ops_only():
+            dispatched = per_call_seconds(case.op or case.launch, repeats, device)
         rate = case.min_bytes / median
         yield {
             "kernel": case.kernel,
@@ -350,6 +355,7 @@ def table(
             "of_peak": None if peak is None else rate / peak,
             "of_copy": rate / copy_rate,
             "op_ms": op * 1e3,
+            "op_custom_ops_ms": dispatched * 1e3,
         }
 
 
@@ -359,5 +365,6 @@ def format_row(row: dict) -> str:
     return (
         f"{row['kernel']:22} {row['backend']:6} {row['shape']:10} {row['dtype']:8} "
         f"{row['kernel_ms']:8.4f} ms (IQR {row['kernel_iqr_ms']:.4f}) {row['GBps']:7.0f} GB/s"
-        f"{peak} {row['of_copy']:5.0%} of copy | op {row['op_ms']:8.4f} ms/call"
+        f"{peak} {row['of_copy']:5.0%} of copy | op {row['op_ms']:8.4f} ms/call "
+        f"({row['op_custom_ops_ms']:.4f} through the custom ops)"
     )

@@ -13,20 +13,37 @@ other subclassed tensors such as DTensor) goes through the custom op, as before.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["EagerOp"]
+__all__ = ["EagerOp", "custom_ops_only"]
 
 # Exactly these tensor types are run directly; subclasses (FakeTensor, FunctionalTensor,
 # DTensor, ...) keep the custom op, whose registrations they rely on.
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+# Set by `custom_ops_only`: every call through the custom ops.
+_forced = False
+
+
 def _plain(args: tuple) -> bool:
     return all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
+
+
+@contextlib.contextmanager
+def custom_ops_only() -> Iterator[None]:
+    """Every op call through its custom op while the block runs, as before the eager path:
+    for the tests and measurements that compare the two. Process-wide, not per thread."""
+    global _forced
+    previous, _forced = _forced, True
+    try:
+        yield
+    finally:
+        _forced = previous
 
 
 class EagerOp:
@@ -48,7 +65,7 @@ class EagerOp:
             self.function = _function(body, setup_context, backward)
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling() or not _plain(args):
+        if _forced or torch.compiler.is_compiling() or not _plain(args):
             return self.op(*args)
         if self.function is None or not _needs_grad(args):
             return self.body(*args)

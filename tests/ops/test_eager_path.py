@@ -24,15 +24,12 @@ CASES = [
 
 
 @pytest.fixture
-def custom_ops_only(monkeypatch):
-    """Every call through the custom ops, as before the eager path."""
+def custom_ops_only():
+    """`fn()` with every call through the custom ops, as before the eager path."""
 
     def force(fn):
-        monkeypatch.setattr(_eager, "_plain", lambda args: False)
-        try:
+        with _eager.custom_ops_only():
             return fn()
-        finally:
-            monkeypatch.undo()
 
     return force
 
