@@ -86,8 +86,34 @@ def _function(body: Callable, setup_context: Callable, backward: Callable) -> ty
         setup_context(ctx, args, out)
         return out
 
+    def backward_once(ctx, *grads):
+        with torch.no_grad():
+            result = backward(ctx, *grads)
+        if not torch.is_grad_enabled():  # no create_graph
+            return result
+        # Once differentiable, as the custom op is (its backward op has no autograd): under
+        # create_graph every gradient carries a node that raises when differentiated, so a
+        # second derivative fails rather than silently leaving the op's part out.
+        # An incoming gradient passed through unchanged (AoT's hidden state: the bias is
+        # added) keeps its own graph: it holds no derivative of the op.
+        return tuple(
+            _second_derivative_raises(r)
+            if isinstance(r, Tensor) and not any(r is g for g in grads)
+            else r
+            for r in (result if isinstance(result, tuple) else (result,))
+        )
+
     return type(
         f"{body.__name__}_function",
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+        {"forward": staticmethod(forward), "backward": staticmethod(backward_once)},
     )
+
+
+def _second_derivative_raises(grad: Tensor) -> Tensor:
+    """`grad` behind a node that raises when backpropagated through (a detached copy that
+    requires grad gives the node an input to hang on)."""
+    return torch._C._functions.DelayedError(
+        "dept_kernels: the ops are differentiable once; a second derivative is not implemented",
+        1,
+    )(grad.detach().requires_grad_())

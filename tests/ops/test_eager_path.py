@@ -118,3 +118,30 @@ def test_inplace_gather_add_bumps_the_version(backend):
     assert hidden._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         product.backward()
+
+
+def test_second_derivatives_raise_on_either_path(backend, custom_ops_only):
+    """The ops are differentiable once: a second derivative raises on both paths (it never
+    silently leaves the op's part out), while derivatives that only pass through the op's
+    first derivative (AoT's hidden state, under create_graph) still work."""
+    kw = make_inputs(Case("positions"), torch.float32, torch.float32)
+    args = {k: val for k, val in kw.items() if not k.startswith("_")}
+
+    def second_derivative():
+        out = dept_embedding(**args)
+        (d_b,) = torch.autograd.grad(out, [args["lora_b"]], torch.ones_like(out), create_graph=True)
+        # With a term of its own that requires grad: a d_b without a graph would pass here.
+        (d_b.sum() + (args["lora_b"] ** 2).sum()).backward()
+
+    for run_path in (lambda fn: fn(), custom_ops_only):
+        with pytest.raises(RuntimeError, match="differentiable once|no autograd formula"):
+            run_path(second_derivative)
+
+    hidden, ids, table = _aot_inputs()
+
+    def through_hidden():
+        out = aot_bias_add(hidden, ids, table)
+        (d_hidden,) = torch.autograd.grad((out**2).sum(), [hidden], create_graph=True)
+        return torch.autograd.grad(d_hidden.sum(), [hidden, table])
+
+    _same(through_hidden(), custom_ops_only(through_hidden))
