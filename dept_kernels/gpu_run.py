@@ -1,6 +1,7 @@
 """One command for a machine with a CUDA GPU, in stages that pay off in order.
 
-    python -m dept_kernels.gpu_run [--suite] [--bench] [--budget SECONDS] [--out DIR]
+    python -m dept_kernels.gpu_run [--suite] [--bench] [--main-job] [--budget SECONDS]
+                                   [--out DIR]
 
 Stages (each writes `<out>/<gpu>-<date>.json` again when it ends, so a run cut short keeps
 what it finished):
@@ -15,10 +16,12 @@ what it finished):
            (Triton compiled, not interpreted; the cuda backend built just in time)
   suite    the rest of the test suite on CUDA tensors                     (--suite)
   bench    `pytest bench --benchmark-only`, saved as pytest-benchmark JSON (--bench)
+  main-job `python -m dept_kernels.bench --full` on CUDA: training at T5-base dims, inference,
+           multi-task serving, the kernel table at every shape (--main-job)
 
-`--budget` bounds the whole run: a pytest stage still running when it is spent is stopped
-(its results so far are kept) and later stages are skipped. Without a GPU it says so and
-exits 0.
+`--budget` bounds the whole run: a stage's child process still running when it is spent is
+stopped (its results so far are kept) and later stages are skipped. Without a GPU it says so
+and exits 0.
 """
 
 from __future__ import annotations
@@ -341,11 +344,43 @@ def bench_stage(run: Run) -> dict:
     return outcome
 
 
+def _command(run: Run, name: str, command: list[str]) -> dict:
+    """Run `command` in a child process, its output to `<out>/<stem>-<name>.log`, stopped
+    when the budget is spent."""
+    log_path = Path(run.args.out) / f"{run.path.stem}-{name}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        code, lines = _child(command, env, log, _timeout(run))
+    result = {
+        "exit_code": code,
+        "stopped_by_budget": code is None,
+        "seconds": round(time.monotonic() - start, 1),
+        "log": log_path.name,
+        "tail": lines[-40:],
+    }
+    stopped = " (stopped: budget spent)" if code is None else ""
+    print(f"{name}: exit code {code} in {result['seconds']} s{stopped}", flush=True)
+    print("\n".join(lines[-40:]), flush=True)
+    return result
+
+
+def main_job_stage(run: Run) -> dict:
+    """The main job at the paper's sizes (`python -m dept_kernels.bench --full`): training
+    at T5-base dims, inference, serving, and the kernel table at every shape, on CUDA."""
+    out = Path(run.args.out) / f"{run.path.stem}-main-job"
+    command = [sys.executable, "-m", "dept_kernels.bench", "--device", "cuda", "--full"]
+    result = _command(run, "main-job", [*command, "--out", str(out)])
+    result["out"] = out.name
+    return result
+
+
 STAGES: dict[str, Stage] = {
     "kernels": Stage(kernels_stage, "each kernel alone: time, bandwidth, the op's overhead", True),
     "tests": Stage(tests_stage, "the kernel tests on CUDA tensors", True),
     "suite": Stage(suite_stage, "the rest of the test suite on CUDA tensors", False),
     "bench": Stage(bench_stage, "pytest bench --benchmark-only", False),
+    "main-job": Stage(main_job_stage, "python -m dept_kernels.bench --full on CUDA", False),
 }
 
 
@@ -361,6 +396,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="bench/results", help="where the JSON and logs go")
     parser.add_argument("--suite", action="store_true", help="also run the suite stage")
     parser.add_argument("--bench", action="store_true", help="also run the bench stage")
+    parser.add_argument("--main-job", action="store_true", help="also run the main-job stage")
     parser.add_argument(
         "--stages", default=None, help="comma-separated stages to run instead (e.g. kernels)"
     )
@@ -378,7 +414,7 @@ def _chosen(args: argparse.Namespace) -> list[str]:
         if unknown:
             raise SystemExit(f"gpu_run: --stages: unknown {unknown}; stages are {list(STAGES)}")
         return [s for s in STAGES if s in names]
-    return [k for k, s in STAGES.items() if s.default or getattr(args, k, False)]
+    return [k for k, s in STAGES.items() if s.default or getattr(args, k.replace("-", "_"), False)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ and a clean exit without a GPU. The kernel table runs here on the CPU (host time
 shape, the same code the GPU runs with device events."""
 
 import json
+import sys
 import textwrap
 import time
 
@@ -28,15 +29,18 @@ def test_help_names_the_stages_in_order(capsys):
         gpu_run.main(["--help"])
     assert stop.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    positions = [text.index(f"{name} (") for name in ("kernels", "tests", "suite", "bench")]
+    names = ("kernels", "tests", "suite", "bench", "main-job")
+    positions = [text.index(f"{name} (") for name in names]
     assert positions == sorted(positions)
     assert "suite (--suite)" in text and "bench (--bench)" in text
+    assert "main-job (--main-job)" in text
 
 
 def test_stages_chosen_by_flags():
     parse = gpu_run._parser().parse_args
     assert gpu_run._chosen(parse([])) == ["kernels", "tests"]
     assert gpu_run._chosen(parse(["--bench", "--suite"])) == ["kernels", "tests", "suite", "bench"]
+    assert gpu_run._chosen(parse(["--main-job"])) == ["kernels", "tests", "main-job"]
     assert gpu_run._chosen(parse(["--stages", "bench,kernels"])) == ["kernels", "bench"]
     with pytest.raises(SystemExit, match="unknown"):
         gpu_run._chosen(parse(["--stages", "kernel"]))
@@ -291,3 +295,16 @@ def test_main_skips_stages_once_the_budget_is_spent(tmp_path, monkeypatch):
     assert calls == ["kernels", "tests"]
     written = json.loads((tmp_path / "fake-gpu-d.json").read_text())
     assert written["stages"]["tests"]["ran"] == "tests"
+
+
+def test_command_stage_logs_and_stops_at_the_budget(tmp_path):
+    run = _run(tmp_path, [], budget=120)
+    done = gpu_run._command(run, "job", [sys.executable, "-c", "print('main job ran')"])
+    assert done["exit_code"] == 0 and not done["stopped_by_budget"]
+    assert done["tail"] == ["main job ran"]
+    assert "main job ran" in (tmp_path / done["log"]).read_text()
+    run = _run(tmp_path, [], budget=gpu_run.MARGIN_S + 3)
+    start = time.monotonic()
+    stopped = gpu_run._command(run, "job", [sys.executable, "-c", "import time; time.sleep(600)"])
+    assert time.monotonic() - start < 60
+    assert stopped["stopped_by_budget"] and stopped["exit_code"] is None
