@@ -267,17 +267,21 @@ def _timeout(run: Run) -> float | None:
     return None if remaining is None else max(remaining - MARGIN_S, 1.0)
 
 
+def _log_and_env(run: Run, name: str, **variables: str) -> tuple[Path, dict]:
+    """(`<out>/<stem>-<name>.log`, the environment) of a stage's child processes."""
+    log_path = Path(run.args.out) / f"{run.path.stem}-{name}.log"
+    return log_path, {**os.environ, "PYTHONUNBUFFERED": "1", **variables}
+
+
 def _pytest(run: Run, name: str, targets: list[str]) -> dict:
     """Run pytest on `targets` in a child process, its output to `<out>/<name>.log`, stopped
     when the budget is spent. Each failure is recorded as it happens
     (`dept_kernels.testing.pytest_record`); a crash is recorded against the test that was
     running, and pytest is started again on the tests it had not reached."""
-    out = Path(run.args.out)
-    log_path = out / f"{run.path.stem}-{name}.log"
-    record_path = out / f"{run.path.stem}-{name}.record"
+    record_path = Path(run.args.out) / f"{run.path.stem}-{name}.record"
     record_path.unlink(missing_ok=True)
     base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", pytest_record.VARIABLE: str(record_path)}
+    log_path, env = _log_and_env(run, name, **{pytest_record.VARIABLE: str(record_path)})
     start = time.monotonic()
     crashes: list[dict] = []
     lines: list[str] = []
@@ -347,8 +351,7 @@ def bench_stage(run: Run) -> dict:
 def _command(run: Run, name: str, command: list[str]) -> dict:
     """Run `command` in a child process, its output to `<out>/<stem>-<name>.log`, stopped
     when the budget is spent."""
-    log_path = Path(run.args.out) / f"{run.path.stem}-{name}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_path, env = _log_and_env(run, name)
     start = time.monotonic()
     with open(log_path, "w") as log:
         code, lines = _child(command, env, log, _timeout(run))

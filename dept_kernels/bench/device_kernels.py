@@ -162,29 +162,24 @@ def _dept_cases(
         yield KernelCase("dept_forward+backward", min_bytes=step_bytes, launch=op_step, **common)
 
 
-def _aot_problem(shape: Shape, dtype: torch.dtype, device: str) -> dict:
-    """Zipf ids over the vocabulary (about 45% distinct at these sizes), the batch's distinct
-    ids, a hidden state and a fused (V, d) table."""
-    g = torch.Generator(device="cpu").manual_seed(0)
+def _zipf_batch(shape: Shape, device: str) -> tuple[Tensor, Tensor]:
+    """Zipf ids over the vocabulary (about 45% distinct at these sizes) and the batch's
+    distinct ids."""
     ids = zipf_ids(shape.batch, shape.seq, shape.vocab).to(device)
-    return {
-        "g": g,
-        "ids": ids,
-        "used": torch.unique(ids),
-        "hidden": torch.randn(shape.batch, shape.seq, shape.d, generator=g).to(device, dtype),
-        "table": torch.randn(shape.vocab, shape.d, generator=g).to(device, dtype),
-    }
+    return ids, torch.unique(ids)
 
 
 def _aot_cases(
     shape: Shape, dtype: torch.dtype, names: list[str], device: str
 ) -> Iterator[KernelCase]:
-    p = _aot_problem(shape, dtype, device)
-    hidden, ids, table_ = p["hidden"], p["ids"], p["table"]
+    g = torch.Generator().manual_seed(0)
+    ids, used = _zipf_batch(shape, device)
+    hidden = torch.randn(shape.batch, shape.seq, shape.d, generator=g).to(device, dtype)
+    table_ = torch.randn(shape.vocab, shape.d, generator=g).to(device, dtype)
     out = torch.empty_like(hidden)
     elem = _size(dtype)
     # hidden read, out written, the ids, each distinct table row read once.
-    nbytes = 2 * hidden.numel() * elem + ids.numel() * 8 + p["used"].numel() * shape.d * elem
+    nbytes = 2 * hidden.numel() * elem + ids.numel() * 8 + used.numel() * shape.d * elem
     for name in names:
         impl = backends.load(name)
 
@@ -204,8 +199,8 @@ def _aot_rows_cases(
     """The rows of the batch's distinct ids, formed by torch ops whatever the backend (the
     factors in fp32; `dtype` is the FC embedding's)."""
     del names
-    p = _aot_problem(shape, dtype, device)
-    g, used = p["g"], p["used"]
+    g = torch.Generator().manual_seed(0)
+    _, used = _zipf_batch(shape, device)
     b = math.isqrt(shape.vocab - 1) + 1
     a = -(-shape.vocab // b)
     w_l = torch.randn(a, KRON_RANK, generator=g).to(device)
