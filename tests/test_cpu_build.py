@@ -209,7 +209,10 @@ def test_truncated_cached_module_is_rebuilt_not_loaded(built_cache, tmp_path):
     assert "OPS compiled" in result.stdout and "OK" in result.stdout
     assert result.stderr.count("fails its checksum") == 1, result.stderr
     assert "building the C++ cpu kernels" in result.stderr
-    assert module.stat().st_size == size
+    # The rebuilt module is whole and is the one its new manifest records. (Its size need not
+    # equal the copy's: the build directory's path is linked into it.)
+    assert module.stat().st_size > size // 2
+    assert _build._file_ok(build_dir, _build._read_manifest(build_dir), module.name)
     # A second process finds the repaired build verified: nothing is built again.
     again = _run_child(build_dir.parent)
     assert "OK" in again.stdout and "building" not in again.stderr, again.stderr
