@@ -12,7 +12,8 @@ what it finished):
            peak and its measured copy rate, and the public op's per-call time beside it
            (`dept_kernels.bench.device_kernels`); then which backend this table makes the
            default for CUDA tensors (`default_backend`)
-  tests    the kernel tests on CUDA tensors: tests/ops, tests/triton, tests/test_backend.py
+  tests    the focused tests on CUDA tensors: host syncs and CUDA-graph capture, the main
+           job's tests, then the kernel tests (tests/ops, tests/triton, tests/test_backend.py)
            (Triton compiled, not interpreted; the cuda backend built just in time)
   suite    the rest of the test suite on CUDA tensors                     (--suite)
   bench    `pytest bench --benchmark-only`, saved as pytest-benchmark JSON (--bench)
@@ -64,8 +65,17 @@ __all__ = [
 # triton needs no C++ toolchain on the user's machine, so a tie goes to it.
 COMPARED_KERNELS = ("dept_forward", "dept_reduce", "aot_gather_add")
 CUDA_MARGIN = 1.05
-# The kernel tests: every op against its oracle, the launchers, the backend registry.
-KERNEL_TESTS = ["tests/ops", "tests/triton", "tests/test_backend.py"]
+# The focused tests, short ones first: host syncs and CUDA-graph capture (which only a GPU
+# checks), the main job on CUDA, then every op against its oracle, the launchers and the
+# backend registry.
+FOCUSED_TESTS = [
+    "tests/test_sync_free.py",
+    "tests/test_host_syncs.py",
+    "tests/test_bench_main_job.py",
+    "tests/ops",
+    "tests/triton",
+    "tests/test_backend.py",
+]
 # Seconds kept back from a stopped pytest stage for writing the results.
 MARGIN_S = 10.0
 
@@ -333,11 +343,11 @@ def _pytest(run: Run, name: str, targets: list[str]) -> dict:
 
 
 def tests_stage(run: Run) -> dict:
-    return _pytest(run, "tests", KERNEL_TESTS)
+    return _pytest(run, "tests", FOCUSED_TESTS)
 
 
 def suite_stage(run: Run) -> dict:
-    ignore = [f"--ignore={path}" for path in KERNEL_TESTS]
+    ignore = [f"--ignore={path}" for path in FOCUSED_TESTS]
     return _pytest(run, "suite", ["tests", *ignore])
 
 
@@ -380,7 +390,7 @@ def main_job_stage(run: Run) -> dict:
 
 STAGES: dict[str, Stage] = {
     "kernels": Stage(kernels_stage, "each kernel alone: time, bandwidth, the op's overhead", True),
-    "tests": Stage(tests_stage, "the kernel tests on CUDA tensors", True),
+    "tests": Stage(tests_stage, "the focused tests on CUDA tensors", True),
     "suite": Stage(suite_stage, "the rest of the test suite on CUDA tensors", False),
     "bench": Stage(bench_stage, "pytest bench --benchmark-only", False),
     "main-job": Stage(main_job_stage, "python -m dept_kernels.bench --full on CUDA", False),
