@@ -105,14 +105,14 @@ def forward_constexprs(
     return {
         **has_lora,
         "HAS_TASKS": tasks,
-        # The position kernel forms its tile with fp32 FMAs for every dtype (exact products
-        # of the 8- and 11-bit mantissas, fp32 sums, as the tensor cores compute them): its
-        # result then has the layout of the rows it is added to, whereas a tensor-core tile
-        # sends every batch element's rows through shared memory to meet it (a barrier per
-        # step). The rows kernel forms a tile per token tile, with the tensor cores unless
-        # the factors are fp32 (TF32 would round them to 10 mantissa bits; the reference
-        # does not).
-        "DOT_FP32": not rows_mode or (factor_dtype or weight_dtype) == torch.float32,
+        # Half-precision factors form the low-rank tile on the tensor cores (exact products,
+        # fp32 sums); fp32 factors with fp32 FMAs (TF32 would round them to 10 mantissa
+        # bits; the reference does not). The position kernel once formed every tile with
+        # FMAs, keeping it in the rows' layout (no barrier in its batch loop), but the
+        # H200 run of 2026-11-30 measured its bf16 forward at 1.27x-1.72x the time of the
+        # tensor-core tile's (docs/kernels.md): its programs hold one or two batch
+        # elements, so the tile's r FMAs per element outweigh the layout change.
+        "DOT_FP32": (factor_dtype or weight_dtype) == torch.float32,
         "BLOCK_T": BLOCK_T,
         "BLOCK_D": BLOCK_D[weight_dtype],
         "BLOCK_R": BLOCK_R,
@@ -813,7 +813,7 @@ def forward(
     if factor_dtype == torch.bfloat16 and interpreting():
         # The interpreter multiplies bf16 tiles as their raw uint16 bits (triton 3.x
         # `create_dot`); the fp32 path computes the same exact products with the fp32
-        # accumulation of the tensor cores. Only the rows kernel's tile uses them.
+        # accumulation of the tensor cores.
         meta["DOT_FP32"] = True
     sizes = (batch, seq_len, m, n_v, d, rank, max_len, weight.stride(0), stride_pt, stride_p)
     sizes += (stride_vb, stride_vv)

@@ -2,9 +2,11 @@
 
 The kernels are memory-bound, so what decides their speed shows in the SASS: no local memory
 (spills), 128-bit global loads and stores in the loop that moves the rows, registers within
-the budget of the occupancy the launchers assume (docs/kernels.md), and no barrier in the
-position forward's batch loop (a barrier there means the rows cross shared memory every
-batch element). Triton kernels come from `dept_kernels.triton.precompile` (the variants of
+the budget of the occupancy the launchers assume (docs/kernels.md), the half-precision
+low-rank tile on the tensor cores, and no barrier in the fp32 position forward's batch loop
+(a barrier there means the rows cross shared memory every batch element; the bf16 forward's
+tensor-core tile does send them through it, and the H200 measured that the cheaper trade,
+docs/kernels.md). Triton kernels come from `dept_kernels.triton.precompile` (the variants of
 the LLaMA-7B benchmark: int64 ids, all-bf16 or all-fp32 tensors, no tasks); CUDA kernels from
 `nvcc -cubin` with the JIT build's flags. Both are disassembled with the `nvdisasm` that
 Triton ships. ~40 s on two cores with a cold Triton cache.
@@ -156,7 +158,8 @@ class TritonKernel:
     whether its rows move in a loop (then the 128-bit accesses must be in it);
     `stores_in_loop`: whether that loop stores them (the reduce kernels store one sum after
     it; the segment kernel's is a reduced (d,) vector, stored 64 bits wide);
-    `barrier_free_loop`: whether the batch loop must hold no barrier.
+    `barrier_free_loop`: whether the batch loop must hold no barrier; `tensor_cores`: whether
+    the low-rank tile must be formed by matrix instructions (HMMA, or sm_90's HGMMA).
     """
 
     kernel: str
@@ -165,6 +168,7 @@ class TritonKernel:
     loop: bool = True
     stores_in_loop: bool = True
     barrier_free_loop: bool = False
+    tensor_cores: bool = False
 
     @property
     def label(self) -> str:
@@ -193,9 +197,9 @@ def _forward(kernel: str, dtype: torch.dtype, **kw) -> TritonKernel:
 
 
 TRITON_KERNELS = [
-    _forward("_fwd_position_kernel", torch.bfloat16, barrier_free_loop=True),
+    _forward("_fwd_position_kernel", torch.bfloat16, tensor_cores=True),
     _forward("_fwd_position_kernel", torch.float32, barrier_free_loop=True),
-    _forward("_fwd_rows_kernel", torch.bfloat16, loop=False),
+    _forward("_fwd_rows_kernel", torch.bfloat16, loop=False, tensor_cores=True),
     _forward("_fwd_rows_kernel", torch.float32, loop=False),
     TritonKernel("_reduce_position_kernel", torch.bfloat16, stores_in_loop=False),
     TritonKernel("_reduce_position_kernel", torch.float32, stores_in_loop=False),
@@ -266,6 +270,8 @@ def test_triton_kernel_machine_code(triton_cubins, spec, cc):
         assert wide(scope, "STG"), "no 128-bit global store where the rows move"
     elif spec.kernel == "_reduce_position_kernel":
         assert wide(ops, "STG"), "no 128-bit global store"
+    if spec.tensor_cores:
+        assert [op for op in ops if op.startswith(("HMMA", "HGMMA"))], "no tensor-core MMA"
     if spec.barrier_free_loop:
         loop = function.ops(_token_loop(function))
         bars = [op for op in loop if op.startswith("BAR")]

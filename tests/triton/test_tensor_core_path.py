@@ -1,10 +1,9 @@
 """The half-precision tile paths of the Triton forward, and what the interpreter runs of them.
 
-On a GPU the rows kernel forms its low-rank tile on the tensor cores when the factors are fp16
-or bf16 (`DOT_FP32` False: half operands, exact products, fp32 accumulation); the position
-kernel forms it with fp32 FMAs for every dtype (`DOT_FP32` True), so for it the interpreter
-runs what the GPU runs. Triton's interpreter multiplies bf16 tiles as their raw bits, so for
-bf16 factors the launcher runs the rows kernel's fp32 branch there instead. What runs here:
+On a GPU both forward kernels (rows and position) form their low-rank tile on the tensor
+cores when the factors are fp16 or bf16 (`DOT_FP32` False: half operands, exact products, fp32
+accumulation). Triton's interpreter multiplies bf16 tiles as their raw bits, so for bf16
+factors the launcher runs the fp32 branch there instead. What runs here, for each kernel:
 - fp16 factors: the tensor-core branch itself (`tl.dot(a, b, acc)` on half tiles, the same
   line bf16 takes on a GPU), checked against the formula;
 - bf16 factors: the fp32 branch on the bf16 values, checked against the tensor-core math
@@ -44,52 +43,61 @@ class _Recorder:
         return run
 
 
-def _problem(dtype: torch.dtype, seed: int = 0) -> dict:
+# The kernel each mode launches: per-sample position ids take the rows kernel, rows 0..s-1
+# the position kernel.
+KERNELS = {"rows": "_fwd_rows_kernel", "position": "_fwd_position_kernel"}
+
+
+def _problem(dtype: torch.dtype, kernel: str, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     batch, seq, d, vocab, m, r, max_len = 3, 21, 48, 40, 2, 24, 30
-    return dict(
+    problem = dict(
         input_ids=torch.randint(0, vocab, (batch, seq), generator=g).to(DEVICE),
         weight=torch.randn(vocab, d, generator=g).to(dtype).to(DEVICE),
         prompt=torch.randn(m, d, generator=g).to(dtype).to(DEVICE),
         lora_a=torch.randn(max_len, r, generator=g).to(dtype).to(DEVICE),
         lora_b=torch.randn(r, d, generator=g).to(dtype).to(DEVICE),
-        position_ids=torch.randint(0, max_len, (batch, seq), generator=g).to(DEVICE),
     )
+    if kernel == "rows":
+        problem["position_ids"] = torch.randint(0, max_len, (batch, seq), generator=g).to(DEVICE)
+    return problem
 
 
 def _tensor_core_reference(kw: dict, scaling: float) -> torch.Tensor:
     """[P; E[ids] + scaling * A[rows] @ B] as the tensor cores form it: the half operands'
     products exact (in float64 here), their sum and the scaled add in fp32, one rounding."""
-    a = kw["lora_a"].double()[kw["position_ids"]]  # (B, s, r)
-    delta = torch.einsum("bsr,rd->bsd", a, kw["lora_b"].double()).float()
+    rows = kw.get("position_ids", torch.arange(kw["input_ids"].shape[1], device=DEVICE))
+    a = kw["lora_a"].double()[rows]  # (B, s, r) or (s, r)
+    delta = torch.einsum("...r,rd->...d", a, kw["lora_b"].double()).float()
     tokens = kw["weight"].float()[kw["input_ids"]] + scaling * delta
     prompt = kw["prompt"].float().expand(tokens.shape[0], -1, -1)
     return torch.cat([prompt, tokens], dim=1).to(kw["weight"].dtype)
 
 
-def _run(monkeypatch, kw: dict, scaling: float) -> tuple[torch.Tensor, list[dict]]:
-    recorder = _Recorder(kernels._fwd_rows_kernel)
-    monkeypatch.setattr(kernels, "_fwd_rows_kernel", recorder)
+def _run(monkeypatch, kernel: str, kw: dict, scaling: float) -> tuple[torch.Tensor, list[dict]]:
+    recorder = _Recorder(getattr(kernels, KERNELS[kernel]))
+    monkeypatch.setattr(kernels, KERNELS[kernel], recorder)
     with dept_kernels.use_backend("triton"):
         out = dept_embedding(**kw, scaling=scaling)
     return out, recorder.launches
 
 
-def test_fp16_factors_run_the_tensor_core_branch(monkeypatch):
-    kw = _problem(torch.float16)
-    out, launches = _run(monkeypatch, kw, 0.3)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fp16_factors_run_the_tensor_core_branch(monkeypatch, kernel):
+    kw = _problem(torch.float16, kernel)
+    out, launches = _run(monkeypatch, kernel, kw, 0.3)
     assert [launch["DOT_FP32"] for launch in launches] == [False]
     assert_close(out, _tensor_core_reference(kw, 0.3), torch.float16)
 
 
-def test_bf16_factors_match_the_tensor_core_math(monkeypatch):
-    kw = _problem(torch.bfloat16, seed=1)
-    out, launches = _run(monkeypatch, kw, 0.7)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_factors_match_the_tensor_core_math(monkeypatch, kernel):
+    kw = _problem(torch.bfloat16, kernel, seed=1)
+    out, launches = _run(monkeypatch, kernel, kw, 0.7)
     # On a GPU the tensor cores; under the interpreter the fp32 branch on the same values.
     assert [launch["DOT_FP32"] for launch in launches] == [kernels.interpreting()]
-    assert kernels.forward_constexprs(torch.bfloat16, torch.bfloat16, True, False)["DOT_FP32"] is (
-        False
-    )
+    meta = kernels.forward_constexprs(torch.bfloat16, torch.bfloat16, kernel == "rows", False)
+    assert meta["DOT_FP32"] is False
     assert_close(out, _tensor_core_reference(kw, 0.7), torch.bfloat16)
 
 
@@ -104,10 +112,11 @@ def test_half_products_are_exact_in_fp32(dtype):
     assert torch.equal((x.float() * y.float()).double(), exact)
 
 
-def test_position_kernel_forms_every_tile_with_fp32_fmas():
-    # So its bf16 and fp16 paths under the interpreter are the ones a GPU runs.
+def test_only_fp32_factors_take_the_fma_tile():
+    # TF32 tensor cores would round fp32 factors; half factors are exact on them.
     for dtype in kernels.FLOATS:
         for factor in kernels.FLOATS:
-            for tasks in (False, True):
-                meta = kernels.forward_constexprs(dtype, factor, rows_mode=False, tasks=tasks)
-                assert meta["DOT_FP32"] is True
+            for rows_mode in (False, True):
+                for tasks in (False, True):
+                    meta = kernels.forward_constexprs(dtype, factor, rows_mode, tasks)
+                    assert meta["DOT_FP32"] is (factor == torch.float32)
