@@ -150,3 +150,15 @@ def test_serving_sentences_follow_the_verdict():
     assert "serves them 2.00x slower than 8 per-task batches" in text
     text = serving.report(result | {"rows": serving_rows(0.1, 0.3, NOISY)})
     assert "WARNING" in text and "Inconclusive" in text and "serves them" not in text
+
+
+def test_fill_normal_draws_on_the_cpu_and_copies():
+    """The main job's non-zero weights come from a CPU generator whatever the parameters'
+    device (drawing into CUDA memory from it raised on the H200), so every device gets the
+    same values."""
+    params = [torch.zeros(3, 4), torch.zeros(5, dtype=torch.bfloat16)]
+    end_to_end.fill_normal_(params, 0.5, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    expected = [torch.randn(3, 4, generator=gen) * 0.5, torch.randn(5, generator=gen) * 0.5]
+    assert torch.equal(params[0], expected[0])
+    assert torch.equal(params[1], expected[1].to(torch.bfloat16))

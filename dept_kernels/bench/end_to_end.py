@@ -266,6 +266,15 @@ def run(
     return rows
 
 
+@torch.no_grad()
+def fill_normal_(params, std: float, generator: torch.Generator) -> None:
+    """Fill each of `params` with N(0, std^2) drawn on the CPU from `generator`, then copied
+    to the parameter's device: the same values on every device (a CPU generator cannot
+    draw into CUDA memory)."""
+    for p in params:
+        p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -276,9 +285,9 @@ def aot_inference(base: nn.Module, batches: list[Batch], rounds: int, progress) 
     under `torch.no_grad()` as inference runs (the fused tables are then added in place)."""
     plain = copy.deepcopy(base).eval()
     aot = patch(copy.deepcopy(base), AoTConfig(reparam="fc", r=64)).eval()
-    for layer in aot.dept_adapter.layers:
-        # Non-zero tables, so the gather-add does real work (W_2 starts at zero).
-        layer.w2.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    # Non-zero tables, so the gather-add does real work (W_2 starts at zero).
+    gen = torch.Generator().manual_seed(0)
+    fill_normal_([layer.w2 for layer in aot.dept_adapter.layers], 0.02, gen)
     merge(aot)
     times: dict[str, list[float]] = {"unpatched": [], "AoT fused": []}
     device = batches[0].input_ids.device

@@ -35,7 +35,15 @@ from torch import Tensor, nn
 from .. import patch, save_adapter, stack_adapters
 from ..methods import AoTConfig, DePTConfig, equal_budget
 from ._timing import at_least, interleaved_times, median_iqr
-from .end_to_end import EOS, MAX_LENGTH, PAD, T5_DIMS, glue_like_lengths, t5_random
+from .end_to_end import (
+    EOS,
+    MAX_LENGTH,
+    PAD,
+    T5_DIMS,
+    fill_normal_,
+    glue_like_lengths,
+    t5_random,
+)
 from .verdict import findings, noisy_rows, relative_spread, speed_phrase
 
 TASKS = (2, 8)
@@ -61,11 +69,8 @@ def served_model(base: nn.Module, config: object, tasks: int, seed: int = 0) -> 
     with tempfile.TemporaryDirectory() as tmp:
         dirs = []
         for t in range(tasks):
-            gen = torch.Generator().manual_seed(seed + t)
-            with torch.no_grad():
-                for p in params:
-                    # Every weight non-zero (DePT's B and AoT's W_2 start at zero).
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            # Every weight non-zero (DePT's B and AoT's W_2 start at zero).
+            fill_normal_(params, 0.02, torch.Generator().manual_seed(seed + t))
             dirs.append(Path(tmp) / f"task{t}")
             save_adapter(source, dirs[-1])
         del source
