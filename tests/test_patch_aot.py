@@ -477,7 +477,8 @@ def test_errors_are_clear(tmp_path):
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_ids_are_range_checked_once_per_forward(monkeypatch, fused):
     """The hook checks the ids once; the layers' ops skip the check (on a GPU each one is a
-    device sync, so a check per layer would stall every layer)."""
+    device sync, so a check per layer would stall every layer). Unfused, the check's flags
+    are read with the distinct ids' count (`checked_distinct`)."""
     from dept_kernels.ops import _validate
 
     model = dk.patch(tiny_model("gpt2"), dk.AoTConfig("kron", r=4))
@@ -486,13 +487,14 @@ def test_ids_are_range_checked_once_per_forward(monkeypatch, fused):
         dk.merge(model)
     model.eval()
     checked = []
-    real = _validate.checked
+    real = _validate.range_flags
 
-    def counted(*ranges):
+    def counted(ranges):
         checked.extend(r.name for r in ranges)
-        return real(*ranges)
+        return real(ranges)
 
-    monkeypatch.setattr(_validate, "checked", counted)
+    # Every range check builds its flags here (`checked` calls it too).
+    monkeypatch.setattr(_validate, "range_flags", counted)
     ids = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
         model(input_ids=ids)

@@ -273,13 +273,13 @@ def test_t5_calls_that_keep_every_column():
 
 def test_t5_reads_the_mask_once_per_forward(monkeypatch):
     calls = []
-    real = t5_hooks.padding_cut
+    real = t5_hooks.checked_cut
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(t5_hooks, "padding_cut", counted)
+    monkeypatch.setattr(t5_hooks, "checked_cut", counted)
     _, model = pair("t5", "lm", "dept")
     ids, mask, labels = padded_batch("right", "lm")
     model(input_ids=ids, attention_mask=mask, labels=labels)

@@ -419,30 +419,48 @@ class AoTAdapter(Adapter):
         return table.shape[0] if table is not None and table.dim() == 3 else None
 
     def check_batch(
-        self, input_ids: Tensor, task_ids: Tensor | None, device: torch.device | None = None
+        self,
+        input_ids: Tensor,
+        task_ids: Tensor | None,
+        device: torch.device | None = None,
+        *,
+        defer_ids: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Ids in [0, V) and, for a stacked adapter, one task id in [0, T) per sample, on
-        `device` (the model's, when given: fused tables may live elsewhere).
+        `device` (the model's, when given: fused tables may live elsewhere). The ranges are
+        read once, together. `defer_ids`: the caller range-checks `input_ids` itself, in
+        the read that finds their distinct ids (`checked_distinct`); eager only.
 
         Returns `(input_ids, task_ids)` to use from here on: while compiling, checked copies
-        whose consumers run after the check (`checked_ids`); eager, the arguments.
+        whose consumers run after the check (`checked_ids`); eager, the arguments (sync-free
+        mode: clamped copies).
         """
         v.check_ids("input_ids", input_ids, ndim=2)
         if device is not None:
             v.check_device("input_ids", input_ids, device, like="the model")
-        input_ids = checked_ids(input_ids, self.vocab, "input_ids")
         tasks = self.num_tasks
         check_task_ids(tasks, task_ids)
-        if tasks is None:
+        if tasks is not None:
+            v.check_ids("task_ids", task_ids, ndim=1)
+            if device is not None:
+                v.check_device("task_ids", task_ids, device, like="the model")
+            if task_ids.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"task_ids has {task_ids.shape[0]} entries but the batch has "
+                    f"{input_ids.shape[0]}"
+                )
+        if torch.compiler.is_compiling():
+            input_ids = checked_ids(input_ids, self.vocab, "input_ids")
+            if tasks is not None:
+                task_ids = checked_ids(task_ids, tasks, "task_ids")
             return input_ids, task_ids
-        v.check_ids("task_ids", task_ids, ndim=1)
-        if device is not None:
-            v.check_device("task_ids", task_ids, device, like="the model")
-        if task_ids.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"task_ids has {task_ids.shape[0]} entries but the batch has {input_ids.shape[0]}"
-            )
-        return input_ids, checked_ids(task_ids, tasks, "task_ids")
+        ranges = [] if defer_ids else [v.Range("input_ids", input_ids, self.vocab)]
+        if tasks is not None:
+            ranges.append(v.Range("task_ids", task_ids, tasks))
+        checked = iter(v.checked(*ranges))
+        if not defer_ids:
+            input_ids = next(checked)
+        return input_ids, next(checked, task_ids)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         if self.fused:

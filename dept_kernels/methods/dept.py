@@ -164,6 +164,9 @@ class DePTAdapter(PromptAdapter):
             "index": self.config.index,
         }
 
+    def lowrank_layout(self) -> tuple[int | None, str]:
+        return full_shape(self.lora_a)[-2], self.config.index
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"prompt": [self.prompt], "lowrank": [self.lora_a, self.lora_b]}
 

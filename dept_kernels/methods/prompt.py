@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .._engines import embedding_shape, full_shape, gathered_parameters, is_dtensor
-from ..ops import dept_embedding
-from ..ops._validate import FLOAT_DTYPES
+from ..ops._validate import FLOAT_DTYPES, ID_DTYPES, Range
+from ..ops.dept_embedding import _dept_embedding, id_ranges
 from .base import Adapter, MethodConfig, as_stacked, check_int, check_task_ids
 
 if TYPE_CHECKING:
@@ -220,6 +220,8 @@ class PromptAdapter(Adapter):
         position_ids: Tensor | None = None,
         task_ids: Tensor | None = None,
         visual: Tensor | None = None,
+        *,
+        _ids_checked: bool = False,
     ) -> Tensor:
         """(B, s) ids and the (V, d) table -> (B, m + s, d) input embeddings, or
         (B, m + s + n_v, d) with the visual rows `visual` (B, n_v, d) after the tokens.
@@ -230,7 +232,8 @@ class PromptAdapter(Adapter):
         concatenating it with the model's `inputs_embeds` would need: differentiably, so its
         gradient reaches the projection in the projection's dtype. The hooks call the adapter
         as a module (not a method of it) so that engines gathering parameters around a
-        module's call (DeepSpeed ZeRO-3) gather the adapter's.
+        module's call (DeepSpeed ZeRO-3) gather the adapter's. `_ids_checked` is the
+        library's own: its hooks read the ranges of `id_ranges` already.
         """
         check_task_ids(self.num_tasks, task_ids)
         # The model may have changed dtype since patching (model.double()): say so in its
@@ -240,13 +243,63 @@ class PromptAdapter(Adapter):
             position_ids = None
         if isinstance(visual, Tensor) and visual.is_floating_point():
             visual = visual.to(weight.dtype)
-        return dept_embedding(
+        args = {"prompt": None, "lora_a": None, "lora_b": None, "scaling": 1.0}
+        args |= {"index": "position", **self.op_args()}
+        return _dept_embedding(
             input_ids,
             weight,
+            **args,
             position_ids=position_ids,
             task_ids=task_ids,
             visual=visual,
-            **self.op_args(),
+            ids_checked=_ids_checked,
+        )
+
+    def lowrank_layout(self) -> tuple[int | None, str]:
+        """`(L, index)`: the rows of the op's lora_a (None without low-rank factors) and how
+        tokens pick them, from the parameters' full shapes (an engine's shard has its own)."""
+        return None, "position"
+
+    def id_ranges(
+        self,
+        input_ids: Tensor,
+        vocab: int,
+        position_ids: Tensor | None = None,
+        task_ids: Tensor | None = None,
+    ) -> list[Range] | None:
+        """The id ranges the op checks when `forward` gets these arguments and a (`vocab`, d)
+        table, for a caller that reads them in a transfer it makes anyway (the padding
+        trim's) and passes `_ids_checked`; None where `forward` or the op refuses an argument
+        before reading (they then raise as usual)."""
+        tasks = self.num_tasks
+        if (task_ids is None) != (tasks is None) or not _index_tensor(input_ids, 2):
+            return None
+        if not self.uses_position_rows:
+            position_ids = None
+        if position_ids is not None and not (
+            _index_tensor(position_ids, 2) and position_ids.shape == input_ids.shape
+        ):
+            return None
+        if task_ids is not None and not (
+            _index_tensor(task_ids, 1) and task_ids.shape[0] == input_ids.shape[0]
+        ):
+            return None
+        rows, index = self.lowrank_layout()
+        if (
+            rows is not None
+            and index == "position"
+            and position_ids is None
+            and (input_ids.shape[1] > rows)
+        ):
+            return None  # the op's error: s > L
+        return id_ranges(
+            input_ids,
+            vocab,
+            rows,
+            position_ids=position_ids,
+            index=index,
+            task_ids=task_ids,
+            num_tasks=tasks or 0,
         )
 
     @torch.no_grad()
@@ -263,3 +316,7 @@ class PromptAdapter(Adapter):
         for name, value in params.items():
             setattr(new, name, nn.Parameter(value))
         return new
+
+
+def _index_tensor(x: object, ndim: int) -> bool:
+    return isinstance(x, Tensor) and x.dtype in ID_DTYPES and x.dim() == ndim

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..ops._sync_free import sync_free_enabled
 from ..ops.aot import _distinct_ids
 from ._hooks import AdapterOf, TaskIds, bind
 
@@ -153,6 +154,7 @@ class _AoTHooks:
         self.ids: Tensor | None = None
         self.task_ids: Tensor | None = None
         self.inputs: _Inputs | None = None
+        self.distinct: tuple[Tensor, Tensor] | None = None
         self.embedding: nn.Module | None = None
         self.inplace = False
         # Eager bookkeeping (skipped while torch.compile traces the hooks): the autograd
@@ -183,18 +185,25 @@ class _AoTHooks:
         task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
         embedding = module.get_input_embeddings()
         adapter = self.adapter_of()
+        # Unfused, the ids' distinct values are found once here for every layer; in the
+        # default mode, eager, with the range check in the same host read (one per forward).
+        # (Compiling first: Dynamo cannot trace the mode's ContextVar.)
+        one_read = not (adapter.fused or torch.compiler.is_compiling() or sync_free_enabled())
         # The checked ids: while compiling, copies that the range check runs before.
-        self.ids, self.task_ids = adapter.check_batch(ids, task_ids, device=embedding.weight.device)
+        self.ids, self.task_ids = adapter.check_batch(
+            ids, task_ids, device=embedding.weight.device, defer_ids=one_read
+        )
+        self.distinct = None
+        if not adapter.fused:
+            # Before the model's embedding runs: it reads the ids too.
+            self.distinct = _distinct_ids(self.ids, adapter.vocab, "input_ids", not one_read)
         # The model's own embedding reads the checked ids too: sync-free mode clamps them.
         kw["input_ids"] = self.ids.reshape(kw["input_ids"].shape)
         if adapter.config.reparam == "fc" and not adapter.fused:
             self.embedding, self.inputs = embedding, None  # E's rows: `embedding_hook`
         else:
-            distinct = None
-            if not adapter.fused:
-                distinct = _distinct_ids(self.ids, adapter.vocab, "input_ids", True)
             self.embedding = None
-            self.inputs = _Inputs(self.ids, None, self.task_ids, distinct)
+            self.inputs = _Inputs(self.ids, None, self.task_ids, self.distinct)
         # In place is safe without autograd unless hidden states are being recorded: each
         # layer's input is then otherwise a fresh tensor that only the layer reads (but for
         # the architecture's `reread` layers).
@@ -208,7 +217,7 @@ class _AoTHooks:
 
     def inner_hook(self, module: nn.Module, args: tuple, output) -> None:
         skipped = not torch.compiler.is_compiling() and self.layers_run != self.num_layers
-        self.ids = self.task_ids = self.inputs = self.embedding = None
+        self.ids = self.task_ids = self.inputs = self.embedding = self.distinct = None
         # `output` is None when the forward raised: that error is the one to report.
         if skipped and output is not None:
             raise RuntimeError(
@@ -222,7 +231,7 @@ class _AoTHooks:
         """Inside the embedding's call (its weight gathered), the FC form's rows of E."""
         if self.embedding is None or self.inputs is not None or self.ids is None:
             return
-        used, inverse = _distinct_ids(self.ids, self.adapter_of().vocab, "input_ids", True)
+        used, inverse = self.distinct
         # E is the base model's table: the adapter reads it and never trains it.
         rows = torch.nn.functional.embedding(used, module.weight.detach())
         # The layers index `rows` by `inverse`, whose distinct values are all of 0..U-1.

@@ -47,6 +47,7 @@ from ._hooks import (
     bind,
     cache_length,
     call_keeps_shapes,
+    checked_cut,
     extend_mask,
     generation,
     needs_ids,
@@ -191,21 +192,25 @@ class _DecoderHooks:
             if kw.get("token_type_ids") is not None:
                 raise ValueError("token_type_ids are not supported with a soft prompt")
             rows = row_ids(positions, ids)
+            task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
+            checked = False
             if self.head != "lm" and self._trims(kw, module, sig):
                 pad_id = _pad_token_id(self.tasks.model)
                 leading = self._leading(module.config, m + ids.shape[1])
+                # The op's id ranges are read with the mask's runs: one read per forward.
+                ranges = self.fused.id_ranges(self._embedding(module), ids, rows, task_ids)
+                mask = sig.get(kw, "attention_mask")
                 if self.head == "base":
-                    cut = padding_cut(sig.get(kw, "attention_mask"), leading=leading)
+                    cut, checked = checked_cut(mask, ranges, leading=leading)
                 elif pad_id is not None:
                     # HF pools at the last id that is not pad_token_id (its -1 without one).
-                    cut = padding_cut(
-                        sig.get(kw, "attention_mask"), leading=leading, ids=ids, pad_token_id=pad_id
+                    cut, checked = checked_cut(
+                        mask, ranges, leading=leading, ids=ids, pad_token_id=pad_id
                     )
                 if cut is not None:
                     ids, rows = self._cut(kw, sig, ids, rows, cut)
             cache_position = sig.get(kw, "cache_position")
-            task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
-            sig.set(kw, "inputs_embeds", self._embed(module, ids, rows, task_ids))
+            sig.set(kw, "inputs_embeds", self._embed(module, ids, rows, task_ids, checked))
             sig.set(kw, "input_ids", None)
             if rows is not None:
                 prompt_pos = torch.arange(m, device=rows.device, dtype=rows.dtype)
@@ -230,19 +235,27 @@ class _DecoderHooks:
         sig.set(kw, "attention_mask", extend_mask(sig.get(kw, "attention_mask"), m))
         return (), kw
 
+    def _embedding(self, module: nn.Module) -> nn.Module:
+        return module.get_input_embeddings() if self.embedding is None else self.embedding
+
     def _embed(
-        self, module: nn.Module, ids: Tensor, rows: Tensor | None, task_ids: Tensor | None
+        self,
+        module: nn.Module,
+        ids: Tensor,
+        rows: Tensor | None,
+        task_ids: Tensor | None,
+        checked: bool = False,
     ) -> Tensor:
         """(B, m + s, d) for a first forward. Under a `generate` that runs without the cache,
         the tokens past its input are generated ones: plain embeddings, no delta (their
-        positions may lie past max_length)."""
-        embedding = module.get_input_embeddings() if self.embedding is None else self.embedding
+        positions may lie past max_length). `checked`: the op's id ranges were read."""
+        embedding = self._embedding(module)
         running = generation(self.tasks.model)
         given = ids.shape[1]
         if running is not None and running.input_length is not None:
             given = min(running.input_length, given)
         head_rows = None if rows is None else rows[:, :given]
-        embeds = self.fused(embedding, ids[:, :given], head_rows, task_ids)
+        embeds = self.fused(embedding, ids[:, :given], head_rows, task_ids, checked=checked)
         if given == ids.shape[1]:
             return embeds
         return torch.cat([embeds, embedding(ids[:, given:])], dim=1)

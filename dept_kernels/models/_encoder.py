@@ -49,9 +49,9 @@ from ._hooks import (
     TaskIds,
     bind,
     call_keeps_shapes,
+    checked_cut,
     extend_mask,
     needs_ids,
-    padding_cut,
     restore_outputs,
     signature,
 )
@@ -122,7 +122,13 @@ class _EncoderHooks:
         types = sig.get(kw, "token_type_ids")
         _check_types(types, ids)
         mask = sig.get(kw, "attention_mask")
-        cut = padding_cut(mask, leading=False) if self._trims(kw, module) else None
+        task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
+        embedding = module.get_input_embeddings()
+        cut, checked = None, False
+        if self._trims(kw, module):
+            # The op's id ranges are read with the mask's runs: one read for the forward.
+            ranges = self.fused.id_ranges(embedding, ids, None, task_ids)
+            cut, checked = checked_cut(mask, ranges, leading=False)
         if cut is not None:
             ids = cut.take(ids)
             sig.set(kw, "attention_mask", cut.take(mask))
@@ -131,9 +137,7 @@ class _EncoderHooks:
         m = self.adapter_of().num_virtual_tokens
         if types is not None:
             sig.set(kw, "token_type_ids", torch.cat([types.new_zeros(len(types), m), types], 1))
-        task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
-        embedding = module.get_input_embeddings()
-        sig.set(kw, "inputs_embeds", self.fused(embedding, ids, None, task_ids))
+        sig.set(kw, "inputs_embeds", self.fused(embedding, ids, None, task_ids, checked=checked))
         sig.set(kw, "input_ids", None)
         sig.set(kw, "attention_mask", extend_mask(sig.get(kw, "attention_mask"), m))
         return (), kw

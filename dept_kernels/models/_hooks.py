@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .._engines import embedding_shape
 from ..ops._sync_free import sync_free_enabled
-from ..ops._validate import Range, check_ids, checked
+from ..ops._validate import Range, check_ids, checked, raise_out_of_range, range_flags
 
 # Attribute of the hooked model holding its running `generate`'s `Generation`. A plain
 # attribute, not a ContextVar: torch.compile traces attribute reads but not ContextVar.get.
@@ -407,10 +408,13 @@ class FusedEmbedding:
         position_ids: Tensor | None,
         task_ids: Tensor | None,
         visual: Tensor | None = None,
+        checked: bool = False,
     ) -> Tensor:
         """(B, m + s [+ n_v], d): the adapter's embedding of `ids` (B, s) by `embedding`'s
-        weight, then the visual rows (B, n_v, d) when given, written by the same op."""
-        entry = (ids, position_ids, task_ids, visual)
+        weight, then the visual rows (B, n_v, d) when given, written by the same op.
+        `checked`: the ranges of `id_ranges` for these tensors (or tensors they are columns
+        of) were read (`checked_cut`), so the op does not read them again."""
+        entry = (ids, position_ids, task_ids, visual, checked)
         self.pending.append(entry)
         try:
             out = embedding(ids)
@@ -445,16 +449,37 @@ class FusedEmbedding:
         if not self.armed or not args or args[0].numel() != 0:
             return None
         self.armed = False
-        ids, position_ids, task_ids, visual = self.pending.pop()
+        ids, position_ids, task_ids, visual, ids_checked = self.pending.pop()
         # The adapter module is called, not a method of it: engines gather its parameters
         # around its own call, as they do the embedding's.
         adapter = self.adapter_of()
         scale = _embed_scale(module)
         if scale is None:
             return adapter(
-                ids, module.weight, position_ids=position_ids, task_ids=task_ids, visual=visual
+                ids,
+                module.weight,
+                position_ids=position_ids,
+                task_ids=task_ids,
+                visual=visual,
+                _ids_checked=ids_checked,
             )
         return _scaled_lookup(adapter, module.weight, scale, ids, position_ids, task_ids, visual)
+
+    def id_ranges(
+        self,
+        embedding: nn.Module,
+        ids: Tensor,
+        position_ids: Tensor | None,
+        task_ids: Tensor | None,
+    ) -> list[Range] | None:
+        """The ranges the adapter's op would read for this call (`PromptAdapter.id_ranges`),
+        sized from the table's full shape (a sharded one is not gathered yet); None where
+        the op reads them itself: a scaled lookup (it indexes its own table), or arguments
+        its checks refuse."""
+        if _embed_scale(embedding) is not None or embedding.weight.device != ids.device:
+            return None
+        vocab = embedding_shape(embedding.weight)[0]
+        return self.adapter_of().id_ranges(ids, vocab, position_ids, task_ids)
 
 
 def _embed_scale(module: nn.Module) -> Tensor | float | None:
@@ -692,8 +717,26 @@ def padding_cut(
 
     Reads the mask once (one device sync on a GPU), so it cuts nothing in sync-free mode.
     """
+    return checked_cut(
+        mask, None, leading=leading, ids=ids, pad_token_id=pad_token_id, labels=labels
+    )[0]
+
+
+def checked_cut(
+    mask: object,
+    ranges: list[Range] | None,
+    *,
+    leading: bool,
+    ids: Tensor | None = None,
+    pad_token_id: int | None = None,
+    labels: Tensor | None = None,
+) -> tuple[Cut | None, bool]:
+    """`(padding_cut(...), read)`: the cut, with the flags of `ranges` (the op's id ranges,
+    `FusedEmbedding.id_ranges`) read in the same transfer as the mask's runs, so a trimmed
+    forward reads the device once. An id out of range raises its IndexError here, before
+    any kernel runs. `read` says whether `ranges` were read; the op then need not."""
     if sync_free_enabled() or not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[1] == 0:
-        return None
+        return None, False
     s = mask.shape[1]
     pad = ~mask.bool().any(0)
     lead_ok = pad
@@ -708,11 +751,20 @@ def padding_cut(
     runs = [pad.flip(0).long().cumprod(0).sum()]
     if leading:
         runs.append(lead_ok.long().cumprod(0).sum())
+    # Flags on another device than the mask's are left to the op (one transfer per device).
+    if ranges is not None and any(r.ids.device != mask.device for r in ranges):
+        ranges = None
+    flags = range_flags(ranges or [])
+    if flags:
+        runs.append(torch.stack(flags).any().long())
     counts = torch.stack(runs).tolist()
+    if flags and counts[-1]:
+        raise_out_of_range(ranges)
     trail, lead = counts[0], (counts[1] if leading else 0)
+    read = ranges is not None
     if trail == s or lead + trail == 0:
-        return None
-    return Cut(lead, s - trail, s)
+        return None, read
+    return Cut(lead, s - trail, s), read
 
 
 def call_keeps_shapes(kw: dict, config: object) -> bool:

@@ -52,9 +52,9 @@ from ._hooks import (
     Visual,
     bind,
     call_keeps_shapes,
+    checked_cut,
     extend_mask,
     needs_ids,
-    padding_cut,
     restore_outputs,
     row_ids,
     signature,
@@ -133,14 +133,19 @@ class _T5Hooks:
         weight = encoder.embed_tokens.weight
         visual = self.tasks.visual(kw, ids.shape[0], encoder.config.d_model, weight.device)
         trim = trim and visual is None  # see the module docstring
-        cut = padding_cut(sig.get(kw, "attention_mask"), leading=False) if trim else None
+        task_ids = self.tasks.resolve(kw.pop("task_ids", None), ids.shape[0])
+        cut, checked = None, False
+        if trim:
+            # The op's id ranges are read with the mask's runs: one read for the forward.
+            ranges = self.fused.id_ranges(encoder.embed_tokens, ids, rows, task_ids)
+            cut, checked = checked_cut(sig.get(kw, "attention_mask"), ranges, leading=False)
         if cut is not None:
             ids = cut.take(ids)
             rows = None if rows is None else cut.take(rows)
             sig.set(kw, "attention_mask", cut.take(sig.get(kw, "attention_mask")))
-        task_ids = self.tasks.resolve(kw.pop("task_ids", None), ids.shape[0])
         after = None if visual is None else visual.embeds
-        sig.set(kw, "inputs_embeds", self.fused(encoder.embed_tokens, ids, rows, task_ids, after))
+        embeds = self.fused(encoder.embed_tokens, ids, rows, task_ids, after, checked=checked)
+        sig.set(kw, "inputs_embeds", embeds)
         sig.set(kw, "input_ids", None)
         self._extend_mask(kw, sig, visual, ids.shape[1])
         return cut

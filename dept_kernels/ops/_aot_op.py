@@ -186,12 +186,53 @@ def _(ids, upper, name):
 
 
 def _distinct_ids_body(ids: Tensor, upper: int, name: str, checked: bool) -> tuple[Tensor, Tensor]:
-    if not checked:
-        (ids,) = v.checked(v.Range(name, ids, upper))
     if sync_free_enabled():
+        if not checked:
+            (ids,) = v.checked(v.Range(name, ids, upper))
         return padded_distinct(ids, upper)
-    used, inverse = torch.unique(ids, return_inverse=True)
-    return used, inverse
+    if checked:
+        used, inverse = torch.unique(ids, return_inverse=True)
+        return used, inverse
+    return checked_distinct(ids, upper, name)
+
+
+def _sorted_slots(ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(flat, ordered, order, slot)`: the ids flattened to int64, sorted (stably), the
+    sorting permutation, and each sorted id's index among the distinct ones."""
+    flat = ids.reshape(-1).long()
+    ordered, order = torch.sort(flat, stable=True)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    return flat, ordered, order, new.cumsum(0) - 1
+
+
+def _scatter_distinct(
+    ids: Tensor, flat: Tensor, ordered: Tensor, order: Tensor, slot: Tensor, length: int, fill: int
+) -> tuple[Tensor, Tensor]:
+    """`(used, inverse)` from `_sorted_slots`: `used` of `length` holds the distinct ids at
+    their slots (`fill` past them), `inverse` each id's slot."""
+    used = flat.new_full((length,), fill)
+    # Duplicate indices write one value: deterministic.
+    used.index_put_((slot,), ordered)
+    inverse = torch.empty_like(flat).index_put_((order,), slot)
+    return used.to(ids.dtype), inverse.view(ids.shape)
+
+
+def checked_distinct(ids: Tensor, upper: int, name: str) -> tuple[Tensor, Tensor]:
+    """`torch.unique(ids, return_inverse=True)` after checking that the ids lie in
+    [0, upper), with one host read for both: the distinct count and the range flags cross
+    in one transfer (`torch.unique` would sync for its count, the check for its flag).
+    Raises `check_range`'s IndexError before the rows are formed."""
+    rng = v.Range(name, ids, upper)
+    if ids.numel() == 0:
+        v.checked(rng)  # raises what sync-free calls recorded
+        return ids.new_empty(0), torch.empty(ids.shape, dtype=torch.int64, device=ids.device)
+    flat, ordered, order, slot = _sorted_slots(ids)
+    flags = torch.stack(v.range_flags([rng])).any()
+    count, bad = torch.stack([slot[-1] + 1, flags.long()]).tolist()
+    if bad:
+        v.raise_out_of_range([rng])
+    return _scatter_distinct(ids, flat, ordered, order, slot, count, 0)
 
 
 def padded_distinct(ids: Tensor, upper: int) -> tuple[Tensor, Tensor]:
@@ -202,16 +243,9 @@ def padded_distinct(ids: Tensor, upper: int) -> tuple[Tensor, Tensor]:
     Rows formed from `used` are then R instead of U, and each distinct id still has one row
     (one dropout mask per distinct id, as with `torch.unique`).
     """
-    flat = ids.reshape(-1).long()
-    ordered, order = torch.sort(flat, stable=True)
-    new = torch.ones_like(ordered, dtype=torch.bool)
-    new[1:] = ordered[1:] != ordered[:-1]
-    slot = new.cumsum(0) - 1  # each sorted id's index among the distinct ones
-    used = flat.new_full((min(flat.numel(), upper),), max(upper - 1, 0))
-    # Duplicate indices write one value: deterministic.
-    used.index_put_((slot,), ordered)
-    inverse = torch.empty_like(flat).index_put_((order,), slot)
-    return used.to(ids.dtype), inverse.view(ids.shape)
+    flat, ordered, order, slot = _sorted_slots(ids)
+    length = min(flat.numel(), upper)
+    return _scatter_distinct(ids, flat, ordered, order, slot, length, max(upper - 1, 0))
 
 
 _distinct_ids_op = torch.library.custom_op("dept_kernels::distinct_ids", mutates_args=())(

@@ -32,12 +32,49 @@ __all__ = [
 
 def check_default_positions(input_ids: Tensor, lora_a: Tensor) -> None:
     """Without position_ids token t reads row t of lora_a: s must not exceed L."""
-    seq_len, max_length = input_ids.shape[1], lora_a.shape[-2]
+    _check_length(input_ids.shape[1], lora_a.shape[-2])
+
+
+def _check_length(seq_len: int, max_length: int) -> None:
     if seq_len > max_length:
         raise ValueError(
             f"input_ids has sequence length s={seq_len} > max_length L={max_length} "
             f"(rows of lora_a); truncate the input or raise max_length"
         )
+
+
+def value_ranges(
+    input_ids: Tensor,
+    vocab: int,
+    lora_rows: int | None,
+    position_ids: Tensor | None,
+    task_ids: Tensor | None,
+    num_tasks: int,
+    index: str,
+) -> list[v.Range]:
+    """The range of every index tensor the kernels read, for a (V = `vocab`, d) table and
+    `lora_rows` rows of lora_a (None without the low-rank factors). Sizes come from the
+    caller, so a hook can build them from the config before a sharded table is gathered.
+
+    The mode comes from the declared `index`, never from which tensors are the same object:
+    one tensor passed as both input_ids and position_ids is checked twice, against V and L.
+    """
+    ranges = [v.Range("input_ids", input_ids, vocab)]
+    if lora_rows is not None and index == "token":
+        # The rows are the ids, checked above; lora_a has one row per id (V = L, checked
+        # with the shapes), so this holds unless the op was called around the public checks.
+        if lora_rows < vocab:
+            ranges.append(
+                v.Range("input_ids", input_ids, lora_rows, "index='token' rows of lora_a")
+            )
+    elif lora_rows is not None and position_ids is not None:
+        hint = f"lora_a has max_length L={lora_rows} rows; truncate the input or raise max_length"
+        ranges.append(v.Range("position_ids", position_ids, lora_rows, hint))
+    elif lora_rows is not None:
+        _check_length(input_ids.shape[1], lora_rows)
+    if task_ids is not None:
+        ranges.append(v.Range("task_ids", task_ids, num_tasks))
+    return ranges
 
 
 def check_values(
@@ -48,31 +85,22 @@ def check_values(
     task_ids: Tensor | None,
     num_tasks: int,
     index: str,
+    checked: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Range checks of every index tensor a kernel reads, with one read in all (a sync on
-    GPU; none in sync-free mode, which clamps them instead: `_validate.checked`).
+    """Range checks of every index tensor a kernel reads (`value_ranges`), with one read in
+    all (a sync on GPU; none in sync-free mode, which clamps them instead:
+    `_validate.checked`). `checked`: the library's caller read these ranges already, in a
+    read it made anyway (the padding trim's), and passes the ids as they were checked.
 
-    Returns `(input_ids, position_ids, task_ids)` as the kernels may read them. The mode
-    comes from the declared `index`, never from which tensors are the same object: one
-    tensor passed as both input_ids and position_ids is checked twice, against V and L.
+    Returns `(input_ids, position_ids, task_ids)` as the kernels may read them.
     """
-    ranges = [v.Range("input_ids", input_ids, weight.shape[0])]
-    max_length = 0 if lora_a is None else lora_a.shape[-2]
-    if lora_a is not None and index == "token":
-        # The rows are the ids, checked above; lora_a has one row per id (V = L, checked
-        # with the shapes), so this holds unless the op was called around the public checks.
-        if max_length < weight.shape[0]:
-            hint = "index='token' rows of lora_a"
-            ranges.append(v.Range("input_ids", input_ids, max_length, hint))
-    elif lora_a is not None and position_ids is not None:
-        hint = f"lora_a has max_length L={max_length} rows; truncate the input or raise max_length"
-        ranges.append(v.Range("position_ids", position_ids, max_length, hint))
-    elif lora_a is not None:
-        check_default_positions(input_ids, lora_a)
-    if task_ids is not None:
-        ranges.append(v.Range("task_ids", task_ids, num_tasks))
+    lora_rows = None if lora_a is None else lora_a.shape[-2]
+    ranges = value_ranges(
+        input_ids, weight.shape[0], lora_rows, position_ids, task_ids, num_tasks, index
+    )
+    found_ids = [r.ids for r in ranges] if checked else v.checked(*ranges)
     # Token mode may bound input_ids twice: the later bound, the tighter, is the one to keep.
-    found = {r.name: ids for r, ids in zip(ranges, v.checked(*ranges), strict=True)}
+    found = {r.name: ids for r, ids in zip(ranges, found_ids, strict=True)}
     return found["input_ids"], found.get("position_ids"), found.get("task_ids")
 
 
@@ -119,9 +147,10 @@ def _dept_embedding_body(
     index: str,
     backend: str | None,
     visual: Tensor | None = None,
+    checked: bool = False,
 ) -> Tensor:
     input_ids, position_ids, task_ids = check_values(
-        input_ids, weight, lora_a, position_ids, task_ids, num_tasks, index
+        input_ids, weight, lora_a, position_ids, task_ids, num_tasks, index, checked
     )
     backend = backends.resolved(backend, weight.device)
     rows = lowrank_rows(input_ids, lora_a, position_ids, index)
@@ -166,6 +195,7 @@ def _(
     index,
     backend,
     visual=None,
+    checked=False,
 ):
     m = 0 if prompt is None else prompt.shape[-2]
     n_v = 0 if visual is None else visual.shape[1]
@@ -301,6 +331,7 @@ def _backward(ctx, grad_out):
         None,
         None,
         d_visual,
+        None,
     )
 
 

@@ -82,19 +82,33 @@ def checked(*ranges: Range) -> list[Tensor]:
     """
     if _sync_free.sync_free_enabled():
         return [_sync_free.clamp(r.name, r.ids, r.upper) for r in ranges]
+    flags = range_flags(ranges)
+    if flags and bool(torch.stack(flags).any()):
+        raise_out_of_range(ranges)
+    return [r.ids for r in ranges]
+
+
+def range_flags(ranges: tuple[Range, ...] | list[Range]) -> list[Tensor]:
+    """0-D bool tensors, none read yet: one per non-empty range, true when it holds an id
+    outside [0, upper), and one per device with a sync-free error recorded. A caller that
+    reads something else anyway reads these in the same transfer (`checked` reads only
+    them)."""
     flags = []
     for r in ranges:
         if r.ids.numel():
             lo, hi = torch.aminmax(r.ids)
             flags.append((lo < 0) | (hi >= r.upper))
     devices = {r.ids.device for r in ranges}
-    flags += [p for p in map(_sync_free.pending, devices) if p is not None]
-    if flags and bool(torch.stack(flags).any()):
-        for r in ranges:
-            check_range(*r)
-        for device in devices:
-            _sync_free.check_errors(device)
-    return [r.ids for r in ranges]
+    return flags + [p for p in map(_sync_free.pending, devices) if p is not None]
+
+
+def raise_out_of_range(ranges: tuple[Range, ...] | list[Range]) -> None:
+    """Raise what a true `range_flags` flag stands for: `check_range`'s IndexError for the
+    first range out of range, else the sync-free error recorded on a device."""
+    for r in ranges:
+        check_range(*r)
+    for device in {r.ids.device for r in ranges}:
+        _sync_free.check_errors(device)
 
 
 def check_scaling(scaling: object) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import backends
 from . import _validate as v
-from ._dept_embedding_op import check_default_positions, dept_embedding_call
+from ._dept_embedding_op import check_default_positions, dept_embedding_call, value_ranges
 
 __all__ = ["INDEX_MODES", "dept_embedding"]
 
@@ -74,6 +74,37 @@ def dept_embedding(
     Returns:
         (B, m + s + n_v, d) tensor of `weight.dtype`.
     """
+    return _dept_embedding(
+        input_ids,
+        weight,
+        prompt,
+        lora_a,
+        lora_b,
+        scaling=scaling,
+        position_ids=position_ids,
+        index=index,
+        task_ids=task_ids,
+        visual=visual,
+        ids_checked=False,
+    )
+
+
+def _dept_embedding(
+    input_ids: Tensor,
+    weight: Tensor,
+    prompt: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    *,
+    scaling: float,
+    position_ids: Tensor | None,
+    index: str,
+    task_ids: Tensor | None,
+    visual: Tensor | None,
+    ids_checked: bool,
+) -> Tensor:
+    """`dept_embedding`; `ids_checked` is the library's own: its model hooks read the
+    ranges of `id_ranges` already (with the padding trim's read), so the op does not again."""
     num_tasks = _check_args(
         input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids, visual
     )
@@ -97,7 +128,26 @@ def dept_embedding(
         index,
         backend,
         visual,
+        ids_checked,
     )
+
+
+def id_ranges(
+    input_ids: Tensor,
+    vocab: int,
+    lora_rows: int | None,
+    *,
+    position_ids: Tensor | None = None,
+    index: str = "position",
+    task_ids: Tensor | None = None,
+    num_tasks: int = 0,
+) -> list[v.Range]:
+    """The ranges `dept_embedding` checks for these index tensors, a (V = `vocab`, d) table
+    and `lora_rows` rows of lora_a (None without the low-rank factors): what a caller that
+    reads them itself must read (`_validate.range_flags`)."""
+    if lora_rows is None:
+        position_ids = None  # nothing reads rows
+    return value_ranges(input_ids, vocab, lora_rows, position_ids, task_ids, num_tasks, index)
 
 
 def _check_args(
