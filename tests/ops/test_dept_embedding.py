@@ -25,6 +25,9 @@ CASES = [
     Case("broadcast_prompt", broadcast_prompt=True, m=4),
     Case("prompt_tuning", lowrank=False),
     Case("wide", d=160, r=70, seq=9, max_len=12, m=2),
+    # Positions in blocks (8 per block in the cpu kernel) and a partial last block.
+    Case("position_blocks", batch=3, seq=19, max_len=21, d=97),
+    Case("tasks_position_blocks", batch=5, seq=21, max_len=24, d=65, tasks=MIXED),
     Case("tasks", batch=5, tasks=MIXED),
     Case("tasks_position_ids", batch=5, tasks=MIXED, position_ids=True),
     Case("tasks_token_mode", batch=5, tasks=MIXED, token=True),
