@@ -140,17 +140,22 @@ def test_dept_training_step_with_position_rows():
     assert backward == {}, backward
 
 
+def _stacked_dept(arch: str, tasks: int):
+    """(base model, a model serving `tasks` stacked DePT adapters of their own values)."""
+    base = models.tiny_model(arch)
+    models_ = []
+    for t in range(tasks):
+        model = dk.patch(copy.deepcopy(base), models.make_config("dept"))
+        models.randomize(model.dept_adapter, seed=10 + t)
+        models_.append(model)
+    return base, dk.stack_adapters(models_)
+
+
 def test_multitask_training_step():
     """Stacked DePT adapters trained on a mixed batch: the backward forms each task's
     low-rank gradients without splitting the rows per task on the host (no `.tolist()`,
     no `unique_consecutive`)."""
-    base = models.tiny_model("gpt2")
-    tasks = []
-    for t in range(3):
-        model = dk.patch(copy.deepcopy(base), models.make_config("dept"))
-        models.randomize(model.dept_adapter, seed=10 + t)
-        tasks.append(model)
-    served = dk.stack_adapters(tasks)
+    base, served = _stacked_dept("gpt2", 3)
     ids, mask, _ = models.batch(b=4)
     task_ids = torch.tensor([1, 0, 2, 1])
 
@@ -243,13 +248,7 @@ def test_t5_trimmed_step_reads_once_and_checks_every_column():
 
 
 def test_t5_stacked_trimmed_step_reads_once():
-    base = models.tiny_model("t5")
-    tasks = []
-    for t in range(2):
-        model = dk.patch(copy.deepcopy(base), models.make_config("dept"))
-        models.randomize(model.dept_adapter, seed=10 + t)
-        tasks.append(model)
-    served = dk.stack_adapters(tasks)
+    base, served = _stacked_dept("t5", 2)
     ids, mask, labels = _t5_trimmed_batch()
 
     def loss(m, task_ids=(1, 0, 1)):

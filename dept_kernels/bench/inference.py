@@ -28,16 +28,9 @@ from torch import Tensor, nn
 
 from .. import patch
 from ..methods import DePTConfig, PromptTuningConfig, equal_budget
+from . import end_to_end
 from ._timing import at_least, interleaved_times, median_iqr
-from .end_to_end import (
-    EOS,
-    MAX_LENGTH,
-    PAD,
-    T5_DIMS,
-    fill_normal_,
-    glue_like_lengths,
-    t5_random,
-)
+from .end_to_end import EOS, MAX_LENGTH, PAD, T5_DIMS, glue_like_lengths, t5_random
 from .verdict import findings, noisy_rows, percent_phrase, relative_spread
 
 PROMPT_LENGTH = 100
@@ -116,7 +109,7 @@ def run(base: nn.Module, dims: str, samples: int, batch: int, rounds: int, devic
     for model in models.values():
         # Non-zero low-rank update, so DePT's B does real work (it starts at zero).
         zeros = [p for p in model.dept_adapter.parameters() if not p.any()]
-        fill_normal_(zeros, 0.02, torch.Generator().manual_seed(0))
+        end_to_end.fill_normal_(zeros, 0.02, torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         fns = {n: predictor(mdl, dataset, batch, device, tmp) for n, mdl in models.items()}
         times = interleaved_times(fns, rounds, device)

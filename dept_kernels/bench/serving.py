@@ -34,16 +34,9 @@ from torch import Tensor, nn
 
 from .. import patch, save_adapter, stack_adapters
 from ..methods import AoTConfig, DePTConfig, equal_budget
+from . import end_to_end
 from ._timing import at_least, interleaved_times, median_iqr
-from .end_to_end import (
-    EOS,
-    MAX_LENGTH,
-    PAD,
-    T5_DIMS,
-    fill_normal_,
-    glue_like_lengths,
-    t5_random,
-)
+from .end_to_end import EOS, MAX_LENGTH, PAD, T5_DIMS, glue_like_lengths, t5_random
 from .verdict import findings, noisy_rows, relative_spread, speed_phrase
 
 TASKS = (2, 8)
@@ -70,7 +63,7 @@ def served_model(base: nn.Module, config: object, tasks: int, seed: int = 0) -> 
         dirs = []
         for t in range(tasks):
             # Every weight non-zero (DePT's B and AoT's W_2 start at zero).
-            fill_normal_(params, 0.02, torch.Generator().manual_seed(seed + t))
+            end_to_end.fill_normal_(params, 0.02, torch.Generator().manual_seed(seed + t))
             dirs.append(Path(tmp) / f"task{t}")
             save_adapter(source, dirs[-1])
         del source

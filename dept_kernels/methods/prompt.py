@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .._engines import embedding_shape, full_shape, gathered_parameters, is_dtensor
 from ..ops._validate import FLOAT_DTYPES, ID_DTYPES, Range
-from ..ops.dept_embedding import _dept_embedding, id_ranges
+from ..ops.dept_embedding import dept_embedding, id_ranges
 from .base import Adapter, MethodConfig, as_stacked, check_int, check_task_ids
 
 if TYPE_CHECKING:
@@ -243,16 +243,14 @@ class PromptAdapter(Adapter):
             position_ids = None
         if isinstance(visual, Tensor) and visual.is_floating_point():
             visual = visual.to(weight.dtype)
-        args = {"prompt": None, "lora_a": None, "lora_b": None, "scaling": 1.0}
-        args |= {"index": "position", **self.op_args()}
-        return _dept_embedding(
+        return dept_embedding(
             input_ids,
             weight,
-            **args,
             position_ids=position_ids,
             task_ids=task_ids,
             visual=visual,
-            ids_checked=_ids_checked,
+            _ids_checked=_ids_checked,
+            **self.op_args(),
         )
 
     def lowrank_layout(self) -> tuple[int | None, str]:

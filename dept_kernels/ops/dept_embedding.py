@@ -50,6 +50,7 @@ def dept_embedding(
     index: str = "position",
     task_ids: Tensor | None = None,
     visual: Tensor | None = None,
+    _ids_checked: bool = False,
 ) -> Tensor:
     """Soft prompt plus token embeddings with a low-rank positional (or token) delta.
 
@@ -71,40 +72,12 @@ def dept_embedding(
             device (any strides); n_v = 0 is the same as None. They do not depend on the
             task, and their gradient is the matching slice of the output's.
 
+        _ids_checked: the library's own: its model hooks read the ranges of `id_ranges`
+            already (with the padding trim's read), so the op does not read them again.
+
     Returns:
         (B, m + s + n_v, d) tensor of `weight.dtype`.
     """
-    return _dept_embedding(
-        input_ids,
-        weight,
-        prompt,
-        lora_a,
-        lora_b,
-        scaling=scaling,
-        position_ids=position_ids,
-        index=index,
-        task_ids=task_ids,
-        visual=visual,
-        ids_checked=False,
-    )
-
-
-def _dept_embedding(
-    input_ids: Tensor,
-    weight: Tensor,
-    prompt: Tensor | None,
-    lora_a: Tensor | None,
-    lora_b: Tensor | None,
-    *,
-    scaling: float,
-    position_ids: Tensor | None,
-    index: str,
-    task_ids: Tensor | None,
-    visual: Tensor | None,
-    ids_checked: bool,
-) -> Tensor:
-    """`dept_embedding`; `ids_checked` is the library's own: its model hooks read the
-    ranges of `id_ranges` already (with the padding trim's read), so the op does not again."""
     num_tasks = _check_args(
         input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids, visual
     )
@@ -128,7 +101,7 @@ def _dept_embedding(
         index,
         backend,
         visual,
-        ids_checked,
+        _ids_checked,
     )
 
 
