@@ -25,6 +25,9 @@ CASES = [
     Case("position_ids", batch=5, seq=13, max_len=6, d=771, m=3, position_ids=True),
     Case("position_ids_no_prompt", batch=3, seq=7, max_len=4, d=65, m=0, position_ids=True),
     Case("token_mode", batch=5, seq=9, vocab=7, d=130, m=2, token=True),
+    # Every token reads row 0: one segment holds most tokens, so its columns are split
+    # among the threads.
+    Case("one_row", batch=4, seq=9, max_len=1, d=771, m=2, position_ids=True),
 ]
 
 
