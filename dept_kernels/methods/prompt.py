@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .._engines import embedding_shape, full_shape, gathered_parameters, is_dtensor
 from ..ops._validate import FLOAT_DTYPES, ID_DTYPES, Range
-from ..ops.dept_embedding import dept_embedding, id_ranges
+from ..ops.dept_embedding import OP_DEFAULTS, embed, id_ranges
 from .base import Adapter, MethodConfig, as_stacked, check_int, check_task_ids
 
 if TYPE_CHECKING:
@@ -243,15 +243,9 @@ class PromptAdapter(Adapter):
             position_ids = None
         if isinstance(visual, Tensor) and visual.is_floating_point():
             visual = visual.to(weight.dtype)
-        return dept_embedding(
-            input_ids,
-            weight,
-            position_ids=position_ids,
-            task_ids=task_ids,
-            visual=visual,
-            _ids_checked=_ids_checked,
-            **self.op_args(),
-        )
+        args = dict(OP_DEFAULTS, input_ids=input_ids, weight=weight, position_ids=position_ids)
+        args.update(task_ids=task_ids, visual=visual, **self.op_args())
+        return embed(args, ids_checked=_ids_checked)
 
     def lowrank_layout(self) -> tuple[int | None, str]:
         """`(L, index)`: the rows of the op's lora_a (None without low-rank factors) and how

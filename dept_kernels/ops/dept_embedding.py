@@ -26,6 +26,8 @@ saved or created. With tasks the rows are keyed by (task, row) and the matmuls r
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -50,7 +52,6 @@ def dept_embedding(
     index: str = "position",
     task_ids: Tensor | None = None,
     visual: Tensor | None = None,
-    _ids_checked: bool = False,
 ) -> Tensor:
     """Soft prompt plus token embeddings with a low-rank positional (or token) delta.
 
@@ -72,12 +73,30 @@ def dept_embedding(
             device (any strides); n_v = 0 is the same as None. They do not depend on the
             task, and their gradient is the matching slice of the output's.
 
-        _ids_checked: the library's own: its model hooks read the ranges of `id_ranges`
-            already (with the padding trim's read), so the op does not read them again.
 
     Returns:
         (B, m + s + n_v, d) tensor of `weight.dtype`.
     """
+    return embed(locals(), ids_checked=False)
+
+
+# `dept_embedding`'s defaults, for callers of `embed` that give some arguments only.
+OP_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(dept_embedding).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
+
+
+def embed(args: dict, ids_checked: bool) -> Tensor:
+    """`dept_embedding(**args)` for the library's hooks: `args` holds every argument of
+    `dept_embedding`; `ids_checked` says the hook's own read covered `id_ranges` already (the
+    padding trim's), so the op does not read again. Not a switch of the public op: range
+    checks are not optional there."""
+    input_ids, weight, prompt = args["input_ids"], args["weight"], args["prompt"]
+    lora_a, lora_b, scaling = args["lora_a"], args["lora_b"], args["scaling"]
+    position_ids, index, task_ids = args["position_ids"], args["index"], args["task_ids"]
+    visual = args["visual"]
     num_tasks = _check_args(
         input_ids, weight, prompt, lora_a, lora_b, scaling, position_ids, index, task_ids, visual
     )
@@ -101,7 +120,7 @@ def dept_embedding(
         index,
         backend,
         visual,
-        _ids_checked,
+        ids_checked,
     )
 
 

@@ -320,3 +320,12 @@ def test_oracles_moved_to_testing_stay_importable_from_ops(name):
     with pytest.warns(DeprecationWarning, match=f"moved to dept_kernels.testing.{name}"):
         moved = getattr(dept_kernels.ops, name)
     assert moved is getattr(dept_kernels.testing, name)
+
+
+def test_public_op_takes_no_switch_that_skips_the_range_checks():
+    """Range checks are not optional in the public op: the library's hooks, whose own read
+    covered the ranges, use the private entry point (`ops.dept_embedding.embed`)."""
+    kw = make_inputs(Case("base"), torch.float32, torch.float32)
+    for name in ("ids_checked", "_ids_checked", "checked"):
+        with pytest.raises(TypeError, match=name):
+            dept_embedding(**kw, **{name: True})
