@@ -73,7 +73,6 @@ def dept_embedding(
             device (any strides); n_v = 0 is the same as None. They do not depend on the
             task, and their gradient is the matching slice of the output's.
 
-
     Returns:
         (B, m + s + n_v, d) tensor of `weight.dtype`.
     """
