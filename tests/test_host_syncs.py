@@ -125,11 +125,13 @@ def test_dept_training_step_t5(trim_padding):
     assert backward == {}, backward
 
 
-def test_dept_training_step_with_position_rows():
-    """Left padding with position ids (GPT-2): the low-rank rows are gathered per token
-    (not row t for token t). The op checks input and position ids with one read, and the
-    backward groups the tokens by row without `torch.unique` (the row count L is a shape)."""
-    base, model = models.patched_pair("gpt2", "dept")
+@pytest.mark.parametrize("arch", ["gpt2", "gemma"])
+def test_dept_training_step_with_position_rows(arch):
+    """Left padding with position ids: the low-rank rows are gathered per token (not row t
+    for token t). One read checks input and position ids (Gemma under transformers 5: its
+    scaled lookup reads the ids before the op, in that same read), and the backward groups
+    the tokens by row without `torch.unique` (the row count L is a shape)."""
+    base, model = models.patched_pair(arch, "dept")
     ids, mask, _ = models.batch()
     mask[0, :3] = 0
     positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -280,10 +282,18 @@ def test_encoder_trimmed_step_reads_once():
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_decoder_classification_trimmed_forward_reads_once(padding):
+@pytest.mark.parametrize(
+    "arch, cls",
+    [
+        ("gpt2", transformers.GPT2ForSequenceClassification),
+        ("gemma", transformers.GemmaForSequenceClassification),
+    ],
+)
+def test_decoder_classification_trimmed_forward_reads_once(arch, cls, padding):
     """A decoder's sequence-classification head trims by default (leading columns too,
-    under left padding): the cut and the op's id ranges cross in one read."""
-    base = models.tiny_model("gpt2", transformers.GPT2ForSequenceClassification)
+    under left padding): the cut and the op's id ranges cross in one read (Gemma under
+    transformers 5: its scaled lookup's ids too)."""
+    base = models.tiny_model(arch, cls)
     base.config.pad_token_id = 0
     model = dk.patch(copy.deepcopy(base), models.make_config("dept"))
     models.randomize(model.dept_adapter)

@@ -463,7 +463,9 @@ class FusedEmbedding:
                 visual=visual,
                 _ids_checked=ids_checked,
             )
-        return _scaled_lookup(adapter, module.weight, scale, ids, position_ids, task_ids, visual)
+        return _scaled_lookup(
+            adapter, module.weight, scale, ids, position_ids, task_ids, visual, ids_checked
+        )
 
     def id_ranges(
         self,
@@ -472,11 +474,11 @@ class FusedEmbedding:
         position_ids: Tensor | None,
         task_ids: Tensor | None,
     ) -> list[Range] | None:
-        """The ranges the adapter's op would read for this call (`PromptAdapter.id_ranges`),
-        sized from the table's full shape (a sharded one is not gathered yet); None where
-        the op reads them itself: a scaled lookup (it indexes its own table), or arguments
-        its checks refuse."""
-        if _embed_scale(embedding) is not None or embedding.weight.device != ids.device:
+        """The ranges the adapter's op would read for this call (`PromptAdapter.id_ranges`;
+        a scaled lookup's too, `_scaled_lookup`), sized from the table's full shape (a
+        sharded one is not gathered yet); None where the op reads them itself: arguments
+        its checks refuse, or ids on another device than the table."""
+        if embedding.weight.device != ids.device:
             return None
         vocab = embedding_shape(embedding.weight)[0]
         return self.adapter_of().id_ranges(ids, vocab, position_ids, task_ids)
@@ -505,6 +507,7 @@ def _scaled_lookup(
     position_ids: Tensor | None,
     task_ids: Tensor | None,
     visual: Tensor | None = None,
+    ids_checked: bool = False,
 ) -> Tensor:
     """(B, m + s [+ n_v], d) `[P; scale * E[ids] + delta; V]`: the formula's rows built from
     what the embedding module gives (`scale * E[ids]`), the prompt and the visual rows
@@ -512,11 +515,24 @@ def _scaled_lookup(
     op has no scale argument, so the scaled lookup (B, s, d) is its table, one row per token,
     read once: rounded once, as the reference. A delta whose rows are token ids
     (`index="token"`) cannot read them from that table's row numbers: it is added to the
-    unscaled lookup and corrected, in fp32."""
-    if not tracing():  # the op would check the ids it reads; here they index the lookup
-        (ids,) = checked(Range("input_ids", ids, weight.shape[0]))
+    unscaled lookup and corrected, in fp32.
+
+    The ids index the lookup here, before the op: they are checked first, with the op's
+    other ranges (position and task ids) in the same read, and the op then reads nothing;
+    `ids_checked`: the caller's read covered them already (the padding trim's)."""
+    if not ids_checked and not tracing():
+        vocab = weight.shape[0]
+        ranges = (
+            None if sync_free_enabled() else adapter.id_ranges(ids, vocab, position_ids, task_ids)
+        )
+        if ranges is None:  # the op checks the rest; sync-free: the ids come back clamped
+            (ids,) = checked(Range("input_ids", ids, vocab))
+        else:
+            checked(*ranges)
+            ids_checked = True
     tokens = nn.functional.embedding(ids, weight) * scale  # the module's own output
     extra = {"position_ids": position_ids, "task_ids": task_ids, "visual": visual}
+    extra["_ids_checked"] = ids_checked
     if adapter.op_args().get("index") == "token":
         out = adapter(ids, weight, **extra)
         plain = nn.functional.embedding(ids, weight)
