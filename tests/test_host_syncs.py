@@ -310,3 +310,15 @@ def test_decoder_classification_trimmed_forward_reads_once(arch, cls, padding):
         model(input_ids=ids, attention_mask=mask)
     assert seen == [6]
     assert syncs.counts - own.counts == {"Tensor.tolist": 1}, (syncs.counts, own.counts)
+
+
+def test_trim_leaves_the_ranges_to_the_op_when_the_table_shape_is_unknown():
+    """An FSDP1-flattened table's full shape is not known outside its unit's call: the trim
+    reads only the mask, and the op checks the ids inside the call (two reads, no error)."""
+    base = models.tiny_model("t5")
+    model = dk.patch(copy.deepcopy(base), models.make_config("dept"))
+    models.randomize(model.dept_adapter)
+    model.get_input_embeddings().weight._fsdp_flattened = True
+    ids, mask, labels = _t5_trimmed_batch()
+    forward, _ = library_step(base, model, _dept_loss(ids, mask, labels))
+    assert forward == {"Tensor.tolist": 1, "scalar read": 1}, forward

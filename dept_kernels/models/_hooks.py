@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .._engines import embedding_shape
+from .._engines import embedding_shape, is_fsdp1_flat
 from ..ops._sync_free import sync_free_enabled
 from ..ops._validate import Range, check_ids, checked, raise_out_of_range, range_flags
 
@@ -477,10 +477,12 @@ class FusedEmbedding:
         """The ranges the adapter's op would read for this call (`PromptAdapter.id_ranges`;
         a scaled lookup's too, `_scaled_lookup`), sized from the table's full shape (a
         sharded one is not gathered yet); None where the op reads them itself: arguments
-        its checks refuse, or ids on another device than the table."""
-        if embedding.weight.device != ids.device:
+        its checks refuse, ids on another device than the table, or a table whose full shape
+        is not known outside its unit's call (FSDP1's flattened shard)."""
+        weight = embedding.weight
+        if weight.device != ids.device or is_fsdp1_flat(weight):
             return None
-        vocab = embedding_shape(embedding.weight)[0]
+        vocab = embedding_shape(weight)[0]
         return self.adapter_of().id_ranges(ids, vocab, position_ids, task_ids)
 
 
