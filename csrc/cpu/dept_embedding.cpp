@@ -4,10 +4,11 @@
 //
 // Forward, one pass over memory: every output row is written once, straight from its
 // embedding row plus the low-rank delta, which lives in a small per-thread buffer (eight
-// rows of d floats). With row = position the delta of position t is formed once and reused for
-// the whole batch (work s*r*d, not B*s*r*d). With per-task parameters the batch is walked in
-// the op's task-sorted order and the delta is formed again only when the task changes, so the
-// work is (distinct tasks)*s*r*d.
+// rows of d floats). With row = position the delta of position t is formed once and reused
+// for the whole batch (work s*r*d, not B*s*r*d); so is each row's with per-sample rows, in a
+// table of L rows, when the tokens outnumber the rows enough (`write_row_deltas`). With
+// per-task parameters the batch is walked in the op's task-sorted order and the delta is
+// formed again only when the task changes, so the work is (distinct tasks)*s*r*d.
 //
 // Visual rows (CLIP-T5) follow the token rows: copied row by row from their (strided) source
 // by the same forward, so no concatenated copy of the output is ever made.
@@ -48,6 +49,10 @@ constexpr int64_t kSegCols = kTile;
 // registers; narrower column tiles measured several times slower.
 constexpr int64_t kBlockRows = 8;
 constexpr int64_t kBlockCols = 32;
+
+// Per-sample rows use a table of every row's delta when the tokens are at least this many
+// times the rows (`write_row_deltas`).
+constexpr int64_t kTokensPerTableRow = 4;
 
 // Aim for at least this many output elements per parallel task, so that the thread
 // start-up cost of a parallel region is amortised.
@@ -181,8 +186,8 @@ struct Forward {
   }
 
   // Row = position. Parallel over positions: each thread's chunk forms the delta of its
-  // positions, kBlockRows at a time, and applies it to all B tokens at those positions. The batch
-  // is walked in task order, so the delta is formed once per (DePT) task present.
+  // positions, kBlockRows at a time, and applies it to all B tokens at those positions. The
+  // batch is walked in task order, so the delta is formed once per (DePT) task present.
   void write_position_deltas() const {
     at::parallel_for(0, seq, grain_for(batch * d), [&](int64_t begin, int64_t end) {
       std::vector<float> delta(kBlockRows * d);
@@ -205,13 +210,15 @@ struct Forward {
     });
   }
 
-  // Arbitrary rows (left padding, token mode). Single-task with at least as many tokens as
-  // rows of lora_a: the delta of every row is formed once, in blocks, then gathered. Else
-  // one delta per token, except that a run of tokens sharing a (task, row) (padding,
-  // repeated ids) reuses the one just formed. (Per token, `b` streams through the cache once
-  // per token: at LLaMA-7B width that cost ~30 us a token, the table ~3.5 us a row.)
+  // Arbitrary rows (left padding, token mode). Single-task with at least 4 tokens per row
+  // of lora_a: the delta of every row is formed once, in blocks, into a table (at most a
+  // quarter of the output's size), then gathered. Else one delta per token, except that a
+  // run of tokens sharing a (task, row) (padding, repeated ids) reuses the one just formed.
+  // (Per token, `b` streams through the cache once per token: at LLaMA-7B width that cost
+  // ~30 us a token, the table ~3.5 us a row. Token mode has L = V rows, so its tokens rarely
+  // outnumber them.)
   void write_row_deltas() const {
-    if (tasks == nullptr && batch * seq >= max_len) {
+    if (tasks == nullptr && batch * seq >= kTokensPerTableRow * max_len) {
       write_row_deltas_from_table();
       return;
     }
@@ -333,7 +340,7 @@ void reduce_kernel(
   }
   // Segments: tasks are (a range of whole segments holding about equal token counts) x (a
   // group of kSegCols-column blocks). Within a task each segment's token rows are summed
-  // block after block, so a row's next 1 KiB piece is read while the row is still in cache
+  // block after block, so a row's next piece is read while the row is still in cache
   // and the prefetcher streams it; the token-balanced ranges keep threads equally busy under
   // skewed segment sizes (Zipf-distributed ids, a padding row). Columns are split into
   // groups only when there are too few segment ranges for the threads (a single huge

@@ -28,6 +28,10 @@ CASES = [
     # Positions in blocks (8 per block in the cpu kernel) and a partial last block.
     Case("position_blocks", batch=3, seq=19, max_len=21, d=97),
     Case("tasks_position_blocks", batch=5, seq=21, max_len=24, d=65, tasks=MIXED),
+    # Per-sample rows with at least 4 tokens per row of lora_a: the cpu kernel's table of
+    # every row's delta (fewer tokens: one delta per token, the cases above).
+    Case("position_ids_table", batch=5, seq=13, max_len=6, d=97, position_ids=True),
+    Case("token_mode_table", batch=5, seq=9, vocab=7, d=65, token=True),
     Case("tasks", batch=5, tasks=MIXED),
     Case("tasks_position_ids", batch=5, tasks=MIXED, position_ids=True),
     Case("tasks_token_mode", batch=5, tasks=MIXED, token=True),
