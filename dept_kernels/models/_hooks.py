@@ -390,7 +390,8 @@ class FusedEmbedding:
 
     def __init__(self, adapter_of: AdapterOf) -> None:
         self.adapter_of = adapter_of
-        self.pending: list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]] = []
+        # (ids, position ids, task ids, visual rows, ids checked) of each call started.
+        self.pending: list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, bool]] = []
         self.armed = False  # the pre-hook swapped the ids of the call it started
 
     def install(self, embedding: nn.Module) -> list[RemovableHandle]:
