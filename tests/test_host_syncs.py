@@ -322,3 +322,23 @@ def test_trim_leaves_the_ranges_to_the_op_when_the_table_shape_is_unknown():
     ids, mask, labels = _t5_trimmed_batch()
     forward, _ = library_step(base, model, _dept_loss(ids, mask, labels))
     assert forward == {"Tensor.tolist": 1, "scalar read": 1}, forward
+
+
+def test_decoder_lm_trimmed_on_request_reads_once():
+    """A decoder LM trims when asked (`trim_padding=True`), in the LM head's hook: the op's
+    ranges cross with the mask's runs there, and the inner call's op reads nothing."""
+    base = models.tiny_model("gpt2")
+    model = dk.patch(copy.deepcopy(base), models.make_config("dept"), trim_padding=True)
+    models.randomize(model.dept_adapter)
+    ids, mask, _ = models.batch(s=9)
+    mask[:, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    seen = []
+    model.dept_adapter.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+    forward, backward = library_step(base, model, _dept_loss(ids, mask, labels))
+    assert seen == [6]  # trimmed
+    assert forward == {"Tensor.tolist": 1} and backward == {}, (forward, backward)
+    bad = ids.clone()
+    bad[0, 7] = model.config.vocab_size  # in a cut column: checked as untrimmed
+    with pytest.raises(IndexError, match="input_ids holds id"):
+        model(input_ids=bad, attention_mask=mask, labels=labels)

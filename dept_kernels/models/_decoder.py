@@ -51,7 +51,6 @@ from ._hooks import (
     extend_mask,
     generation,
     needs_ids,
-    padding_cut,
     restore_outputs,
     row_ids,
     signature,
@@ -142,6 +141,9 @@ class _DecoderHooks:
         # and the cut; of the model ("lm"), the cut.
         self.open: list[tuple[int, Cut | None]] = []
         self.lm_cuts: list[Cut | None] = []
+        # (ids, position ids, task ids) whose op ranges an LM head's trim read with its mask,
+        # for the inner call that receives exactly these tensors; cleared once consumed.
+        self.lm_checked: tuple | None = None
 
     def _trims(self, kw: dict, module: nn.Module, sig) -> bool:
         """Whether this first forward may run on trimmed columns (module docstring)."""
@@ -187,13 +189,17 @@ class _DecoderHooks:
         positions = sig.get(kw, "position_ids")
         first = cache_length(sig.get(kw, "cache")) == 0
         cut = None
+        lm_checked, self.lm_checked = self.lm_checked, None
         if first:
             ids = needs_ids(kw, type(module).__name__)
             if kw.get("token_type_ids") is not None:
                 raise ValueError("token_type_ids are not supported with a soft prompt")
             rows = row_ids(positions, ids)
             task_ids = self.tasks.resolve(own_tasks, ids.shape[0])
-            checked = False
+            # The LM head's trim read these very tensors' ranges (`_lm_trim`).
+            checked = lm_checked is not None and all(
+                a is b for a, b in zip(lm_checked, (ids, positions, task_ids), strict=True)
+            )
             if self.head != "lm" and self._trims(kw, module, sig):
                 pad_id = _pad_token_id(self.tasks.model)
                 leading = self._leading(module.config, m + ids.shape[1])
@@ -304,18 +310,25 @@ class _DecoderHooks:
             return None  # logits of the last k columns: those of the trimmed batch differ
         m = self.adapter_of().num_virtual_tokens
         leading = self._leading(module.config, m + ids.shape[1])
-        cut = padding_cut(mask, leading=leading, labels=labels)
-        if cut is None:
-            return None
-        rows = row_ids(sig.get(kw, "position_ids"), ids)
-        ids, rows = self._cut(kw, sig, ids, rows, cut)
-        sig.set(kw, "input_ids", ids)
-        sig.set(kw, "position_ids", rows)
-        if labels is not None:
-            sig.set(kw, "labels", cut.take(labels))
+        positions = sig.get(kw, "position_ids")
+        rows = row_ids(positions, ids)
+        # The op's id ranges are read with the mask's runs: the inner call's op, handed
+        # exactly these tensors, then reads nothing (one read per forward).
+        task_ids = self.tasks.resolve(None, ids.shape[0])
+        ranges = self.fused.id_ranges(self._embedding(module), ids, rows, task_ids)
+        cut, checked = checked_cut(mask, ranges, leading=leading, labels=labels)
+        if cut is not None:
+            ids, rows = self._cut(kw, sig, ids, rows, cut)
+            positions = rows
+            sig.set(kw, "input_ids", ids)
+            sig.set(kw, "position_ids", rows)
+            if labels is not None:
+                sig.set(kw, "labels", cut.take(labels))
+        self.lm_checked = (ids, positions, task_ids) if checked else None
         return cut
 
     def logits_hook(self, module: nn.Module, args: tuple, output) -> None:
+        self.lm_checked = None  # unconsumed when the forward raised first
         if self.lm_cuts:
             restore_outputs(output, self.lm_cuts.pop(), ("logits", "hidden_states"))
 
