@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from .._engines import embedding_shape, full_shape, gathered_parameters, is_dtensor
+from ..ops._dept_embedding_op import value_ranges
 from ..ops._validate import FLOAT_DTYPES, ID_DTYPES, Range
-from ..ops.dept_embedding import OP_DEFAULTS, embed, id_ranges
+from ..ops.dept_embedding import OP_DEFAULTS, embed
 from .base import Adapter, MethodConfig, as_stacked, check_int, check_task_ids
 
 if TYPE_CHECKING:
@@ -284,15 +285,7 @@ class PromptAdapter(Adapter):
             and (input_ids.shape[1] > rows)
         ):
             return None  # the op's error: s > L
-        return id_ranges(
-            input_ids,
-            vocab,
-            rows,
-            position_ids=position_ids,
-            index=index,
-            task_ids=task_ids,
-            num_tasks=tasks or 0,
-        )
+        return value_ranges(input_ids, vocab, rows, position_ids, task_ids, tasks or 0, index)
 
     @torch.no_grad()
     def with_parameters(

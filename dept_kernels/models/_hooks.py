@@ -715,32 +715,6 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def padding_cut(
-    mask: object,
-    *,
-    leading: bool,
-    ids: Tensor | None = None,
-    pad_token_id: int | None = None,
-    labels: Tensor | None = None,
-) -> Cut | None:
-    """The columns of a (B, s) batch a forward needs: all but the runs of columns at the end
-    (and at the start, with `leading`) that `mask` marks padding in every row. None when
-    nothing is cut: no 2D mask, no such column, or every column such.
-
-    Extra conditions keep outputs that read the cut columns unchanged:
-    - `ids` (a head that pools the last token whose id is not `pad_token_id`, as HF's
-      sequence-classification heads do): cut columns hold `pad_token_id` in every row, and
-      nothing is cut at the start when a row is all padding (HF pools its column 0);
-    - `labels` (causal LM, (B, s)): cut columns have label -100 in every row, and so has the
-      first kept column after a leading cut (the last cut column's logits predict it).
-
-    Reads the mask once (one device sync on a GPU), so it cuts nothing in sync-free mode.
-    """
-    return checked_cut(
-        mask, None, leading=leading, ids=ids, pad_token_id=pad_token_id, labels=labels
-    )[0]
-
-
 def checked_cut(
     mask: object,
     ranges: list[Range] | None,
@@ -750,10 +724,22 @@ def checked_cut(
     pad_token_id: int | None = None,
     labels: Tensor | None = None,
 ) -> tuple[Cut | None, bool]:
-    """`(padding_cut(...), read)`: the cut, with the flags of `ranges` (the op's id ranges,
-    `FusedEmbedding.id_ranges`) read in the same transfer as the mask's runs, so a trimmed
-    forward reads the device once. An id out of range raises its IndexError here, before
-    any kernel runs. `read` says whether `ranges` were read; the op then need not."""
+    """`(cut, read)`. The cut: the columns of a (B, s) batch a forward needs, all but the
+    runs of columns at the end (and at the start, with `leading`) that `mask` marks padding
+    in every row; None when nothing is cut: no 2D mask, no such column, or every column such.
+
+    Extra conditions keep outputs that read the cut columns unchanged:
+    - `ids` (a head that pools the last token whose id is not `pad_token_id`, as HF's
+      sequence-classification heads do): cut columns hold `pad_token_id` in every row, and
+      nothing is cut at the start when a row is all padding (HF pools its column 0);
+    - `labels` (causal LM, (B, s)): cut columns have label -100 in every row, and so has the
+      first kept column after a leading cut (the last cut column's logits predict it).
+
+    Reads the mask once (one device sync on a GPU), so it cuts nothing in sync-free mode.
+    The flags of `ranges` (the op's id ranges, `FusedEmbedding.id_ranges`) cross in that
+    same read, so a trimmed forward reads the device once; an id out of range raises its
+    IndexError here, before any kernel runs. `read` says whether `ranges` were read (the op
+    then need not)."""
     if sync_free_enabled() or not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[1] == 0:
         return None, False
     s = mask.shape[1]

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import backends
 from . import _validate as v
-from ._dept_embedding_op import check_default_positions, dept_embedding_call, value_ranges
+from ._dept_embedding_op import check_default_positions, dept_embedding_call
 
 __all__ = ["INDEX_MODES", "dept_embedding"]
 
@@ -89,9 +89,9 @@ OP_DEFAULTS = {
 
 def embed(args: dict, ids_checked: bool) -> Tensor:
     """`dept_embedding(**args)` for the library's hooks: `args` holds every argument of
-    `dept_embedding`; `ids_checked` says the hook's own read covered `id_ranges` already (the
-    padding trim's), so the op does not read again. Not a switch of the public op: range
-    checks are not optional there."""
+    `dept_embedding`; `ids_checked` says the hook's own read (the padding trim's) covered the
+    op's `value_ranges` already, so the op does not read again. Not a switch of the public
+    op: range checks are not optional there."""
     input_ids, weight, prompt = args["input_ids"], args["weight"], args["prompt"]
     lora_a, lora_b, scaling = args["lora_a"], args["lora_b"], args["scaling"]
     position_ids, index, task_ids = args["position_ids"], args["index"], args["task_ids"]
@@ -121,24 +121,6 @@ def embed(args: dict, ids_checked: bool) -> Tensor:
         visual,
         ids_checked,
     )
-
-
-def id_ranges(
-    input_ids: Tensor,
-    vocab: int,
-    lora_rows: int | None,
-    *,
-    position_ids: Tensor | None = None,
-    index: str = "position",
-    task_ids: Tensor | None = None,
-    num_tasks: int = 0,
-) -> list[v.Range]:
-    """The ranges `dept_embedding` checks for these index tensors, a (V = `vocab`, d) table
-    and `lora_rows` rows of lora_a (None without the low-rank factors): what a caller that
-    reads them itself must read (`_validate.range_flags`)."""
-    if lora_rows is None:
-        position_ids = None  # nothing reads rows
-    return value_ranges(input_ids, vocab, lora_rows, position_ids, task_ids, num_tasks, index)
 
 
 def _check_args(
