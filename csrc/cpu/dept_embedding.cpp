@@ -62,6 +62,30 @@ int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
 }
 
+// Gathered rows (embedding rows by token id, AoT table rows) are requested this many tokens
+// before they are read, one cache line per kPrefetchStride bytes of the row. The ids are
+// random, so neither the hardware prefetcher nor the TLB sees a row coming; touching one line
+// per KiB starts the page walk and the DRAM accesses early and lets the streamer take the
+// rest. Standalone (fp32 gather-add of 4096 uniform ids out of 50257 rows, one thread,
+// AVX-512 VM): d = 768 1.83 ms against 2.36 ms without, d = 4096 8.2 ms against 9.4 ms; a
+// line every 64 or 256 bytes measured no better, and 2 and 4 tokens ahead alike. In the op
+// (GPT-2 dims, position mode, no_grad) 2.45 and 2.38 ms against 2.80 and 2.67 ms with one
+// thread; with two threads the difference was within the noise.
+constexpr int64_t kPrefetchAhead = 2;
+constexpr size_t kPrefetchStride = 1024;
+
+inline void prefetch_row(const void* row, size_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* p = static_cast<const char*>(row);
+  for (size_t c = 0; c < bytes; c += kPrefetchStride) {
+    __builtin_prefetch(p + c);
+  }
+#else
+  (void)row;
+  (void)bytes;
+#endif
+}
+
 // delta[p, j] = scaling * sum_k a[p, k] * b[k, j] for P rows of `a` (row stride r) and the
 // columns [0, w) of `b` (row stride d); `delta` has row stride d. W bounds w at compile
 // time, so full tiles (w == W) unroll into registers.
@@ -142,6 +166,12 @@ struct Forward {
   // Embedding row of token n = b * seq + t.
   const T* embedding(int64_t n) const { return weight + ids[n] * weight_stride; }
   size_t row_bytes() const { return static_cast<size_t>(d) * sizeof(T); }
+  // Requests the embedding row of token n + kPrefetchAhead when it is before `end`.
+  void prefetch_ahead(int64_t n, int64_t end) const {
+    if (n + kPrefetchAhead < end) {
+      prefetch_row(embedding(n + kPrefetchAhead), row_bytes());
+    }
+  }
 
   void run() const {
     if (m > 0) write_prompts();
@@ -180,6 +210,7 @@ struct Forward {
   void write_embeddings() const {
     at::parallel_for(0, batch * seq, grain_for(d), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
+        prefetch_ahead(n, end);
         std::memcpy(out_row(n / seq, m + n % seq), embedding(n), row_bytes());
       }
     });
@@ -202,6 +233,14 @@ struct Forward {
             cached = task;
           }
           for (int64_t p = 0; p < rows_here; ++p) {
+            // The token kPrefetchAhead steps on in this walk: later in the block, or in the
+            // next sample of the batch order.
+            const int64_t ahead = i * rows_here + p + kPrefetchAhead;
+            if (ahead < batch * rows_here) {
+              const int64_t i_next = ahead / rows_here;
+              const int64_t b_next = order == nullptr ? i_next : order[i_next];
+              prefetch_row(embedding(b_next * seq + t0 + ahead % rows_here), row_bytes());
+            }
             const int64_t t = t0 + p;
             add_row(out_row(b, m + t), embedding(b * seq + t), delta.data() + p * d, d);
           }
@@ -226,6 +265,7 @@ struct Forward {
       std::vector<float> delta(d);
       int64_t cached_row = -1, cached_task = -1;
       for (int64_t n = begin; n < end; ++n) {
+        prefetch_ahead(n, end);
         const int64_t b = n / seq;
         const int64_t task = task_of(b);
         if (rows[n] != cached_row || task != cached_task) {
@@ -249,6 +289,7 @@ struct Forward {
     });
     at::parallel_for(0, batch * seq, grain_for(d), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
+        prefetch_ahead(n, end);
         add_row(out_row(n / seq, m + n % seq), embedding(n), table.data() + rows[n] * d, d);
       }
     });
@@ -392,6 +433,9 @@ void gather_add_kernel(
     const T* hidden, const int64_t* rows, const U* table, int64_t tokens, int64_t d, T* out) {
   at::parallel_for(0, tokens, grain_for(d), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
+      if (n + kPrefetchAhead < end) {
+        prefetch_row(table + rows[n + kPrefetchAhead] * d, static_cast<size_t>(d) * sizeof(U));
+      }
       const T* h = hidden + n * d;
       const U* p = table + rows[n] * d;
       T* o = out + n * d;
