@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import dept_kernels as dk
 from dept_kernels.bench import verdict
-from dept_kernels.bench._timing import median_iqr, rotation
+from dept_kernels.bench._timing import kept_freed_memory, median_iqr, rotation
 from dept_kernels.bench.end_to_end import t5_random
 from dept_kernels.ops import _eager
 
@@ -108,9 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    with kept_freed_memory() as memory:
+        measure(args, memory)
+
+
+def measure(args: argparse.Namespace, memory: str) -> None:
+    """Prints each model's paired ratio, its profile and its per-round ratios."""
     print(
         f"AoT fused inference overhead: torch {torch.__version__}, {args.threads} thread(s), "
-        f"B={args.batch} s={args.seq}, {args.rounds} paired rounds, no_grad, eval"
+        f"B={args.batch} s={args.seq}, {args.rounds} paired rounds, no_grad, eval; {memory}"
     )
     for name in args.models.split(","):
         make, vocab, decoder = MODELS[name]

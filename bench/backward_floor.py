@@ -3,7 +3,8 @@
     python bench/backward_floor.py [--shape t5-base] [--rounds 15] [--dtype float32]
 
 Times, round-robin in one process (each round runs every candidate once, in a rotated order,
-so load from other processes falls on all alike), the median and interquartile range of:
+so load from other processes falls on all alike; freed host memory kept, `_timing.
+kept_freed_memory`, unless --release-memory), the median and interquartile range of:
 the copy of an output-sized buffer (the bandwidth floor), `gy.sum(0)` (one read of the output
 gradient), the library's forward and forward+backward on the `cpu` backend, and the same for
 `torch.compile` of the official formula. Run it with the library of another checkout on
@@ -13,34 +14,21 @@ PYTHONPATH to compare before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
-import time
+import statistics
 from collections.abc import Callable
 
 import torch
 
 import dept_kernels
 from dept_kernels.bench import verdict
-from dept_kernels.bench._timing import median_iqr, rotation
+from dept_kernels.bench._timing import interleaved_times, kept_freed_memory, median_iqr
 from dept_kernels.bench.kernels import forward_backward, make_problem
 from dept_kernels.bench.shapes import SHAPES
 from dept_kernels.ops import dept_embedding
 from dept_kernels.testing import official_dept_embedding
-
-
-def round_robin(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each function per round, in rotated orders, after two warm-up calls each."""
-    for fn in fns.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(rounds):
-        for name in rotation(list(fns), i):
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -49,7 +37,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--release-memory",
+        action="store_true",
+        help="leave the allocator's default: freed outputs go back to the OS and fault again",
+    )
     args = parser.parse_args()
+    default = contextlib.nullcontext("host memory: the allocator's default")
+    with default if args.release_memory else kept_freed_memory() as memory:
+        measure(args, memory)
+
+
+def measure(args: argparse.Namespace, memory: str) -> None:
+    """Times the candidates and prints the table and the findings."""
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
@@ -80,7 +80,8 @@ def main() -> None:
         "compile fwd+bwd": forward_backward(compiled, kw, grad_out),
     }
     load_before = os.getloadavg()
-    times = round_robin(fns, args.rounds)
+    faults: dict[str, list[int]] = {}
+    times = interleaved_times(fns, args.rounds, "cpu", faults)
     load_after = os.getloadavg()
     stats = {name: median_iqr(t) for name, t in times.items()}
     print(
@@ -90,12 +91,20 @@ def main() -> None:
     print(
         f"shape {shape.name}: B={shape.batch} s=L={shape.seq} d={shape.d} m={shape.m} "
         f"r={shape.r}, {args.dtype}, {args.rounds} interleaved rounds; load average "
-        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after"
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; {memory}"
     )
-    print(f"{'candidate':18} {'median ms':>10} {'IQR ms':>8} {'IQR/median':>11} {'min ms':>8}")
+    print(
+        f"{'candidate':18} {'median ms':>10} {'IQR ms':>8} {'IQR/median':>11} {'min ms':>8} "
+        f"{'faults/call':>12}"
+    )
     for name, (med, iqr) in stats.items():
         fastest = min(times[name]) * 1e3
-        print(f"{name:18} {med * 1e3:10.3f} {iqr * 1e3:8.3f} {iqr / med:10.1%} {fastest:8.3f}")
+        # Median and largest minor page faults of a call: a fresh output faults once a page.
+        per_call = f"{statistics.median(faults[name]):.0f}/{max(faults[name])}"
+        print(
+            f"{name:18} {med * 1e3:10.3f} {iqr * 1e3:8.3f} {iqr / med:10.1%} {fastest:8.3f} "
+            f"{per_call:>12}"
+        )
     med = {name: s[0] for name, s in stats.items()}
     ratios = [
         f"fwd+bwd: compile / library = {med['compile fwd+bwd'] / med['library fwd+bwd']:.2f}x "

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from . import end_to_end, inference, kernels, serving
-from ._timing import at_least
+from ._timing import at_least, kept_freed_memory
 from .tables import aot_lines, end_to_end_report
 
 # The models of the paper's inference figure, timed with --full.
@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> None:
         help="serving samples per task",
     )
     args = parser.parse_args(argv)
+    with kept_freed_memory() as memory:
+        run_job(args, memory)
+
+
+def run_job(args: argparse.Namespace, memory: str) -> None:
+    """The main job's parts in order, printing each report; `memory` says how host memory
+    was managed while timing (`_timing.kept_freed_memory`)."""
     from tqdm import tqdm
 
     torch.manual_seed(0)
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         f"dept_kernels main job: {args.device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.machine()}; "
         f"T5 d={base.config.d_model}, {base.config.num_layers} layers, V={vocab} "
-        f"({'checkpoint ' + args.model if args.model else 'random weights'})"
+        f"({'checkpoint ' + args.model if args.model else 'random weights'}); {memory}"
     )
     batches = end_to_end.make_batches(args.steps + args.warmup, args.batch, vocab, args.device)
     total = 4 * len(batches)

@@ -4,12 +4,20 @@ other processes on a busy machine falls on every compared function alike."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 T = TypeVar("T")
 
@@ -24,6 +32,56 @@ def at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+# glibc's mallopt parameters (malloc.h) and the defaults restored on exit (M_TRIM_THRESHOLD
+# starts at 128 KiB; glibc's dynamic threshold does not come back once either is set).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}
+
+
+@contextlib.contextmanager
+def kept_freed_memory() -> Iterator[str]:
+    """Inside, host memory freed by tensors stays in the process, so that a benchmark's next
+    output of the same size reuses pages already mapped. Yields a sentence for the report.
+
+    Why: glibc hands a large block (above its mmap threshold, or freed at the top of the heap
+    past its trim threshold) back to the OS, and the next allocation of that size takes a page
+    fault per 4 KiB. Which candidate of a round-robin pays it depends on the order of frees,
+    not on its kernel: on the 2-core VM, GPT-2's 14 MB output took ~3,400 faults (~5 ms, twice
+    the forward) on some calls and none on others, and the spread of the rows reached 80-350%
+    of their medians; with the memory kept, 7-15%. Every candidate allocates through the same
+    heap, so what the kernels cost is compared, not the faults. A no-op off glibc; on exit
+    memory is released again as by default (what was kept is trimmed as the heap shrinks).
+    """
+    if not _glibc():
+        yield "host memory: the allocator's default (not glibc: freed memory may fault again)"
+        return
+    libc = ctypes.CDLL(None)
+    # No mmap for large blocks (they would be unmapped on free) and no trimming of the heap.
+    if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        _restore(libc)
+        yield "host memory: the allocator's default (glibc refused mallopt)"
+        return
+    try:
+        yield "host memory: freed memory kept in the process (no page faults from reallocation)"
+    finally:
+        _restore(libc)
+
+
+def _restore(libc: ctypes.CDLL) -> None:
+    for param, value in _DEFAULTS.items():
+        libc.mallopt(param, value)
+
+
+def _glibc() -> bool:
+    if "CS_GNU_LIBC_VERSION" not in os.confstr_names:
+        return False
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (OSError, ValueError):
+        return False
 
 
 def sync(device: str | torch.device) -> None:
@@ -62,11 +120,15 @@ def median_time(fn: Callable[[], object], repeats: int, device: str) -> float:
 
 
 def interleaved_times(
-    fns: dict[str, Callable[[], object]], repeats: int, device: str
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    device: str,
+    faults: dict[str, list[int]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each call of each function, timed round-robin: each round runs every
     function once, in a rotated order, so that load from other processes on a busy machine
-    falls on all of them alike; two untimed calls of each first."""
+    falls on all of them alike; two untimed calls of each first. `faults`, when given, gets
+    each call's minor page faults by name (the process's count, so other threads' too)."""
     for fn in fns.values():
         fn()
         fn()
@@ -74,11 +136,21 @@ def interleaved_times(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeats):
         for name in rotation(list(fns), i):
+            before = minor_faults()
             start = time.perf_counter()
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            if faults is not None:
+                faults.setdefault(name, []).append(minor_faults() - before)
     return times
+
+
+def minor_faults() -> int:
+    """The process's minor page faults so far (0 where `resource` is missing)."""
+    if resource is None:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def interleaved_medians(

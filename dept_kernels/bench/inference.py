@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .. import patch
 from ..methods import DePTConfig, PromptTuningConfig, equal_budget
 from . import end_to_end
-from ._timing import at_least, interleaved_times, median_iqr
+from ._timing import at_least, interleaved_times, kept_freed_memory, median_iqr
 from .end_to_end import EOS, MAX_LENGTH, PAD, T5_DIMS, glue_like_lengths, t5_random
 from .verdict import findings, noisy_rows, percent_phrase, relative_spread
 
@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     base = t5_random(args.dims).to(args.device)
-    print(report(run(base, args.dims, args.samples, args.batch, args.rounds, args.device)))
+    with kept_freed_memory() as memory:
+        print(memory)
+        print(report(run(base, args.dims, args.samples, args.batch, args.rounds, args.device)))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 from .. import backends
 from ..ops import dept_embedding
 from ..testing import official_dept_embedding, reference_dept_embedding
-from ._timing import at_least, interleaved_times, median_iqr
+from ._timing import at_least, interleaved_times, kept_freed_memory, median_iqr
 from .shapes import SHAPES, Shape
 from .suite import with_backend
 from .verdict import (
@@ -202,13 +202,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baseline")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    with kept_freed_memory() as memory:
+        _main(args, memory)
+
+
+def _main(args: argparse.Namespace, memory: str) -> None:
     shape = SHAPES[args.shape]
     dtype = getattr(torch, args.dtype)
     print(
         f"dept_kernels: DePT input embedding at {shape.name} dims "
         f"(B={shape.batch}, s=L={shape.seq}, d={shape.d}, V={shape.vocab}, m={shape.m}, "
         f"r={shape.r}), {args.dtype}, {args.device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads on {platform.processor() or platform.machine()}"
+        f"{torch.get_num_threads()} threads on {platform.processor() or platform.machine()}; "
+        f"{memory}"
     )
     result = run(shape, dtype, args.device, args.repeats, not args.no_compile)
     print(report(result))

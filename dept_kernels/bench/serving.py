@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .. import patch, save_adapter, stack_adapters
 from ..methods import AoTConfig, DePTConfig, equal_budget
 from . import end_to_end
-from ._timing import at_least, interleaved_times, median_iqr
+from ._timing import at_least, interleaved_times, kept_freed_memory, median_iqr
 from .end_to_end import EOS, MAX_LENGTH, PAD, T5_DIMS, glue_like_lengths, t5_random
 from .verdict import findings, noisy_rows, relative_spread, speed_phrase
 
@@ -235,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     base = t5_random(args.dims, args.vocab).to(args.device)
-    print(report(run(base, args.per_task, args.rounds, args.new_tokens, args.device)))
+    with kept_freed_memory() as memory:
+        print(memory)
+        print(report(run(base, args.per_task, args.rounds, args.new_tokens, args.device)))
 
 
 if __name__ == "__main__":
