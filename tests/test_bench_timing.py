@@ -26,6 +26,8 @@ def test_kept_freed_memory_reuses_pages_and_gives_them_back_after():
     refaults()  # the thread pool's start-up allocations out of the way
     with _timing.kept_freed_memory() as sentence:
         refaults()  # the heap grows once (a small block may have landed after the first)
+        with _timing.kept_freed_memory():
+            pass  # a nested use leaves the outer one's setting in place
         inside = refaults()
     outside = refaults()
     assert "kept" in sentence

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
@@ -39,6 +40,8 @@ def at_least(minimum: int) -> Callable[[str], int]:
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}
+_kept = 0  # open `kept_freed_memory` contexts
+_kept_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -55,19 +58,33 @@ def kept_freed_memory() -> Iterator[str]:
     heap, so what the kernels cost is compared, not the faults. A no-op off glibc; on exit
     memory is released again as by default (what was kept is trimmed as the heap shrinks).
     """
+    global _kept
     if not _glibc():
         yield "host memory: the allocator's default (not glibc: freed memory may fault again)"
         return
     libc = ctypes.CDLL(None)
-    # No mmap for large blocks (they would be unmapped on free) and no trimming of the heap.
-    if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
-        _restore(libc)
+    with _kept_lock:
+        # Nested uses (a benchmark inside a timed session) set and restore only once.
+        outermost = _kept == 0
+        # No mmap for large blocks (they would be unmapped on free) and no trimming.
+        if outermost and (
+            libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1
+        ):
+            _restore(libc)
+            refused = True
+        else:
+            refused = False
+            _kept += 1
+    if refused:
         yield "host memory: the allocator's default (glibc refused mallopt)"
         return
     try:
         yield "host memory: freed memory kept in the process (no page faults from reallocation)"
     finally:
-        _restore(libc)
+        with _kept_lock:
+            _kept -= 1
+            if _kept == 0:
+                _restore(libc)
 
 
 def _restore(libc: ctypes.CDLL) -> None:
