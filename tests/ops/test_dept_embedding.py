@@ -27,6 +27,8 @@ CASES = [
     Case("wide", d=160, r=70, seq=9, max_len=12, m=2),
     # Positions in blocks (8 per block in the cpu kernel) and a partial last block.
     Case("position_blocks", batch=3, seq=19, max_len=21, d=97),
+    # Single-task batches of 4 or more: the deltas of all s positions in a table first.
+    Case("position_table", batch=5, seq=19, max_len=21, d=97),
     Case("tasks_position_blocks", batch=5, seq=21, max_len=24, d=65, tasks=MIXED),
     # Per-sample rows with at least 4 tokens per row of lora_a: the cpu kernel's table of
     # every row's delta (fewer tokens: one delta per token, the cases above).
