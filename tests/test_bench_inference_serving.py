@@ -152,6 +152,18 @@ def test_serving_sentences_follow_the_verdict():
     assert "WARNING" in text and "Inconclusive" in text and "serves them" not in text
 
 
+def test_serving_states_each_quiet_comparison_and_names_the_noisy_ones():
+    """Each (method, T, pass) is timed on its own, so a noisy one does not void another."""
+    result = {"per_task": 4, "rounds": 5, "new_tokens": 4}
+    quiet = serving_rows(0.1, 0.3, QUIET)
+    loud = [r | {"pass": "generate (4 new tokens)"} for r in serving_rows(0.1, 0.5, NOISY)]
+    text = serving.report(result | {"rows": quiet + loud})
+    assert "T=8, forward: one mixed batch of 32 samples serves them 3.00x faster" in text
+    assert "T=8, generate (4 new tokens): one mixed batch" not in text
+    assert "WARNING" in text and "generate (4 new tokens), mixed batch" in text
+    assert "Inconclusive: 1 of 2 comparisons" in text
+
+
 def test_fill_normal_draws_on_the_cpu_and_copies():
     """The main job's non-zero weights come from a CPU generator whatever the parameters'
     device (drawing into CUDA memory from it raised on the H200), so every device gets the
