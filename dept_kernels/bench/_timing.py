@@ -54,9 +54,10 @@ def kept_freed_memory() -> Iterator[str]:
     fault per 4 KiB. Which candidate of a round-robin pays it depends on the order of frees,
     not on its kernel: on the 2-core VM, GPT-2's 14 MB output took ~3,400 faults (~5 ms, twice
     the forward) on some calls and none on others, and the spread of the rows reached 80-350%
-    of their medians; with the memory kept, 7-15%. Every candidate allocates through the same
-    heap, so what the kernels cost is compared, not the faults. A no-op off glibc; on exit
-    memory is released again as by default (what was kept is trimmed as the heap shrinks).
+    of their medians; with the memory kept, mostly under 10%. Every candidate allocates
+    through the same heap, so what the kernels cost is compared, not the faults. A no-op off
+    glibc; on exit memory is released again as by default (what was kept is trimmed as the
+    heap shrinks).
     """
     global _kept
     if not _glibc():
