@@ -248,7 +248,7 @@ struct Forward {
   int64_t batch, seq, m, d, r, max_len, n_v;
   bool lowrank;
   T* out;
-  bool stream;  // fp32 token rows written with streaming stores (`stream_threshold`)
+  bool stream;  // fp32 output rows written with streaming stores (`stream_threshold`)
 
   int64_t task_of(int64_t b) const { return tasks == nullptr ? 0 : tasks[b]; }
   // Output row q of sample b: prompt rows q < m, token rows q = m + t, then visual rows
