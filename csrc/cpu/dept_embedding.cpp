@@ -208,14 +208,18 @@ inline void stream_row(float* __restrict out, const float* __restrict e,
 // fp32 outputs of more bytes than this are written with streaming stores (-1: never): the
 // last-level cache as glibc reports it, at most 32 MiB. (A thread sees its own slice of a
 // large L3: glibc reports 320 MiB on the 2-core AMD VM, whose core complex has 32 MiB.)
+// Asked of the OS once per process, not on every forward.
 int64_t stream_threshold() {
-  if (kStreamFloats == 0) return -1;
-  constexpr int64_t kMaxCache = int64_t{32} << 20;
-  int64_t cache = 0;
+  static const int64_t threshold = [] {
+    if (kStreamFloats == 0) return int64_t{-1};
+    constexpr int64_t kMaxCache = int64_t{32} << 20;
+    int64_t cache = 0;
 #if defined(_SC_LEVEL3_CACHE_SIZE)
-  cache = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    cache = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
-  return cache > 0 ? std::min(cache, kMaxCache) : kMaxCache;
+    return cache > 0 ? std::min(cache, kMaxCache) : kMaxCache;
+  }();
+  return threshold;
 }
 
 // out = T(float(e) + delta): the fp32 sum is rounded once, as in the reference.
@@ -589,6 +593,9 @@ at::Tensor forward(
     return out;
   }
   using dept_kernels::ptr_or_null;
+  const int64_t threshold = stream_threshold();
+  const bool stream = weight.scalar_type() == at::kFloat && threshold >= 0 &&
+                      static_cast<int64_t>(out.nbytes()) > threshold;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "dept_embedding_forward", [&] {
         const Forward<scalar_t> step{t.ids.data_ptr<int64_t>(),
@@ -613,8 +620,7 @@ at::Tensor forward(
                                      t.n_v,
                                      t.lora_a.defined() && t.r > 0,
                                      out.data_ptr<scalar_t>(),
-                                     std::is_same_v<scalar_t, float> && stream_threshold() >= 0 &&
-                                         static_cast<int64_t>(out.nbytes()) > stream_threshold()};
+                                     stream};
         step.run();
       });
   return out;

@@ -94,7 +94,8 @@ def _restore(libc: ctypes.CDLL) -> None:
 
 
 def _glibc() -> bool:
-    if "CS_GNU_LIBC_VERSION" not in os.confstr_names:
+    # os.confstr_names is absent on Windows, and lacks this name off glibc.
+    if "CS_GNU_LIBC_VERSION" not in getattr(os, "confstr_names", {}):
         return False
     try:
         return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
@@ -154,7 +155,7 @@ def interleaved_times(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeats):
         for name in rotation(list(fns), i):
-            before = minor_faults()
+            before = minor_faults() if faults is not None else 0
             start = time.perf_counter()
             fns[name]()
             sync(device)
