@@ -1,6 +1,7 @@
 """The one wrapper of the compiled extensions (`csrc/cpu`, `csrc/cuda`) as backends.
 
-Both bind the same three functions (`csrc/common/forward_args.h`); this adapts them to the
+Both bind the same three functions (`csrc/common/forward_args.h`), the cpu module a fourth,
+optional one (`reduce_lowrank`); this adapts them to the
 `Backend` contract and turns a failed build into `BackendUnavailable` with its cause.
 """
 
@@ -22,6 +23,10 @@ class CompiledBackend:
 
     def __init__(self, module: ModuleType) -> None:
         self.module = module
+        # Optional (`Backend` lists it): the cpu module binds it, the cuda module does not.
+        self.reduce_lowrank: Callable[..., list[Tensor]] | None = getattr(
+            module, "reduce_lowrank", None
+        )
 
     def forward(
         self,
@@ -56,6 +61,7 @@ class CompiledBackend:
 
     def gather_add(self, hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tensor:
         return self.module.gather_add(hidden, rows, table, out)
+
 
     def __repr__(self) -> str:
         return f"CompiledBackend({self.module.__name__})"

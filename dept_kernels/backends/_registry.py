@@ -65,6 +65,13 @@ class Backend(Protocol):
         """`out = hidden + table[rows]` (B, s, d), added in fp32; `out` may be `hidden`."""
         ...
 
+    # Optional: `reduce_lowrank(grad_out, m, lora_a, lora_b, scaling)`, the position-mode
+    # backward of shared parameters in one call: [sums (m + s, d), dA (L, r), dB (r, d)], all
+    # fp32, from fp32 factors A (L, r), B (r, d); the sums are `reduce(grad_out, 0, None,
+    # None)`'s and dA = scaling * S @ B^T (rows s.. zero), dB = scaling * A[:s]^T @ S on the
+    # token rows' sums S. A backend without it (or with it None) gets `reduce` and two
+    # matmuls (`ops/_grads.py`).
+
 
 class BackendUnavailable(RuntimeError):
     """A backend cannot run here; the message says why and what to do about it."""

@@ -8,7 +8,8 @@ atomics, so the result is deterministic and each output-gradient row is read onc
 
 Shared parameters (no tasks) wanting both the prompt's and the factors' gradients read the
 output gradient once: the prompt rows are summed in the same `reduce` call as the token
-rows (`prompt_and_row_sums`), and dA, dB are small matmuls on those (L, d) sums.
+rows (`prompt_and_row_sums`), and dA, dB are small matmuls on those (L, d) sums; in position
+mode a backend may do all of it in one call (`reduce_lowrank`, `_shared_grads`).
 """
 
 from __future__ import annotations
@@ -145,10 +146,9 @@ def dept_embedding_grads(
     d_a, d_b, d_weight = (grad_out.new_empty(0) for _ in range(3))
     if task_ids is None and prompt_grad and lora_a is not None and lora_a.shape[-1] > 0:
         # The prompt's and the factors' gradients from one read of grad_out.
-        prompt_sums, used, g = prompt_and_row_sums(grad_out, m, rows, lora_a.shape[0], backend)
+        prompt_sums, d_a, d_b = _shared_grads(grad_out, m, rows, lora_a, lora_b, scaling, backend)
         # A copy, not a view: the gradient would otherwise keep all m + s rows of sums alive.
         d_prompt = prompt_sums.to(prompt_dtype, copy=True)
-        d_a, d_b = _lowrank_from_sums(used, g, lora_a, lora_b, scaling)
     else:
         d_prompt = _prompt_grad(
             grad_out, m, task_ids, num_tasks, prompt_dtype, prompt_grad, backend
@@ -161,6 +161,26 @@ def dept_embedding_grads(
         used, g = row_sums(grad_out, m, input_ids, vocab_size, backend)
         d_weight = _scatter_rows(vocab_size, used, g.to(grad_out.dtype))
     return [d_prompt, d_a, d_b, d_weight]
+
+
+def _shared_grads(
+    grad_out: Tensor,
+    m: int,
+    rows: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(fp32 prompt sums (m, d), a view; dA, dB in the factors' dtypes) of shared parameters,
+    from one read of `grad_out`: in one call where the backend has a position-mode kernel for
+    it (`reduce_lowrank`, the cpu backend's), else a `reduce` and two matmuls."""
+    fused = getattr(backends.load(backend), "reduce_lowrank", None)
+    if rows is not None or fused is None:
+        prompt_sums, used, g = prompt_and_row_sums(grad_out, m, rows, lora_a.shape[0], backend)
+        return prompt_sums, *_lowrank_from_sums(used, g, lora_a, lora_b, scaling)
+    sums, d_a, d_b = fused(grad_out, m, lora_a.detach().float(), lora_b.detach().float(), scaling)
+    return sums[:m], d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
 
 
 def _prompt_grad(

@@ -96,3 +96,25 @@ def run(fn, kw: dict, grad_out: torch.Tensor | None = None, seed: int = 1):
     params = leaves(kw)
     grads = torch.autograd.grad(out, params, grad_out) if params else ()
     return out, grads, grad_out
+
+
+# The backends' kernels that read the output gradient in the DePT backward: `reduce`, and
+# the optional fused position-mode backward (`Backend` in dept_kernels/backends/_registry.py).
+GRAD_READERS = ("reduce", "reduce_lowrank")
+
+
+def spy_grad_reads(kernels, monkeypatch) -> list[tuple[str, torch.Tensor, int]]:
+    """Wraps each of `kernels`' GRAD_READERS that it has, for the test's duration; the list
+    returned fills with (kernel name, gradient read, m) per call."""
+    calls: list[tuple[str, torch.Tensor, int]] = []
+    for name in GRAD_READERS:
+        kernel = getattr(kernels, name, None)
+        if kernel is None:
+            continue
+
+        def spy(g, m, *args, kernel=kernel, name=name):
+            calls.append((name, g, m))
+            return kernel(g, m, *args)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return calls

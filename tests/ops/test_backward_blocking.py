@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
-from helpers.ops import DTYPES, Case, make_inputs, run
+from helpers import BACKENDS, assert_close
+from helpers.ops import DTYPES, Case, make_inputs, run, spy_grad_reads
 
 from dept_kernels import backends
 from dept_kernels.ops import dept_embedding
@@ -95,17 +95,86 @@ def test_deterministic(backend, case, dtype):
 
 def test_prompt_rows_in_the_same_reduce(backend, monkeypatch):
     """Prompt and factors both trained: one reduce call covers the m + s rows, so grad_out
-    is read once."""
+    is read once; a backend with the fused position-mode backward makes that one call
+    instead, and no `reduce`."""
     kw = make_inputs(CASES[0], torch.float32, torch.float32)
     kernels = backends.load(backend)
-    calls = []
-    reduce = kernels.reduce
-
-    def spy(g, m, *args):
-        calls.append((tuple(g.shape), m))
-        return reduce(g, m, *args)
-
-    monkeypatch.setattr(kernels, "reduce", spy)
+    name = "reduce" if getattr(kernels, "reduce_lowrank", None) is None else "reduce_lowrank"
+    calls = spy_grad_reads(kernels, monkeypatch)
     run(dept_embedding, kw)
     case = CASES[0]
-    assert calls == [((case.batch, case.m + case.seq, case.d), 0)]
+    # The fused kernel is told the prompt's length; `reduce` sums all rows (m = 0).
+    m = case.m if name == "reduce_lowrank" else 0
+    assert [(n, tuple(g.shape), mm) for n, g, mm in calls] == [
+        (name, (case.batch, case.m + case.seq, case.d), m)
+    ]
+    if backend == "cpu":
+        assert name == "reduce_lowrank"
+
+
+# The cpu backend's fused position-mode backward (`reduce_lowrank`): its own edges, each
+# thread count's branch (two threads run the GEMMs at once, others in turn), and the layouts
+# `reduce` takes.
+LOWRANK_CASES = [
+    # (batch, m, s, L, d, r)
+    (5, 3, 13, 16, 771, 4),
+    (1, 0, 7, 7, 64, 1),
+    (4, 2, 9, 30, 4099, 3),  # L > s: rows s.. of dA stay zero
+    (3, 4, 0, 5, 33, 2),  # prompt rows only
+]
+
+
+def _lowrank_formula(grad, m, a, b, scaling):
+    g = grad.double()
+    sums = g.sum(0)
+    tokens = sums[m:]
+    d_a = torch.zeros(a.shape, dtype=torch.float64)
+    d_a[: tokens.shape[0]] = scaling * tokens @ b.double().T
+    d_b = scaling * a.double()[: tokens.shape[0]].T @ tokens
+    return sums, d_a, d_b
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not available")
+@pytest.mark.parametrize("threads", [1, 2, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", LOWRANK_CASES, ids=str)
+def test_cpu_reduce_lowrank_matches_the_formula(shape, dtype, threads):
+    batch, m, seq, max_len, d, r = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    grad = torch.randn(batch, m + seq, d, generator=gen).to(dtype)
+    a = torch.randn(max_len, r, generator=gen)
+    b = torch.randn(r, d, generator=gen)
+    kernel = backends.load("cpu").reduce_lowrank
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        sums, d_a, d_b = kernel(grad, m, a, b, 0.7)
+    finally:
+        torch.set_num_threads(before)
+    for got, want in zip((sums, d_a, d_b), _lowrank_formula(grad, m, a, b, 0.7), strict=True):
+        assert got.dtype == torch.float32
+        # fp32 sums of the (exact) bf16 values: fp32 tolerance either way.
+        assert_close(got, want.float(), torch.float32)
+    assert not d_a[seq:].any()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not available")
+def test_cpu_reduce_lowrank_edges_and_layouts():
+    kernel = backends.load("cpu").reduce_lowrank
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(9, 2, generator=gen), torch.randn(2, 17, generator=gen)
+    # No sample: zero sums and gradients, of their shapes.
+    sums, d_a, d_b = kernel(torch.empty(0, 11, 17), 2, a, b, 1.0)
+    assert sums.shape == (11, 17) and not sums.any() and not d_a.any() and not d_b.any()
+    # The text columns of a wider output (a view with a larger batch stride), under
+    # inference mode, where the GEMMs' pool thread must see the caller's mode.
+    wide = torch.randn(4, 15, 17, generator=gen)
+    view = wide[:, :11]
+    with torch.inference_mode():
+        got = kernel(view, 2, a, b, 0.5)
+    for x, want in zip(got, _lowrank_formula(view, 2, a, b, 0.5), strict=True):
+        assert_close(x, want.float(), torch.float32)
+    with pytest.raises(RuntimeError, match="lora_a must be"):
+        kernel(view, 0, a, b, 1.0)  # s = 11 rows, more than L = 9
+    with pytest.raises(RuntimeError, match="fp32"):
+        kernel(view, 2, a.double(), b, 1.0)

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 from helpers import DEVICE, assert_close
-from helpers.ops import MIXED, Case, make_inputs
+from helpers.ops import MIXED, Case, make_inputs, spy_grad_reads
 
 from dept_kernels import backends
 from dept_kernels.ops import dept_embedding
@@ -169,22 +169,15 @@ def test_no_visual_rows_equals_none(backend):
 
 @pytest.mark.parametrize("vc", [CASES[0], CASES[5], CASES[8]], ids=lambda c: c.name)
 def test_backward_reads_the_text_columns_in_place(backend, vc, monkeypatch):
-    """The reduce kernels get the text columns of grad_out as a view (samples m + s + n_v
-    rows apart), not a (B, m + s, d) copy."""
+    """The kernels reading grad_out (`spy_grad_reads`) get its text columns as a view
+    (samples m + s + n_v rows apart), not a (B, m + s, d) copy."""
     case = vc.case
     kw = make_inputs(case, torch.float32, torch.float32)
     visual, _ = make_visual(vc, torch.float32)
     out = _call(kw, visual)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    kernels = backends.load(backend)
-    seen = []
-    reduce = kernels.reduce
-
-    def spy(g, *args):
-        seen.append((g.data_ptr(), g.stride(0)))
-        return reduce(g, *args)
-
-    monkeypatch.setattr(kernels, "reduce", spy)
+    calls = spy_grad_reads(backends.load(backend), monkeypatch)
     torch.autograd.grad(out, [kw["lora_a"]], grad_out)
+    seen = [(g.data_ptr(), g.stride(0)) for _, g, _ in calls]
     text_rows = [s for s in seen if s[1] == grad_out.stride(0)]
     assert text_rows and all(ptr == grad_out.data_ptr() for ptr, _ in text_rows), seen
