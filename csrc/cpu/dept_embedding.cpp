@@ -707,7 +707,6 @@ std::vector<at::Tensor> reduce_lowrank(
   const auto tokens = sums.narrow(0, m, seq);
   const auto a = lora_a.narrow(0, 0, seq);
   auto d_a_tokens = d_a.narrow(0, 0, seq);
-  const auto b_t = lora_b.t();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_out.scalar_type(), "dept_embedding_reduce_lowrank", [&] {
         const scalar_t* grad = grad_out.data_ptr<scalar_t>();
@@ -717,7 +716,10 @@ std::vector<at::Tensor> reduce_lowrank(
         if (seq == 0) return;
         const auto gemm = [&](int64_t i) {
           if (i == 0) {
-            at::mm_out(d_a_tokens, tokens, b_t);
+            // Formed transposed, dA^T = B @ S^T, into dA's memory: the order `_grads.py`
+            // uses, faster with one thread (its `_lowrank_from_sums` has the figures).
+            auto d_a_t = d_a_tokens.t();
+            at::mm_out(d_a_t, lora_b, tokens.t());
           } else {
             at::mm_out(d_b, a.t(), tokens);
           }
