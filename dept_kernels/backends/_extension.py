@@ -62,7 +62,6 @@ class CompiledBackend:
     def gather_add(self, hidden: Tensor, rows: Tensor, table: Tensor, out: Tensor) -> Tensor:
         return self.module.gather_add(hidden, rows, table, out)
 
-
     def __repr__(self) -> str:
         return f"CompiledBackend({self.module.__name__})"
 
