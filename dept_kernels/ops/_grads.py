@@ -9,7 +9,7 @@ atomics, so the result is deterministic and each output-gradient row is read onc
 Shared parameters (no tasks) wanting both the prompt's and the factors' gradients read the
 output gradient once: the prompt rows are summed in the same `reduce` call as the token
 rows (`prompt_and_row_sums`), and dA, dB are small matmuls on those (L, d) sums; in position
-mode a backend may do all of it in one call (`reduce_lowrank`, `_shared_grads`).
+mode a backend may do all of it in one call (`reduce_lowrank`, `_sums_and_lowrank_grads`).
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def dept_embedding_grads(
     d_a, d_b, d_weight = (grad_out.new_empty(0) for _ in range(3))
     if task_ids is None and prompt_grad and lora_a is not None and lora_a.shape[-1] > 0:
         # The prompt's and the factors' gradients from one read of grad_out.
-        prompt_sums, d_a, d_b = _shared_grads(grad_out, m, rows, lora_a, lora_b, scaling, backend)
+        prompt_sums, d_a, d_b = _sums_and_lowrank_grads(
+            grad_out, m, rows, lora_a, lora_b, scaling, backend, prompt=True
+        )
         # A copy, not a view: the gradient would otherwise keep all m + s rows of sums alive.
         d_prompt = prompt_sums.to(prompt_dtype, copy=True)
     else:
@@ -163,7 +165,7 @@ def dept_embedding_grads(
     return [d_prompt, d_a, d_b, d_weight]
 
 
-def _shared_grads(
+def _sums_and_lowrank_grads(
     grad_out: Tensor,
     m: int,
     rows: Tensor | None,
@@ -171,16 +173,24 @@ def _shared_grads(
     lora_b: Tensor,
     scaling: float,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(fp32 prompt sums (m, d), a view; dA, dB in the factors' dtypes) of shared parameters,
-    from one read of `grad_out`: in one call where the backend has a position-mode kernel for
-    it (`reduce_lowrank`, the cpu backend's), else a `reduce` and two matmuls."""
+    prompt: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(fp32 prompt sums (m, d), a view, or None unless `prompt`; dA (L, r), dB (r, d) in the
+    factors' dtypes) of shared parameters, from one read of `grad_out`: in one call where the
+    backend has a position-mode kernel for it (`reduce_lowrank`, the cpu backend's), else
+    the row sums (with the prompt rows' when `prompt`) and two small matmuls."""
     fused = getattr(backends.load(backend), "reduce_lowrank", None)
-    if rows is not None or fused is None:
+    if rows is None and fused is not None:
+        # Without the prompt's sums, its rows are left out of the view the kernel reads.
+        tokens = grad_out if prompt else grad_out[:, m:]
+        a, b = lora_a.detach().float(), lora_b.detach().float()
+        sums, d_a, d_b = fused(tokens, m if prompt else 0, a, b, scaling)
+        return sums[:m] if prompt else None, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
+    if prompt:
         prompt_sums, used, g = prompt_and_row_sums(grad_out, m, rows, lora_a.shape[0], backend)
-        return prompt_sums, *_lowrank_from_sums(used, g, lora_a, lora_b, scaling)
-    sums, d_a, d_b = fused(grad_out, m, lora_a.detach().float(), lora_b.detach().float(), scaling)
-    return sums[:m], d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
+    else:
+        prompt_sums, (used, g) = None, row_sums(grad_out, m, rows, lora_a.shape[0], backend)
+    return prompt_sums, *_lowrank_from_sums(used, g, lora_a, lora_b, scaling)
 
 
 def _prompt_grad(
@@ -217,22 +227,11 @@ def _separate_lowrank_grads(
         # r = 0: the factors are unused, so their gradients are zeros (of empty shapes).
         return torch.zeros_like(lora_a), torch.zeros_like(lora_b)
     if task_ids is None:
-        return _lowrank_grads(grad_out, m, rows, lora_a, lora_b, scaling, backend)
+        _, d_a, d_b = _sums_and_lowrank_grads(
+            grad_out, m, rows, lora_a, lora_b, scaling, backend, prompt=False
+        )
+        return d_a, d_b
     return _task_lowrank_grads(grad_out, m, rows, task_ids.long(), lora_a, lora_b, scaling, backend)
-
-
-def _lowrank_grads(
-    grad_out: Tensor,
-    m: int,
-    rows: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    scaling: float,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    """(dA (L, r), dB (r, d)) in their dtypes: row sums, then two small matmuls."""
-    used, g = row_sums(grad_out, m, rows, lora_a.shape[0], backend)
-    return _lowrank_from_sums(used, g, lora_a, lora_b, scaling)
 
 
 def _scatter_rows(num_rows: int, used: Tensor | None, sums: Tensor) -> Tensor:
