@@ -22,7 +22,7 @@
 // registers, a fixed summation order and no atomics.
 
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/extension.h>
 
 #include "../common/forward_args.h"
@@ -717,14 +717,18 @@ std::vector<at::Tensor> reduce_lowrank(
         reduce_kernel<scalar_t>(grad, nullptr, nullptr, batch, width, 0, d, width, batch_rows,
                                 out);
         if (seq == 0) return;
+        // ATen's CPU kernel, called directly rather than through the dispatcher: these GEMMs
+        // are this kernel's own work, on its own fresh outputs, and a pool thread must not
+        // meet the caller's thread-local state there (a Python dispatch mode would call
+        // into Python from it while the caller holds the GIL and waits for it).
         const auto gemm = [&](int64_t i) {
           if (i == 0) {
             // Formed transposed, dA^T = B @ S^T, into dA's memory: the order `_grads.py`
             // uses, faster with one thread (its `_lowrank_from_sums` has the figures).
             auto d_a_t = d_a_tokens.t();
-            at::mm_out(d_a_t, lora_b, tokens.t());
+            at::cpu::mm_out(d_a_t, lora_b, tokens.t());
           } else {
-            at::mm_out(d_b, a.t(), tokens);
+            at::cpu::mm_out(d_b, a.t(), tokens);
           }
         };
         if (at::get_num_threads() != 2 || at::in_parallel_region()) {
@@ -734,11 +738,7 @@ std::vector<at::Tensor> reduce_lowrank(
           gemm(1);
           return;
         }
-        // The GEMMs dispatch through ATen on a pool thread: give it the caller's thread-local
-        // state (grad and inference modes, dispatch keys).
-        const at::ThreadLocalState state;
         at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-          const at::ThreadLocalStateGuard guard(state);
           for (int64_t i = begin; i < end; ++i) gemm(i);
         });
       });
