@@ -4,6 +4,11 @@ the token rows, thread counts and determinism, on every backend, against the for
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import BACKENDS, assert_close
@@ -178,3 +183,45 @@ def test_cpu_reduce_lowrank_edges_and_layouts():
         kernel(view, 0, a, b, 1.0)  # s = 11 rows, more than L = 9
     with pytest.raises(RuntimeError, match="fp32"):
         kernel(view, 2, a.double(), b, 1.0)
+
+
+# The backward under a Python dispatch mode that runs the library's custom-op bodies under
+# itself (as `helpers.syncs.SyncCounter` does), with two threads: the cpu `reduce_lowrank`
+# runs its GEMMs on a pool thread, which must not dispatch into Python while the caller,
+# holding the GIL, waits for it (an earlier version deadlocked here). In a subprocess, so a
+# hang fails the test instead of stopping the suite.
+_UNDER_A_MODE = """
+import torch
+from helpers.syncs import SyncCounter
+import dept_kernels
+from dept_kernels.ops import dept_embedding
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+batch, seq, d, m, r = 4, 16, 64, 3, 4
+kw = dict(
+    input_ids=torch.randint(0, 50, (batch, seq), generator=g),
+    weight=torch.randn(50, d, generator=g),
+    prompt=torch.randn(m, d, generator=g, requires_grad=True),
+    lora_a=torch.randn(seq, r, generator=g, requires_grad=True),
+    lora_b=torch.randn(r, d, generator=g, requires_grad=True),
+    scaling=0.5,
+)
+grad_out = torch.randn(batch, m + seq, d, generator=g)
+params = [kw["prompt"], kw["lora_a"], kw["lora_b"]]
+with dept_kernels.use_backend("cpu"):
+    plain = torch.autograd.grad(dept_embedding(**kw), params, grad_out)
+    with SyncCounter():
+        under = torch.autograd.grad(dept_embedding(**kw), params, grad_out)
+assert all(torch.equal(a, b) for a, b in zip(plain, under, strict=True))
+print("ok")
+"""
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not available")
+def test_cpu_backward_under_a_python_dispatch_mode_with_two_threads():
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    run = subprocess.run(
+        [sys.executable, "-c", _UNDER_A_MODE], capture_output=True, text=True, env=env, timeout=240
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
