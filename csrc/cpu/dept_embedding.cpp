@@ -699,7 +699,10 @@ std::vector<at::Tensor> reduce_lowrank(
               "lora_a must be (L >= s, r) and lora_b (r, d)");
   auto sums = at::empty({width, d}, grad_out.options().dtype(at::kFloat));
   auto d_a = at::zeros_like(lora_a, at::MemoryFormat::Contiguous);
-  auto d_b = at::zeros_like(lora_b, at::MemoryFormat::Contiguous);
+  // dB is all written by its GEMM, which runs unless there is nothing to sum.
+  const bool empty = batch == 0 || seq == 0 || d == 0;
+  auto d_b = empty ? at::zeros_like(lora_b, at::MemoryFormat::Contiguous)
+                   : at::empty_like(lora_b, at::MemoryFormat::Contiguous);
   if (batch == 0 || d == 0) {
     sums.zero_();  // no sample: every sum, and so both gradients, is zero
     return {sums, d_a, d_b};
@@ -709,7 +712,10 @@ std::vector<at::Tensor> reduce_lowrank(
   }
   const auto tokens = sums.narrow(0, m, seq);
   const auto a = lora_a.narrow(0, 0, seq);
-  auto d_a_tokens = d_a.narrow(0, 0, seq);
+  // dA is formed transposed, dA^T = B @ S^T, in a row-major (r, s) buffer: the order
+  // `_grads.py` uses, faster with one thread (its `_lowrank_from_sums` has the figures).
+  // Written into a transposed view of dA instead, the GEMM would run as S @ B^T.
+  auto d_a_t = at::empty({lora_b.size(0), seq}, sums.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_out.scalar_type(), "dept_embedding_reduce_lowrank", [&] {
         const scalar_t* grad = grad_out.data_ptr<scalar_t>();
@@ -723,9 +729,6 @@ std::vector<at::Tensor> reduce_lowrank(
         // into Python from it while the caller holds the GIL and waits for it).
         const auto gemm = [&](int64_t i) {
           if (i == 0) {
-            // Formed transposed, dA^T = B @ S^T, into dA's memory: the order `_grads.py`
-            // uses, faster with one thread (its `_lowrank_from_sums` has the figures).
-            auto d_a_t = d_a_tokens.t();
             at::cpu::mm_out(d_a_t, lora_b, tokens.t());
           } else {
             at::cpu::mm_out(d_b, a.t(), tokens);
@@ -742,7 +745,7 @@ std::vector<at::Tensor> reduce_lowrank(
           for (int64_t i = begin; i < end; ++i) gemm(i);
         });
       });
-  d_a_tokens.mul_(scaling);
+  d_a.narrow(0, 0, seq).copy_(d_a_t.t()).mul_(scaling);
   d_b.mul_(scaling);
   return {sums, d_a, d_b};
 }
