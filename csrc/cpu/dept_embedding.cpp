@@ -669,12 +669,12 @@ at::Tensor reduce(
 // row of grad_out (B, m + s, d) and, from the token rows' sums S (s, d), dA[:s] =
 // scaling * S @ B^T and dB = scaling * A[:s]^T @ S, with A (L, r) and B (r, d) fp32; rows s..
 // of dA are zero. The two GEMMs are independent, so with two threads they run at once, one
-// thread each, rather than each split over both threads in turn (a narrow GEMM scales
-// poorly over two). Forward+backward with two threads against `reduce` and two matmuls, in
-// the same rounds (bench/results/cpu-2core-2026-11-30-backward-floor-parts.txt): LLaMA-7B
-// dims 10.13 against 10.98 ms; T5-base and GPT-2 dims within that run's 12-14% spread (an
-// earlier run, 40 rounds: GPT-2 2.37 against 2.52 ms). Otherwise they run one after the
-// other, as before (one thread: level at all three shapes). (Two alternatives measured
+// thread each, rather than each split over both threads in turn (at LLaMA-7B dims each of
+// these narrow GEMMs ran 1.2x-1.5x faster, not 2x, with a second thread). Forward+backward with two threads against `reduce` and two matmuls, in
+// the same rounds (bench/results/cpu-2core-2026-11-30-backward-floor-parts.txt, three runs):
+// LLaMA-7B dims 1.04x-1.08x faster (11.38 against 11.81 ms in the last), GPT-2 dims 1.04x
+// where quiet. Otherwise they run one after the other, as before (one thread: within 1-2%
+// of `reduce` and two matmuls at all three shapes). (Two alternatives measured
 // no better: with one thread, forming S in L2-sized chunks and multiplying each chunk at once
 // measured from 4% slower to 2% faster than this at GPT-2 and LLaMA-7B dims; with two, a
 // pipeline in which one thread multiplied chunks while the other summed them, 5-9% slower.)
