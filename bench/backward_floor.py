@@ -192,7 +192,7 @@ def unfused(step: Callable[[], object]) -> Callable[[], object]:
     kernels = backends.load("cpu")
 
     def call():
-        fused = kernels.reduce_lowrank
+        fused = getattr(kernels, "reduce_lowrank", None)
         kernels.reduce_lowrank = None
         try:
             return step()
