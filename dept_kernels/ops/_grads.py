@@ -240,7 +240,13 @@ def _scatter_rows(num_rows: int, used: Tensor | None, sums: Tensor) -> Tensor:
     if used is None:
         out[: sums.shape[0]] = sums
         return out
-    # Accumulated: an empty segment repeats a key (`segments`), adding zeros to it.
+    # Accumulated: an empty segment repeats a key (`segments`), adding zeros to it. Only
+    # those zero rows meet a used row twice, so no order of the adds can change a bit. On the
+    # CPU `index_add_` takes a fraction of `index_put_(accumulate=True)`'s time (32128 x 768
+    # zeros, 4096 rows added, two threads: 4.0 against 7.4 ms, the zeros alone 3.1 ms);
+    # elsewhere the latter, whose CUDA kernel is deterministic by construction.
+    if out.device.type == "cpu":
+        return out.index_add_(0, used, sums)
     return out.index_put_((used,), sums, accumulate=True)
 
 
