@@ -670,14 +670,15 @@ at::Tensor reduce(
 // scaling * S @ B^T and dB = scaling * A[:s]^T @ S, with A (L, r) and B (r, d) fp32; rows s..
 // of dA are zero. The two GEMMs are independent, so with two threads they run at once, one
 // thread each, rather than each split over both threads in turn (at LLaMA-7B dims each of
-// these narrow GEMMs ran 1.2x-1.5x faster, not 2x, with a second thread). Forward+backward with two threads against `reduce` and two matmuls, in
-// the same rounds (bench/results/cpu-2core-2026-11-30-backward-floor-parts.txt, three runs):
-// LLaMA-7B dims 1.04x-1.08x faster (11.38 against 11.81 ms in the last), GPT-2 dims 1.04x
-// where quiet. Otherwise they run one after the other, as before (one thread: within 1-2%
-// of `reduce` and two matmuls at all three shapes). (Two alternatives measured
-// no better: with one thread, forming S in L2-sized chunks and multiplying each chunk at once
-// measured from 4% slower to 2% faster than this at GPT-2 and LLaMA-7B dims; with two, a
-// pipeline in which one thread multiplied chunks while the other summed them, 5-9% slower.)
+// these narrow GEMMs ran 1.2x-1.5x faster, not 2x, with a second thread). Forward+backward
+// with two threads against `reduce` and two matmuls, in the same rounds (bench/results/
+// cpu-2core-2026-11-30-backward-floor-parts.txt, three runs): LLaMA-7B dims 1.04x-1.08x
+// faster (11.38 against 11.81 ms in the last), GPT-2 dims 1.04x where quiet. Otherwise they
+// run one after the other, as before (one thread: within 1-2% of `reduce` and two matmuls at
+// all three shapes). (Two alternatives measured no better: with one thread, forming S in
+// L2-sized chunks and multiplying each chunk at once, from 4% slower to 2% faster at GPT-2
+// and LLaMA-7B dims; with two, a pipeline in which one thread multiplied chunks while the
+// other summed them, 5-9% slower.)
 std::vector<at::Tensor> reduce_lowrank(
     const at::Tensor& grad_out,
     int64_t m,
@@ -685,29 +686,21 @@ std::vector<at::Tensor> reduce_lowrank(
     const at::Tensor& lora_b,
     double scaling) {
   const at::Device cpu(at::kCPU);
-  dept_kernels::check_on(cpu, grad_out, "grad_out");
   dept_kernels::check_on(cpu, lora_a, "lora_a");
   dept_kernels::check_on(cpu, lora_b, "lora_b");
-  const int64_t batch_rows = dept_kernels::grad_batch_rows(grad_out);
-  const int64_t batch = grad_out.size(0), width = grad_out.size(1), d = grad_out.size(2);
-  const int64_t seq = width - m;
+  TORCH_CHECK(grad_out.dim() == 3, "grad_out must be (B, m + s, d)");
+  const int64_t seq = grad_out.size(1) - m, d = grad_out.size(2);
   TORCH_CHECK(m >= 0 && seq >= 0, "m exceeds the rows of grad_out");
   TORCH_CHECK(lora_a.dim() == 2 && lora_b.dim() == 2 && lora_a.scalar_type() == at::kFloat &&
                   lora_b.scalar_type() == at::kFloat,
               "lora_a (L, r) and lora_b (r, d) must be fp32 matrices");
   TORCH_CHECK(lora_a.size(0) >= seq && lora_a.size(1) == lora_b.size(0) && lora_b.size(1) == d,
               "lora_a must be (L >= s, r) and lora_b (r, d)");
-  auto sums = at::empty({width, d}, grad_out.options().dtype(at::kFloat));
+  // The sums of all m + s rows, as `reduce` forms them (it checks grad_out's layout).
+  auto sums = reduce(grad_out, 0, std::nullopt, std::nullopt);
   auto d_a = at::zeros_like(lora_a, at::MemoryFormat::Contiguous);
-  // dB is all written by its GEMM, which runs unless there is nothing to sum.
-  const bool empty = batch == 0 || seq == 0 || d == 0;
-  auto d_b = empty ? at::zeros_like(lora_b, at::MemoryFormat::Contiguous)
-                   : at::empty_like(lora_b, at::MemoryFormat::Contiguous);
-  if (batch == 0 || d == 0) {
-    sums.zero_();  // no sample: every sum, and so both gradients, is zero
-    return {sums, d_a, d_b};
-  }
-  if (sums.numel() == 0) {
+  auto d_b = at::zeros_like(lora_b, at::MemoryFormat::Contiguous);
+  if (seq == 0 || d == 0) {
     return {sums, d_a, d_b};
   }
   const auto tokens = sums.narrow(0, m, seq);
@@ -716,35 +709,27 @@ std::vector<at::Tensor> reduce_lowrank(
   // `_grads.py` uses, faster with one thread (its `_lowrank_from_sums` has the figures).
   // Written into a transposed view of dA instead, the GEMM would run as S @ B^T.
   auto d_a_t = at::empty({lora_b.size(0), seq}, sums.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad_out.scalar_type(), "dept_embedding_reduce_lowrank", [&] {
-        const scalar_t* grad = grad_out.data_ptr<scalar_t>();
-        float* out = sums.data_ptr<float>();
-        reduce_kernel<scalar_t>(grad, nullptr, nullptr, batch, width, 0, d, width, batch_rows,
-                                out);
-        if (seq == 0) return;
-        // ATen's CPU kernel, called directly rather than through the dispatcher: these GEMMs
-        // are this kernel's own work, on its own fresh outputs, and a pool thread must not
-        // meet the caller's thread-local state there (a Python dispatch mode would call
-        // into Python from it while the caller holds the GIL and waits for it).
-        const auto gemm = [&](int64_t i) {
-          if (i == 0) {
-            at::cpu::mm_out(d_a_t, lora_b, tokens.t());
-          } else {
-            at::cpu::mm_out(d_b, a.t(), tokens);
-          }
-        };
-        if (at::get_num_threads() != 2 || at::in_parallel_region()) {
-          // Each GEMM on all the threads, in turn: one GEMM a thread would leave cores idle
-          // with more than two (not measured; the split measured faster with two only).
-          gemm(0);
-          gemm(1);
-          return;
-        }
-        at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) gemm(i);
-        });
-      });
+  // ATen's CPU kernel, called directly rather than through the dispatcher: these GEMMs are
+  // this kernel's own work, on its own fresh outputs, and a pool thread must not meet the
+  // caller's thread-local state there (a Python dispatch mode would call into Python from
+  // it while the caller holds the GIL and waits for it).
+  const auto gemm = [&](int64_t i) {
+    if (i == 0) {
+      at::cpu::mm_out(d_a_t, lora_b, tokens.t());
+    } else {
+      at::cpu::mm_out(d_b, a.t(), tokens);
+    }
+  };
+  if (at::get_num_threads() == 2 && !at::in_parallel_region()) {
+    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) gemm(i);
+    });
+  } else {
+    // Each GEMM on all the threads, in turn: one GEMM a thread would leave cores idle with
+    // more than two (not measured; the split measured faster with two only).
+    gemm(0);
+    gemm(1);
+  }
   d_a.narrow(0, 0, seq).copy_(d_a_t.t()).mul_(scaling);
   d_b.mul_(scaling);
   return {sums, d_a, d_b};
