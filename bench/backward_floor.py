@@ -170,20 +170,8 @@ def judged(
     inconclusive; a broken invariant (a sign of load) voids every line."""
     if broken:
         return verdict.findings([], {}, broken)
-    stated, noisy, inconclusive = [], {}, 0
-    for line, rows in lines:
-        loud = verdict.noisy_rows({name: spreads[name] for name in rows})
-        noisy.update(loud)
-        inconclusive += bool(loud)
-        if not loud:
-            stated.append(line)
-    if noisy:
-        stated += [
-            verdict.noise_warning(noisy),
-            f"Inconclusive: {inconclusive} of {len(lines)} lines had a row above the limit; "
-            "they are not stated.",
-        ]
-    return stated
+    items = [([line], {name: spreads[name] for name in rows}) for line, rows in lines]
+    return verdict.findings_each(items, "lines")
 
 
 def unfused(step: Callable[[], object]) -> Callable[[], object]:

@@ -207,3 +207,13 @@ def test_warning_names_the_noisiest_rows_and_counts_the_rest():
     warning = verdict.noise_warning(verdict.noisy_rows(spreads))
     assert warning.index("row5 25%") < warning.index("row2 22%")
     assert "row1" not in warning and "and 2 more row(s)" in warning
+
+
+def test_findings_each_keeps_the_quiet_items_and_counts_the_others():
+    items = [(["a holds"], {"a1": 0.02, "a2": 0.05}), (["b holds", "b too"], {"b1": 0.3})]
+    lines = verdict.findings_each(items, "comparisons")
+    assert lines[0] == "a holds" and "b holds" not in lines and "b too" not in lines
+    assert "b1 30%" in lines[1]
+    assert lines[2].startswith("Inconclusive: 1 of 2 comparisons")
+    quiet = verdict.findings_each(items[:1], "comparisons")
+    assert quiet == ["a holds"]

@@ -38,7 +38,7 @@ from ..methods import AoTConfig, DePTConfig, equal_budget
 from . import end_to_end
 from ._timing import at_least, interleaved_times, kept_freed_memory, median_iqr
 from .end_to_end import EOS, MAX_LENGTH, PAD, T5_DIMS, glue_like_lengths, t5_random
-from .verdict import noise_warning, noisy_rows, relative_spread, speed_phrase
+from .verdict import findings_each, relative_spread, speed_phrase
 
 TASKS = (2, 8)
 # The served T5's size in the main job: t5-small dims, a reduced vocabulary (see above).
@@ -221,21 +221,16 @@ def report(result: dict) -> str:
     groups: dict[str, list[dict]] = {}
     for r in result["rows"]:
         groups.setdefault(_key(r), []).append(r)
-    stated: list[str] = []
-    noisy: dict[str, float] = {}
-    inconclusive = 0
-    for key, group in groups.items():
-        loud = noisy_rows({f"{key}, {r['candidate']}": r["relative_spread"] for r in group})
-        noisy.update(loud)
-        inconclusive += bool(loud)
-        if not loud:
-            stated += sentences(group, result["per_task"])
-    if noisy:
-        stated += [
-            noise_warning(noisy),
-            f"Inconclusive: {inconclusive} of {len(groups)} comparisons (each timed on its "
-            "own) had a row above the limit; no ratio is stated for them.",
-        ]
+    stated = findings_each(
+        [
+            (
+                sentences(group, result["per_task"]),
+                {f"{key}, {r['candidate']}": r["relative_spread"] for r in group},
+            )
+            for key, group in groups.items()
+        ],
+        "comparisons (each timed on its own)",
+    )
     return "\n".join(lines + stated)
 
 

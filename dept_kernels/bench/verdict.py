@@ -107,6 +107,33 @@ def overhead_phrase(this_s: float, base_s: float) -> str:
     return f"takes {-change:.1%} less time than"
 
 
+def findings_each(
+    items: Sequence[tuple[Sequence[str], Mapping[str, float]]],
+    what: str,
+    limit: float = NOISE_LIMIT,
+) -> list[str]:
+    """The lines of a run whose comparisons are judged one by one: each item is (its
+    sentences, its rows' spreads), and its sentences are kept when every spread is within
+    `limit`; then, if any item had a noisy row, the warning naming them and a count of the
+    inconclusive `what` (e.g. "comparisons")."""
+    stated: list[str] = []
+    noisy: dict[str, float] = {}
+    inconclusive = 0
+    for sentences, spreads in items:
+        loud = noisy_rows(spreads, limit)
+        noisy.update(loud)
+        inconclusive += bool(loud)
+        if not loud:
+            stated += sentences
+    if noisy:
+        stated += [
+            noise_warning(noisy, limit),
+            f"Inconclusive: {inconclusive} of {len(items)} {what} had a row above the limit; "
+            "no ratio is stated for them.",
+        ]
+    return stated
+
+
 def findings(
     sentences: Sequence[str],
     noisy: Mapping[str, float],
