@@ -141,7 +141,7 @@ def _lowrank_formula(grad, m, a, b, scaling):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not available")
 @pytest.mark.parametrize("threads", [1, 2, 7])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", LOWRANK_CASES, ids=str)
 def test_cpu_reduce_lowrank_matches_the_formula(shape, dtype, threads):
     batch, m, seq, max_len, d, r = shape
@@ -158,7 +158,7 @@ def test_cpu_reduce_lowrank_matches_the_formula(shape, dtype, threads):
         torch.set_num_threads(before)
     for got, want in zip((sums, d_a, d_b), _lowrank_formula(grad, m, a, b, 0.7), strict=True):
         assert got.dtype == torch.float32
-        # fp32 sums of the (exact) bf16 values: fp32 tolerance either way.
+        # fp32 sums of the (exact) half-precision values: fp32 tolerance in every dtype.
         assert_close(got, want.float(), torch.float32)
     assert not d_a[seq:].any()
 
