@@ -26,6 +26,7 @@
 #include <torch/extension.h>
 
 #include "../common/forward_args.h"
+#include "lanes.h"
 
 #include <unistd.h>
 
@@ -40,6 +41,8 @@
 #endif
 
 namespace {
+
+namespace lanes = dept_kernels::lanes;
 
 // Column tile of the gradient sums: 64 fp32 accumulators fill 8 AVX2 (4 AVX-512)
 // registers, so a tile stays in registers while its token loop runs.
@@ -223,12 +226,22 @@ int64_t stream_threshold() {
   return threshold;
 }
 
-// out = T(float(e) + delta): the fp32 sum is rounded once, as in the reference.
-template <typename T>
-inline void add_row(T* __restrict out, const T* __restrict e, const float* __restrict delta,
-                    int64_t d) {
-  for (int64_t j = 0; j < d; ++j) {
-    out[j] = static_cast<T>(static_cast<float>(e[j]) + delta[j]);
+// out[j] = T(float(a[j]) + float(b[j])): the fp32 sum is rounded once, as in the reference.
+// Sixteen lanes at a time where the target has them (`lanes.h`: the compiler leaves bf16
+// stores and fp16 either way scalar), then element by element. `out` may be `a` (the AoT
+// gather-add in place): each element is read before it is written, so no `__restrict`.
+template <typename T, typename U>
+inline void add_row(T* out, const T* a, const U* b, int64_t d) {
+  int64_t j = 0;
+#if DEPT_KERNELS_LANES
+  if constexpr (lanes::kHas<T> && lanes::kHas<U>) {
+    for (; j + lanes::kWidth <= d; j += lanes::kWidth) {
+      lanes::store(out + j, _mm512_add_ps(lanes::load(a + j), lanes::load(b + j)));
+    }
+  }
+#endif
+  for (; j < d; ++j) {
+    out[j] = static_cast<T>(static_cast<float>(a[j]) + static_cast<float>(b[j]));
   }
 }
 
@@ -442,6 +455,28 @@ struct Forward {
 // acc[0, W) = sum over the tokens `src(i)`, i in [0, count), of their columns [0, W).
 template <int64_t W, typename T, typename Src>
 inline void sum_tile(const Src& src, int64_t count, float* __restrict dst) {
+#if DEPT_KERNELS_LANES
+  if constexpr (lanes::kHas<T>) {
+    // The same sums (each column's tokens in order) in vector registers: fp16 loads are
+    // left scalar by the compiler (`lanes.h`).
+    static_assert(W % lanes::kWidth == 0, "a tile is whole vectors");
+    constexpr int64_t kVectors = W / lanes::kWidth;
+    __m512 vacc[kVectors];
+    for (int64_t k = 0; k < kVectors; ++k) {
+      vacc[k] = _mm512_setzero_ps();
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const T* __restrict g = src(i);
+      for (int64_t k = 0; k < kVectors; ++k) {
+        vacc[k] = _mm512_add_ps(vacc[k], lanes::load(g + k * lanes::kWidth));
+      }
+    }
+    for (int64_t k = 0; k < kVectors; ++k) {
+      _mm512_storeu_ps(dst + k * lanes::kWidth, vacc[k]);
+    }
+    return;
+  }
+#endif
   float acc[W] = {};
   for (int64_t i = 0; i < count; ++i) {
     const T* __restrict g = src(i);
@@ -565,12 +600,7 @@ void gather_add_kernel(
       if (n + kPrefetchAhead < end) {
         prefetch_row(table + rows[n + kPrefetchAhead] * d, static_cast<size_t>(d) * sizeof(U));
       }
-      const T* h = hidden + n * d;
-      const U* p = table + rows[n] * d;
-      T* o = out + n * d;
-      for (int64_t j = 0; j < d; ++j) {
-        o[j] = static_cast<T>(static_cast<float>(h[j]) + static_cast<float>(p[j]));
-      }
+      add_row(out + n * d, hidden + n * d, table + rows[n] * d, d);
     }
   });
 }

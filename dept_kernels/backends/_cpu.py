@@ -33,7 +33,8 @@ def sources() -> tuple[list[Path], list[Path]]:
     csrc = _build.csrc_dir()
     if csrc is None:
         return [], []
-    return sorted((csrc / "cpu").glob("*.cpp")), sorted((csrc / "common").glob("*.h"))
+    headers = [*(csrc / "common").glob("*.h"), *(csrc / "cpu").glob("*.h")]
+    return sorted((csrc / "cpu").glob("*.cpp")), sorted(headers)
 
 
 def extension_name(digest: str) -> str:
