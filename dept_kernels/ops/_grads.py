@@ -183,7 +183,11 @@ def _sums_and_lowrank_grads(
     if rows is None and fused is not None:
         # Without the prompt's sums, its rows are left out of the view the kernel reads.
         tokens = grad_out if prompt else grad_out[:, m:]
-        a, b = lora_a.detach().float(), lora_b.detach().float()
+        # bf16 factors go in as they are: the GEMMs then take the sums rounded to bf16, as
+        # autograd of the formula does (docs/design.md §2, "Numerics"); others in fp32.
+        bf16 = lora_a.dtype == lora_b.dtype == torch.bfloat16
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        a, b = lora_a.detach().to(dtype), lora_b.detach().to(dtype)
         sums, d_a, d_b = fused(tokens, m if prompt else 0, a, b, scaling)
         return sums[:m] if prompt else None, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
     if prompt:

@@ -130,25 +130,39 @@ LOWRANK_CASES = [
 
 
 def _lowrank_formula(grad, m, a, b, scaling):
+    """[sums, dA, dB] in float64; with bf16 factors the GEMMs take the token rows' sums
+    rounded to fp32 (as the kernel forms them) and then to bf16 (docs/design.md §2)."""
     g = grad.double()
     sums = g.sum(0)
     tokens = sums[m:]
+    if a.dtype == torch.bfloat16:
+        tokens = tokens.float().bfloat16().double()
     d_a = torch.zeros(a.shape, dtype=torch.float64)
     d_a[: tokens.shape[0]] = scaling * tokens @ b.double().T
     d_b = scaling * a.double()[: tokens.shape[0]].T @ tokens
     return sums, d_a, d_b
 
 
+def _assert_rounded_once(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bf16 `got` within one rounding of the float64 `want` (bf16's unit roundoff, 2^-8
+    relative: 8 significant bits), plus the fp32 GEMM's own error (fp32 tolerance of the
+    largest element)."""
+    assert got.dtype == torch.bfloat16
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=2.0**-8, atol=1e-5 * scale)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not available")
 @pytest.mark.parametrize("threads", [1, 2, 7])
+@pytest.mark.parametrize("factors", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", LOWRANK_CASES, ids=str)
-def test_cpu_reduce_lowrank_matches_the_formula(shape, dtype, threads):
+def test_cpu_reduce_lowrank_matches_the_formula(shape, dtype, factors, threads):
     batch, m, seq, max_len, d, r = shape
     gen = torch.Generator().manual_seed(sum(shape))
     grad = torch.randn(batch, m + seq, d, generator=gen).to(dtype)
-    a = torch.randn(max_len, r, generator=gen)
-    b = torch.randn(r, d, generator=gen)
+    a = torch.randn(max_len, r, generator=gen).to(factors)
+    b = torch.randn(r, d, generator=gen).to(factors)
     kernel = backends.load("cpu").reduce_lowrank
     before = torch.get_num_threads()
     try:
@@ -156,10 +170,16 @@ def test_cpu_reduce_lowrank_matches_the_formula(shape, dtype, threads):
         sums, d_a, d_b = kernel(grad, m, a, b, 0.7)
     finally:
         torch.set_num_threads(before)
-    for got, want in zip((sums, d_a, d_b), _lowrank_formula(grad, m, a, b, 0.7), strict=True):
-        assert got.dtype == torch.float32
-        # fp32 sums of the (exact) half-precision values: fp32 tolerance in every dtype.
-        assert_close(got, want.float(), torch.float32)
+    want_sums, want_a, want_b = _lowrank_formula(grad, m, a, b, 0.7)
+    # fp32 sums of the (exact) half-precision values: fp32 tolerance in every dtype.
+    assert sums.dtype == torch.float32
+    assert_close(sums, want_sums.float(), torch.float32)
+    for got, want in ((d_a, want_a), (d_b, want_b)):
+        if factors == torch.float32:
+            assert got.dtype == torch.float32
+            assert_close(got, want.float(), torch.float32)
+        else:
+            _assert_rounded_once(got, want)
     assert not d_a[seq:].any()
 
 
@@ -181,8 +201,18 @@ def test_cpu_reduce_lowrank_edges_and_layouts():
         assert_close(x, want.float(), torch.float32)
     with pytest.raises(RuntimeError, match="lora_a must be"):
         kernel(view, 0, a, b, 1.0)  # s = 11 rows, more than L = 9
-    with pytest.raises(RuntimeError, match="fp32"):
-        kernel(view, 2, a.double(), b, 1.0)
+    # bf16 factors under inference mode too: their GEMMs write bf16 results on the pool
+    # thread.
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    with torch.inference_mode():
+        got = kernel(view, 2, a16, b16, 0.5)
+    want = _lowrank_formula(view, 2, a16, b16, 0.5)
+    assert_close(got[0], want[0].float(), torch.float32)
+    for x, w in zip(got[1:], want[1:], strict=True):
+        _assert_rounded_once(x, w)
+    for bad in ((a.double(), b), (a16, b), (a.half(), b.half())):
+        with pytest.raises(RuntimeError, match="both fp32 or both bf16"):
+            kernel(view, 2, *bad, 1.0)
 
 
 # The backward under a Python dispatch mode that runs the library's custom-op bodies under
@@ -207,12 +237,16 @@ kw = dict(
     scaling=0.5,
 )
 grad_out = torch.randn(batch, m + seq, d, generator=g)
-params = [kw["prompt"], kw["lora_a"], kw["lora_b"]]
-with dept_kernels.use_backend("cpu"):
-    plain = torch.autograd.grad(dept_embedding(**kw), params, grad_out)
-    with SyncCounter():
-        under = torch.autograd.grad(dept_embedding(**kw), params, grad_out)
-assert all(torch.equal(a, b) for a, b in zip(plain, under, strict=True))
+# fp32, then bf16 throughout (its factors' GEMMs in bf16).
+for dtype in (torch.float32, torch.bfloat16):
+    names = ("prompt", "lora_a", "lora_b")
+    params = [kw[k].detach().to(dtype).requires_grad_() for k in names]
+    args = {**kw, "weight": kw["weight"].to(dtype), **dict(zip(names, params))}
+    with dept_kernels.use_backend("cpu"):
+        plain = torch.autograd.grad(dept_embedding(**args), params, grad_out.to(dtype))
+        with SyncCounter():
+            under = torch.autograd.grad(dept_embedding(**args), params, grad_out.to(dtype))
+    assert all(torch.equal(a, b) for a, b in zip(plain, under, strict=True))
 print("ok")
 """
 
