@@ -10,8 +10,8 @@
 // per-task parameters the batch is walked in the op's task-sorted order and the delta is
 // formed again only when the task changes, so the work is (distinct tasks)*s*r*d.
 //
-// An fp32 output larger than the last-level cache is written with streaming stores, which
-// skip reading each line before writing it (`stream_threshold`).
+// An output larger than the last-level cache is written with streaming stores, which skip
+// reading each line before writing it (`stream_threshold`; bf16 and fp16 with AVX-512 only).
 //
 // Visual rows (CLIP-T5) follow the token rows: copied row by row from their (strided) source
 // by the same forward, so no concatenated copy of the output is ever made.
@@ -151,15 +151,18 @@ void lowrank_rows(
   }
 }
 
-// Streaming (non-temporal) stores of fp32 token rows, for outputs larger than the last-level
+// Streaming (non-temporal) stores of output rows, for outputs larger than the last-level
 // cache: an ordinary store first reads the line it writes (read for ownership), so a gather-add
 // moved three bytes per byte written; a streaming store writes the line without reading it.
-// At LLaMA-7B width (75 MB output, 16 KB rows), one thread, a standalone gather-add of 4096
-// rows took 10.4 and 6.6 ms streamed against 15.9 and 7.9 ms with ordinary stores (two runs,
-// a busy VM; an output-sized memcpy 9.8 and 6.2 ms); in the op at LLaMA-7B dims (position
-// mode, no_grad, freed memory kept) 9.51 against 11.67 ms with one thread, 5.47 against
-// 6.73 ms with two. Outputs that fit in the cache keep ordinary stores: the model's first
-// layer reads them next, from the cache.
+// At LLaMA-7B width (75 MB fp32 output, 16 KB rows), one thread, a standalone gather-add of
+// 4096 rows took 10.4 and 6.6 ms streamed against 15.9 and 7.9 ms with ordinary stores (two
+// runs, a busy VM; an output-sized memcpy 9.8 and 6.2 ms); in the op at LLaMA-7B dims
+// (position mode, no_grad, freed memory kept) 9.51 against 11.67 ms with one thread, 5.47
+// against 6.73 ms with two. bf16 and fp16 rows stream through `lanes.h` (AVX-512 only):
+// at LLaMA-7B dims in bf16 (37.5 MB output, two threads, no_grad) 4.00 and 4.07 ms against
+// 4.41 and 4.33 ms with ordinary stores (processes alternated, 40 interleaved rounds each).
+// Outputs that fit in the cache keep ordinary stores: the model's first layer reads them
+// next, from the cache.
 #if defined(__AVX512F__)
 constexpr int64_t kStreamFloats = 16;
 inline void stream_floats(float* out, const float* e, const float* delta) {
@@ -183,6 +186,30 @@ constexpr int64_t kStreamFloats = 0;  // no streaming stores on this target
 inline void stream_floats(float*, const float*, const float*) {}
 #endif
 
+// Elements of T per streamed vector; 0: T is never streamed on this target (fp64, or bf16
+// and fp16 without AVX-512).
+template <typename T>
+constexpr int64_t kStreamWidth =
+    std::is_same_v<T, float> ? kStreamFloats : (lanes::kHas<T> ? lanes::kWidth : 0);
+
+// One vector of `out` = e + delta (delta null: a copy of e's bits), streamed.
+template <typename T>
+inline void stream_vector(T* out, const T* e, const float* delta) {
+  if constexpr (std::is_same_v<T, float>) {
+    stream_floats(out, e, delta);
+  } else {
+#if DEPT_KERNELS_LANES
+    if constexpr (lanes::kHas<T>) {
+      if (delta == nullptr) {
+        lanes::stream_copy(out, e);
+      } else {
+        lanes::stream(out, _mm512_add_ps(lanes::load(e), lanes::load(delta)));
+      }
+    }
+#endif
+  }
+}
+
 // Streaming stores are weakly ordered: each thread fences them before its chunk ends.
 inline void stream_fence() {
 #if defined(__SSE2__)
@@ -190,26 +217,30 @@ inline void stream_fence() {
 #endif
 }
 
-// out[j] = e[j] + delta[j] (delta null: e[j]), the vector-aligned body with streaming
-// stores, the ends with ordinary ones. Same fp32 sums as `add_row`.
-inline void stream_row(float* __restrict out, const float* __restrict e,
-                       const float* __restrict delta, int64_t d) {
-  const auto value = [&](int64_t j) { return delta == nullptr ? e[j] : e[j] + delta[j]; };
-  // (Never 0, so the modulo stays defined on a target without streaming stores.)
-  const uintptr_t align = std::max<uintptr_t>(kStreamFloats, 1) * sizeof(float);
+// out[j] = T(float(e[j]) + delta[j]) (delta null: e[j]), the vector-aligned body with
+// streaming stores, the ends with ordinary ones. The bits of `add_row` and `memcpy`.
+template <typename T>
+inline void stream_row(T* __restrict out, const T* __restrict e, const float* __restrict delta,
+                       int64_t d) {
+  constexpr int64_t width = kStreamWidth<T>;
+  const auto value = [&](int64_t j) {
+    return delta == nullptr ? e[j] : static_cast<T>(static_cast<float>(e[j]) + delta[j]);
+  };
+  // (Never 0, so the modulo stays defined for a type that is not streamed.)
+  const uintptr_t align = std::max<uintptr_t>(width, 1) * sizeof(T);
   int64_t j = 0;
   for (; j < d && reinterpret_cast<uintptr_t>(out + j) % align != 0; ++j) {
     out[j] = value(j);
   }
-  for (; j + kStreamFloats <= d; j += kStreamFloats) {
-    stream_floats(out + j, e + j, delta == nullptr ? nullptr : delta + j);
+  for (; j + width <= d && width > 0; j += width) {
+    stream_vector(out + j, e + j, delta == nullptr ? nullptr : delta + j);
   }
   for (; j < d; ++j) {
     out[j] = value(j);
   }
 }
 
-// fp32 outputs of more bytes than this are written with streaming stores (-1: never): the
+// Outputs of more bytes than this are written with streaming stores (-1: never): the
 // last-level cache as glibc reports it, at most 32 MiB. (A thread sees its own slice of a
 // large L3: glibc reports 320 MiB on the 2-core AMD VM, whose core complex has 32 MiB.)
 // Asked of the OS once per process, not on every forward.
@@ -266,7 +297,7 @@ struct Forward {
   int64_t batch, seq, m, d, r, max_len, n_v;
   bool lowrank;
   T* out;
-  bool stream;  // fp32 output rows written with streaming stores (`stream_threshold`)
+  bool stream;  // output rows written with streaming stores (`stream_threshold`)
 
   int64_t task_of(int64_t b) const { return tasks == nullptr ? 0 : tasks[b]; }
   // Output row q of sample b: prompt rows q < m, token rows q = m + t, then visual rows
@@ -284,7 +315,7 @@ struct Forward {
 
   // Output row `dst` = e + delta (delta null: a copy of e, as for prompt and visual rows).
   void write_row(T* dst, const T* e, const float* delta) const {
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (kStreamWidth<T> > 0) {
       if (stream) {
         stream_row(dst, e, delta, d);
         return;
@@ -625,10 +656,10 @@ at::Tensor forward(
   }
   using dept_kernels::ptr_or_null;
   const int64_t threshold = stream_threshold();
-  const bool stream = weight.scalar_type() == at::kFloat && threshold >= 0 &&
-                      static_cast<int64_t>(out.nbytes()) > threshold;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "dept_embedding_forward", [&] {
+        const bool stream = kStreamWidth<scalar_t> > 0 && threshold >= 0 &&
+                            static_cast<int64_t>(out.nbytes()) > threshold;
         const Forward<scalar_t> step{t.ids.data_ptr<int64_t>(),
                                      weight.data_ptr<scalar_t>(),
                                      weight.stride(0),
@@ -819,6 +850,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "dA, dB from the token rows' sums");
   module.def("gather_add", &gather_add, "AoT: out = hidden + table[rows], fp32 add");
   module.def("stream_threshold", &stream_threshold,
-             "bytes above which an fp32 forward output is written with streaming stores (-1: "
-             "never)");
+             "bytes above which a forward output is written with streaming stores (-1: never; "
+             "fp64 never, bf16 and fp16 only with AVX-512)");
 }

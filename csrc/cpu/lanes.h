@@ -47,21 +47,44 @@ inline __m512 load(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-
-inline void store(c10::BFloat16* p, __m512 v) {
+// The bits of 16 bf16 / fp16 elements rounded from v.
+inline __m256i rounded_bits(const c10::BFloat16*, __m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
   __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   rounded = _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+  return _mm512_cvtepi32_epi16(rounded);
 }
 
-inline void store(c10::Half* p, __m512 v) {
-  const __m256i bits = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
+inline __m256i rounded_bits(const c10::Half*, __m512 v) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+template <typename T>
+inline void store(T* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), rounded_bits(p, v));
+}
+
+// Streaming (non-temporal) stores of 16 elements to a vector-aligned `p`: of v rounded, or
+// of `src`'s bits unchanged (a copy keeps every NaN's payload, which a round trip through
+// fp32 would not).
+inline void stream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+
+template <typename T>
+inline void stream(T* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), rounded_bits(p, v));
+}
+
+inline void stream_copy(float* p, const float* src) { _mm512_stream_ps(p, _mm512_loadu_ps(src)); }
+
+template <typename T>
+inline void stream_copy(T* p, const T* src) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits);
 }
 #endif
 

@@ -337,8 +337,9 @@ def test_public_op_takes_no_switch_that_skips_the_range_checks():
             dept_embedding(**kw, **{name: True})
 
 
-# The cpu kernel writes fp32 outputs larger than the cache with streaming stores (the rows'
-# vector-aligned bodies; the ends, unaligned at this odd d, with ordinary stores). Each
+# The cpu kernel writes outputs larger than the cache with streaming stores (the rows'
+# vector-aligned bodies; the ends, unaligned at this odd d, with ordinary stores; bf16 and
+# fp16 only where the build has AVX-512, else they take ordinary stores here too). Each
 # case's layout: the kernel path, then the same path at a batch small enough for ordinary
 # stores (the table of rows needs 4 tokens per row of lora_a, so chunks of 4 samples).
 STREAM_CASES = [
@@ -350,20 +351,21 @@ STREAM_CASES = [
 
 
 @pytest.mark.skipif(DEVICE != "cpu" or "cpu" not in BACKENDS, reason="the cpu kernel's stores")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: c.name)
-def test_cpu_streaming_stores_write_what_ordinary_stores_write(case):
+def test_cpu_streaming_stores_write_what_ordinary_stores_write(case, dtype):
     module = dept_kernels.backends.load("cpu").module
     threshold = module.stream_threshold()
     if threshold < 0:
         pytest.skip("no streaming stores on this target")
-    row_bytes = (case.m + case.seq) * case.d * 4
+    row_bytes = (case.m + case.seq) * case.d * dtype.itemsize
     chunk = 4
     assert chunk * row_bytes <= threshold, "the chunks must take ordinary stores"
     batch = chunk * (threshold // (chunk * row_bytes) + 1)  # just past the threshold
     if case.tasks is not None:
         case = dataclasses.replace(case, tasks=tuple(case.tasks[i % 2] for i in range(batch)))
     case = dataclasses.replace(case, batch=batch, vocab=64)
-    kw = {k: v for k, v in make_inputs(case, torch.float32, torch.float32).items() if k[0] != "_"}
+    kw = {k: v for k, v in make_inputs(case, dtype, dtype).items() if k[0] != "_"}
     with torch.no_grad(), dept_kernels.use_backend("cpu"):
         out = dept_embedding(**kw)
         assert out.nbytes > threshold
@@ -371,4 +373,4 @@ def test_cpu_streaming_stores_write_what_ordinary_stores_write(case):
         for lo in range(0, batch, chunk):
             part = {k: v[lo : lo + chunk] if k in per_sample else v for k, v in kw.items()}
             assert torch.equal(out[lo : lo + chunk], dept_embedding(**part))
-        assert_close(out, reference_dept_embedding(**kw), torch.float32)
+        assert_close(out, reference_dept_embedding(**kw), dtype)
