@@ -483,9 +483,10 @@ struct Forward {
   }
 };
 
-// acc[0, W) = sum over the tokens `src(i)`, i in [0, count), of their columns [0, W).
-template <int64_t W, typename T, typename Src>
-inline void sum_tile(const Src& src, int64_t count, float* __restrict dst) {
+// dst[0, W) = the fp32 sums over the tokens `src(i)`, i in [0, count), of their columns
+// [0, W), each rounded once to O (fp32, or bf16 for `reduce_lowrank`'s GEMMs).
+template <int64_t W, typename T, typename O, typename Src>
+inline void sum_tile(const Src& src, int64_t count, O* __restrict dst) {
 #if DEPT_KERNELS_LANES
   if constexpr (lanes::kHas<T>) {
     // The same sums (each column's tokens in order) in vector registers: fp16 loads are
@@ -503,7 +504,7 @@ inline void sum_tile(const Src& src, int64_t count, float* __restrict dst) {
       }
     }
     for (int64_t k = 0; k < kVectors; ++k) {
-      _mm512_storeu_ps(dst + k * lanes::kWidth, vacc[k]);
+      lanes::store(dst + k * lanes::kWidth, vacc[k]);
     }
     return;
   }
@@ -516,12 +517,12 @@ inline void sum_tile(const Src& src, int64_t count, float* __restrict dst) {
     }
   }
   for (int64_t j = 0; j < W; ++j) {
-    dst[j] = acc[j];
+    dst[j] = static_cast<O>(acc[j]);
   }
 }
 
-template <int64_t MaxW, typename T, typename Src>
-inline void sum_tail(const Src& src, int64_t count, int64_t w, float* __restrict dst) {
+template <int64_t MaxW, typename T, typename O, typename Src>
+inline void sum_tail(const Src& src, int64_t count, int64_t w, O* __restrict dst) {
   float acc[MaxW] = {};
   for (int64_t i = 0; i < count; ++i) {
     const T* __restrict g = src(i);
@@ -530,13 +531,13 @@ inline void sum_tail(const Src& src, int64_t count, int64_t w, float* __restrict
     }
   }
   for (int64_t j = 0; j < w; ++j) {
-    dst[j] = acc[j];
+    dst[j] = static_cast<O>(acc[j]);
   }
 }
 
 // Column tile `c` of one output row: the sum over `count` token rows given by `row(i)`.
-template <typename T, typename Row>
-inline void sum_column_tile(const Row& row, int64_t count, int64_t c, int64_t d, float* dst) {
+template <typename T, typename O, typename Row>
+inline void sum_column_tile(const Row& row, int64_t count, int64_t c, int64_t d, O* dst) {
   const int64_t c0 = c * kTile;
   const auto src = [&](int64_t i) { return row(i) + c0; };
   if (c0 + kTile <= d) {
@@ -546,7 +547,8 @@ inline void sum_column_tile(const Row& row, int64_t count, int64_t c, int64_t d,
   }
 }
 
-template <typename T>
+// Sums into `out` of element type O: fp32, or (position mode only, `reduce_lowrank`) bf16.
+template <typename T, typename O>
 void reduce_kernel(
     const T* grad,
     const int64_t* order,
@@ -557,7 +559,7 @@ void reduce_kernel(
     int64_t d,
     int64_t segments,
     int64_t out_seq,  // rows per sample of `grad` (m + s, or more for a view of a wider output)
-    float* out) {
+    O* out) {
   const int64_t tiles = (d + kTile - 1) / kTile;
   if (order == nullptr) {
     // Position-major tasks: each reads the B rows of its positions, a uniform amount of
@@ -718,7 +720,7 @@ at::Tensor reduce(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_out.scalar_type(), "dept_embedding_reduce", [&] {
-        reduce_kernel<scalar_t>(
+        reduce_kernel<scalar_t, float>(
             grad_out.data_ptr<scalar_t>(), ord.defined() ? ord.data_ptr<int64_t>() : nullptr,
             off.defined() ? off.data_ptr<int64_t>() : nullptr, batch, seq, m, d, segments,
             batch_rows, out.data_ptr<float>());
@@ -726,8 +728,8 @@ at::Tensor reduce(
   return out;
 }
 
-// (sums (m + s, d) fp32, dA (L, r), dB (r, d) in the factors' dtype) in position mode: the
-// batch sums of every row of grad_out (B, m + s, d) and, from the token rows' sums S (s, d),
+// (prompt sums (m, d) fp32, dA (L, r), dB (r, d) in the factors' dtype) in position mode: the
+// batch sums of the rows of grad_out (B, m + s, d) and, from the token rows' sums S (s, d),
 // dA[:s] = scaling * S @ B^T and dB = scaling * A[:s]^T @ S, with A (L, r) and B (r, d) both
 // fp32 or both bf16; rows s.. of dA are zero. With bf16 factors the GEMMs take S rounded to
 // bf16, as PyTorch's autograd of the formula does, and accumulate in fp32 (one rounding of
@@ -762,14 +764,36 @@ std::vector<at::Tensor> reduce_lowrank(
               "lora_a (L, r) and lora_b (r, d) must be matrices, both fp32 or both bf16");
   TORCH_CHECK(lora_a.size(0) >= seq && lora_a.size(1) == lora_b.size(0) && lora_b.size(1) == d,
               "lora_a must be (L >= s, r) and lora_b (r, d)");
-  // The sums of all m + s rows, as `reduce` forms them (it checks grad_out's layout).
-  auto sums = reduce(grad_out, 0, std::nullopt, std::nullopt);
+  dept_kernels::check_on(cpu, grad_out, "grad_out");
+  const int64_t batch_rows = dept_kernels::grad_batch_rows(grad_out);
+  // The batch sums of the m prompt rows (fp32) and of the s token rows, each rounded once
+  // to the factors' dtype, as `reduce` forms them: each row's B samples summed in order,
+  // so grad_out is read once. The token rows' bf16 sums are stored as they are formed,
+  // not converted in a second pass (at LLaMA-7B dims that pass read 8 MB and wrote 4 MB).
+  auto sums = at::empty({m, d}, grad_out.options().dtype(at::kFloat));
+  auto tokens = at::empty({seq, d}, grad_out.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad_out.scalar_type(), "dept_embedding_reduce_lowrank", [&] {
+        const auto* grad = grad_out.data_ptr<scalar_t>();
+        const int64_t batch = grad_out.size(0);
+        const auto rows = [&](int64_t first, int64_t count, auto* out) {
+          if (count > 0 && d > 0) {
+            reduce_kernel<scalar_t>(grad, nullptr, nullptr, batch, count, first, d, count,
+                                    batch_rows, out);
+          }
+        };
+        rows(0, m, sums.data_ptr<float>());
+        if (dtype == at::kBFloat16) {
+          rows(m, seq, tokens.data_ptr<c10::BFloat16>());
+        } else {
+          rows(m, seq, tokens.data_ptr<float>());
+        }
+      });
   auto d_a = at::zeros_like(lora_a, at::MemoryFormat::Contiguous);
   auto d_b = at::zeros_like(lora_b, at::MemoryFormat::Contiguous);
   if (seq == 0 || d == 0) {
     return {sums, d_a, d_b};
   }
-  const auto tokens = sums.narrow(0, m, seq).to(dtype);
   const auto a = lora_a.narrow(0, 0, seq);
   // dA is formed transposed, dA^T = B @ S^T, in a row-major (r, s) buffer: the order
   // `_grads.py` uses, faster with one thread (its `_lowrank_from_sums` has the figures).
@@ -846,8 +870,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "optionally per task");
   module.def("reduce", &reduce, "fp32 batch / segment sums of the token rows of grad_out");
   module.def("reduce_lowrank", &reduce_lowrank,
-             "position mode: fp32 batch sums of grad_out's rows and the low-rank gradients "
-             "dA, dB from the token rows' sums");
+             "position mode: fp32 batch sums of grad_out's m prompt rows and the low-rank "
+             "gradients dA, dB from the token rows' sums");
   module.def("gather_add", &gather_add, "AoT: out = hidden + table[rows], fp32 add");
   module.def("stream_threshold", &stream_threshold,
              "bytes above which a forward output is written with streaming stores (-1: never; "

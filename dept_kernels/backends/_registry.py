@@ -66,12 +66,12 @@ class Backend(Protocol):
         ...
 
     # Optional: `reduce_lowrank(grad_out, m, lora_a, lora_b, scaling)`, the position-mode
-    # backward of shared parameters in one call: [sums (m + s, d) fp32, dA (L, r), dB (r, d)
-    # in the factors' dtype], from factors A (L, r), B (r, d), both fp32 or both bf16; the
-    # sums are `reduce(grad_out, 0, None, None)`'s and dA = scaling * S @ B^T (rows s..
-    # zero), dB = scaling * A[:s]^T @ S on the token rows' sums S, rounded to bf16 for bf16
-    # factors (docs/design.md §2, "Numerics"). A backend without it (or with it None) gets
-    # `reduce` and two matmuls (`ops/_grads.py`).
+    # backward of shared parameters in one call: [prompt sums (m, d) fp32, dA (L, r), dB (r,
+    # d) in the factors' dtype], from factors A (L, r), B (r, d), both fp32 or both bf16; the
+    # prompt sums are the first m rows of `reduce(grad_out, 0, None, None)`, and dA =
+    # scaling * S @ B^T (rows s.. zero), dB = scaling * A[:s]^T @ S on the token rows' sums
+    # S, rounded to bf16 for bf16 factors (docs/design.md §2, "Numerics"). A backend without
+    # it (or with it None) gets `reduce` and two matmuls (`ops/_grads.py`).
 
 
 class BackendUnavailable(RuntimeError):

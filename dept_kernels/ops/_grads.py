@@ -189,7 +189,7 @@ def _sums_and_lowrank_grads(
         dtype = torch.bfloat16 if bf16 else torch.float32
         a, b = lora_a.detach().to(dtype), lora_b.detach().to(dtype)
         sums, d_a, d_b = fused(tokens, m if prompt else 0, a, b, scaling)
-        return sums[:m] if prompt else None, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
+        return sums if prompt else None, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
     if prompt:
         prompt_sums, used, g = prompt_and_row_sums(grad_out, m, rows, lora_a.shape[0], backend)
     else:

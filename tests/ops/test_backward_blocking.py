@@ -130,8 +130,8 @@ LOWRANK_CASES = [
 
 
 def _lowrank_formula(grad, m, a, b, scaling):
-    """[sums, dA, dB] in float64; with bf16 factors the GEMMs take the token rows' sums
-    rounded to fp32 (as the kernel forms them) and then to bf16 (docs/design.md §2)."""
+    """[prompt sums, dA, dB] in float64; with bf16 factors the GEMMs take the token rows'
+    sums rounded to fp32 (as the kernel forms them) and then to bf16 (docs/design.md §2)."""
     g = grad.double()
     sums = g.sum(0)
     tokens = sums[m:]
@@ -140,7 +140,7 @@ def _lowrank_formula(grad, m, a, b, scaling):
     d_a = torch.zeros(a.shape, dtype=torch.float64)
     d_a[: tokens.shape[0]] = scaling * tokens @ b.double().T
     d_b = scaling * a.double()[: tokens.shape[0]].T @ tokens
-    return sums, d_a, d_b
+    return sums[:m], d_a, d_b
 
 
 def _assert_rounded_once(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -188,9 +188,9 @@ def test_cpu_reduce_lowrank_edges_and_layouts():
     kernel = backends.load("cpu").reduce_lowrank
     gen = torch.Generator().manual_seed(3)
     a, b = torch.randn(9, 2, generator=gen), torch.randn(2, 17, generator=gen)
-    # No sample: zero sums and gradients, of their shapes.
+    # No sample: zero prompt sums and gradients, of their shapes.
     sums, d_a, d_b = kernel(torch.empty(0, 11, 17), 2, a, b, 1.0)
-    assert sums.shape == (11, 17) and not sums.any() and not d_a.any() and not d_b.any()
+    assert sums.shape == (2, 17) and not sums.any() and not d_a.any() and not d_b.any()
     # The text columns of a wider output (a view with a larger batch stride), under
     # inference mode, where the GEMMs' pool thread must see the caller's mode.
     wide = torch.randn(4, 15, 17, generator=gen)
