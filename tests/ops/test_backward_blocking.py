@@ -210,6 +210,19 @@ def test_cpu_reduce_lowrank_edges_and_layouts():
     assert_close(got[0], want[0].float(), torch.float32)
     for x, w in zip(got[1:], want[1:], strict=True):
         _assert_rounded_once(x, w)
+    # Factors that are views with other strides (a transposed parameter), fp32 and bf16.
+    for fa, fb in ((a, b), (a16, b16)):
+        sa, sb = fa.t().contiguous().t(), fb.t().contiguous().t()
+        assert not sa.is_contiguous() and not sb.is_contiguous()
+        got = kernel(view, 2, sa, sb, 0.5)
+        want = _lowrank_formula(view, 2, fa, fb, 0.5)
+        assert_close(got[0], want[0].float(), torch.float32)
+        for x, w in zip(got[1:], want[1:], strict=True):
+            assert x.is_contiguous()
+            if fa.dtype == torch.float32:
+                assert_close(x, w.float(), torch.float32)
+            else:
+                _assert_rounded_once(x, w)
     for bad in ((a.double(), b), (a16, b), (a.half(), b.half())):
         with pytest.raises(RuntimeError, match="both fp32 or both bf16"):
             kernel(view, 2, *bad, 1.0)
