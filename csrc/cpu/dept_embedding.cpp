@@ -735,9 +735,10 @@ at::Tensor reduce(
 // bf16, as PyTorch's autograd of the formula does, and accumulate in fp32 (one rounding of
 // each result, scaling included): on a CPU with bf16 dot products that is twice fp32's rate
 // (AVX512-BF16 VM, with S's conversion: LLaMA-7B dims 1.21 against 2.60 ms, two threads;
-// T5-base 0.17 against 0.25 ms). The two GEMMs are independent, so with two threads they run at once, one
-// thread each, rather than each split over both threads in turn (at LLaMA-7B dims each of
-// these narrow GEMMs ran 1.2x-1.5x faster, not 2x, with a second thread). Forward+backward
+// T5-base 0.17 against 0.25 ms). The two GEMMs are independent, so with two threads they
+// run at once, one thread each, rather than each split over both threads in turn (at
+// LLaMA-7B dims each of these narrow fp32 GEMMs ran 1.2x-1.5x faster, not 2x, with a second
+// thread; in bf16 at once and in turn measured alike). Forward+backward
 // with two threads against `reduce` and two matmuls, in the same rounds (bench/results/
 // cpu-2core-2026-11-30-backward-floor-parts.txt, three runs): LLaMA-7B dims 1.04x-1.08x
 // faster (11.38 against 11.81 ms in the last), GPT-2 dims 1.04x where quiet. Otherwise they
