@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -262,3 +263,22 @@ def test_build_lock_held_by_a_live_process_is_waited_for_with_a_deadline(
         with pytest.raises(backends.BackendUnavailable) as refused:
             _registry.entry("cpu").loader()
     assert "Another process (pid 4242) has been building the kernels" in str(refused.value)
+
+
+# The JIT build compiles for this machine (-march=native: AVX-512 here); a prebuilt module
+# (setup.py) compiles for any CPU of its platform. So the code paths the host never builds,
+# scalar conversions and no half-precision streaming (baseline x86-64) and AVX2 without
+# AVX-512 (x86-64-v3), are compiled here, templates instantiated, as a check of that code.
+@pytest.mark.skipif(
+    shutil.which("g++") is None or os.uname().machine != "x86_64",
+    reason="needs g++ on x86-64",
+)
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_cpu_sources_compile_without_avx512(march):
+    sources, _ = _cpu.sources()
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    for source in sources:
+        cmd = ["g++", "-std=c++20", "-fsyntax-only", f"-march={march}", "-fopenmp"]
+        cmd += ["-DTORCH_EXTENSION_NAME=check", *(f"-I{path}" for path in includes), str(source)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
