@@ -288,14 +288,20 @@ def test_cpu_sources_compile_for_baseline_x86_64():
     reason="needs g++ on x86-64",
 )
 def test_avx2_build_gives_the_same_bits(tmp_path):
-    """The AVX2 build (`helpers.avx2_build`) passes the conversion tests (PyTorch's bits) and
-    the fused backward's formula tests, in a child process with its own extension cache."""
+    """The AVX2 build (`helpers.avx2_build`) passes the conversion tests (PyTorch's bits), the
+    fused backward's formula tests and the dense scatter's, in a child process with its own
+    extension cache."""
     root = Path(__file__).resolve().parents[1]
     path = os.pathsep.join([str(root), str(root / "tests")])
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": path}
-    tests = ["tests/ops/test_cpu_conversions.py", "tests/ops/test_backward_blocking.py"]
+    tests = [
+        "tests/ops/test_cpu_conversions.py",
+        "tests/ops/test_backward_blocking.py",
+        "tests/ops/test_cpu_scatter_rows.py",
+    ]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "helpers.avx2_build", *tests]
-    cmd += ["-k", "conversions or rounds or sums or reduce_lowrank", "-p", "no:cacheprovider"]
+    cmd += ["-k", "conversions or scatter or rounds or sums or reduce_lowrank"]
+    cmd += ["-p", "no:cacheprovider"]
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " deselected" in result.stdout, result.stdout[-500:]

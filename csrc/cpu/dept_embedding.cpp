@@ -638,6 +638,61 @@ void gather_add_kernel(
   });
 }
 
+// Dense row `out` (d elements of T) = T(src[j]), or zeros when `src` is null; streamed
+// (vector-aligned body) when `stream`.
+template <typename T>
+inline void write_dense_row(T* out, const float* src, int64_t d, bool stream) {
+  const auto value = [&](int64_t j) { return static_cast<T>(src == nullptr ? 0.0f : src[j]); };
+  int64_t j = 0;
+#if DEPT_KERNELS_LANES
+  if constexpr (lanes::kHas<T>) {
+    const auto vector = [&](int64_t at) {
+      return src == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(src + at);
+    };
+    if (stream) {
+      const uintptr_t align = lanes::kWidth * sizeof(T);
+      for (; j < d && reinterpret_cast<uintptr_t>(out + j) % align != 0; ++j) {
+        out[j] = value(j);
+      }
+      for (; j + lanes::kWidth <= d; j += lanes::kWidth) {
+        lanes::stream(out + j, vector(j));
+      }
+    } else {
+      for (; j + lanes::kWidth <= d; j += lanes::kWidth) {
+        lanes::store(out + j, vector(j));
+      }
+    }
+  }
+#endif
+  for (; j < d; ++j) {
+    out[j] = value(j);
+  }
+}
+
+// out (R, d) of T: row used[u] = T(sums[u]), for the first u of each key, and zeros in every
+// other row. `used` is ascending; `segments` (ops/_grads.py) repeats a key only in trailing
+// empty segments, whose sums are zero, so the first is the row's sum. Each row is written
+// once, where zero-filling the output and then adding the sums in wrote the used rows twice
+// and read them once. Rows are written only in [0, R): a `used` out of order or out of range
+// gives wrong rows, never a write out of bounds.
+template <typename T>
+void scatter_rows_kernel(
+    const int64_t* used, int64_t count, const float* sums, int64_t rows, int64_t d, T* out,
+    bool stream) {
+  at::parallel_for(0, rows, grain_for(d), [&](int64_t begin, int64_t end) {
+    int64_t k = std::lower_bound(used, used + count, begin) - used;
+    for (int64_t row = begin; row < end; ++row) {
+      const float* src = nullptr;
+      if (k < count && used[k] == row) {
+        src = sums + k * d;
+        while (k < count && used[k] == row) ++k;
+      }
+      write_dense_row(out + row * d, src, d, stream);
+    }
+    if (stream) stream_fence();
+  });
+}
+
 at::Tensor forward(
     const at::Tensor& input_ids,
     const at::Tensor& weight,
@@ -857,6 +912,31 @@ at::Tensor gather_add(
   return out;
 }
 
+at::Tensor scatter_rows(const at::Tensor& used, const at::Tensor& sums, at::Tensor out) {
+  const at::Device cpu(at::kCPU);
+  dept_kernels::check_on(cpu, used, "used");
+  dept_kernels::check_on(cpu, sums, "sums");
+  dept_kernels::check_on(cpu, out, "out");
+  TORCH_CHECK(sums.dim() == 2 && sums.scalar_type() == at::kFloat, "sums must be fp32 (R, d)");
+  TORCH_CHECK(used.dim() == 1 && used.scalar_type() == at::kLong && used.size(0) == sums.size(0),
+              "used must be int64 (R,), one key per row of sums");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(1) == sums.size(1),
+              "out must be a contiguous (num_rows, d) tensor");
+  if (out.numel() == 0) {
+    return out;
+  }
+  const auto keys = used.contiguous();
+  const auto rows = sums.contiguous();
+  const int64_t threshold = stream_threshold();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter_rows", [&] {
+    const bool stream = kStreamWidth<scalar_t> > 0 && threshold >= 0 &&
+                        static_cast<int64_t>(out.nbytes()) > threshold;
+    scatter_rows_kernel<scalar_t>(keys.data_ptr<int64_t>(), keys.numel(), rows.data_ptr<float>(),
+                                  out.size(0), out.size(1), out.data_ptr<scalar_t>(), stream);
+  });
+  return out;
+}
+
 }  // namespace
 
 // The build passes the hash of the sources as a bare token, so no shell quoting is needed.
@@ -874,6 +954,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "position mode: fp32 batch sums of grad_out's m prompt rows and the low-rank "
              "gradients dA, dB from the token rows' sums");
   module.def("gather_add", &gather_add, "AoT: out = hidden + table[rows], fp32 add");
+  module.def("scatter_rows", &scatter_rows,
+             "out (num_rows, d): row used[u] = sums[u] (first u of a key), other rows zero");
   module.def("stream_threshold", &stream_threshold,
              "bytes above which a forward output is written with streaming stores (-1: never; "
              "fp64 never, bf16 and fp16 only with AVX-512)");

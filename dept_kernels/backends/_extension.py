@@ -1,7 +1,7 @@
 """The one wrapper of the compiled extensions (`csrc/cpu`, `csrc/cuda`) as backends.
 
-Both bind the same three functions (`csrc/common/forward_args.h`), the cpu module a fourth,
-optional one (`reduce_lowrank`); this adapts them to the
+Both bind the same three functions (`csrc/common/forward_args.h`), the cpu module two
+optional ones (`reduce_lowrank`, `scatter_rows`); this adapts them to the
 `Backend` contract and turns a failed build into `BackendUnavailable` with its cause.
 """
 
@@ -23,10 +23,11 @@ class CompiledBackend:
 
     def __init__(self, module: ModuleType) -> None:
         self.module = module
-        # Optional (`Backend` lists it): the cpu module binds it, the cuda module does not.
+        # Optional (`Backend` lists them): the cpu module binds them, the cuda module does not.
         self.reduce_lowrank: Callable[..., list[Tensor]] | None = getattr(
             module, "reduce_lowrank", None
         )
+        self.scatter_rows: Callable[..., Tensor] | None = getattr(module, "scatter_rows", None)
 
     def forward(
         self,

@@ -72,6 +72,11 @@ class Backend(Protocol):
     # scaling * S @ B^T (rows s.. zero), dB = scaling * A[:s]^T @ S on the token rows' sums
     # S, rounded to bf16 for bf16 factors (docs/design.md §2, "Numerics"). A backend without
     # it (or with it None) gets `reduce` and two matmuls (`ops/_grads.py`).
+    #
+    # Optional: `scatter_rows(used, sums, out)`, a dense gradient from segment sums: `out`
+    # (num_rows, d) of any float dtype gets row used[u] = sums[u] (fp32 (R, d), rounded
+    # once) for the first u of each key of the ascending int64 `used` (R,), zeros elsewhere.
+    # Without it: zeros, then `index_add_` / `index_put_` of the sums (`ops/_grads.py`).
 
 
 class BackendUnavailable(RuntimeError):

@@ -342,4 +342,9 @@ def aot_table_grad(
     if task_ids is not None:
         rows = task_ids.long().clamp(0, num_rows // vocab - 1)[:, None] * vocab + rows
     used, sums = row_sums(grad_out.contiguous(), 0, rows, num_rows, backend)
+    dense = getattr(backends.load(backend), "scatter_rows", None)
+    if used is not None and dense is not None:
+        # Each row written once (zeros or its sum), with no zero-filled table first.
+        out = sums.new_empty(num_rows, sums.shape[-1], dtype=table_dtype)
+        return dense(used, sums, out).reshape(table_shape)
     return _scatter_rows(num_rows, used, sums.to(table_dtype)).reshape(table_shape)
