@@ -149,7 +149,8 @@ def dept_embedding_grads(
         prompt_sums, d_a, d_b = _sums_and_lowrank_grads(
             grad_out, m, rows, lora_a, lora_b, scaling, backend, prompt=True
         )
-        # A copy, not a view: the gradient would otherwise keep all m + s rows of sums alive.
+        # A copy, not a view: without `reduce_lowrank` the sums hold all m + s rows, which
+        # the gradient would otherwise keep alive.
         d_prompt = prompt_sums.to(prompt_dtype, copy=True)
     else:
         d_prompt = _prompt_grad(
@@ -161,7 +162,7 @@ def dept_embedding_grads(
             )
     if weight_grad:
         used, g = row_sums(grad_out, m, input_ids, vocab_size, backend)
-        d_weight = _scatter_rows(vocab_size, used, g.to(grad_out.dtype))
+        d_weight = _dense_rows(vocab_size, used, g, grad_out.dtype, backend)
     return [d_prompt, d_a, d_b, d_weight]
 
 
@@ -236,6 +237,18 @@ def _separate_lowrank_grads(
         )
         return d_a, d_b
     return _task_lowrank_grads(grad_out, m, rows, task_ids.long(), lora_a, lora_b, scaling, backend)
+
+
+def _dense_rows(
+    num_rows: int, used: Tensor | None, sums: Tensor, dtype: torch.dtype, backend: str
+) -> Tensor:
+    """(num_rows, d) of `dtype`: the fp32 segment sums (R, d) at their rows `used` (None:
+    0..R-1), zeros elsewhere. Each row is written once where the backend has `scatter_rows`
+    (no zero-filled table first), else `_scatter_rows`."""
+    dense = getattr(backends.load(backend), "scatter_rows", None)
+    if used is not None and dense is not None:
+        return dense(used, sums, sums.new_empty(num_rows, sums.shape[-1], dtype=dtype))
+    return _scatter_rows(num_rows, used, sums.to(dtype))
 
 
 def _scatter_rows(num_rows: int, used: Tensor | None, sums: Tensor) -> Tensor:
@@ -342,9 +355,4 @@ def aot_table_grad(
     if task_ids is not None:
         rows = task_ids.long().clamp(0, num_rows // vocab - 1)[:, None] * vocab + rows
     used, sums = row_sums(grad_out.contiguous(), 0, rows, num_rows, backend)
-    dense = getattr(backends.load(backend), "scatter_rows", None)
-    if used is not None and dense is not None:
-        # Each row written once (zeros or its sum), with no zero-filled table first.
-        out = sums.new_empty(num_rows, sums.shape[-1], dtype=table_dtype)
-        return dense(used, sums, out).reshape(table_shape)
-    return _scatter_rows(num_rows, used, sums.to(table_dtype)).reshape(table_shape)
+    return _dense_rows(num_rows, used, sums, table_dtype, backend).reshape(table_shape)
