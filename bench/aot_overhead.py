@@ -1,7 +1,7 @@
 """AoT P-tuning's fused inference against the unpatched model (issue 17, part 6).
 
     python bench/aot_overhead.py [--models t5-base,bert-base,gpt2] [--batch 8] [--seq 128]
-                                 [--rounds 21] [--threads 1]
+                                 [--rounds 21] [--threads 1] [--device cpu]
 
 For each model (random weights at the named dimensions), under `torch.no_grad()` and in
 eval mode, as inference runs: the unpatched forward and the fused-AoT forward (FC
@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import dept_kernels as dk
 from dept_kernels.bench import verdict
-from dept_kernels.bench._timing import kept_freed_memory, median_iqr, rotation
+from dept_kernels.bench._timing import kept_freed_memory, median_iqr, rotation, sync
 from dept_kernels.bench.end_to_end import t5_random
 from dept_kernels.ops import _eager
 
@@ -63,7 +63,8 @@ def fused(base: torch.nn.Module) -> torch.nn.Module:
     return dk.merge(model).eval()
 
 
-def inputs(vocab: int, batch: int, seq: int, decoder: bool) -> dict:
+def inputs(vocab: int, batch: int, seq: int, decoder: bool, device: str = "cpu") -> dict:
+    # Drawn on the CPU, then moved: the same ids whatever the device.
     gen = torch.Generator().manual_seed(0)
     kw = {
         "input_ids": torch.randint(0, vocab, (batch, seq), generator=gen),
@@ -71,18 +72,21 @@ def inputs(vocab: int, batch: int, seq: int, decoder: bool) -> dict:
     }
     if decoder:
         kw["decoder_input_ids"] = torch.randint(0, vocab, (batch, 8), generator=gen)
-    return kw
+    return {k: v.to(device) for k, v in kw.items()}
 
 
-def paired_ratios(plain, aot, kw: dict, rounds: int) -> list[float]:
-    """fused / unpatched time per round, the order alternating, the first round untimed."""
+def paired_ratios(plain, aot, kw: dict, rounds: int, device: str = "cpu") -> list[float]:
+    """fused / unpatched time per round, the order alternating, the first round untimed;
+    on a GPU each forward is timed to the end of its queued work."""
     ratios = []
     models = [("aot", aot), ("plain", plain)]
     for i in range(rounds + 1):
         seconds = {}
         for name, model in rotation(models, i):
+            sync(device)
             start = time.perf_counter()
             model(**kw)
+            sync(device)
             seconds[name] = time.perf_counter() - start
         if i:
             ratios.append(seconds["aot"] / seconds["plain"])
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with kept_freed_memory() as memory:
@@ -116,15 +121,16 @@ def measure(args: argparse.Namespace, memory: str) -> None:
     """Prints each model's paired ratio, its profile and its per-round ratios."""
     print(
         f"AoT fused inference overhead: torch {torch.__version__}, {args.threads} thread(s), "
-        f"B={args.batch} s={args.seq}, {args.rounds} paired rounds, no_grad, eval; {memory}"
+        f"B={args.batch} s={args.seq}, {args.rounds} paired rounds, no_grad, eval, "
+        f"{args.device}; {memory}"
     )
     for name in args.models.split(","):
         make, vocab, decoder = MODELS[name]
         base = make().eval()
-        plain, aot = base, fused(base)
-        kw = inputs(vocab, args.batch, args.seq, decoder)
+        plain, aot = base.to(args.device), fused(base).to(args.device)
+        kw = inputs(vocab, args.batch, args.seq, decoder, args.device)
         with torch.no_grad():
-            ratios = paired_ratios(plain, aot, kw, args.rounds)
+            ratios = paired_ratios(plain, aot, kw, args.rounds, args.device)
             (a, a_calls), (_, p_calls) = op_profile(aot, kw), op_profile(plain, kw)
         median, iqr = median_iqr(ratios)
         spread = iqr / median
