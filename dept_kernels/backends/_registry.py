@@ -169,7 +169,7 @@ def _present_devices() -> list[str]:
     return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
 
 
-def available_backends() -> list[str]:
+def available_backends(device: str | torch.device | None = None) -> list[str]:
     """The backends that can run on this machine, in order of preference. Builds nothing.
 
     "Available" means: registered, taking a device present here, and its probe passing (a
@@ -177,15 +177,19 @@ def available_backends() -> list[str]:
     or the interpreter). A compiled backend is built on first use, which may still fail: the
     cpu backend then runs the torch one (see `load`). Order: per device present (CUDA first),
     the backends tied to it in registration order, then those taking every device.
+    With `device` ("cpu", "cuda" or a torch.device), only those taking tensors on its type.
     """
+    wanted = None if device is None else torch.device(device).type
     names: list[str] = []
-    for device in _present_devices():
+    for present in _present_devices():
         for e in _entries.values():
-            tied = e.devices is not None and device in e.devices()
+            tied = e.devices is not None and present in e.devices()
             if tied and e.name not in names and e.probe() is None:
                 names.append(e.name)
     names += [e.name for e in _entries.values() if e.devices is None and e.probe() is None]
-    return names
+    if wanted is None:
+        return names
+    return [n for n in names if _entries[n].devices is None or wanted in _entries[n].devices()]
 
 
 def automatic(device: torch.device) -> str:

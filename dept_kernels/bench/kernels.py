@@ -26,7 +26,7 @@ from ..ops import dept_embedding
 from ..testing import official_dept_embedding, reference_dept_embedding
 from ._timing import at_least, interleaved_times, kept_freed_memory, median_iqr
 from .shapes import SHAPES, Shape
-from .suite import with_backend
+from .suite import library_backends, with_backend
 from .verdict import (
     BOTH,
     FWD,
@@ -90,9 +90,7 @@ def run(shape: Shape, dtype: torch.dtype, device: str, repeats: int, compile_: b
     if compile_:
         impls["official (torch.compile)"] = torch.compile(official_dept_embedding)
     errors = {}
-    names = [b for b in backends.available_backends() if b != "cuda" or device == "cuda"]
-    names = [b for b in names if device == "cuda" or b != "triton"]
-    for name in names:
+    for name in library_backends(device):
         with backends.use_backend(name):
             errors[name] = max_error(kw, grad_out)
         impls[f"dept_kernels[{name}]"] = with_backend(dept_embedding, name)

@@ -25,12 +25,12 @@ FULL = os.environ.get("DEPT_BENCH_FULL", "0") == "1"
 sync: Callable[[], None] = functools.partial(_sync, DEVICE)
 
 
-def library_backends() -> list[str]:
-    """The library's backends that take tensors on DEVICE: on a GPU all but cpu (which
-    takes CPU tensors only); on the CPU cpu and torch (triton would run under its
-    interpreter, which is no benchmark, and cuda needs a GPU)."""
-    off = ("cpu",) if DEVICE == "cuda" else ("triton", "cuda")
-    return [b for b in dept_kernels.available_backends() if b not in off]
+def library_backends(device: str = DEVICE) -> list[str]:
+    """The library's backends worth timing on tensors on `device`: those that take them
+    (on a GPU triton, cuda and torch; on the CPU cpu and torch), less triton on the CPU,
+    where it runs under its interpreter, which is no benchmark."""
+    names = dept_kernels.available_backends(device)
+    return [b for b in names if torch.device(device).type == "cuda" or b != "triton"]
 
 
 def with_backend(fn: Callable[..., Tensor], backend: str) -> Callable[..., Tensor]:

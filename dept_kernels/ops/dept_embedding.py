@@ -76,7 +76,21 @@ def dept_embedding(
     Returns:
         (B, m + s + n_v, d) tensor of `weight.dtype`.
     """
-    return embed(locals(), ids_checked=False)
+    # Named one by one, not `locals()`: Dynamo of torch 2.11 cannot trace that builtin, and
+    # `torch.compile(fullgraph=True)` of a step calling this op failed there (H200 run).
+    args = {
+        "input_ids": input_ids,
+        "weight": weight,
+        "prompt": prompt,
+        "lora_a": lora_a,
+        "lora_b": lora_b,
+        "scaling": scaling,
+        "position_ids": position_ids,
+        "index": index,
+        "task_ids": task_ids,
+        "visual": visual,
+    }
+    return embed(args, ids_checked=False)
 
 
 # `dept_embedding`'s defaults, for callers of `embed` that give some arguments only.
