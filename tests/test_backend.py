@@ -84,6 +84,20 @@ def test_available_backends_here():
         assert "cuda" not in names
 
 
+def test_available_backends_by_device():
+    """With a device, only the backends that take its tensors, in the same order."""
+    every = dept_kernels.available_backends()
+    on_cpu = dept_kernels.available_backends("cpu")
+    assert on_cpu == [n for n in every if n in on_cpu]
+    assert "cpu" in on_cpu and on_cpu[-1] == "torch" and "cuda" not in on_cpu
+    assert ("triton" in on_cpu) == (backends.triton_interpreting() and "triton" in every)
+    on_cuda = dept_kernels.available_backends(torch.device("cuda"))
+    assert "cpu" not in on_cuda and on_cuda[-1] == "torch"
+    assert ("cuda" in on_cuda) == ("cuda" in every)
+    with pytest.raises(RuntimeError):
+        dept_kernels.available_backends("gpu0")
+
+
 def test_default_is_cpu_for_cpu_tensors():
     assert backends.resolve(torch.device("cpu")) == "cpu"
 
