@@ -16,6 +16,13 @@ The batch's distinct ids and each id's index into them (`torch.unique`, a host s
 are found once per forward, with the rows or in the pre-hook, and every unfused layer reuses
 them (`_Inputs.distinct`); the ops find them themselves when called directly.
 
+A fused inference forward (no autograd, no hidden states recorded) finds what its layers
+share once, in the pre-hook (`ops.aot.FusedAdds`: the backend, the checked rows, the tables'
+views), and each layer hook adds its bias with the backend's kernel directly; anything else
+(or anything that plan declines) takes the layer's own call. On a GPU a small batch's
+forward is bound by the host's time per call, and the layer's call costs several times the
+kernel there (bench/results/README.md, third H200 run).
+
 `task_ids` is popped from the top-level call (or from the encoder call that `generate()`
 makes) before HF sees it, or comes from the patched model's `generate` for the whole
 generation (`TaskIds`).
@@ -42,7 +49,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..ops._sync_free import sync_free_enabled
-from ..ops.aot import _distinct_ids
+from ..ops.aot import FusedAdds, _distinct_ids, fused_adds
 from ._hooks import AdapterOf, TaskIds, bind
 
 
@@ -157,6 +164,7 @@ class _AoTHooks:
         self.distinct: tuple[Tensor, Tensor] | None = None
         self.embedding: nn.Module | None = None
         self.inplace = False
+        self.plan: FusedAdds | None = None
         # Eager bookkeeping (skipped while torch.compile traces the hooks): the autograd
         # graph task the running forward started in (-1 outside a backward), how many
         # layer hooks it has run, and the training forwards' records for recomputation.
@@ -210,14 +218,21 @@ class _AoTHooks:
         config = module.config
         records = kw.get("output_hidden_states") or getattr(config, "output_hidden_states", False)
         self.inplace = not torch.is_grad_enabled() and not records
+        self.plan = None
         if not torch.compiler.is_compiling():
             self.graph_task = torch._C._current_graph_task_id()
             self.layers_run = 0
+            layers = list(adapter.layers) if adapter.fused and self.inplace else []
+            # A layer in training mode takes its own call, which refuses fixed tables.
+            if layers and not any(layer.training for layer in layers):
+                tables = [layer.table for layer in layers]
+                self.plan = fused_adds(self.ids, self.task_ids, tables)
         return (), kw
 
     def inner_hook(self, module: nn.Module, args: tuple, output) -> None:
         skipped = not torch.compiler.is_compiling() and self.layers_run != self.num_layers
         self.ids = self.task_ids = self.inputs = self.embedding = self.distinct = None
+        self.plan = None
         # `output` is None when the forward raised: that error is the one to report.
         if skipped and output is not None:
             raise RuntimeError(
@@ -264,6 +279,10 @@ class _AoTHooks:
         else:
             inputs = self._eager_inputs(index, module, hidden)
             inplace = self.inplace and inputs is self.inputs
+            plan = self.plan
+            fast = inplace and plan is not None and index not in self.reread
+            if fast and plan.add_(index, hidden):
+                return args, kwargs
         inplace = inplace and hidden.is_contiguous() and index not in self.reread
         # The ids were range-checked once for the whole forward (`check_batch`).
         out = self.adapter_of().layers[index](

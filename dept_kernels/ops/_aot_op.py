@@ -21,7 +21,7 @@ from ._eager import EagerOp
 from ._sync_free import sync_free_enabled
 
 
-def _shares_memory(a: Tensor, b: Tensor) -> bool:
+def shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether `a` and `b` may overlap in memory: one storage and intersecting byte spans
     (conservative: interleaved views that touch no common element count too)."""
     if a.numel() == 0 or b.numel() == 0:
@@ -40,12 +40,12 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
 def _unaliased(hidden: Tensor, x: Tensor | None) -> Tensor | None:
     """`x`, or a copy of it if it shares memory with `hidden`: the in-place kernels write
     `hidden` while they read `x`, so they would read rows (or ids) already overwritten."""
-    if x is not None and _shares_memory(hidden, x):
+    if x is not None and shares_memory(hidden, x):
         return x.clone()
     return x
 
 
-def _table_rows(input_ids: Tensor, table: Tensor, task_ids: Tensor | None, checked: bool) -> Tensor:
+def table_rows(input_ids: Tensor, table: Tensor, task_ids: Tensor | None, checked: bool) -> Tensor:
     """Row of the flattened (T*V, d) table for every token, range-checked (or, sync-free,
     clamped) unless `checked`."""
     vocab = table.shape[-2]
@@ -69,7 +69,7 @@ def _aot_bias_add_body(
     checked: bool,
 ) -> Tensor:
     backend = backends.resolved(backend, hidden.device)
-    rows = _table_rows(input_ids, table, task_ids, checked)
+    rows = table_rows(input_ids, table, task_ids, checked)
     flat = table.reshape(-1, table.shape[-1])
     return backends.load(backend).gather_add(hidden, rows, flat, torch.empty_like(hidden))
 
@@ -95,7 +95,7 @@ def _aot_bias_add_inplace_body(
     backend = backends.resolved(backend, hidden.device)
     # Copies taken before the range check, so the ids checked are the ids the kernel reads.
     input_ids, table, task_ids = (_unaliased(hidden, x) for x in (input_ids, table, task_ids))
-    rows = _table_rows(input_ids, table, task_ids, checked)
+    rows = table_rows(input_ids, table, task_ids, checked)
     backends.load(backend).gather_add(hidden, rows, table.reshape(-1, table.shape[-1]), hidden)
 
 

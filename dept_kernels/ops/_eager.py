@@ -30,6 +30,11 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 _forced = False
 
 
+def forced() -> bool:
+    """Whether `custom_ops_only` is in force (a path that skips the custom ops checks it)."""
+    return _forced
+
+
 def _plain(args: tuple) -> bool:
     return all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
 

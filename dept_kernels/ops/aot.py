@@ -22,12 +22,14 @@ id, but drawn from more random numbers, so the masks differ from the default mod
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from . import _aot_op
+from . import _aot_op, _eager
 from . import _validate as v
 
 __all__ = [
@@ -98,6 +100,81 @@ def _aot_bias_add(
     return _aot_op.aot_bias_add_call(
         hidden.contiguous(), ids, table, task_ids, backend, ids_checked
     )
+
+
+class FusedAdds(NamedTuple):
+    """The fused AoT hooks' inference adds for one batch: `hidden += tables[i][rows]` in
+    place before layer i, with what every layer shares found once per forward
+    (`fused_adds`) rather than once per layer. On a GPU a small batch's forward is bound by
+    the host's time per call (bench/results/README.md, third H200 run).
+
+    kernels: the loaded backend for `device`; rows (B, s): contiguous checked ids into the
+    flattened tables (offset by task for stacked ones); flats: each layer's (R, d) table,
+    contiguous; shape: the (B, s, d) each hidden state must have.
+    """
+
+    kernels: backends.Backend
+    rows: Tensor
+    flats: list[Tensor]
+    shape: torch.Size
+    device: torch.device
+
+    def add_(self, index: int, hidden: Tensor) -> bool:
+        """Layer `index`'s rows added into `hidden` in place. Checks only what the batch's
+        plan cannot know (the hidden state's type, dtype, shape, device, layout, grad and
+        aliasing); False, having done nothing, for anything but the common case: the caller
+        then runs `aot_bias_add`, whose checks name what is wrong."""
+        flat = self.flats[index]
+        if (
+            type(hidden) is not Tensor
+            or hidden.shape != self.shape
+            or hidden.dtype not in v.FLOAT_DTYPES
+            or hidden.device != self.device
+            or not hidden.is_contiguous()
+            or (torch.is_grad_enabled() and hidden.requires_grad)
+            or _eager.forced()
+            or _overlap(hidden, flat)
+            or _overlap(hidden, self.rows)
+        ):
+            return False
+        self.kernels.gather_add(hidden, self.rows, flat, hidden)
+        # The kernel wrote through hidden's pointer: bumped as the in-place op does.
+        torch.autograd.graph.increment_version(hidden)
+        return True
+
+
+def fused_adds(
+    input_ids: Tensor, task_ids: Tensor | None, tables: list[Tensor]
+) -> FusedAdds | None:
+    """`FusedAdds` for checked `input_ids` (B, s) (and `task_ids` (B,) for stacked tables)
+    and each layer's (V, d) or (T, V, d) table; None unless the tables are all plain
+    contiguous fp32, fp16 or bf16 tensors of one shape on the ids' device, without grad (the
+    layers' own calls serve, or reject, the others)."""
+    first = tables[0]
+    for table in tables:
+        if (
+            type(table) is not Tensor
+            or table.dtype not in v.FLOAT_DTYPES
+            or table.device != input_ids.device
+            or table.shape != first.shape
+            or not table.is_contiguous()
+            or table.requires_grad
+        ):
+            return None
+    rows = _aot_op.table_rows(input_ids, first, task_ids, checked=True).contiguous()
+    device = input_ids.device
+    shape = torch.Size((*rows.shape, first.shape[-1]))
+    flats = [table.view(-1, first.shape[-1]) for table in tables]
+    kernels = backends.load(backends.resolve(device))
+    return FusedAdds(kernels, rows, flats, shape, device)
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether contiguous `a` and `b` share a byte (their spans intersect)."""
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    a_end = a_start + a.numel() * a.element_size()
+    b_end = b_start + b.numel() * b.element_size()
+    return a_start < b_end and b_start < a_end
 
 
 def _check_table_args(
