@@ -49,8 +49,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..ops._sync_free import sync_free_enabled
-from ..ops.aot import FusedAdds, _distinct_ids, fused_adds
+from ..ops.aot import _distinct_ids, fused_adds
 from ._hooks import AdapterOf, TaskIds, bind
+from ._per_thread import HookState, PerThread
 
 
 def install(
@@ -145,8 +146,24 @@ def _forget(entries: dict, key: tuple, ref: weakref.ref) -> None:
         entries.pop(key, None)
 
 
-class _AoTHooks:
+class _AoTHooks(HookState):
     """The hooks, and what the layer hooks need from the forward that is running."""
+
+    # The running forward's, each thread's own (`_per_thread`): the checked ids and task
+    # ids, the layers' inputs (for the FC form, set once E's rows are read), the distinct
+    # ids, for the FC form the embedding module, whether the layers may add in place, and
+    # a fused forward's plan. Eager bookkeeping (skipped while torch.compile traces the
+    # hooks): the autograd graph task the forward started in (-1 outside a backward) and
+    # how many layer hooks it has run.
+    ids = PerThread()
+    task_ids = PerThread()
+    inputs = PerThread()
+    distinct = PerThread()
+    embedding = PerThread()
+    inplace = PerThread(lambda: False)
+    plan = PerThread()
+    graph_task = PerThread(lambda: -1)
+    layers_run = PerThread(lambda: 0)
 
     def __init__(
         self, adapter_of: AdapterOf, inner_name: str, num_layers: int, reread: Sequence[int]
@@ -156,26 +173,13 @@ class _AoTHooks:
         self.num_layers = num_layers
         self.reread = frozenset(reread)
         self.tasks = TaskIds()
-        # The running forward's checked ids and task ids, the layers' inputs (for the FC
-        # form, set once E's rows are read) and, for the FC form, the embedding module.
-        self.ids: Tensor | None = None
-        self.task_ids: Tensor | None = None
-        self.inputs: _Inputs | None = None
-        self.distinct: tuple[Tensor, Tensor] | None = None
-        self.embedding: nn.Module | None = None
-        self.inplace = False
-        self.plan: FusedAdds | None = None
-        # Eager bookkeeping (skipped while torch.compile traces the hooks): the autograd
-        # graph task the running forward started in (-1 outside a backward), how many
-        # layer hooks it has run, and the training forwards' records for recomputation.
-        self.graph_task = -1
-        self.layers_run = 0
         self.records = _Records()
 
     def __getstate__(self) -> dict:
         # A deep copy or pickle of the model starts without records: they are keyed by the
-        # addresses of this model's live tensors.
-        return {**self.__dict__, "records": _Records()}
+        # addresses of this model's live tensors. The training forwards' records are shared
+        # by the threads: a checkpointed layer may be recomputed in autograd's thread.
+        return {**super().__getstate__(), "records": _Records()}
 
     def inner_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = bind(module, args, kwargs)

@@ -55,6 +55,7 @@ from ._hooks import (
     row_ids,
     signature,
 )
+from ._per_thread import HookState, PerThread
 
 HEADS = ("lm", "cls", "base")
 _INNER_NEEDS = ("input_ids", "attention_mask", "inputs_embeds", "position_ids", "cache")
@@ -111,7 +112,15 @@ def _signature(cls: type, need: tuple[str, ...], want: tuple[str, ...], optional
     return signature(cls, kept, tuple(r for r in need if r in optional) + want)
 
 
-class _DecoderHooks:
+class _DecoderHooks(HookState):
+    # Per open call, pushed first thing by the pre-hook and popped by the forward hook
+    # (which runs on errors too): of the inner model ("cls", "base"), the rows prepended and
+    # the cut; of the model ("lm"), the cut. Each thread's own (`_per_thread`).
+    open = PerThread(list)
+    lm_cuts = PerThread(list)
+    # (ids, position ids, task ids) whose op ranges an LM head's trim read with its mask, for
+    # the inner call that receives exactly these tensors; cleared once consumed.
+    lm_checked = PerThread()
     # Class defaults: hooks pickled before sliding windows (the generic path) read these.
     window: str | None = None
     embedding: nn.Module | None = None  # None: the inner model's get_input_embeddings()
@@ -136,14 +145,6 @@ class _DecoderHooks:
         self.trims = trims
         self.tasks = TaskIds()
         self.fused = FusedEmbedding(adapter_of)
-        # Per open call, pushed first thing by the pre-hook and popped by the forward hook
-        # (which runs on errors too): of the inner model ("cls", "base"), the rows prepended
-        # and the cut; of the model ("lm"), the cut.
-        self.open: list[tuple[int, Cut | None]] = []
-        self.lm_cuts: list[Cut | None] = []
-        # (ids, position ids, task ids) whose op ranges an LM head's trim read with its mask,
-        # for the inner call that receives exactly these tensors; cleared once consumed.
-        self.lm_checked: tuple | None = None
 
     def _trims(self, kw: dict, module: nn.Module, sig) -> bool:
         """Whether this first forward may run on trimmed columns (module docstring)."""

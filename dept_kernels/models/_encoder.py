@@ -43,7 +43,6 @@ from torch.utils.hooks import RemovableHandle
 
 from ._hooks import (
     AdapterOf,
-    Cut,
     FusedEmbedding,
     Signature,
     TaskIds,
@@ -55,6 +54,7 @@ from ._hooks import (
     restore_outputs,
     signature,
 )
+from ._per_thread import HookState, PerThread
 
 _NEEDS = ("input_ids", "attention_mask", "inputs_embeds", "token_type_ids")
 _WANTS = ("position_ids",)
@@ -84,16 +84,17 @@ def install(
     return handles
 
 
-class _EncoderHooks:
+class _EncoderHooks(HookState):
+    # The cut of each open call (None: untrimmed), pushed first thing by the pre-hook and
+    # popped by the forward hook (which runs on errors too). Each thread's own.
+    cuts = PerThread(list)
+
     def __init__(self, adapter_of: AdapterOf, args: Signature, head: str) -> None:
         self.adapter_of = adapter_of
         self.args = args
         self.head = head
         self.tasks = TaskIds()
         self.fused = FusedEmbedding(adapter_of)
-        # The cut of each open call (None: untrimmed), pushed first thing by the pre-hook and
-        # popped by the forward hook (which runs on errors too).
-        self.cuts: list[Cut | None] = []
 
     def _trims(self, kw: dict, module: nn.Module) -> bool:
         setting = self.adapter_of.trim_padding

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,13 @@ from torch.utils.hooks import RemovableHandle
 from .._engines import embedding_shape, is_fsdp1_flat
 from ..ops._sync_free import sync_free_enabled
 from ..ops._validate import Range, check_ids, checked, raise_out_of_range, range_flags
+from ._per_thread import HookState, PerThread
 
 # Attribute of the hooked model holding its running `generate`'s `Generation`. A plain
 # attribute, not a ContextVar: torch.compile traces attribute reads but not ContextVar.get.
-_GENERATION = "_dept_kernels_generation"
+# Each thread's running generates (`Generate`): another thread's generate on the same model
+# must not lend this thread's forwards its task ids or input length.
+_GENERATIONS = threading.local()
 
 # The names each argument the hooks read has had across transformers releases, newest
 # first. A hooked forward names one of them in its signature; the others are older
@@ -267,21 +271,31 @@ class Generate:
         # Checked here for the same reason: generate repeats the batch before the hooks run.
         batch_size = None if ids is None else ids.shape[0]
         visual = visual_inputs(visual_embeds, visual_attention_mask, batch_size)
-        outer = hooked.__dict__.get(_GENERATION)  # a generate nested in a generate
+        running = _generations()
+        outer = running.get(id(hooked))  # a generate nested in a generate
         length = None if ids is None else ids.shape[1]
-        hooked.__dict__[_GENERATION] = Generation(task_ids, length, visual)
+        running[id(hooked)] = Generation(task_ids, length, visual)
         try:
             return type(hooked).generate(hooked, *args, **kwargs)
         finally:
             if outer is None:
-                hooked.__dict__.pop(_GENERATION, None)
+                running.pop(id(hooked), None)
             else:
-                hooked.__dict__[_GENERATION] = outer
+                running[id(hooked)] = outer
+
+
+def _generations() -> dict[int, Generation]:
+    """This thread's running generates, by the id of the hooked model they run on (a model
+    runs in one generate at a time per thread; its id is stable while it runs)."""
+    running = _GENERATIONS.__dict__.get("by_model")
+    if running is None:
+        running = _GENERATIONS.__dict__["by_model"] = {}
+    return running
 
 
 def generation(model: nn.Module) -> Generation | None:
-    """The `generate` running on hooked `model`, if any."""
-    return getattr(model, _GENERATION, None)
+    """The `generate` running on hooked `model` in this thread, if any."""
+    return _generations().get(id(model))
 
 
 def _generation_tasks(model: nn.Module, batch_size: int) -> Tensor | None:
@@ -303,7 +317,7 @@ def _repeat_rows(t: Tensor, batch_size: int, name: str) -> Tensor:
     return t.repeat_interleave(batch_size // t.shape[0], dim=0)
 
 
-class TaskIds:
+class TaskIds(HookState):
     """Carries `task_ids` (B,), and visual rows where the architecture takes them, from the
     call that names them to the hook that uses them.
 
@@ -314,13 +328,13 @@ class TaskIds:
     refused, rather than run without them.
     """
 
-    # Class defaults: objects pickled before visual rows existed take none.
+    # Class default: objects pickled before visual rows existed take none.
     takes_visual = False
-    outer_visual: tuple[object, object] = (None, None)
+    # The running top-level call's task ids and visual rows: each thread's own.
+    outer = PerThread()
+    outer_visual = PerThread(lambda: (None, None))
 
     def __init__(self, visual: bool = False) -> None:
-        self.outer: Tensor | None = None
-        self.outer_visual: tuple[object, object] = (None, None)
         self.model: nn.Module | None = None  # the top-level model, whose generate may run
         self.takes_visual = visual
 
@@ -376,7 +390,7 @@ class TaskIds:
         return visual_inputs(visual.embeds, visual.mask, batch_size, width, device)
 
 
-class FusedEmbedding:
+class FusedEmbedding(HookState):
     """Runs the adapter's op inside the call of the model's input-embedding module.
 
     Engines that shard parameters (FSDP2, DeepSpeed ZeRO-3) gather a module's weight around
@@ -388,11 +402,13 @@ class FusedEmbedding:
     Calls that this object did not start pass through untouched (generation steps).
     """
 
+    # Each thread's own: (ids, position ids, task ids, visual rows, ids checked) of each call
+    # started, and whether the pre-hook swapped the ids of the call it started.
+    pending = PerThread(list)
+    armed = PerThread(lambda: False)
+
     def __init__(self, adapter_of: AdapterOf) -> None:
         self.adapter_of = adapter_of
-        # (ids, position ids, task ids, visual rows, ids checked) of each call started.
-        self.pending: list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, bool]] = []
-        self.armed = False  # the pre-hook swapped the ids of the call it started
 
     def install(self, embedding: nn.Module) -> list[RemovableHandle]:
         return [

@@ -27,6 +27,7 @@ from ._hooks import (
     needs_ids,
     signature,
 )
+from ._per_thread import HookState, PerThread
 
 ENCODER_NEEDS = ("input_ids", "attention_mask", "inputs_embeds")
 SEQ2SEQ_NEEDS = ("input_ids", "attention_mask", "encoder_outputs")
@@ -55,7 +56,12 @@ def install(
     return handles
 
 
-class _Seq2SeqHooks:
+class _Seq2SeqHooks(HookState):
+    # Per open encoder-decoder call, pushed by its pre-hook and popped by its forward hook
+    # (which runs on errors too): whether the encoder it runs gets a mask extended by the
+    # call already. Each thread's own (`_per_thread`).
+    extended = PerThread(list)
+
     def __init__(
         self,
         adapter_of: AdapterOf,
@@ -69,10 +75,6 @@ class _Seq2SeqHooks:
         self.seq2seq_args = seq2seq_args
         self.tasks = TaskIds()
         self.fused = FusedEmbedding(adapter_of)
-        # Per open encoder-decoder call, pushed by its pre-hook and popped by its forward
-        # hook (which runs on errors too): whether the encoder it runs gets a mask extended
-        # by the call already.
-        self.extended: list[bool] = []
 
     def seq2seq_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         sig = self.seq2seq_args

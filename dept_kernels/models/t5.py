@@ -59,6 +59,7 @@ from ._hooks import (
     row_ids,
     signature,
 )
+from ._per_thread import HookState, PerThread
 from ._registry import Architecture, register
 
 _STACK_NEEDS = ("input_ids", "attention_mask", "inputs_embeds")
@@ -110,7 +111,13 @@ def install(model: nn.Module, adapter_of: AdapterOf) -> list[RemovableHandle]:
     return handles
 
 
-class _T5Hooks:
+class _T5Hooks(HookState):
+    # The cut of each open encoder / encoder-decoder call (None: untrimmed), pushed first
+    # thing by its pre-hook and popped by its forward hook (which runs on errors too). Each
+    # thread's own (`_per_thread`).
+    stack_cuts = PerThread(list)
+    seq2seq_cuts = PerThread(list)
+
     def __init__(self, adapter_of: AdapterOf, stack_args: Signature, top_args: Signature) -> None:
         self.adapter_of = adapter_of
         self.stack_args = stack_args
@@ -118,10 +125,6 @@ class _T5Hooks:
         self.tasks = TaskIds(visual=True)
         self.fused = FusedEmbedding(adapter_of)
         self.decoder_from_ids = False
-        # The cut of each open encoder / encoder-decoder call (None: untrimmed), pushed first
-        # thing by its pre-hook and popped by its forward hook (which runs on errors too).
-        self.stack_cuts: list[Cut | None] = []
-        self.seq2seq_cuts: list[Cut | None] = []
 
     def _embed(
         self, kw: dict, sig: Signature, encoder: nn.Module, where: str, trim: bool
