@@ -24,10 +24,9 @@ from ..ops._sync_free import sync_free_enabled
 from ..ops._validate import Range, check_ids, checked, raise_out_of_range, range_flags
 from ._per_thread import HookState, PerThread
 
-# Attribute of the hooked model holding its running `generate`'s `Generation`. A plain
-# attribute, not a ContextVar: torch.compile traces attribute reads but not ContextVar.get.
 # Each thread's running generates (`Generate`): another thread's generate on the same model
-# must not lend this thread's forwards its task ids or input length.
+# must not lend this thread's forwards its task ids or input length. A threading.local, not
+# a ContextVar: torch.compile traces attribute reads but not ContextVar.get.
 _GENERATIONS = threading.local()
 
 # The names each argument the hooks read has had across transformers releases, newest
