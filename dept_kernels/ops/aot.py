@@ -108,7 +108,7 @@ class FusedAdds(NamedTuple):
     (`fused_adds`) rather than once per layer. On a GPU a small batch's forward is bound by
     the host's time per call (bench/results/README.md, third H200 run).
 
-    kernels: the loaded backend for `device`; rows (B, s): contiguous checked ids into the
+    kernels: the loaded backend for rows' device; rows (B, s): contiguous checked ids into the
     flattened tables (offset by task for stacked ones); flats: each layer's (R, d) table,
     contiguous; shape: the (B, s, d) each hidden state must have.
     """
@@ -117,7 +117,6 @@ class FusedAdds(NamedTuple):
     rows: Tensor
     flats: list[Tensor]
     shape: torch.Size
-    device: torch.device
 
     def add_(self, index: int, hidden: Tensor) -> bool:
         """Layer `index`'s rows added into `hidden` in place. Checks only what the batch's
@@ -129,12 +128,12 @@ class FusedAdds(NamedTuple):
             type(hidden) is not Tensor
             or hidden.shape != self.shape
             or hidden.dtype not in v.FLOAT_DTYPES
-            or hidden.device != self.device
+            or hidden.device != self.rows.device
             or not hidden.is_contiguous()
             or (torch.is_grad_enabled() and hidden.requires_grad)
             or _eager.forced()
-            or _overlap(hidden, flat)
-            or _overlap(hidden, self.rows)
+            or _aot_op.shares_memory(hidden, flat)
+            or _aot_op.shares_memory(hidden, self.rows)
         ):
             return False
         self.kernels.gather_add(hidden, self.rows, flat, hidden)
@@ -162,19 +161,10 @@ def fused_adds(
         ):
             return None
     rows = _aot_op.table_rows(input_ids, first, task_ids, checked=True).contiguous()
-    device = input_ids.device
     shape = torch.Size((*rows.shape, first.shape[-1]))
     flats = [table.view(-1, first.shape[-1]) for table in tables]
-    kernels = backends.load(backends.resolve(device))
-    return FusedAdds(kernels, rows, flats, shape, device)
-
-
-def _overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether contiguous `a` and `b` share a byte (their spans intersect)."""
-    a_start, b_start = a.data_ptr(), b.data_ptr()
-    a_end = a_start + a.numel() * a.element_size()
-    b_end = b_start + b.numel() * b.element_size()
-    return a_start < b_end and b_start < a_end
+    kernels = backends.load(backends.resolve(input_ids.device))
+    return FusedAdds(kernels, rows, flats, shape)
 
 
 def _check_table_args(
