@@ -487,14 +487,14 @@ def test_ids_are_range_checked_once_per_forward(monkeypatch, fused):
         dk.merge(model)
     model.eval()
     checked = []
-    real = _validate.range_flags
+    real = _validate.range_reads
 
     def counted(ranges):
         checked.extend(r.name for r in ranges)
         return real(ranges)
 
-    # Every range check builds its flags here (`checked` calls it too).
-    monkeypatch.setattr(_validate, "range_flags", counted)
+    # Every range check finds its bounds here (`checked` calls it too).
+    monkeypatch.setattr(_validate, "range_reads", counted)
     ids = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
         model(input_ids=ids)

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._engines import embedding_shape, is_fsdp1_flat
 from ..ops._sync_free import sync_free_enabled
-from ..ops._validate import Range, check_ids, checked, raise_out_of_range, range_flags
+from ..ops._validate import Range, check_ids, checked, raise_out_of_range, range_reads
 from ._per_thread import HookState, PerThread
 
 # Each thread's running generates (`Generate`): another thread's generate on the same model
@@ -751,7 +751,7 @@ def checked_cut(
       first kept column after a leading cut (the last cut column's logits predict it).
 
     Reads the mask once (one device sync on a GPU), so it cuts nothing in sync-free mode.
-    The flags of `ranges` (the op's id ranges, `FusedEmbedding.id_ranges`) cross in that
+    The bounds of `ranges` (the op's id ranges, `FusedEmbedding.id_ranges`) cross in that
     same read, so a trimmed forward reads the device once; an id out of range raises its
     IndexError here, before any kernel runs. `read` says whether `ranges` were read (the op
     then need not)."""
@@ -771,15 +771,12 @@ def checked_cut(
     runs = [pad.flip(0).long().cumprod(0).sum()]
     if leading:
         runs.append(lead_ok.long().cumprod(0).sum())
-    # Flags on another device than the mask's are left to the op (one transfer per device).
+    # Ranges on another device than the mask's are left to the op (one transfer per device).
     if ranges is not None and any(r.ids.device != mask.device for r in ranges):
         ranges = None
-    flags = range_flags(ranges or [])
-    if flags:
-        runs.append(torch.stack(flags).any().long())
-    counts = torch.stack(runs).tolist()
-    if flags and counts[-1]:
-        raise_out_of_range(ranges)
+    counts = torch.stack([*runs, *range_reads(ranges or [])]).tolist()
+    if ranges is not None:
+        raise_out_of_range(ranges, counts[len(runs) :])
     trail, lead = counts[0], (counts[1] if leading else 0)
     read = ranges is not None
     if trail == s or lead + trail == 0:

@@ -220,18 +220,16 @@ def _scatter_distinct(
 
 def checked_distinct(ids: Tensor, upper: int, name: str) -> tuple[Tensor, Tensor]:
     """`torch.unique(ids, return_inverse=True)` after checking that the ids lie in
-    [0, upper), with one host read for both: the distinct count and the range flags cross
-    in one transfer (`torch.unique` would sync for its count, the check for its flag).
-    Raises `check_range`'s IndexError before the rows are formed."""
+    [0, upper), with one host read for both: the distinct count and the ids' bounds cross
+    in one transfer (`torch.unique` would sync for its count, the check for its bounds).
+    Raises the range check's IndexError before the rows are formed."""
     rng = v.Range(name, ids, upper)
     if ids.numel() == 0:
         v.checked(rng)  # raises what sync-free calls recorded
         return ids.new_empty(0), torch.empty(ids.shape, dtype=torch.int64, device=ids.device)
     flat, ordered, order, slot = _sorted_slots(ids)
-    flags = torch.stack(v.range_flags([rng])).any()
-    count, bad = torch.stack([slot[-1] + 1, flags.long()]).tolist()
-    if bad:
-        v.raise_out_of_range([rng])
+    count, *bounds = torch.stack([slot[-1] + 1, *v.range_reads([rng])]).tolist()
+    v.raise_out_of_range([rng], bounds)
     return _scatter_distinct(ids, flat, ordered, order, slot, count, 0)
 
 

@@ -57,18 +57,15 @@ class Range(NamedTuple):
     hint: str = ""
 
 
-def check_range(name: str, ids: Tensor, upper: int, hint: str = "") -> None:
-    """All ids in [0, upper), else an IndexError. Reads the ids (a device sync on GPU) before
-    any kernel does, whatever the mode: for callers that read the ids anyway."""
-    if ids.numel() == 0:
-        return
-    lo, hi = torch.aminmax(ids)
-    lo, hi = int(lo), int(hi)
+def _range_error(name: str, lo: int, hi: int, upper: int, hint: str) -> IndexError | None:
+    """The error for ids of `name` whose least is `lo` and greatest `hi`, if any lies
+    outside [0, upper)."""
     tail = f"; {hint}" if hint else ""
     if lo < 0:
-        raise IndexError(f"{name} holds a negative id ({lo}); ids must lie in [0, {upper}){tail}")
+        return IndexError(f"{name} holds a negative id ({lo}); ids must lie in [0, {upper}){tail}")
     if hi >= upper:
-        raise IndexError(f"{name} holds id {hi}, out of range [0, {upper}){tail}")
+        return IndexError(f"{name} holds id {hi}, out of range [0, {upper}){tail}")
+    return None
 
 
 def checked(*ranges: Range) -> list[Tensor]:
@@ -76,39 +73,45 @@ def checked(*ranges: Range) -> list[Tensor]:
 
     Default mode: checked with one read for all of them (a device sync on GPU), which also
     raises what sync-free calls recorded on that device (`_sync_free`); an id out of range
-    raises `check_range`'s IndexError, the first argument's first. The ids come back as
+    raises an IndexError naming the first argument out of range and its id. The ids come back as
     given. Sync-free mode: nothing is read; the ids come back clamped into range and any
     outside is recorded, to raise at the next check.
     """
     if _sync_free.sync_free_enabled():
         return [_sync_free.clamp(r.name, r.ids, r.upper) for r in ranges]
-    flags = range_flags(ranges)
-    if flags and bool(torch.stack(flags).any()):
-        raise_out_of_range(ranges)
+    reads = range_reads(ranges)
+    if reads:
+        raise_out_of_range(ranges, torch.stack(reads).tolist())
     return [r.ids for r in ranges]
 
 
-def range_flags(ranges: tuple[Range, ...] | list[Range]) -> list[Tensor]:
-    """0-D bool tensors, none read yet: one per non-empty range, true when it holds an id
-    outside [0, upper), and one per device with a sync-free error recorded. A caller that
-    reads something else anyway reads these in the same transfer (`checked` reads only
-    them)."""
-    flags = []
+def range_reads(ranges: tuple[Range, ...] | list[Range]) -> list[Tensor]:
+    """0-D integer tensors, none read yet, that settle the ranges: each non-empty range's
+    least and greatest id, then one flag per device with a sync-free error recorded. A
+    caller that reads something else anyway reads these in the same transfer
+    (`torch.stack(...).tolist()`) and passes what it read to `raise_out_of_range`. (The
+    bounds are compared on the host: comparing them on the device took four more ops, each a
+    kernel launch on a GPU.)"""
+    reads = []
     for r in ranges:
         if r.ids.numel():
-            lo, hi = torch.aminmax(r.ids)
-            flags.append((lo < 0) | (hi >= r.upper))
+            reads.extend(torch.aminmax(r.ids))
     devices = {r.ids.device for r in ranges}
-    return flags + [p for p in map(_sync_free.pending, devices) if p is not None]
+    return reads + [p for p in map(_sync_free.pending, devices) if p is not None]
 
 
-def raise_out_of_range(ranges: tuple[Range, ...] | list[Range]) -> None:
-    """Raise what a true `range_flags` flag stands for: `check_range`'s IndexError for the
-    first range out of range, else the sync-free error recorded on a device."""
+def raise_out_of_range(ranges: tuple[Range, ...] | list[Range], values: list[int]) -> None:
+    """From `values`, what `range_reads(ranges)` read: an IndexError naming the first range
+    out of range and its id, else the sync-free error recorded on a device, else nothing."""
+    read = iter(values)
     for r in ranges:
-        check_range(*r)
-    for device in {r.ids.device for r in ranges}:
-        _sync_free.check_errors(device)
+        if r.ids.numel():
+            error = _range_error(r.name, next(read), next(read), r.upper, r.hint)
+            if error is not None:
+                raise error
+    if any(read):
+        for device in {r.ids.device for r in ranges}:
+            _sync_free.check_errors(device)
 
 
 def check_scaling(scaling: object) -> None:
