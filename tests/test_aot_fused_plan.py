@@ -168,3 +168,45 @@ def test_no_plan_for_tables_the_layers_must_check(change):
     tables = [torch.randn(5, 4) for _ in range(3)]
     tables[2] = change(tables[2])
     assert fused_adds(torch.randint(0, 5, (2, 3)), None, tables) is None
+
+
+def test_planned_layers_count_towards_the_bypass_check(monkeypatch):
+    """A planned layer's hook counts its layer like every other: a layer whose hooks were
+    skipped still raises, rather than leaving out its bias in silence."""
+    model = fused_model("gpt2")
+    layers = len(model.dept_adapter.layers)
+    skipped = model.transformer.h[1]
+
+    class ForwardOnly(type(skipped)):
+        def __call__(self, *args, **kwargs):
+            return self.forward(*args, **kwargs)
+
+    skipped.__class__ = ForwardOnly
+    counts = counting(monkeypatch)
+    match = f"ran {layers - 1} of its {layers} AoT layer hooks"
+    with torch.no_grad(), pytest.raises(RuntimeError, match=match):
+        model(input_ids=batch())
+    assert counts == {"op": 0, "plan": layers - 1}
+
+
+def test_a_forward_inside_a_backward_takes_the_layers_calls(monkeypatch):
+    """A no-grad forward run by a backward hook takes each layer's own call (the layer hooks
+    there look for activation-checkpoint records, which the plan skips), and gives the same
+    bits as outside."""
+    model = fused_model("gpt2")
+    layers = len(model.dept_adapter.layers)
+    ids = batch()
+    with torch.no_grad():
+        outside = model(input_ids=ids).logits
+    counts = counting(monkeypatch)
+    inside = []
+
+    def hook(grad):
+        with torch.no_grad():
+            inside.append(model(input_ids=ids).logits)
+
+    x = torch.ones(2, requires_grad=True)
+    x.register_hook(hook)
+    (x * 2).sum().backward()
+    assert counts == {"op": layers, "plan": 0}
+    torch.testing.assert_close(inside[0], outside, atol=0, rtol=0)

@@ -226,9 +226,10 @@ class _AoTHooks(HookState):
         if not torch.compiler.is_compiling():
             self.graph_task = torch._C._current_graph_task_id()
             self.layers_run = 0
+            # Outside a backward only (`_planned`), and a layer in training mode takes its
+            # own call, which refuses fixed tables.
             layers = list(adapter.layers) if adapter.fused and self.inplace else []
-            # A layer in training mode takes its own call, which refuses fixed tables.
-            if layers and not any(layer.training for layer in layers):
+            if layers and self.graph_task == -1 and not any(layer.training for layer in layers):
                 tables = [layer.table for layer in layers]
                 self.plan = fused_adds(self.ids, self.task_ids, tables)
         return (), kw
@@ -273,6 +274,8 @@ class _AoTHooks(HookState):
         self, index: int, module: nn.Module, args: tuple, kwargs: dict
     ) -> tuple[tuple, dict]:
         hidden = args[0] if args else kwargs["hidden_states"]
+        if self._planned(index, module, hidden):
+            return args, kwargs
         if torch.compiler.is_compiling():
             # A traced forward runs its layers inside the inner call (a checkpointed region
             # is recomputed from the graph, not by re-running this hook).
@@ -283,10 +286,6 @@ class _AoTHooks(HookState):
         else:
             inputs = self._eager_inputs(index, module, hidden)
             inplace = self.inplace and inputs is self.inputs
-            plan = self.plan
-            fast = inplace and plan is not None and index not in self.reread
-            if fast and plan.add_(index, hidden):
-                return args, kwargs
         inplace = inplace and hidden.is_contiguous() and index not in self.reread
         # The ids were range-checked once for the whole forward (`check_batch`).
         out = self.adapter_of().layers[index](
@@ -301,6 +300,26 @@ class _AoTHooks(HookState):
         if args:
             return (out, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": out}
+
+    def _planned(self, index: int, module: nn.Module, hidden: Tensor) -> bool:
+        """Whether layer `index`'s rows were added into `hidden` by the forward's plan: an
+        eager no-grad forward of fused tables outside a backward, the layer in eval mode and
+        not one that re-reads its input. What `_eager_inputs` would find for such a layer is
+        the running forward's inputs with no record to keep, so only its count is kept here:
+        at model sizes where kernels take microseconds, the host's time per layer is what
+        the forward pays (bench/results/README.md, the third H200 run)."""
+        plan = self.plan  # None outside a forward, or in another thread's
+        if (
+            plan is None
+            or torch.compiler.is_compiling()  # a layer compiled alone: its own call
+            or module.training
+            or index in self.reread
+            or torch._C._current_graph_task_id() != -1
+            or not plan.add_(index, hidden)
+        ):
+            return False
+        self.layers_run += 1
+        return True
 
     def _eager_inputs(self, index: int, module: nn.Module, hidden: Tensor) -> _Inputs:
         """The running forward's inputs, or those recorded for a recomputed layer input."""

@@ -162,7 +162,7 @@ def fused_adds(
             return None
     rows = _aot_op.table_rows(input_ids, first, task_ids, checked=True).contiguous()
     shape = torch.Size((*rows.shape, first.shape[-1]))
-    flats = [table.view(-1, first.shape[-1]) for table in tables]
+    flats = tables if first.dim() == 2 else [table.view(-1, first.shape[-1]) for table in tables]
     kernels = backends.load(backends.resolve(input_ids.device))
     return FusedAdds(kernels, rows, flats, shape)
 
