@@ -12,6 +12,9 @@ what it finished):
            peak and its measured copy rate, and the public op's per-call time beside it
            (`dept_kernels.bench.device_kernels`); then which backend this table makes the
            default for CUDA tensors (`default_backend`)
+  overhead AoT fused inference against the unpatched model (`bench/aot_overhead.py`) at
+           T5-base, BERT-base and GPT-2 dims: at the batch issue 17 names (B=8, s=128),
+           where a forward is bound by the host's time, and at B=32, s=512
   tests    the focused tests on CUDA tensors: host syncs and CUDA-graph capture, the main
            job's tests, then the kernel tests (tests/ops, tests/triton, tests/test_backend.py)
            (Triton compiled, not interpreted; the cuda backend built just in time)
@@ -378,6 +381,27 @@ def _command(run: Run, name: str, command: list[str]) -> dict:
     return result
 
 
+# (batch, sequence length) of the overhead stage's runs: issue 17's, then a larger batch.
+OVERHEAD_SIZES = ((8, 128), (32, 512))
+
+
+def overhead_stage(run: Run) -> dict:
+    """AoT fused inference against the unpatched model on CUDA (`bench/aot_overhead.py`,
+    paired rounds), one child process per size in `OVERHEAD_SIZES`."""
+    runs = {}
+    for batch, seq in OVERHEAD_SIZES:
+        name = f"overhead-b{batch}-s{seq}"
+        sizes = ["--batch", str(batch), "--seq", str(seq)]
+        command = [sys.executable, "bench/aot_overhead.py", "--device", "cuda", *sizes]
+        runs[name] = _command(run, name, [*command, "--rounds", "31"])
+    codes = [r["exit_code"] for r in runs.values()]
+    return {
+        "runs": runs,
+        "exit_code": next((c for c in codes if c), 0),
+        "stopped_by_budget": any(r["stopped_by_budget"] for r in runs.values()),
+    }
+
+
 def main_job_stage(run: Run) -> dict:
     """The main job at the paper's sizes (`python -m dept_kernels.bench --full`): training
     at T5-base dims, inference, serving, and the kernel table at every shape, on CUDA."""
@@ -390,6 +414,7 @@ def main_job_stage(run: Run) -> dict:
 
 STAGES: dict[str, Stage] = {
     "kernels": Stage(kernels_stage, "each kernel alone: time, bandwidth, the op's overhead", True),
+    "overhead": Stage(overhead_stage, "AoT fused inference against the unpatched model", True),
     "tests": Stage(tests_stage, "the focused tests on CUDA tensors", True),
     "suite": Stage(suite_stage, "the rest of the test suite on CUDA tensors", False),
     "bench": Stage(bench_stage, "pytest bench --benchmark-only", False),

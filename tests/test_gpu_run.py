@@ -6,6 +6,7 @@ import json
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_help_names_the_stages_in_order(capsys):
         gpu_run.main(["--help"])
     assert stop.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    names = ("kernels", "tests", "suite", "bench", "main-job")
+    names = ("kernels", "overhead", "tests", "suite", "bench", "main-job")
     positions = [text.index(f"{name} (") for name in names]
     assert positions == sorted(positions)
     assert "suite (--suite)" in text and "bench (--bench)" in text
@@ -38,9 +39,10 @@ def test_help_names_the_stages_in_order(capsys):
 
 def test_stages_chosen_by_flags():
     parse = gpu_run._parser().parse_args
-    assert gpu_run._chosen(parse([])) == ["kernels", "tests"]
-    assert gpu_run._chosen(parse(["--bench", "--suite"])) == ["kernels", "tests", "suite", "bench"]
-    assert gpu_run._chosen(parse(["--main-job"])) == ["kernels", "tests", "main-job"]
+    default = ["kernels", "overhead", "tests"]
+    assert gpu_run._chosen(parse([])) == default
+    assert gpu_run._chosen(parse(["--bench", "--suite"])) == [*default, "suite", "bench"]
+    assert gpu_run._chosen(parse(["--main-job"])) == [*default, "main-job"]
     assert gpu_run._chosen(parse(["--stages", "bench,kernels"])) == ["kernels", "bench"]
     with pytest.raises(SystemExit, match="unknown"):
         gpu_run._chosen(parse(["--stages", "kernel"]))
@@ -308,3 +310,22 @@ def test_command_stage_logs_and_stops_at_the_budget(tmp_path):
     stopped = gpu_run._command(run, "job", [sys.executable, "-c", "import time; time.sleep(600)"])
     assert time.monotonic() - start < 60
     assert stopped["stopped_by_budget"] and stopped["exit_code"] is None
+
+
+def test_overhead_stage_runs_the_script_per_size_and_fails_with_any_run(tmp_path, monkeypatch):
+    """One `bench/aot_overhead.py` process per size on CUDA; the stage fails when one does."""
+    commands = []
+
+    def fake_command(run, name, command):
+        commands.append(command)
+        return {"exit_code": 1 if "512" in command else 0, "stopped_by_budget": False}
+
+    monkeypatch.setattr(gpu_run, "_command", fake_command)
+    stage = gpu_run.overhead_stage(_run(tmp_path, []))
+    assert [c[1:4] for c in commands] == [["bench/aot_overhead.py", "--device", "cuda"]] * 2
+    sizes = [c[c.index("--batch") + 1 : c.index("--seq") + 2] for c in commands]
+    assert sizes == [["8", "--seq", "128"], ["32", "--seq", "512"]]
+    assert stage["exit_code"] == 1 and not stage["stopped_by_budget"]
+    assert sorted(stage["runs"]) == ["overhead-b32-s512", "overhead-b8-s128"]
+    # The script the stage names is the repository's, run from its root as the stage is.
+    assert (Path(gpu_run.__file__).parents[1] / commands[0][1]).is_file()
