@@ -18,8 +18,9 @@ them (`_Inputs.distinct`); the ops find them themselves when called directly.
 
 A fused inference forward (no autograd, no hidden states recorded) finds what its layers
 share once, in the pre-hook (`ops.aot.FusedAdds`: the backend, the checked rows, the tables'
-views), and each layer hook adds its bias with the backend's kernel directly; anything else
-(or anything that plan declines) takes the layer's own call. On a GPU a small batch's
+views), and each layer hook adds its bias with the backend's kernel directly and counts the
+layer (`_planned`); anything else (or anything that plan declines) takes the layer's own
+call. On a GPU a small batch's
 forward is bound by the host's time per call, and the layer's call costs several times the
 kernel there (bench/results/README.md, third H200 run).
 
