@@ -394,6 +394,8 @@ def overhead_stage(run: Run) -> dict:
         sizes = ["--batch", str(batch), "--seq", str(seq)]
         command = [sys.executable, "bench/aot_overhead.py", "--device", "cuda", *sizes]
         runs[name] = _command(run, name, [*command, "--rounds", "31"])
+        if runs[name]["stopped_by_budget"]:
+            break
     codes = [r["exit_code"] for r in runs.values()]
     return {
         "runs": runs,

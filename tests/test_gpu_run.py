@@ -329,3 +329,15 @@ def test_overhead_stage_runs_the_script_per_size_and_fails_with_any_run(tmp_path
     assert sorted(stage["runs"]) == ["overhead-b32-s512", "overhead-b8-s128"]
     # The script the stage names is the repository's, run from its root as the stage is.
     assert (Path(gpu_run.__file__).parents[1] / commands[0][1]).is_file()
+
+
+def test_overhead_stage_stops_after_a_run_the_budget_stopped(tmp_path, monkeypatch):
+    commands = []
+
+    def fake_command(run, name, command):
+        commands.append(command)
+        return {"exit_code": None, "stopped_by_budget": True}
+
+    monkeypatch.setattr(gpu_run, "_command", fake_command)
+    stage = gpu_run.overhead_stage(_run(tmp_path, []))
+    assert len(commands) == 1 and stage["stopped_by_budget"] and stage["exit_code"] == 0

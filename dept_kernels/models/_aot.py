@@ -20,9 +20,8 @@ A fused inference forward (no autograd, no hidden states recorded) finds what it
 share once, in the pre-hook (`ops.aot.FusedAdds`: the backend, the checked rows, the tables'
 views), and each layer hook adds its bias with the backend's kernel directly and counts the
 layer (`_planned`); anything else (or anything that plan declines) takes the layer's own
-call. On a GPU a small batch's
-forward is bound by the host's time per call, and the layer's call costs several times the
-kernel there (bench/results/README.md, third H200 run).
+call. On a GPU a small batch's forward is bound by the host's time per call, and the layer's
+call costs several times the kernel there (bench/results/README.md, third H200 run).
 
 `task_ids` is popped from the top-level call (or from the encoder call that `generate()`
 makes) before HF sees it, or comes from the patched model's `generate` for the whole

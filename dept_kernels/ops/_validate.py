@@ -73,9 +73,9 @@ def checked(*ranges: Range) -> list[Tensor]:
 
     Default mode: checked with one read for all of them (a device sync on GPU), which also
     raises what sync-free calls recorded on that device (`_sync_free`); an id out of range
-    raises an IndexError naming the first argument out of range and its id. The ids come back as
-    given. Sync-free mode: nothing is read; the ids come back clamped into range and any
-    outside is recorded, to raise at the next check.
+    raises an IndexError naming the first argument out of range and its id. The ids come
+    back as given. Sync-free mode: nothing is read; the ids come back clamped into range
+    and any outside is recorded, to raise at the next check.
     """
     if _sync_free.sync_free_enabled():
         return [_sync_free.clamp(r.name, r.ids, r.upper) for r in ranges]
@@ -86,9 +86,9 @@ def checked(*ranges: Range) -> list[Tensor]:
 
 
 def range_reads(ranges: tuple[Range, ...] | list[Range]) -> list[Tensor]:
-    """0-D integer tensors, none read yet, that settle the ranges: each non-empty range's
-    least and greatest id, then one flag per device with a sync-free error recorded. A
-    caller that reads something else anyway reads these in the same transfer
+    """0-D tensors, none read yet, that settle the ranges: each non-empty range's least
+    and greatest id, then one bool per device with a sync-free error record: whether it holds
+    an error. A caller that reads something else anyway reads these in the same transfer
     (`torch.stack(...).tolist()`) and passes what it read to `raise_out_of_range`. (The
     bounds are compared on the host: comparing them on the device took four more ops, each a
     kernel launch on a GPU.)"""
