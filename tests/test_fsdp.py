@@ -89,7 +89,10 @@ def shard(model: torch.nn.Module, arch: str, layout: str) -> None:
     if layout == "titan":
         if arch == "t5":
             embedding = base.encoder.embed_tokens
-            fully_shard([base.shared, embedding, base.decoder.embed_tokens, base.lm_head])
+            # transformers 4.x ties the stacks' embeddings as the `shared` module itself, 5.x
+            # as separate modules sharing its weight: each module once in the group.
+            tied = [base.shared, embedding, base.decoder.embed_tokens, base.lm_head]
+            fully_shard(list(dict.fromkeys(tied)))
         elif arch == "gpt2":
             fully_shard([base.transformer.wte, base.lm_head])  # tied: one group
         else:
