@@ -31,7 +31,7 @@ LOCK_WAIT_S = 600.0
 MANIFEST = "dept_kernels_build.json"
 # Held (flock) by the process building; the kernel releases it when that process dies.
 BUILD_LOCK = "dept_kernels_build.lock"
-# torch's own lock file, created and removed around each `cpp_extension.load` build.
+# torch's own lock file around each `cpp_extension.load` build (`torch_waits_on_lock_file`).
 TORCH_LOCK = "lock"
 # Build outputs, removed before a rebuild that cannot trust them.
 _OUTPUT_SUFFIXES = (".so", ".pyd", ".o", ".obj", ".ninja_log", ".ninja_deps")
@@ -255,10 +255,10 @@ def load_or_build(name: str, sources: list[Path], what: str, **options) -> Modul
     sources' hash, options, torch and Python versions), and is then imported without
     touching the directory, so a read-only cache serves it. Anything else rebuilds, under an
     flock, after removing outputs that fail their checksums (a truncated module would crash
-    the process on import) and torch's lock file if a killed build left it (torch waits on
-    it forever). The first build says so on stderr: it takes about a minute. Raises
-    `Unavailable` when the cache is not writable or another build holds the lock too long;
-    build errors propagate.
+    the process on import) and torch's lock file if a killed build left it and this torch
+    waits on it (forever; `torch_waits_on_lock_file`). The first build says so on stderr: it
+    takes about a minute. Raises `Unavailable` when the cache is not writable or another
+    build holds the lock too long; build errors propagate.
     """
     from torch.utils import cpp_extension
 
@@ -310,12 +310,23 @@ def load_or_build(name: str, sources: list[Path], what: str, **options) -> Modul
         return module
 
 
+def torch_waits_on_lock_file() -> bool:
+    """Whether the installed torch's extension build locks with a file whose existence makes
+    every later build wait (`FileBaton`, torch < 2.14): a build killed while holding it
+    leaves the file, and the next build waits forever. Later releases hold an flock on that
+    file instead, which the kernel releases when the holder dies, and leave the file in
+    place after every build."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton")
+
+
 def _prepare_rebuild(
     build_dir: Path, name: str, key: str, exclusive: bool, broken: ImportError | None
 ) -> None:
     """Under the build lock: clear what a dead or corrupted build left behind."""
     torch_lock = build_dir / TORCH_LOCK
-    if exclusive and torch_lock.exists():
+    if exclusive and torch_lock.exists() and torch_waits_on_lock_file():
         # Every build of this directory holds the build lock while torch's lock file exists,
         # so with the build lock held here, the file's owner is gone.
         warnings.warn(
