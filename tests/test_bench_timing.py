@@ -57,7 +57,10 @@ def check_kept_freed_memory() -> None:
         refaults()  # the heap grows once (a small block may have landed after the first)
         with _timing.kept_freed_memory():
             pass  # a nested use leaves the outer one's setting in place
-        inside = refaults()
+        # The fewest of three: a freed block that is not at the heap's top can be split by
+        # a small allocation before the next large one, which then grows the heap afresh
+        # (seen once in six CI runs). Without the kept memory every one of them faults.
+        inside = min(refaults() for _ in range(3))
     outside = refaults()
     assert "kept" in sentence
     assert inside < PAGES // 16, f"{inside} faults reallocating inside (of {PAGES} pages)"
